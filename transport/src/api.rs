@@ -1,0 +1,535 @@
+//! The public, provider-independent objects: context, protection domain, completion queue,
+//! queue pair and listener.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{ContextOps, CqOps, ListenerOps, PdOps, QpOps, QpSpec};
+use crate::memory::{HugePages, Region};
+use crate::mr::{Mr, MrInner};
+use crate::{Access, Completion, Error, RecvWr, Result, SendWr};
+
+/// Which implementation of the verbs semantics to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// Software provider over TCP; runs anywhere.
+    #[default]
+    Tcp,
+    /// libibverbs: InfiniBand, RoCE, Soft-RoCE (rxe), siw.
+    Verbs,
+}
+
+impl std::fmt::Display for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Provider::Tcp => "tcp",
+            Provider::Verbs => "verbs",
+        })
+    }
+}
+
+impl std::str::FromStr for Provider {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "tcp" => Ok(Provider::Tcp),
+            "verbs" => Ok(Provider::Verbs),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown provider {s:?} (expected tcp or verbs)"
+            ))),
+        }
+    }
+}
+
+/// What to open: the provider and, for `verbs`, which device, port and GID.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    pub provider: Provider,
+    /// Device name (`mlx5_0`, `rxe0`); the first device when `None`.
+    pub device: Option<String>,
+    /// Port number, 1 when `None`.
+    pub port: Option<u8>,
+    /// Explicit GID index.
+    pub gid_index: Option<u8>,
+    /// Pick the device, port and RoCE v2 GID that carry this local address.
+    pub local_ip: Option<IpAddr>,
+}
+
+impl OpenOptions {
+    pub fn new(provider: Provider) -> Self {
+        OpenOptions {
+            provider,
+            ..Default::default()
+        }
+    }
+    pub fn device(mut self, name: impl Into<String>) -> Self {
+        self.device = Some(name.into());
+        self
+    }
+    pub fn local_ip(mut self, ip: IpAddr) -> Self {
+        self.local_ip = Some(ip);
+        self
+    }
+    pub fn gid_index(mut self, idx: u8) -> Self {
+        self.gid_index = Some(idx);
+        self
+    }
+}
+
+/// Opens a device context on the chosen provider.
+pub fn open(opts: &OpenOptions) -> Result<Context> {
+    let ops: Arc<dyn ContextOps> = match opts.provider {
+        Provider::Tcp => Arc::new(crate::tcp::TcpContext::new()),
+        Provider::Verbs => open_verbs(opts)?,
+    };
+    Ok(Context { ops })
+}
+
+#[cfg(feature = "verbs")]
+fn open_verbs(opts: &OpenOptions) -> Result<Arc<dyn ContextOps>> {
+    Ok(Arc::new(crate::verbs::VerbsContext::open(opts)?))
+}
+
+#[cfg(not(feature = "verbs"))]
+fn open_verbs(_: &OpenOptions) -> Result<Arc<dyn ContextOps>> {
+    Err(Error::ProviderUnavailable("verbs"))
+}
+
+/// Facts about the opened device.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub provider: Provider,
+    pub name: String,
+    pub port: u8,
+    pub gid_index: Option<u8>,
+    /// The GID in text form (verbs), or `None`.
+    pub gid: Option<String>,
+    /// Active path MTU in bytes (verbs), or `None`.
+    pub mtu: Option<u32>,
+    pub max_qp_wr: u32,
+    pub max_sge: u32,
+    pub max_msg: u64,
+}
+
+/// Counters of work the local target side executed for peers (the `tcp` provider's progress
+/// engine; `verbs` leaves them to the NIC and reports zeros).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TargetStats {
+    pub requests: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub atomics: u64,
+    pub access_errors: u64,
+    pub protocol_errors: u64,
+    pub rnr_naks: u64,
+}
+
+/// An open device: the root of every other object.
+#[derive(Clone)]
+pub struct Context {
+    ops: Arc<dyn ContextOps>,
+}
+
+impl Context {
+    pub fn provider(&self) -> Provider {
+        self.ops.provider()
+    }
+    pub fn device(&self) -> DeviceInfo {
+        self.ops.device()
+    }
+    /// What this context's target side has served so far.
+    pub fn stats(&self) -> TargetStats {
+        self.ops.stats()
+    }
+    /// A protection domain: memory regions and queue pairs of one PD only see each other.
+    pub fn alloc_pd(&self) -> Result<Pd> {
+        Ok(Pd {
+            ops: self.ops.alloc_pd()?,
+            ctx: self.clone(),
+        })
+    }
+    /// A completion queue with room for `depth` completions.
+    pub fn create_cq(&self, depth: usize) -> Result<Cq> {
+        if depth == 0 {
+            return Err(Error::InvalidArgument("CQ depth must be at least 1".into()));
+        }
+        Ok(Cq {
+            ops: self.ops.create_cq(depth)?,
+            mode: PollMode::default(),
+        })
+    }
+    /// Listens for queue-pair connections on `addr` (the out-of-band exchange, see `docs/`).
+    pub fn listen(&self, addr: SocketAddr) -> Result<Listener> {
+        Ok(Listener {
+            ops: self.ops.listen(addr)?,
+        })
+    }
+    /// Connects a new queue pair to a peer's [`Listener`], sending `private` (at most
+    /// [`MAX_PRIVATE_DATA`] bytes) and returning the peer's private data with the queue pair.
+    pub fn connect(&self, addr: SocketAddr, cfg: &QpConfig, private: &[u8]) -> Result<Connected> {
+        check_private(private)?;
+        let spec = cfg.resolve()?;
+        let (ops, private) = self
+            .ops
+            .connect(addr, &spec, private, cfg.connect_timeout)?;
+        Ok(Connected {
+            qp: Qp { ops },
+            private,
+        })
+    }
+}
+
+/// Largest private-data blob carried by the connection exchange.
+pub const MAX_PRIVATE_DATA: usize = 4096;
+
+fn check_private(p: &[u8]) -> Result<()> {
+    if p.len() > MAX_PRIVATE_DATA {
+        return Err(Error::InvalidArgument(format!(
+            "private data of {} bytes exceeds {MAX_PRIVATE_DATA}",
+            p.len()
+        )));
+    }
+    Ok(())
+}
+
+/// A protection domain.
+#[derive(Clone)]
+pub struct Pd {
+    pub(crate) ops: Arc<dyn PdOps>,
+    ctx: Context,
+}
+
+impl Pd {
+    pub fn context(&self) -> &Context {
+        &self.ctx
+    }
+
+    /// Allocates `len` zeroed bytes and registers them.
+    pub fn alloc_mr(&self, len: usize, access: Access) -> Result<Mr> {
+        self.alloc_mr_with(len, access, HugePages::Never)
+    }
+
+    /// Like [`Pd::alloc_mr`], choosing the page size.
+    pub fn alloc_mr_with(&self, len: usize, access: Access, huge: HugePages) -> Result<Mr> {
+        let region = Arc::new(Region::alloc(len, huge)?);
+        self.register_region(region, access)
+    }
+
+    /// Registers memory the caller owns (a VM's guest memory, a mapped file).
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must stay mapped, readable and writable until the returned [`Mr`], all its
+    /// clones and every work request that used it are gone: the provider and peers write into it
+    /// at any time until then.
+    pub unsafe fn register_raw(&self, ptr: *mut u8, len: usize, access: Access) -> Result<Mr> {
+        // SAFETY: forwarded to the caller (see the # Safety section).
+        let region = Arc::new(unsafe { Region::borrowed(ptr, len)? });
+        self.register_region(region, access)
+    }
+
+    fn register_region(&self, region: Arc<Region>, access: Access) -> Result<Mr> {
+        let reg = self.ops.register(&region, access)?;
+        Ok(Mr(Arc::new(MrInner {
+            reg,
+            region,
+            access,
+            pd_id: self.ops.id(),
+        })))
+    }
+}
+
+/// How a thread waiting on a completion queue spends its time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollMode {
+    /// Spin until a completion arrives; lowest latency, one core busy.
+    Busy,
+    /// Spin for the given time, then sleep until woken.
+    Adaptive(Duration),
+    /// Sleep at once.
+    Blocking,
+}
+
+impl Default for PollMode {
+    fn default() -> Self {
+        PollMode::Adaptive(Duration::from_micros(50))
+    }
+}
+
+/// A completion queue.
+#[derive(Clone)]
+pub struct Cq {
+    pub(crate) ops: Arc<dyn CqOps>,
+    mode: PollMode,
+}
+
+impl Cq {
+    /// Sets how [`Cq::wait`] waits.
+    pub fn set_poll_mode(&mut self, mode: PollMode) {
+        self.mode = mode;
+    }
+
+    /// Takes up to `out.len()` completions without blocking.
+    pub fn poll(&self, out: &mut [Completion]) -> Result<usize> {
+        self.ops.poll(out)
+    }
+
+    /// Waits for at least one completion, then returns as many as are ready (up to `out.len()`).
+    /// `None` waits without a deadline; outstanding work still ends by its own timeout.
+    pub fn wait(&self, out: &mut [Completion], timeout: Option<Duration>) -> Result<usize> {
+        if out.is_empty() {
+            return Err(Error::InvalidArgument("empty completion buffer".into()));
+        }
+        let start = Instant::now();
+        let deadline = timeout.map(|t| start + t);
+        let spin_until = match self.mode {
+            PollMode::Busy => None,
+            PollMode::Adaptive(d) => Some(start + d),
+            PollMode::Blocking => Some(start),
+        };
+        loop {
+            let n = self.ops.poll(out)?;
+            if n > 0 {
+                return Ok(n);
+            }
+            let now = Instant::now();
+            if let Some(d) = deadline {
+                if now >= d {
+                    return Err(Error::Timeout(timeout.unwrap_or_default()));
+                }
+            }
+            match spin_until {
+                None => std::hint::spin_loop(),
+                Some(s) if now < s => std::hint::spin_loop(),
+                Some(_) => {
+                    self.ops.arm()?;
+                    // A completion that arrived before arming would not wake us: look again.
+                    let n = self.ops.poll(out)?;
+                    if n > 0 {
+                        return Ok(n);
+                    }
+                    self.ops
+                        .block(deadline.map(|d| d.saturating_duration_since(now)))?;
+                }
+            }
+        }
+    }
+
+    /// Waits for exactly one completion.
+    pub fn wait_one(&self, timeout: Option<Duration>) -> Result<Completion> {
+        let mut c = [Completion::default()];
+        self.wait(&mut c, timeout)?;
+        Ok(c[0])
+    }
+
+    /// Awaits completions from a tokio runtime (the provider's event fd drives the wake-up).
+    #[cfg(feature = "tokio")]
+    pub async fn next(&self, out: &mut [Completion]) -> Result<usize> {
+        use tokio::io::{unix::AsyncFd, Interest};
+        if out.is_empty() {
+            return Err(Error::InvalidArgument("empty completion buffer".into()));
+        }
+        // SAFETY: the fd belongs to the CQ, which `self` keeps open for longer than this
+        // AsyncFd lives (it is dropped when this function returns), and nothing replaces it.
+        let fd = unsafe {
+            AsyncFd::register_with_interest(EventFd(self.ops.event_fd()), Interest::READABLE)
+        }
+        .map_err(|e| Error::os("register completion fd with tokio", e.into()))?;
+        loop {
+            let n = self.ops.poll(out)?;
+            if n > 0 {
+                return Ok(n);
+            }
+            self.ops.arm()?;
+            let n = self.ops.poll(out)?;
+            if n > 0 {
+                return Ok(n);
+            }
+            // Wake for outstanding work's timeouts even when no event arrives.
+            let limit = self.ops.next_deadline().unwrap_or(Duration::from_secs(1));
+            if let Ok(guard) = tokio::time::timeout(limit, fd.readable()).await {
+                let mut guard = guard.map_err(|e| Error::os("await completion fd", e))?;
+                self.ops.ack_event()?;
+                guard.clear_ready();
+            }
+        }
+    }
+}
+
+#[cfg(feature = "tokio")]
+struct EventFd(std::os::fd::RawFd);
+
+#[cfg(feature = "tokio")]
+impl std::os::fd::AsRawFd for EventFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0
+    }
+}
+
+/// Queue sizes and timeouts of a queue pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QpCaps {
+    pub max_send_wr: u32,
+    pub max_recv_wr: u32,
+    pub max_sge: u32,
+    /// How long a work request may wait for its response before the queue pair fails with
+    /// `RetryExcErr` (verbs: mapped to the local ACK timeout and retry count).
+    pub op_timeout: Duration,
+    /// How long a SEND waits for the receiver to post a RECV before `RnrRetryExcErr`.
+    pub rnr_timeout: Duration,
+    /// `tcp`: how long the target thread spins for the next request before it sleeps.
+    pub target_spin: Duration,
+}
+
+impl Default for QpCaps {
+    fn default() -> Self {
+        QpCaps {
+            max_send_wr: 256,
+            max_recv_wr: 256,
+            max_sge: 8,
+            op_timeout: Duration::from_secs(4),
+            rnr_timeout: Duration::from_secs(2),
+            target_spin: Duration::from_micros(50),
+        }
+    }
+}
+
+/// Everything needed to create a queue pair; built with the `with_*`-style setters.
+#[derive(Clone)]
+pub struct QpConfig {
+    pd: Pd,
+    send_cq: Cq,
+    recv_cq: Cq,
+    pub caps: QpCaps,
+    pub connect_timeout: Duration,
+}
+
+impl QpConfig {
+    /// A queue pair in `pd` whose send and receive completions both go to `cq`.
+    pub fn new(pd: &Pd, cq: &Cq) -> Self {
+        QpConfig {
+            pd: pd.clone(),
+            send_cq: cq.clone(),
+            recv_cq: cq.clone(),
+            caps: QpCaps::default(),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+    pub fn recv_cq(mut self, cq: &Cq) -> Self {
+        self.recv_cq = cq.clone();
+        self
+    }
+    pub fn max_send_wr(mut self, n: u32) -> Self {
+        self.caps.max_send_wr = n;
+        self
+    }
+    pub fn max_recv_wr(mut self, n: u32) -> Self {
+        self.caps.max_recv_wr = n;
+        self
+    }
+    pub fn max_sge(mut self, n: u32) -> Self {
+        self.caps.max_sge = n;
+        self
+    }
+    pub fn op_timeout(mut self, t: Duration) -> Self {
+        self.caps.op_timeout = t;
+        self
+    }
+    pub fn rnr_timeout(mut self, t: Duration) -> Self {
+        self.caps.rnr_timeout = t;
+        self
+    }
+    pub fn target_spin(mut self, t: Duration) -> Self {
+        self.caps.target_spin = t;
+        self
+    }
+    pub fn connect_timeout(mut self, t: Duration) -> Self {
+        self.connect_timeout = t;
+        self
+    }
+
+    fn resolve(&self) -> Result<QpSpec> {
+        let c = &self.caps;
+        if c.max_send_wr == 0 || c.max_recv_wr == 0 || c.max_sge == 0 {
+            return Err(Error::InvalidArgument(
+                "queue depths and max_sge must be at least 1".into(),
+            ));
+        }
+        Ok(QpSpec {
+            pd: self.pd.ops.clone(),
+            send_cq: self.send_cq.ops.clone(),
+            recv_cq: self.recv_cq.ops.clone(),
+            caps: self.caps,
+        })
+    }
+}
+
+/// A reliable-connected queue pair.
+pub struct Qp {
+    ops: Arc<dyn QpOps>,
+}
+
+impl Qp {
+    pub fn qp_num(&self) -> u32 {
+        self.ops.qp_num()
+    }
+    /// Posts a chain of send-queue work requests in one call. On error the requests before the
+    /// rejected one ([`Error::Rejected`]'s `index`) were posted.
+    pub fn post_send(&self, wrs: &[SendWr<'_>]) -> Result<()> {
+        self.ops.post_send(wrs)
+    }
+    /// Posts receive buffers.
+    pub fn post_recv(&self, wrs: &[RecvWr<'_>]) -> Result<()> {
+        self.ops.post_recv(wrs)
+    }
+    /// True once the queue pair has failed (a remote error, a dead peer, a timeout).
+    pub fn is_error(&self) -> bool {
+        self.ops.is_error()
+    }
+    /// Moves the queue pair to the error state, flushing outstanding work.
+    pub fn shutdown(&self) {
+        self.ops.shutdown()
+    }
+}
+
+impl Drop for Qp {
+    fn drop(&mut self) {
+        self.ops.shutdown();
+    }
+}
+
+/// A connected queue pair with the private data the peer sent.
+pub struct Connected {
+    pub qp: Qp,
+    pub private: Vec<u8>,
+}
+
+/// Accepts queue-pair connections.
+pub struct Listener {
+    ops: Box<dyn ListenerOps>,
+}
+
+impl Listener {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.ops.local_addr()
+    }
+    /// Waits for the next peer, creates its queue pair from `cfg`, and replies with `private`.
+    /// Malformed or unauthenticated connection attempts are dropped and counted, not returned.
+    pub fn accept(
+        &self,
+        cfg: &QpConfig,
+        private: &[u8],
+        timeout: Option<Duration>,
+    ) -> Result<Connected> {
+        check_private(private)?;
+        let spec = cfg.resolve()?;
+        let (ops, private) = self.ops.accept(&spec, private, timeout)?;
+        Ok(Connected {
+            qp: Qp { ops },
+            private,
+        })
+    }
+}

@@ -1,0 +1,78 @@
+//! The interface every provider implements. The public types in `api` wrap these trait objects,
+//! in the manner of a hypervisor crate with one trait and one module per backend.
+
+use std::any::Any;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::api::{DeviceInfo, Provider, QpCaps, TargetStats};
+use crate::memory::Region;
+use crate::mr::Registration;
+use crate::{Access, Completion, RecvWr, Result, SendWr};
+
+pub(crate) trait ContextOps: Send + Sync {
+    fn provider(&self) -> Provider;
+    fn device(&self) -> DeviceInfo;
+    fn alloc_pd(&self) -> Result<Arc<dyn PdOps>>;
+    fn create_cq(&self, depth: usize) -> Result<Arc<dyn CqOps>>;
+    fn listen(&self, addr: SocketAddr) -> Result<Box<dyn ListenerOps>>;
+    fn connect(
+        &self,
+        addr: SocketAddr,
+        spec: &QpSpec,
+        private: &[u8],
+        timeout: Duration,
+    ) -> Result<(Arc<dyn QpOps>, Vec<u8>)>;
+    fn stats(&self) -> TargetStats;
+}
+
+pub(crate) trait PdOps: Send + Sync {
+    fn id(&self) -> u64;
+    fn register(&self, region: &Arc<Region>, access: Access) -> Result<Registration>;
+    fn as_any(&self) -> &dyn Any;
+}
+
+pub(crate) trait CqOps: Send + Sync {
+    /// Takes up to `out.len()` completions without blocking; makes provider progress on the way.
+    fn poll(&self, out: &mut [Completion]) -> Result<usize>;
+    /// Asks for a wake-up on `event_fd` when the next completion may be ready.
+    fn arm(&self) -> Result<()>;
+    /// Sleeps until `arm`ed work may have completed or `timeout` passes.
+    fn block(&self, timeout: Option<Duration>) -> Result<()>;
+    /// Readable when `block` would return (for async runtimes).
+    fn event_fd(&self) -> RawFd;
+    /// Consumes the readiness of `event_fd` after it fired.
+    fn ack_event(&self) -> Result<()>;
+    /// How long until some outstanding work request times out, for async waiters.
+    fn next_deadline(&self) -> Option<Duration>;
+    fn as_any(&self) -> &dyn Any;
+}
+
+pub(crate) trait QpOps: Send + Sync {
+    fn qp_num(&self) -> u32;
+    fn post_send(&self, wrs: &[SendWr<'_>]) -> Result<()>;
+    fn post_recv(&self, wrs: &[RecvWr<'_>]) -> Result<()>;
+    fn is_error(&self) -> bool;
+    /// Moves the queue pair to the error state: outstanding work is flushed.
+    fn shutdown(&self);
+}
+
+pub(crate) trait ListenerOps: Send + Sync {
+    fn local_addr(&self) -> SocketAddr;
+    fn accept(
+        &self,
+        spec: &QpSpec,
+        private: &[u8],
+        timeout: Option<Duration>,
+    ) -> Result<(Arc<dyn QpOps>, Vec<u8>)>;
+}
+
+/// A queue pair request resolved to provider objects.
+pub(crate) struct QpSpec {
+    pub(crate) pd: Arc<dyn PdOps>,
+    pub(crate) send_cq: Arc<dyn CqOps>,
+    pub(crate) recv_cq: Arc<dyn CqOps>,
+    pub(crate) caps: QpCaps,
+}

@@ -1,0 +1,333 @@
+//! The software provider: verbs semantics over TCP, for hosts without an RDMA NIC.
+//!
+//! Each queue pair is two TCP connections (see [`wire`]). A thread per queue pair serves the
+//! peer's requests straight from and into registered memory (`target.rs`); responses to our own
+//! requests are read by whoever polls the send CQ (`qp.rs`). Payloads move between the socket and
+//! registered memory with `sendmsg`/`recv` directly, with no intermediate buffer.
+
+mod cq;
+mod handshake;
+mod qp;
+mod sock;
+mod target;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
+
+use rand::Rng;
+
+use crate::api::{DeviceInfo, Provider, TargetStats};
+use crate::backend::{ContextOps, CqOps, ListenerOps, PdOps, QpOps, QpSpec};
+use crate::memory::Region;
+use crate::mr::Registration;
+use crate::{Access, Error, Result};
+
+pub(crate) use cq::TcpCq;
+use qp::{QpShared, TcpQp};
+
+/// Counters shared by every target thread of a context.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) requests: AtomicU64,
+    pub(crate) bytes_read: AtomicU64,
+    pub(crate) bytes_written: AtomicU64,
+    pub(crate) atomics: AtomicU64,
+    pub(crate) access_errors: AtomicU64,
+    pub(crate) protocol_errors: AtomicU64,
+    pub(crate) rnr_naks: AtomicU64,
+}
+
+pub(crate) struct TcpContext {
+    stats: Arc<Counters>,
+    next_id: AtomicU64,
+    next_qpn: AtomicU32,
+}
+
+impl TcpContext {
+    pub(crate) fn new() -> TcpContext {
+        TcpContext {
+            stats: Arc::default(),
+            next_id: AtomicU64::new(1),
+            next_qpn: AtomicU32::new(rand::rng().random_range(1..0x00ff_0000)),
+        }
+    }
+
+    fn id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Builds a queue pair over two established connections and starts its target thread.
+    fn make_qp(&self, spec: &QpSpec, out: TcpStream, inn: TcpStream) -> Result<Arc<dyn QpOps>> {
+        let pd = downcast_pd(spec)?;
+        let send_cq = downcast_cq(&spec.send_cq)?;
+        let recv_cq = downcast_cq(&spec.recv_cq)?;
+        for s in [&out, &inn] {
+            handshake::tune(s, spec.caps.op_timeout)?;
+        }
+        let num = self.next_qpn.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff;
+        let shared = Arc::new(QpShared::new(
+            num,
+            spec.caps,
+            pd,
+            send_cq.clone(),
+            recv_cq,
+            self.stats.clone(),
+            out,
+            inn,
+        ));
+        send_cq.attach(&shared)?;
+        let t = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("rmem-tgt-{num}"))
+            .spawn(move || target::serve(t))
+            .map_err(|e| Error::os("spawn target thread", e))?;
+        Ok(Arc::new(TcpQp {
+            shared,
+            target: Mutex::new(Some(handle)),
+        }))
+    }
+}
+
+fn downcast_pd(spec: &QpSpec) -> Result<Arc<TcpPd>> {
+    let pd = spec.pd.as_any().downcast_ref::<PdHandle>().ok_or_else(|| {
+        Error::InvalidArgument("protection domain is from another provider".into())
+    })?;
+    Ok(pd.0.clone())
+}
+
+fn downcast_cq(cq: &Arc<dyn CqOps>) -> Result<Arc<TcpCq>> {
+    let cq = cq.as_any().downcast_ref::<CqHandle>().ok_or_else(|| {
+        Error::InvalidArgument("completion queue is from another provider".into())
+    })?;
+    Ok(cq.0.clone())
+}
+
+impl ContextOps for TcpContext {
+    fn provider(&self) -> Provider {
+        Provider::Tcp
+    }
+
+    fn device(&self) -> DeviceInfo {
+        DeviceInfo {
+            provider: Provider::Tcp,
+            name: "tcp".into(),
+            port: 1,
+            gid_index: None,
+            gid: None,
+            mtu: None,
+            max_qp_wr: 1 << 16,
+            max_sge: 32,
+            max_msg: wire::MAX_MSG,
+        }
+    }
+
+    fn alloc_pd(&self) -> Result<Arc<dyn PdOps>> {
+        Ok(Arc::new(PdHandle(Arc::new(TcpPd {
+            id: self.id(),
+            table: RwLock::new(HashMap::new()),
+        }))))
+    }
+
+    fn create_cq(&self, depth: usize) -> Result<Arc<dyn CqOps>> {
+        Ok(Arc::new(CqHandle(Arc::new(TcpCq::new(depth)?))))
+    }
+
+    fn listen(&self, addr: SocketAddr) -> Result<Box<dyn ListenerOps>> {
+        let l = TcpListener::bind(addr).map_err(|e| Error::os("bind", e))?;
+        let local = l.local_addr().map_err(|e| Error::os("getsockname", e))?;
+        Ok(Box::new(TcpListenerOps {
+            ctx: TcpContext {
+                stats: self.stats.clone(),
+                next_id: AtomicU64::new(0),
+                next_qpn: AtomicU32::new(self.next_qpn.fetch_add(1 << 16, Ordering::Relaxed)),
+            },
+            pending: Mutex::new(handshake::Pairing::new(l)),
+            local,
+        }))
+    }
+
+    fn connect(
+        &self,
+        addr: SocketAddr,
+        spec: &QpSpec,
+        private: &[u8],
+        timeout: Duration,
+    ) -> Result<(Arc<dyn QpOps>, Vec<u8>)> {
+        let (out, inn, reply) = handshake::connect(addr, private, timeout)?;
+        Ok((self.make_qp(spec, out, inn)?, reply))
+    }
+
+    fn stats(&self) -> TargetStats {
+        let s = &self.stats;
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        TargetStats {
+            requests: g(&s.requests),
+            bytes_read: g(&s.bytes_read),
+            bytes_written: g(&s.bytes_written),
+            atomics: g(&s.atomics),
+            access_errors: g(&s.access_errors),
+            protocol_errors: g(&s.protocol_errors),
+            rnr_naks: g(&s.rnr_naks),
+        }
+    }
+}
+
+struct TcpListenerOps {
+    ctx: TcpContext,
+    pending: Mutex<handshake::Pairing>,
+    local: SocketAddr,
+}
+
+impl ListenerOps for TcpListenerOps {
+    fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    fn accept(
+        &self,
+        spec: &QpSpec,
+        private: &[u8],
+        timeout: Option<Duration>,
+    ) -> Result<(Arc<dyn QpOps>, Vec<u8>)> {
+        let mut pairing = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let half = pairing.next_pair(timeout, &self.ctx.stats)?;
+        // The connector's primary carries its requests to us: it is our inbound side.
+        let qp = self.ctx.make_qp(
+            spec,
+            half.secondary,
+            half.primary
+                .try_clone()
+                .map_err(|e| Error::os("dup socket", e))?,
+        )?;
+        handshake::send_accept(&half.primary, &half.conn_id, private)?;
+        Ok((qp, half.private))
+    }
+}
+
+/// A registered region as the target sees it.
+pub(crate) struct MrEntry {
+    region: Arc<Region>,
+    base: u64,
+    access: Access,
+}
+
+pub(crate) struct TcpPd {
+    pub(crate) id: u64,
+    table: RwLock<HashMap<u32, Arc<MrEntry>>>,
+}
+
+impl TcpPd {
+    /// Checks `rkey`, bounds and rights; returns the entry (to hold) and the local address.
+    pub(crate) fn resolve(
+        &self,
+        rkey: u32,
+        addr: u64,
+        len: u64,
+        need: Access,
+    ) -> Option<(Arc<MrEntry>, *mut u8)> {
+        let entry = self
+            .table
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&rkey)?
+            .clone();
+        let off = addr.checked_sub(entry.base)?;
+        let end = off.checked_add(len)?;
+        if end > entry.region.len() as u64 || !entry.access.contains(need) {
+            return None;
+        }
+        // SAFETY: off + len <= region length, checked above.
+        let ptr = unsafe { entry.region.ptr().add(off as usize) };
+        Some((entry, ptr))
+    }
+}
+
+struct PdHandle(Arc<TcpPd>);
+
+impl PdOps for PdHandle {
+    fn id(&self) -> u64 {
+        self.0.id
+    }
+
+    fn register(&self, region: &Arc<Region>, access: Access) -> Result<Registration> {
+        let mut rng = rand::rng();
+        // Peers see a random page-aligned base, not our address: a key alone locates nothing.
+        let base = ((rng.random::<u64>() >> 8) & !0xfff) | (1 << 44);
+        let mut table = self.0.table.write().unwrap_or_else(|e| e.into_inner());
+        let rkey = loop {
+            let k: u32 = rng.random();
+            if k != 0 && !table.contains_key(&k) {
+                break k;
+            }
+        };
+        table.insert(
+            rkey,
+            Arc::new(MrEntry {
+                region: region.clone(),
+                base,
+                access,
+            }),
+        );
+        Ok(Registration {
+            lkey: rng.random(),
+            rkey,
+            remote_addr: base,
+            _guard: Box::new(Deregister {
+                pd: Arc::downgrade(&self.0),
+                rkey,
+            }),
+        })
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// Removes the key from the table when the memory region is dropped; requests already being
+/// served keep the memory through their own reference.
+struct Deregister {
+    pd: Weak<TcpPd>,
+    rkey: u32,
+}
+
+impl Drop for Deregister {
+    fn drop(&mut self) {
+        if let Some(pd) = self.pd.upgrade() {
+            pd.table
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&self.rkey);
+        }
+    }
+}
+
+struct CqHandle(Arc<TcpCq>);
+
+impl CqOps for CqHandle {
+    fn poll(&self, out: &mut [crate::Completion]) -> Result<usize> {
+        self.0.poll(out)
+    }
+    fn arm(&self) -> Result<()> {
+        self.0.arm()
+    }
+    fn block(&self, timeout: Option<Duration>) -> Result<()> {
+        self.0.block(timeout)
+    }
+    fn event_fd(&self) -> std::os::fd::RawFd {
+        self.0.event_fd()
+    }
+    fn ack_event(&self) -> Result<()> {
+        self.0.ack_event()
+    }
+    fn next_deadline(&self) -> Option<Duration> {
+        self.0.next_deadline()
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
