@@ -61,8 +61,14 @@ impl Target {
                     None,
                 )
             };
-            if got.is_err() {
-                return Stop::PeerGone;
+            match got {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    tracing::warn!(qp = self.q.num, "truncated request header");
+                    bump(&self.q.stats.protocol_errors, 1);
+                    return Stop::Protocol;
+                }
+                Err(_) => return Stop::PeerGone,
             }
             let req = match Request::decode(&hdr) {
                 Ok(r) if r.seq == expected => r,
@@ -252,7 +258,16 @@ impl Target {
                 Some(self.q.caps.op_timeout),
             )
         }
-        .map_err(|_| Stop::PeerGone)
+        .map_err(|e| {
+            // The header promised this payload: a close before its end is a truncated frame.
+            if matches!(e.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof) {
+                tracing::warn!(qp = self.q.num, "truncated request payload");
+                bump(&self.q.stats.protocol_errors, 1);
+                Stop::Protocol
+            } else {
+                Stop::PeerGone
+            }
+        })
     }
 
     /// Consumes a payload that will not be stored, so the stream stays in step.

@@ -1,0 +1,340 @@
+//! The `tcp` provider against hostile or broken peers speaking the raw wire protocol: bad input
+//! must end in error completions and counters, never a crash, a hang or a stray memory access.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use rmem_transport::tcp::wire::{
+    Hello, HelloKind, NakCode, ReqOp, Request, RespKind, Response, HELLO_LEN, REJECT_VERSION,
+    REQUEST_LEN, RESPONSE_LEN,
+};
+use rmem_transport::{
+    open, Access, Context, OpenOptions, Provider, Qp, QpConfig, SendWr, WcStatus,
+};
+
+fn ctx() -> Context {
+    open(&OpenOptions::new(Provider::Tcp)).unwrap()
+}
+
+fn hello(kind: HelloKind, id: [u8; 16]) -> [u8; HELLO_LEN] {
+    Hello {
+        kind,
+        conn_id: id,
+        private_len: 0,
+        status: 0,
+    }
+    .encode()
+}
+
+/// A target context with one region, accepting in the background.
+struct Target {
+    ctx: Context,
+    mr: rmem_transport::Mr,
+    addr: SocketAddr,
+    accepted: std::thread::JoinHandle<Option<Qp>>,
+}
+
+fn target() -> Target {
+    let ctx = ctx();
+    let pd = ctx.alloc_pd().unwrap();
+    let cq = ctx.create_cq(64).unwrap();
+    let mr = pd.alloc_mr(4096, Access::all_remote()).unwrap();
+    let listener = ctx.listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listener.local_addr();
+    let accepted = std::thread::spawn(move || {
+        listener
+            .accept(&QpConfig::new(&pd, &cq), b"", Some(Duration::from_secs(10)))
+            .ok()
+            .map(|c| c.qp)
+    });
+    Target {
+        ctx,
+        mr,
+        addr,
+        accepted,
+    }
+}
+
+/// Opens a queue pair by hand; returns the primary socket (our requests go out on it).
+fn raw_connect(addr: SocketAddr) -> (TcpStream, TcpStream) {
+    let id = [0x42; 16];
+    let mut p = TcpStream::connect(addr).unwrap();
+    p.write_all(&hello(HelloKind::Primary, id)).unwrap();
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(&hello(HelloKind::Secondary, id)).unwrap();
+    let mut b = [0u8; HELLO_LEN];
+    p.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    p.read_exact(&mut b).unwrap();
+    assert_eq!(Hello::decode(&b).unwrap().kind, HelloKind::Accept);
+    (p, s)
+}
+
+fn read_response(p: &mut TcpStream) -> Response {
+    let mut b = [0u8; RESPONSE_LEN];
+    p.read_exact(&mut b).unwrap();
+    Response::decode(&b).unwrap()
+}
+
+fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn garbage_hello_is_counted_and_the_listener_keeps_serving() {
+    let t = target();
+    let mut junk = TcpStream::connect(t.addr).unwrap();
+    junk.write_all(&[0xee; HELLO_LEN]).unwrap();
+    let mut short = TcpStream::connect(t.addr).unwrap();
+    short.write_all(b"RMQP").unwrap();
+    drop(short);
+    // A well-behaved peer still gets through.
+    let (mut p, _s) = raw_connect(t.addr);
+    let qp = t.accepted.join().unwrap().expect("accepted after garbage");
+    assert!(t.ctx.stats().protocol_errors >= 2);
+    let req = Request {
+        op: ReqOp::Read,
+        len: 4,
+        seq: 0,
+        rkey: t.mr.rkey(),
+        addr: t.mr.remote().addr,
+        arg0: 0,
+        arg1: 0,
+    };
+    t.mr.write_at(0, b"live").unwrap();
+    p.write_all(&req.encode()).unwrap();
+    let r = read_response(&mut p);
+    assert_eq!((r.kind, r.len), (RespKind::ReadData, 4));
+    let mut d = [0u8; 4];
+    p.read_exact(&mut d).unwrap();
+    assert_eq!(&d, b"live");
+    drop(qp);
+}
+
+#[test]
+fn another_protocol_version_is_rejected_with_a_reason() {
+    let t = target();
+    let mut b = hello(HelloKind::Primary, [1; 16]);
+    b[4] = 2;
+    let mut s = TcpStream::connect(t.addr).unwrap();
+    s.write_all(&b).unwrap();
+    let mut r = [0u8; HELLO_LEN];
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.read_exact(&mut r).unwrap();
+    let h = Hello::decode(&r).unwrap();
+    assert_eq!((h.kind, h.status), (HelloKind::Reject, REJECT_VERSION));
+}
+
+#[test]
+fn malformed_request_gets_a_nak_and_is_counted() {
+    let t = target();
+    let (mut p, _s) = raw_connect(t.addr);
+    let qp = t.accepted.join().unwrap().unwrap();
+    let mut bad = [0u8; REQUEST_LEN];
+    bad[0] = 0x7f; // no such opcode
+    p.write_all(&bad).unwrap();
+    let r = read_response(&mut p);
+    assert_eq!((r.kind, r.nak), (RespKind::Nak, Some(NakCode::InvalidRequest)));
+    wait_until("the target's queue pair to fail", || qp.is_error());
+    assert_eq!(t.ctx.stats().protocol_errors, 1);
+}
+
+#[test]
+fn out_of_sequence_request_is_a_protocol_error() {
+    let t = target();
+    let (mut p, _s) = raw_connect(t.addr);
+    let qp = t.accepted.join().unwrap().unwrap();
+    let req = Request {
+        op: ReqOp::Read,
+        len: 8,
+        seq: 5,
+        rkey: t.mr.rkey(),
+        addr: t.mr.remote().addr,
+        arg0: 0,
+        arg1: 0,
+    };
+    p.write_all(&req.encode()).unwrap();
+    assert_eq!(read_response(&mut p).nak, Some(NakCode::InvalidRequest));
+    wait_until("the target's queue pair to fail", || qp.is_error());
+}
+
+#[test]
+fn truncated_header_and_payload_are_counted() {
+    for cut in ["header", "payload"] {
+        let t = target();
+        let (mut p, s) = raw_connect(t.addr);
+        let qp = t.accepted.join().unwrap().unwrap();
+        let req = Request {
+            op: ReqOp::Write,
+            len: 1000,
+            seq: 0,
+            rkey: t.mr.rkey(),
+            addr: t.mr.remote().addr,
+            arg0: 0,
+            arg1: 0,
+        };
+        if cut == "header" {
+            p.write_all(&req.encode()[..10]).unwrap();
+        } else {
+            p.write_all(&req.encode()).unwrap();
+            p.write_all(&[7u8; 100]).unwrap();
+        }
+        drop((p, s));
+        wait_until("the truncation to be counted", || {
+            t.ctx.stats().protocol_errors == 1
+        });
+        wait_until("the target's queue pair to fail", || qp.is_error());
+    }
+}
+
+#[test]
+fn requests_outside_the_region_touch_nothing() {
+    let t = target();
+    let (mut p, _s) = raw_connect(t.addr);
+    let _qp = t.accepted.join().unwrap().unwrap();
+    let base = t.mr.remote().addr;
+    // Each must be refused: below, straddling the end, far away, wrapping around.
+    let probes = [
+        (base.wrapping_sub(1), 2u32),
+        (base + 4090, 16),
+        (base + (1 << 40), 8),
+        (u64::MAX - 3, 8),
+    ];
+    for (seq, (addr, len)) in probes.iter().enumerate() {
+        let req = Request {
+            op: ReqOp::Read,
+            len: *len,
+            seq: seq as u32,
+            rkey: t.mr.rkey(),
+            addr: *addr,
+            arg0: 0,
+            arg1: 0,
+        };
+        p.write_all(&req.encode()).unwrap();
+        let r = read_response(&mut p);
+        assert_eq!(r.nak, Some(NakCode::RemoteAccess), "probe {addr:#x}+{len}");
+    }
+    assert_eq!(t.ctx.stats().access_errors, probes.len() as u64);
+}
+
+/// A fake target: accepts the handshake, then hands the primary socket to `behave`.
+fn fake_target(behave: impl FnOnce(TcpStream) + Send + 'static) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut p, _) = l.accept().unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        let mut b = [0u8; HELLO_LEN];
+        p.read_exact(&mut b).unwrap();
+        let id = Hello::decode(&b).unwrap().conn_id;
+        s.read_exact(&mut b).unwrap();
+        p.write_all(&hello(HelloKind::Accept, id)).unwrap();
+        behave(p);
+        drop(s);
+    });
+    addr
+}
+
+fn initiator(addr: SocketAddr, timeout: Duration) -> (Context, rmem_transport::Cq, Qp, rmem_transport::Mr) {
+    let ctx = ctx();
+    let pd = ctx.alloc_pd().unwrap();
+    let cq = ctx.create_cq(64).unwrap();
+    let qp = ctx
+        .connect(addr, &QpConfig::new(&pd, &cq).op_timeout(timeout), b"")
+        .unwrap()
+        .qp;
+    let mr = pd.alloc_mr(8192, Access::all_remote()).unwrap();
+    (ctx, cq, qp, mr)
+}
+
+#[test]
+fn silent_peer_times_out_and_flushes_the_rest() {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let addr = fake_target(move |p| {
+        // Read requests, answer nothing, stay connected until the test ends.
+        let _ = rx.recv_timeout(Duration::from_secs(20));
+        drop(p);
+    });
+    let (_ctx, cq, qp, mr) = initiator(addr, Duration::from_millis(300));
+    let s = [mr.sge(0, 64).unwrap()];
+    let remote = rmem_transport::RemoteAddr { addr: 1 << 44, rkey: 1 };
+    let start = Instant::now();
+    qp.post_send(&[SendWr::read(1, &s, remote), SendWr::read(2, &s, remote)])
+        .unwrap();
+    let a = cq.wait_one(Some(Duration::from_secs(10))).unwrap();
+    let b = cq.wait_one(Some(Duration::from_secs(10))).unwrap();
+    let took = start.elapsed();
+    assert_eq!((a.wr_id, a.status), (1, WcStatus::RetryExcErr));
+    assert_eq!((b.wr_id, b.status), (2, WcStatus::WrFlushErr));
+    assert!(took >= Duration::from_millis(250), "timed out too early: {took:?}");
+    assert!(took < Duration::from_secs(5), "timeout not bounded: {took:?}");
+    drop(tx);
+}
+
+#[test]
+fn truncated_read_response_is_an_error_not_data() {
+    let addr = fake_target(|mut p| {
+        let mut b = [0u8; REQUEST_LEN];
+        p.read_exact(&mut b).unwrap();
+        let req = Request::decode(&b).unwrap();
+        let resp = Response {
+            kind: RespKind::ReadData,
+            nak: None,
+            len: req.len,
+            seq: req.seq,
+            value: 0,
+        };
+        p.write_all(&resp.encode()).unwrap();
+        p.write_all(&[0xab; 100]).unwrap();
+        // Close before the promised 4096 bytes.
+    });
+    let (_ctx, cq, qp, mr) = initiator(addr, Duration::from_secs(5));
+    let s = [mr.sge(0, 4096).unwrap()];
+    qp.post_send(&[SendWr::read(1, &s, rmem_transport::RemoteAddr { addr: 4096, rkey: 1 })])
+        .unwrap();
+    let c = cq.wait_one(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(c.wr_id, 1);
+    assert_ne!(c.status, WcStatus::Success);
+    assert!(qp.is_error());
+}
+
+#[test]
+fn response_for_another_request_is_a_bad_response() {
+    let addr = fake_target(|mut p| {
+        let mut b = [0u8; REQUEST_LEN];
+        p.read_exact(&mut b).unwrap();
+        let req = Request::decode(&b).unwrap();
+        p.write_all(&Response::ack(req.seq + 7).encode()).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+    });
+    let (_ctx, cq, qp, mr) = initiator(addr, Duration::from_secs(5));
+    let s = [mr.sge(0, 8).unwrap()];
+    qp.post_send(&[SendWr::write(1, &s, rmem_transport::RemoteAddr { addr: 4096, rkey: 1 })])
+        .unwrap();
+    let c = cq.wait_one(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!((c.wr_id, c.status), (1, WcStatus::BadRespErr));
+}
+
+#[test]
+fn peer_process_exit_flushes_outstanding_work() {
+    // The peer reads one request and exits without answering: its socket closes.
+    let addr = fake_target(|mut p| {
+        let mut b = [0u8; REQUEST_LEN];
+        p.read_exact(&mut b).unwrap();
+    });
+    let (_ctx, cq, qp, mr) = initiator(addr, Duration::from_secs(30));
+    let s = [mr.sge(0, 8).unwrap()];
+    let r = rmem_transport::RemoteAddr { addr: 4096, rkey: 1 };
+    let start = Instant::now();
+    qp.post_send(&[SendWr::read(1, &s, r), SendWr::read(2, &s, r)]).unwrap();
+    let a = cq.wait_one(Some(Duration::from_secs(10))).unwrap();
+    let b = cq.wait_one(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!((a.wr_id, a.status), (1, WcStatus::RetryExcErr));
+    assert_eq!((b.wr_id, b.status), (2, WcStatus::WrFlushErr));
+    // Noticed from the closed socket, long before the 30 s operation timeout.
+    assert!(start.elapsed() < Duration::from_secs(5));
+}
