@@ -42,8 +42,10 @@ pub(crate) trait CqOps: Send + Sync {
     /// Sleeps until `arm`ed work may have completed or `timeout` passes.
     fn block(&self, timeout: Option<Duration>) -> Result<()>;
     /// Readable when `block` would return (for async runtimes).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     fn event_fd(&self) -> RawFd;
     /// Consumes the readiness of `event_fd` after it fired.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     fn ack_event(&self) -> Result<()>;
     /// How long until some outstanding work request times out, for async waiters.
     fn next_deadline(&self) -> Option<Duration>;

@@ -338,3 +338,31 @@ fn peer_process_exit_flushes_outstanding_work() {
     // Noticed from the closed socket, long before the 30 s operation timeout.
     assert!(start.elapsed() < Duration::from_secs(5));
 }
+
+#[test]
+fn sender_sees_success_even_if_the_receiver_closes_at_its_completion() {
+    for round in 0..50 {
+        let t_ctx = ctx();
+        let pd = t_ctx.alloc_pd().unwrap();
+        let cq = t_ctx.create_cq(16).unwrap();
+        let listener = t_ctx.listen("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr();
+        let receiver = std::thread::spawn(move || {
+            let c = listener
+                .accept(&QpConfig::new(&pd, &cq), b"", Some(Duration::from_secs(10)))
+                .unwrap();
+            let buf = pd.alloc_mr(64, Access::LOCAL_WRITE).unwrap();
+            let s = [buf.sge(0, 64).unwrap()];
+            c.qp.post_recv(&[rmem_transport::RecvWr::new(1, &s)]).unwrap();
+            let wc = cq.wait_one(Some(Duration::from_secs(10))).unwrap();
+            assert!(wc.is_ok());
+            drop(c.qp); // tear down the moment the message is in
+        });
+        let (_c, cq, qp, mr) = initiator(addr, Duration::from_secs(5));
+        let s = [mr.sge(0, 8).unwrap()];
+        qp.post_send(&[SendWr::send(7, &s)]).unwrap();
+        let wc = cq.wait_one(Some(Duration::from_secs(10))).unwrap();
+        assert_eq!((wc.wr_id, wc.status), (7, WcStatus::Success), "round {round}");
+        receiver.join().unwrap();
+    }
+}

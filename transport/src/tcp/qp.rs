@@ -481,6 +481,29 @@ impl QpShared {
         }
     }
 
+    /// The peer closed our inbound connection. Responses it sent before closing may still sit
+    /// unread on the other connection: take them (up to a short grace) so work the peer finished
+    /// completes successfully, then fail the rest.
+    pub(crate) fn peer_gone(&self) {
+        if self.is_failed() {
+            return;
+        }
+        let mut rx = lock(&self.rx);
+        let deadline = Instant::now() + self.caps.op_timeout.min(Duration::from_secs(1));
+        while self.outstanding() > 0 {
+            if let Err(status) = self.progress_locked(&mut rx) {
+                self.fail_locked(&mut rx, status);
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.outstanding() == 0 {
+                break;
+            }
+            let _ = sock::wait_fd(self.out_fd(), libc::POLLIN, Some(left.min(Duration::from_millis(10))));
+        }
+        self.fail_locked(&mut rx, WcStatus::RetryExcErr);
+    }
+
     fn fail_locked(&self, rx: &mut RxState, status: WcStatus) {
         if self.mark_failed(status) {
             self.flush(rx);

@@ -24,11 +24,10 @@ pub(crate) fn serve(q: Arc<QpShared>) {
         q,
         scratch: Vec::new(),
     };
-    let status = match t.run() {
-        Stop::PeerGone => WcStatus::RetryExcErr,
-        Stop::Protocol => WcStatus::WrFlushErr,
-    };
-    t.q.fail(status);
+    match t.run() {
+        Stop::PeerGone => t.q.peer_gone(),
+        Stop::Protocol => t.q.fail(WcStatus::WrFlushErr),
+    }
 }
 
 /// A checked remote range: the region's entry (held) and the first byte.
@@ -149,6 +148,9 @@ impl Target {
                 bump(&self.q.stats.rnr_naks, 1);
                 return self.respond(&Response::nak(req.seq, NakCode::ReceiverNotReady), None);
             };
+            // Acknowledge before the receiver can see its completion: a receiver that tears the
+            // queue pair down on that completion must not lose the sender's acknowledgement.
+            self.respond(&Response::ack(req.seq), None)?;
             self.q.recv_cq.push(Completion {
                 wr_id: recv.wr_id,
                 status: WcStatus::Success,
@@ -157,6 +159,7 @@ impl Target {
                 imm: Some(req.arg0 as u32),
                 qp_num: self.q.num,
             });
+            return Ok(());
         }
         self.respond(&Response::ack(req.seq), None)
     }
@@ -234,6 +237,8 @@ impl Target {
             unsafe { self.recv_into(s.ptr(), n)? };
             left -= n;
         }
+        // Acknowledge first, as for WRITE_WITH_IMM.
+        self.respond(&Response::ack(req.seq), None)?;
         self.q.recv_cq.push(Completion {
             wr_id: recv.wr_id,
             status: WcStatus::Success,
@@ -242,7 +247,7 @@ impl Target {
             imm,
             qp_num: self.q.num,
         });
-        self.respond(&Response::ack(req.seq), None)
+        Ok(())
     }
 
     /// # Safety

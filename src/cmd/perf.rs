@@ -1,0 +1,224 @@
+//! `rmem perf`: perftest-style measurements over either provider.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use clap::{Args, Subcommand};
+use rmem_bench::{Client, PerfConfig, PerfMode, PerfOp, Report};
+use rmem_transport::open;
+
+use super::{parse_size, ProviderArgs};
+use crate::exit::Failed;
+
+#[derive(Subcommand, Debug)]
+pub enum PerfCmd {
+    /// Register a buffer and serve perf clients until interrupted.
+    ///
+    /// Example: rmem perf server --listen 0.0.0.0:18515 --busy-poll
+    Server(ServerArgs),
+    /// Measure against a perf server.
+    ///
+    /// Example: rmem perf client 10.0.0.2:18515 --op read --size 4K --iters 100000 --busy-poll
+    Client(ClientArgs),
+    /// Run a server and a client in this process over loopback (a quick self-check).
+    Loopback(LoopbackArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ServerArgs {
+    #[command(flatten)]
+    provider: ProviderArgs,
+    /// Address for the out-of-band connection exchange.
+    #[arg(long, default_value = "0.0.0.0:18515")]
+    listen: SocketAddr,
+    /// Size of the served buffer (largest message a client may use).
+    #[arg(long, default_value = "16M", value_parser = parse_size)]
+    max_size: usize,
+    /// Keep the target side spinning between requests (lowest latency, one core busy).
+    #[arg(long)]
+    busy_poll: bool,
+    /// Print the listening address as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Operation: read, write or atomic (8-byte fetch-and-add).
+    #[arg(long, default_value = "read")]
+    op: PerfOp,
+    /// Measure bandwidth (a window of --tx-depth operations in flight) instead of latency.
+    #[arg(long)]
+    bw: bool,
+    /// Message size (4096, 64K, 1M...). Repeat for several sizes.
+    #[arg(long = "size", short = 's', value_parser = parse_size, default_value = "4096")]
+    sizes: Vec<usize>,
+    /// Every power of two from 2 B to 8 MiB, like perftest's -a.
+    #[arg(long, short = 'a')]
+    all: bool,
+    /// Measured iterations per size.
+    #[arg(long, short = 'n', default_value_t = 10_000)]
+    iters: u64,
+    /// Unmeasured iterations first.
+    #[arg(long, default_value_t = 1_000)]
+    warmup: u64,
+    /// Operations in flight for bandwidth runs.
+    #[arg(long, default_value_t = 64)]
+    tx_depth: u32,
+    /// Spin on completions instead of sleeping (lowest latency, one core busy).
+    #[arg(long)]
+    busy_poll: bool,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+impl RunArgs {
+    fn config(&self) -> PerfConfig {
+        let sizes = if self.all {
+            PerfConfig::all_sizes(self.op)
+        } else if self.op == PerfOp::Atomic {
+            vec![8]
+        } else {
+            self.sizes.clone()
+        };
+        PerfConfig {
+            op: self.op,
+            mode: if self.bw { PerfMode::Bw } else { PerfMode::Lat },
+            sizes,
+            iters: self.iters,
+            warmup: self.warmup,
+            tx_depth: self.tx_depth,
+            busy_poll: self.busy_poll,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ClientArgs {
+    /// The server's address (host:port).
+    server: SocketAddr,
+    #[command(flatten)]
+    provider: ProviderArgs,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct LoopbackArgs {
+    #[command(flatten)]
+    provider: ProviderArgs,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+pub fn run(cmd: PerfCmd) -> Result<(), Failed> {
+    match cmd {
+        PerfCmd::Server(a) => server(a),
+        PerfCmd::Client(a) => {
+            let ctx = open(&a.provider.open_options())?;
+            client(&ctx, a.server, &a.run)
+        }
+        PerfCmd::Loopback(a) => loopback(a),
+    }
+}
+
+fn server(a: ServerArgs) -> Result<(), Failed> {
+    let ctx = open(&a.provider.open_options())?;
+    let json = a.json;
+    rmem_bench::serve(
+        &ctx,
+        a.listen,
+        a.max_size,
+        a.busy_poll,
+        |addr| {
+            if json {
+                println!("{}", serde_json::json!({ "listening": addr.to_string() }));
+            } else {
+                println!("rmem perf server listening on {addr} ({} provider)", ctx.provider());
+            }
+        },
+        || false,
+    )?;
+    Ok(())
+}
+
+fn client(ctx: &rmem_transport::Context, server: SocketAddr, a: &RunArgs) -> Result<(), Failed> {
+    let cfg = a.config();
+    let c = Client::connect(ctx, server, &cfg)?;
+    let bar = progress_bar(a.json, cfg.iters * cfg.sizes.len() as u64);
+    let report = c.run(&cfg, &|done, _| {
+        if let Some(b) = &bar {
+            b.set_position(done);
+        }
+    })?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    c.finish()?;
+    print_report(&report, a.json);
+    Ok(())
+}
+
+fn loopback(a: LoopbackArgs) -> Result<(), Failed> {
+    let opts = a.provider.open_options();
+    let server_ctx = open(&opts)?;
+    let client_ctx = open(&opts)?;
+    let cfg = a.run.config();
+    let max = cfg.sizes.iter().copied().max().unwrap_or(8);
+    let busy = cfg.busy_poll;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stop2 = stop.clone();
+    let listen: SocketAddr = match a.provider.local_ip {
+        Some(ip) => SocketAddr::new(ip, 0),
+        None => "127.0.0.1:0".parse().expect("literal address"),
+    };
+    let server = std::thread::spawn(move || {
+        rmem_bench::serve(
+            &server_ctx,
+            listen,
+            max,
+            busy,
+            |addr| {
+                let _ = tx.send(addr);
+            },
+            || stop2.load(Ordering::Relaxed),
+        )
+    });
+    let addr = match rx.recv() {
+        Ok(addr) => addr,
+        Err(_) => {
+            return match server.join() {
+                Ok(Err(e)) => Err(e.into()),
+                _ => Err(Failed::new(crate::exit::Code::Failure, "perf server did not start")),
+            }
+        }
+    };
+    let result = client(&client_ctx, addr, &a.run);
+    stop.store(true, Ordering::Relaxed);
+    let _ = server.join();
+    result
+}
+
+fn progress_bar(json: bool, total: u64) -> Option<indicatif::ProgressBar> {
+    if json || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let b = indicatif::ProgressBar::new(total);
+    b.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} iterations {eta}")
+            .expect("valid template"),
+    );
+    Some(b)
+}
+
+fn print_report(r: &Report, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r).expect("report serialises"));
+    } else {
+        println!("{}", rmem_bench::render_table(r));
+    }
+}
