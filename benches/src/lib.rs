@@ -158,6 +158,7 @@ pub fn serve(
     let listener = ctx.listen(listen)?;
     ready(listener.local_addr());
     let cfg = qp_config(&pd, &cq, 64, busy_poll);
+    // Only the serving side spins its target thread; clients send it nothing.
     let bye = pd.alloc_mr(64, Access::LOCAL_WRITE)?;
     while !stop() {
         let conn = match listener.accept(&cfg, &desc, Some(Duration::from_millis(500))) {
@@ -184,7 +185,9 @@ pub fn serve(
 }
 
 fn qp_config(pd: &rmem_transport::Pd, cq: &Cq, depth: u32, busy: bool) -> QpConfig {
-    let cfg = QpConfig::new(pd, cq).max_send_wr(depth.max(2)).max_recv_wr(4);
+    let cfg = QpConfig::new(pd, cq)
+        .max_send_wr(depth.max(2))
+        .max_recv_wr(4);
     if busy {
         // The target thread never sleeps between requests.
         cfg.target_spin(Duration::from_secs(3600))
@@ -212,7 +215,8 @@ impl Client {
         } else {
             PollMode::default()
         });
-        let conn = ctx.connect(server, &qp_config(&pd, &cq, cfg.tx_depth, cfg.busy_poll), b"")?;
+        // The client's own target thread serves nothing: never let it spin.
+        let conn = ctx.connect(server, &qp_config(&pd, &cq, cfg.tx_depth, false), b"")?;
         let remote: RemoteBuf =
             serde_json::from_slice(&conn.private).map_err(PerfError::BadDescriptor)?;
         let max = cfg.sizes.iter().copied().max().unwrap_or(8);
@@ -286,7 +290,7 @@ impl Client {
             Self::check(&c)?;
             if i >= cfg.warmup {
                 hist.saturating_record(ns.max(1));
-                if (i - cfg.warmup) % 1024 == 0 {
+                if (i - cfg.warmup).is_multiple_of(1024) {
                     progress(i - cfg.warmup);
                 }
             }
@@ -310,7 +314,12 @@ impl Client {
         })
     }
 
-    fn bandwidth(&self, cfg: &PerfConfig, size: usize, progress: &dyn Fn(u64)) -> Result<SizeResult> {
+    fn bandwidth(
+        &self,
+        cfg: &PerfConfig,
+        size: usize,
+        progress: &dyn Fn(u64),
+    ) -> Result<SizeResult> {
         let sge = [self.local.sge(0, size)?];
         let depth = u64::from(cfg.tx_depth);
         let mut wcs = vec![Completion::default(); 64];
@@ -321,7 +330,9 @@ impl Client {
                 // Keep the window full; post what fits in one chain.
                 let room = (depth - (posted - done)).min(n - posted).min(32);
                 if room > 0 {
-                    let chain: Vec<_> = (0..room).map(|j| self.wr(cfg.op, posted + j, &sge)).collect();
+                    let chain: Vec<_> = (0..room)
+                        .map(|j| self.wr(cfg.op, posted + j, &sge))
+                        .collect();
                     self.qp.post_send(&chain)?;
                     posted += room;
                 }
@@ -385,8 +396,15 @@ pub fn render_table(r: &Report) -> String {
             let _ = writeln!(
                 s,
                 " {:>8} {:>11} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
-                "#bytes", "#iterations", "t_min[us]", "t_max[us]", "t_typ[us]", "t_avg[us]",
-                "t_stdev", "99%[us]", "99.9%[us]"
+                "#bytes",
+                "#iterations",
+                "t_min[us]",
+                "t_max[us]",
+                "t_typ[us]",
+                "t_avg[us]",
+                "t_stdev",
+                "99%[us]",
+                "99.9%[us]"
             );
             for x in &r.results {
                 if let Some(l) = &x.lat {

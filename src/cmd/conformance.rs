@@ -44,7 +44,10 @@ pub fn run(a: ConformanceArgs) -> Result<(), Failed> {
     }
     for c in &a.cases {
         if !CASES.iter().any(|(n, _)| n == c) {
-            return Err(Failed::new(Code::Usage, format!("no conformance case named {c:?}")));
+            return Err(Failed::new(
+                Code::Usage,
+                format!("no conformance case named {c:?}"),
+            ));
         }
     }
     let setup = Setup {
@@ -84,12 +87,18 @@ pub fn run(a: ConformanceArgs) -> Result<(), Failed> {
     }
     let failed = outcomes.iter().filter(|o| !o.passed).count();
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&outcomes).expect("outcomes serialise"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&outcomes).expect("outcomes serialise")
+        );
     } else {
         println!("{} passed, {} failed", outcomes.len() - failed, failed);
     }
     if failed > 0 {
-        return Err(Failed::new(Code::Verify, format!("{failed} conformance case(s) failed")));
+        return Err(Failed::new(
+            Code::Verify,
+            format!("{failed} conformance case(s) failed"),
+        ));
     }
     Ok(())
 }

@@ -43,8 +43,11 @@ struct DemoReport {
 const CHUNK: usize = 1 << 20;
 
 pub fn run(a: DemoArgs) -> Result<(), Failed> {
-    if a.size == 0 || a.size % 8 != 0 {
-        return Err(Failed::new(Code::Usage, "--size must be a non-zero multiple of 8"));
+    if a.size == 0 || !a.size.is_multiple_of(8) {
+        return Err(Failed::new(
+            Code::Usage,
+            "--size must be a non-zero multiple of 8",
+        ));
     }
     let opts = a.provider.open_options();
     let donor = open(&opts)?;
@@ -68,7 +71,11 @@ pub fn run(a: DemoArgs) -> Result<(), Failed> {
     let addr = listener.local_addr();
     let desc = serde_json::to_vec(&lent.remote()).expect("descriptor serialises");
     let accept = std::thread::spawn(move || {
-        listener.accept(&QpConfig::new(&dpd, &dcq), &desc, Some(Duration::from_secs(10)))
+        listener.accept(
+            &QpConfig::new(&dpd, &dcq),
+            &desc,
+            Some(Duration::from_secs(10)),
+        )
     });
 
     let bpd = borrower.alloc_pd()?;
@@ -108,12 +115,16 @@ pub fn run(a: DemoArgs) -> Result<(), Failed> {
         check(bcq.wait_one(Some(Duration::from_secs(10)))?)?;
     }
     let faa = lent.load_u64(0)?;
-    say(format!("  1000 fetch-and-add of 3 on a lent word: {faa} (expected 3000)"));
+    say(format!(
+        "  1000 fetch-and-add of 3 on a lent word: {faa} (expected 3000)"
+    ));
 
     let (p50, p99) = latency(&borrower, &donor, a.busy_poll)?;
     let bw = bandwidth(&borrower, &donor, a.busy_poll)?;
     let stats = donor.stats();
-    say(format!("  4 KiB READ latency: p50 {p50:.1} us, p99 {p99:.1} us"));
+    say(format!(
+        "  4 KiB READ latency: p50 {p50:.1} us, p99 {p99:.1} us"
+    ));
     say(format!("  64 KiB WRITE bandwidth: {bw:.0} MiB/s"));
     say(format!(
         "  donor served {} requests on its target side ({} access errors); its application saw none",
@@ -133,10 +144,16 @@ pub fn run(a: DemoArgs) -> Result<(), Failed> {
             donor_requests_served: stats.requests,
             donor_access_errors: stats.access_errors,
         };
-        println!("{}", serde_json::to_string_pretty(&rep).expect("report serialises"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rep).expect("report serialises")
+        );
     }
     if !verified || faa != 3000 {
-        return Err(Failed::new(Code::Verify, "data read back differs from data written"));
+        return Err(Failed::new(
+            Code::Verify,
+            "data read back differs from data written",
+        ));
     }
     Ok(())
 }
@@ -145,7 +162,10 @@ fn check(c: rmem_transport::Completion) -> Result<(), Failed> {
     if c.is_ok() {
         Ok(())
     } else {
-        Err(Failed::new(Code::Peer, format!("work request failed: {}", c.status)))
+        Err(Failed::new(
+            Code::Peer,
+            format!("work request failed: {}", c.status),
+        ))
     }
 }
 
@@ -181,7 +201,11 @@ fn stream(
     Ok(t.elapsed().as_secs_f64())
 }
 
-fn perf_pair(borrower: &Context, donor: &Context, cfg: &PerfConfig) -> Result<rmem_bench::Report, Failed> {
+fn perf_pair(
+    borrower: &Context,
+    donor: &Context,
+    cfg: &PerfConfig,
+) -> Result<rmem_bench::Report, Failed> {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (tx, rx) = std::sync::mpsc::channel();
     let (d, s2, busy) = (donor.clone(), stop.clone(), cfg.busy_poll);
@@ -234,5 +258,9 @@ fn bandwidth(borrower: &Context, donor: &Context, busy: bool) -> Result<f64, Fai
         busy_poll: busy,
     };
     let r = perf_pair(borrower, donor, &cfg)?;
-    Ok(r.results[0].bw.as_ref().expect("bandwidth run has bandwidth").mib_per_sec)
+    Ok(r.results[0]
+        .bw
+        .as_ref()
+        .expect("bandwidth run has bandwidth")
+        .mib_per_sec)
 }

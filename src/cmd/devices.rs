@@ -15,7 +15,10 @@ pub struct DevicesArgs {
 pub fn run(a: DevicesArgs) -> Result<(), Failed> {
     let devs = rmem_transport::verbs::devices()?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&devs).expect("devices serialise"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&devs).expect("devices serialise")
+        );
         return Ok(());
     }
     if devs.is_empty() {

@@ -97,7 +97,8 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
     let n: usize = num
         .parse()
         .map_err(|_| format!("{s:?} is not a size (e.g. 4096, 64K, 16M)"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 #[cfg(test)]

@@ -137,7 +137,10 @@ fn server(a: ServerArgs) -> Result<(), Failed> {
             if json {
                 println!("{}", serde_json::json!({ "listening": addr.to_string() }));
             } else {
-                println!("rmem perf server listening on {addr} ({} provider)", ctx.provider());
+                println!(
+                    "rmem perf server listening on {addr} ({} provider)",
+                    ctx.provider()
+                );
             }
         },
         || false,
@@ -193,7 +196,10 @@ fn loopback(a: LoopbackArgs) -> Result<(), Failed> {
         Err(_) => {
             return match server.join() {
                 Ok(Err(e)) => Err(e.into()),
-                _ => Err(Failed::new(crate::exit::Code::Failure, "perf server did not start")),
+                _ => Err(Failed::new(
+                    crate::exit::Code::Failure,
+                    "perf server did not start",
+                )),
             }
         }
     };
@@ -217,7 +223,10 @@ fn progress_bar(json: bool, total: u64) -> Option<indicatif::ProgressBar> {
 
 fn print_report(r: &Report, json: bool) {
     if json {
-        println!("{}", serde_json::to_string_pretty(r).expect("report serialises"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(r).expect("report serialises")
+        );
     } else {
         println!("{}", rmem_bench::render_table(r));
     }

@@ -708,7 +708,7 @@ pub fn many_qps(setup: &Setup) {
         qp.post_send(&[SendWr::write(i as u64, &s, remote.at(i as u64 * 8192))])
             .expect("post");
     }
-    let mut done = vec![false; N];
+    let mut done = [false; N];
     for _ in 0..N {
         let c = wait(&acq);
         assert!(c.is_ok(), "{c:?}");
@@ -816,8 +816,11 @@ pub fn async_and_blocking_wait(setup: &Setup) {
     assert_eq!(read_mr(&local, 0, 7), b"blocked");
 }
 
-/// Every case, by name, for `rmem conformance` and the test macro.
-pub const CASES: &[(&str, fn(&Setup))] = &[
+/// A named conformance case.
+pub type Case = (&'static str, fn(&Setup));
+
+/// Every case, by name.
+pub const CASES: &[Case] = &[
     ("read_write_integrity", read_write_integrity),
     ("scatter_gather", scatter_gather),
     ("chain_unsignaled", chain_unsignaled),

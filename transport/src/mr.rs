@@ -137,7 +137,7 @@ impl Mr {
         self.check(offset, 8)?;
         // SAFETY: the pointer is inside the live region; alignment is checked next.
         let p = unsafe { self.0.region.ptr().add(offset) };
-        if (p as usize) % 8 != 0 {
+        if !(p as usize).is_multiple_of(8) {
             return Err(Error::InvalidArgument(
                 "word offset must be 8-byte aligned".into(),
             ));

@@ -182,7 +182,7 @@ impl<'a> SendWr<'a> {
                     "an atomic needs exactly 8 bytes of local SGL".into(),
                 ));
             }
-            if remote.addr % 8 != 0 {
+            if !remote.addr.is_multiple_of(8) {
                 return Err(Error::InvalidArgument(
                     "atomic remote address must be 8-byte aligned".into(),
                 ));

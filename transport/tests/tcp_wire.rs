@@ -79,7 +79,10 @@ fn read_response(p: &mut TcpStream) -> Response {
 fn wait_until(what: &str, f: impl Fn() -> bool) {
     let start = Instant::now();
     while !f() {
-        assert!(start.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -138,7 +141,10 @@ fn malformed_request_gets_a_nak_and_is_counted() {
     bad[0] = 0x7f; // no such opcode
     p.write_all(&bad).unwrap();
     let r = read_response(&mut p);
-    assert_eq!((r.kind, r.nak), (RespKind::Nak, Some(NakCode::InvalidRequest)));
+    assert_eq!(
+        (r.kind, r.nak),
+        (RespKind::Nak, Some(NakCode::InvalidRequest))
+    );
     wait_until("the target's queue pair to fail", || qp.is_error());
     assert_eq!(t.ctx.stats().protocol_errors, 1);
 }
@@ -239,7 +245,10 @@ fn fake_target(behave: impl FnOnce(TcpStream) + Send + 'static) -> SocketAddr {
     addr
 }
 
-fn initiator(addr: SocketAddr, timeout: Duration) -> (Context, rmem_transport::Cq, Qp, rmem_transport::Mr) {
+fn initiator(
+    addr: SocketAddr,
+    timeout: Duration,
+) -> (Context, rmem_transport::Cq, Qp, rmem_transport::Mr) {
     let ctx = ctx();
     let pd = ctx.alloc_pd().unwrap();
     let cq = ctx.create_cq(64).unwrap();
@@ -261,7 +270,10 @@ fn silent_peer_times_out_and_flushes_the_rest() {
     });
     let (_ctx, cq, qp, mr) = initiator(addr, Duration::from_millis(300));
     let s = [mr.sge(0, 64).unwrap()];
-    let remote = rmem_transport::RemoteAddr { addr: 1 << 44, rkey: 1 };
+    let remote = rmem_transport::RemoteAddr {
+        addr: 1 << 44,
+        rkey: 1,
+    };
     let start = Instant::now();
     qp.post_send(&[SendWr::read(1, &s, remote), SendWr::read(2, &s, remote)])
         .unwrap();
@@ -270,8 +282,14 @@ fn silent_peer_times_out_and_flushes_the_rest() {
     let took = start.elapsed();
     assert_eq!((a.wr_id, a.status), (1, WcStatus::RetryExcErr));
     assert_eq!((b.wr_id, b.status), (2, WcStatus::WrFlushErr));
-    assert!(took >= Duration::from_millis(250), "timed out too early: {took:?}");
-    assert!(took < Duration::from_secs(5), "timeout not bounded: {took:?}");
+    assert!(
+        took >= Duration::from_millis(250),
+        "timed out too early: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "timeout not bounded: {took:?}"
+    );
     drop(tx);
 }
 
@@ -294,8 +312,15 @@ fn truncated_read_response_is_an_error_not_data() {
     });
     let (_ctx, cq, qp, mr) = initiator(addr, Duration::from_secs(5));
     let s = [mr.sge(0, 4096).unwrap()];
-    qp.post_send(&[SendWr::read(1, &s, rmem_transport::RemoteAddr { addr: 4096, rkey: 1 })])
-        .unwrap();
+    qp.post_send(&[SendWr::read(
+        1,
+        &s,
+        rmem_transport::RemoteAddr {
+            addr: 4096,
+            rkey: 1,
+        },
+    )])
+    .unwrap();
     let c = cq.wait_one(Some(Duration::from_secs(10))).unwrap();
     assert_eq!(c.wr_id, 1);
     assert_ne!(c.status, WcStatus::Success);
@@ -313,8 +338,15 @@ fn response_for_another_request_is_a_bad_response() {
     });
     let (_ctx, cq, qp, mr) = initiator(addr, Duration::from_secs(5));
     let s = [mr.sge(0, 8).unwrap()];
-    qp.post_send(&[SendWr::write(1, &s, rmem_transport::RemoteAddr { addr: 4096, rkey: 1 })])
-        .unwrap();
+    qp.post_send(&[SendWr::write(
+        1,
+        &s,
+        rmem_transport::RemoteAddr {
+            addr: 4096,
+            rkey: 1,
+        },
+    )])
+    .unwrap();
     let c = cq.wait_one(Some(Duration::from_secs(10))).unwrap();
     assert_eq!((c.wr_id, c.status), (1, WcStatus::BadRespErr));
 }
@@ -328,9 +360,13 @@ fn peer_process_exit_flushes_outstanding_work() {
     });
     let (_ctx, cq, qp, mr) = initiator(addr, Duration::from_secs(30));
     let s = [mr.sge(0, 8).unwrap()];
-    let r = rmem_transport::RemoteAddr { addr: 4096, rkey: 1 };
+    let r = rmem_transport::RemoteAddr {
+        addr: 4096,
+        rkey: 1,
+    };
     let start = Instant::now();
-    qp.post_send(&[SendWr::read(1, &s, r), SendWr::read(2, &s, r)]).unwrap();
+    qp.post_send(&[SendWr::read(1, &s, r), SendWr::read(2, &s, r)])
+        .unwrap();
     let a = cq.wait_one(Some(Duration::from_secs(10))).unwrap();
     let b = cq.wait_one(Some(Duration::from_secs(10))).unwrap();
     assert_eq!((a.wr_id, a.status), (1, WcStatus::RetryExcErr));
@@ -353,7 +389,8 @@ fn sender_sees_success_even_if_the_receiver_closes_at_its_completion() {
                 .unwrap();
             let buf = pd.alloc_mr(64, Access::LOCAL_WRITE).unwrap();
             let s = [buf.sge(0, 64).unwrap()];
-            c.qp.post_recv(&[rmem_transport::RecvWr::new(1, &s)]).unwrap();
+            c.qp.post_recv(&[rmem_transport::RecvWr::new(1, &s)])
+                .unwrap();
             let wc = cq.wait_one(Some(Duration::from_secs(10))).unwrap();
             assert!(wc.is_ok());
             drop(c.qp); // tear down the moment the message is in
@@ -362,7 +399,11 @@ fn sender_sees_success_even_if_the_receiver_closes_at_its_completion() {
         let s = [mr.sge(0, 8).unwrap()];
         qp.post_send(&[SendWr::send(7, &s)]).unwrap();
         let wc = cq.wait_one(Some(Duration::from_secs(10))).unwrap();
-        assert_eq!((wc.wr_id, wc.status), (7, WcStatus::Success), "round {round}");
+        assert_eq!(
+            (wc.wr_id, wc.status),
+            (7, WcStatus::Success),
+            "round {round}"
+        );
         receiver.join().unwrap();
     }
 }

@@ -499,7 +499,11 @@ impl QpShared {
             if left.is_zero() || self.outstanding() == 0 {
                 break;
             }
-            let _ = sock::wait_fd(self.out_fd(), libc::POLLIN, Some(left.min(Duration::from_millis(10))));
+            let _ = sock::wait_fd(
+                self.out_fd(),
+                libc::POLLIN,
+                Some(left.min(Duration::from_millis(10))),
+            );
         }
         self.fail_locked(&mut rx, WcStatus::RetryExcErr);
     }

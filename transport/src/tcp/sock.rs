@@ -105,7 +105,12 @@ pub(crate) unsafe fn recv_exact(
         match unsafe { recv_nb(fd, buf.add(got), len - got) } {
             // EOF before any byte is a clean close; EOF inside the frame is a truncation.
             Ok(0) if got == 0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(0) => return Err(io::Error::new(io::ErrorKind::InvalidData, "truncated frame")),
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "truncated frame",
+                ))
+            }
             Ok(n) => {
                 got += n;
                 last = Instant::now();

@@ -265,7 +265,10 @@ impl Target {
         }
         .map_err(|e| {
             // The header promised this payload: a close before its end is a truncated frame.
-            if matches!(e.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof) {
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+            ) {
                 tracing::warn!(qp = self.q.num, "truncated request payload");
                 bump(&self.q.stats.protocol_errors, 1);
                 Stop::Protocol

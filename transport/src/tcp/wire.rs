@@ -224,7 +224,7 @@ impl Request {
             ReqOp::CompareSwap | ReqOp::FetchAdd if r.len != 8 => {
                 return Err(WireError::Invalid("atomic length must be 8"))
             }
-            ReqOp::CompareSwap | ReqOp::FetchAdd if r.addr % 8 != 0 => {
+            ReqOp::CompareSwap | ReqOp::FetchAdd if !r.addr.is_multiple_of(8) => {
                 return Err(WireError::Invalid("atomic address must be 8-byte aligned"))
             }
             ReqOp::WriteImm | ReqOp::SendImm if r.arg0 > u64::from(u32::MAX) => {
