@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -52,7 +52,6 @@ struct RxState {
     hdr: [u8; RESPONSE_LEN],
     got: usize,
     data: Option<DataState>,
-    last_progress: Instant,
 }
 
 struct TxState {
@@ -84,6 +83,10 @@ pub(crate) struct QpShared {
     first_error: AtomicU32,
     recvs: Mutex<VecDeque<PostedRecv>>,
     recv_cv: Condvar,
+    /// When responses last made progress (ns since `epoch`); outside the rx lock so posters can
+    /// restart the clock without taking it (lock order is tx -> rx -> pending).
+    last_progress: AtomicU64,
+    epoch: Instant,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -121,7 +124,6 @@ impl QpShared {
                 hdr: [0; RESPONSE_LEN],
                 got: 0,
                 data: None,
-                last_progress: Instant::now(),
             }),
             pending: Mutex::new(VecDeque::with_capacity(caps.max_send_wr as usize)),
             outstanding: AtomicUsize::new(0),
@@ -129,7 +131,19 @@ impl QpShared {
             first_error: AtomicU32::new(WcStatus::WrFlushErr as u32),
             recvs: Mutex::new(VecDeque::with_capacity(caps.max_recv_wr as usize)),
             recv_cv: Condvar::new(),
+            last_progress: AtomicU64::new(0),
+            epoch: Instant::now(),
         }
+    }
+
+    fn touch(&self) {
+        let ns = self.epoch.elapsed().as_nanos() as u64;
+        self.last_progress.store(ns, Ordering::Release);
+    }
+
+    fn since_progress(&self) -> Duration {
+        let last = Duration::from_nanos(self.last_progress.load(Ordering::Acquire));
+        self.epoch.elapsed().saturating_sub(last)
     }
 
     pub(crate) fn out_fd(&self) -> RawFd {
@@ -202,7 +216,7 @@ impl QpShared {
                 local: wr.sgl.iter().map(HeldSge::from_sge).collect(),
             });
             if pending.len() == 1 {
-                lock(&self.rx).last_progress = Instant::now();
+                self.touch();
             }
             self.outstanding.fetch_add(1, Ordering::AcqRel);
         }
@@ -353,7 +367,7 @@ impl QpShared {
                 match unsafe { sock::recv_nb(fd, (ptr as *mut u8).add(d.off), len - d.off) } {
                     Ok(0) => return Err(WcStatus::RetryExcErr),
                     Ok(n) => {
-                        rx.last_progress = Instant::now();
+                        self.touch();
                         d.off += n;
                         if d.off == len {
                             d.idx += 1;
@@ -378,7 +392,7 @@ impl QpShared {
             match unsafe { sock::recv_nb(fd, rx.hdr.as_mut_ptr().add(got), RESPONSE_LEN - got) } {
                 Ok(0) => return Err(WcStatus::RetryExcErr),
                 Ok(n) => {
-                    rx.last_progress = Instant::now();
+                    self.touch();
                     rx.got += n;
                     if rx.got < RESPONSE_LEN {
                         continue;
@@ -395,7 +409,7 @@ impl QpShared {
                 Err(_) => return Err(WcStatus::RetryExcErr),
             }
         }
-        if self.outstanding() > 0 && rx.last_progress.elapsed() > self.caps.op_timeout {
+        if self.outstanding() > 0 && self.since_progress() > self.caps.op_timeout {
             tracing::debug!(qp = self.num, "response timeout");
             return Err(WcStatus::RetryExcErr);
         }
@@ -573,12 +587,7 @@ impl QpShared {
         if self.outstanding() == 0 || self.is_failed() {
             return None;
         }
-        let rx = self.rx.try_lock().ok()?;
-        Some(
-            self.caps
-                .op_timeout
-                .saturating_sub(rx.last_progress.elapsed()),
-        )
+        Some(self.caps.op_timeout.saturating_sub(self.since_progress()))
     }
 }
 

@@ -183,8 +183,13 @@ impl Target {
         let Some(Resolved(_hold, ptr)) = self.resolve(req, Access::REMOTE_ATOMIC)? else {
             return Ok(());
         };
-        // SAFETY: `resolve` checked the 8 bytes are inside a live region and the wire decoder
-        // checked 8-byte alignment of the address; region bases are page-aligned on both sides.
+        // The advertised address is 8-byte aligned (checked by the decoder), but memory a caller
+        // registered itself may sit at any host address.
+        if !(ptr as usize).is_multiple_of(8) {
+            return self.respond(&Response::nak(req.seq, NakCode::InvalidRequest), None);
+        }
+        // SAFETY: `resolve` checked the 8 bytes are inside a live region, `_hold` keeps it mapped,
+        // and the host address is 8-byte aligned (checked above).
         let word = unsafe { AtomicU64::from_ptr(ptr.cast()) };
         let old = match req.op {
             ReqOp::CompareSwap => {
