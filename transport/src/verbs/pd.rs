@@ -73,6 +73,14 @@ impl PdOps for PdHandle {
     }
 
     fn register(&self, region: &Arc<Region>, access: Access) -> Result<Registration> {
+        // Verbs refuses REMOTE_WRITE or REMOTE_ATOMIC without LOCAL_WRITE (EINVAL): the device
+        // writes the memory for the peer. Add it for the device only; `Mr::access` keeps what
+        // the caller asked for, and posts check LOCAL_WRITE against that, as on `tcp`.
+        let device_access = if access.intersects(Access::REMOTE_WRITE | Access::REMOTE_ATOMIC) {
+            access | Access::LOCAL_WRITE
+        } else {
+            access
+        };
         // SAFETY: the region is mapped for its whole length and outlives the registration
         // (MrInner drops the Registration before its Region).
         let mr = unsafe {
@@ -80,7 +88,7 @@ impl PdOps for PdHandle {
                 self.0.as_ptr(),
                 region.ptr().cast(),
                 region.len(),
-                access.bits() as i32,
+                device_access.bits() as i32,
             )
         };
         let Some(mr) = NonNull::new(mr) else {

@@ -44,8 +44,11 @@ pub(crate) fn rnr_settings(total: Duration) -> (u8, u8) {
 
 /// Local ACK timeout exponent and retry count for a total of about `total`: the device waits
 /// 4.096 us * 2^timeout for each try and tries `retry_cnt + 1` times.
+///
+/// The IBA allows a retry count of 7, but rxe treats 7 as "retry for ever" (as the spec does
+/// only for the RNR retry count), so a dead peer would never be noticed there: 6 at most.
 pub(crate) fn ack_timeout_settings(total: Duration) -> (u8, u8) {
-    const RETRY: u8 = 7;
+    const RETRY: u8 = 6;
     let per_try_us = total.as_secs_f64() * 1e6 / f64::from(RETRY + 1);
     let exp = (per_try_us / 4.096).max(1.0).log2().round();
     // 0 would mean "wait for ever".
@@ -567,7 +570,7 @@ mod tests {
     fn ack_timeout_matches_the_op_timeout() {
         for ms in [100u64, 500, 4000, 30_000] {
             let (t, retry) = ack_timeout_settings(Duration::from_millis(ms));
-            assert_eq!(retry, 7);
+            assert_eq!(retry, 6, "7 means infinite on rxe");
             let total_ms = 4.096e-3 * f64::from(1u32 << t) * f64::from(retry + 1);
             let ratio = total_ms / ms as f64;
             assert!(
