@@ -6,10 +6,15 @@
 # Installs what it needs with apt-get (QEMU, a Debian kernel with rdma_rxe, busybox, rdma-core),
 # builds the conformance test binary with --features verbs-hw, builds an initramfs around it
 # (build-initramfs.sh), boots it under TCG (KVM does not work nested here), prints the guest's
-# console and exits with the guest's status (124 when the VM times out).
+# console and exits with the guest's status (124 when the VM times out). Arguments go to the
+# test binary: `run.sh atomics` runs one case, `run.sh --skip send_recv` all but one.
+#
+# Known on rxe (Linux 6.1, also later kernels' rxe_mr.c): `send_recv` fails because a SEND larger
+# than the receive buffer completes as RemOpErr/LocQpOpErr instead of RemInvReqErr/LocLenErr
+# (rxe's copy_data returns -EINVAL where the responder expects -ENOSPC).
 #
 # Environment: RMEM_VM_KERNEL (kernel version; default: the newest installed one with rdma_rxe),
-# RMEM_VM_TIMEOUT (seconds, default 1500), RMEM_VM_LOG (console log file), RUST_LOG (passed in),
+# RMEM_VM_TIMEOUT (seconds, default 1500), RMEM_VM_LOG (console log file),
 # RMEM_VM_GUEST (guest script, default guest-conformance.sh), CARGO_TARGET_DIR.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -55,7 +60,7 @@ chmod +x "$work/rmem-devices"
 
 echo "== building the initramfs (kernel $kver)"
 "$here/build-initramfs.sh" -k "$kver" -o "$work/initramfs.cpio.gz" -g "$guest" \
-  -e "RMEM_TEST_ARGS=$*" -e "RUST_LOG=${RUST_LOG:-}" -e "RUST_BACKTRACE=1" \
+  -e "RMEM_TEST_ARGS=$*" -e "RUST_BACKTRACE=1" \
   "$work/conformance_verbs" "$rmem_bin" "$work/rmem-devices"
 log=${RMEM_VM_LOG:-$work/console.log}
 

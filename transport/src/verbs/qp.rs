@@ -259,10 +259,11 @@ impl VerbsQp {
         Ok(())
     }
 
-    /// Posts `chain[..n]` (already linked); on failure gives back the refused slots and says
-    /// which request the device refused.
+    /// After `op` refused request `idx` of a chain of `n`: gives back the slots of the requests
+    /// not posted and says which one the device refused.
     fn rejected_by_device(
         &self,
+        op: &'static str,
         rc: i32,
         idx: usize,
         n: usize,
@@ -272,7 +273,7 @@ impl VerbsQp {
         let source = if rc.abs() == libc::ENOMEM {
             Error::QueueFull(ring.len())
         } else {
-            rc_error("ibv_post_send", rc)
+            rc_error(op, rc)
         };
         Error::Rejected {
             index: idx,
@@ -366,9 +367,6 @@ impl QpOps for VerbsQp {
     }
 
     fn post_send(&self, wrs: &[SendWr<'_>]) -> Result<()> {
-        if self.shut.load(Ordering::Acquire) {
-            return Err(Error::QpError);
-        }
         let max_sge = self.caps.max_sge as usize;
         let max_msg = self.pd.dev.max_msg;
         let mut q = lock(&self.state.send);
@@ -428,7 +426,7 @@ impl QpOps for VerbsQp {
             let rc = unsafe { sys::ibv_post_send(self.qp.as_ptr(), base, &mut bad) };
             if rc != 0 {
                 let idx = bad_index(base, bad, n);
-                return Err(self.rejected_by_device(rc, idx, n, ring));
+                return Err(self.rejected_by_device("ibv_post_send", rc, idx, n, ring));
             }
         }
         match rejected {
@@ -441,9 +439,6 @@ impl QpOps for VerbsQp {
     }
 
     fn post_recv(&self, wrs: &[RecvWr<'_>]) -> Result<()> {
-        if self.shut.load(Ordering::Acquire) {
-            return Err(Error::QpError);
-        }
         let max_sge = self.caps.max_sge as usize;
         let mut q = lock(&self.state.recv);
         let WorkQueue {
@@ -502,7 +497,7 @@ impl QpOps for VerbsQp {
             let rc = unsafe { sys::ibv_post_recv(self.qp.as_ptr(), base, &mut bad) };
             if rc != 0 {
                 let idx = bad_index(base, bad, n);
-                return Err(self.rejected_by_device(rc, idx, n, ring));
+                return Err(self.rejected_by_device("ibv_post_recv", rc, idx, n, ring));
             }
         }
         match rejected {
@@ -518,6 +513,8 @@ impl QpOps for VerbsQp {
         self.state.failed.load(Ordering::Acquire)
     }
 
+    /// Moves the queue pair to the error state. The device flushes outstanding work, and work
+    /// posted afterwards, with `WrFlushErr` completions.
     fn shutdown(&self) {
         if self.shut.swap(true, Ordering::AcqRel) {
             return;
