@@ -26,6 +26,7 @@ mod device;
 mod pd;
 mod qp;
 mod slots;
+mod timers;
 
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
