@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# Builds a small initramfs that boots a Debian kernel straight into a Soft-RoCE test run:
+# busybox, the kernel modules rxe needs (with their dependencies, decompressed, loaded in order
+# with insmod), libibverbs with the rxe provider, the `rdma` tool, and the programs to run.
+#
+#   soft-roce/vm/build-initramfs.sh -k <kernel version> -o <out.cpio.gz> -g <guest script> \
+#       [-e KEY=VALUE]... <program>...
+#
+# Each <program> is copied to /bin in the guest with the shared libraries `ldd` names.
+# /init mounts the usual filesystems, loads the modules, gives eth0 10.0.2.15/24 (QEMU user
+# networking), creates rxe0 over eth0, waits for its RoCE v2 GID of 10.0.2.15, raises the
+# locked-memory limit, runs the guest script with the -e variables set, prints
+# "RMEM-GUEST-EXIT=<status>" and powers off (reboot -f; QEMU runs with -no-reboot).
+set -euo pipefail
+
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+
+kver="" out="" guest="" envs=()
+while getopts "k:o:g:e:h" opt; do
+  case $opt in
+    k) kver=$OPTARG ;;
+    o) out=$OPTARG ;;
+    g) guest=$OPTARG ;;
+    e) envs+=("$OPTARG") ;;
+    *) usage ;;
+  esac
+done
+shift $((OPTIND - 1))
+[[ -n $kver && -n $out && -n $guest ]] || usage
+[[ -d /lib/modules/$kver ]] || { echo "no modules for kernel $kver in /lib/modules" >&2; exit 1; }
+
+root=$(mktemp -d)
+trap 'rm -rf "$root"' EXIT
+mkdir -p "$root"/{bin,sbin,etc,proc,sys,dev,tmp,run,lib,lib64,usr/bin,usr/lib} "$root/etc/libibverbs.d"
+
+# busybox: /init installs its applet links at boot.
+cp /bin/busybox "$root/bin/busybox"
+
+# Copies a file to the same path in the image, with the libraries it links.
+copy_with_libs() {
+  local f=$1 dest=${2:-$1}
+  mkdir -p "$root/$(dirname "$dest")"
+  cp -L "$f" "$root/$dest"
+  # Scripts and static programs have no libraries: ldd fails and grep finds nothing.
+  { ldd "$f" 2>/dev/null || true; } | { grep -o '/[^ ]*' || true; } | while read -r lib; do
+    [[ -e "$root$lib" ]] && continue
+    mkdir -p "$root$(dirname "$lib")"
+    cp -L "$lib" "$root$lib"
+  done
+}
+
+# Verbs userspace: the rxe provider is dlopened, so ldd of a program does not name it.
+provider=/usr/lib/x86_64-linux-gnu/libibverbs/librxe-rdmav34.so
+[[ -e $provider ]] || { echo "missing $provider: install ibverbs-providers" >&2; exit 1; }
+copy_with_libs "$provider"
+cp /etc/libibverbs.d/rxe.driver "$root/etc/libibverbs.d/"
+# glibc dlopens libgcc_s when a thread exits; without it such programs abort.
+for d in /lib/x86_64-linux-gnu /usr/lib/x86_64-linux-gnu; do
+  if [[ -e $d/libgcc_s.so.1 ]]; then copy_with_libs "$d/libgcc_s.so.1"; break; fi
+done
+copy_with_libs "$(command -v rdma)" /usr/bin/rdma
+for tool in ibv_devinfo ibv_devices; do
+  t=$(command -v "$tool" || true)
+  [[ -n $t ]] && copy_with_libs "$t" "/usr/bin/$tool"
+done
+for p in "$@"; do
+  copy_with_libs "$p" "/bin/$(basename "$p")"
+done
+
+# Kernel modules, in load order, decompressed (busybox insmod reads plain ELF only).
+mods=(crc32_generic virtio_pci virtio_net ib_uverbs rdma_rxe rdma_ucm ib_umad)
+: > "$root/modules.list"
+for m in "${mods[@]}"; do
+  modprobe -S "$kver" --show-depends "$m" 2>/dev/null | awk '$1 == "insmod" {print $2}' |
+    while read -r ko; do
+      name=$(basename "$ko"); name=${name%.xz}; name=${name%.zst}
+      grep -qx "/lib/modules/$name" "$root/modules.list" && continue
+      mkdir -p "$root/lib/modules"
+      case $ko in
+        *.xz) xz -dc "$ko" > "$root/lib/modules/$name" ;;
+        *.zst) zstd -qdc "$ko" > "$root/lib/modules/$name" ;;
+        *) cp "$ko" "$root/lib/modules/$name" ;;
+      esac
+      echo "/lib/modules/$name" >> "$root/modules.list"
+    done
+done
+
+cp "$guest" "$root/guest.sh"
+: > "$root/guest.env"
+for kv in "${envs[@]+"${envs[@]}"}"; do
+  printf 'export %q\n' "$kv" >> "$root/guest.env"
+done
+
+cat > "$root/init" <<'INIT'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp
+echo "rmem-vm: kernel $(uname -r), $(nproc) cpus"
+
+# Waits up to $2 tenths of a second for a shell condition $1.
+wait_for() {
+  n=0
+  while ! eval "$1"; do
+    n=$((n + 1)); [ "$n" -gt "$2" ] && return 1
+    sleep 0.1
+  done
+}
+
+setup() {
+  while read -r ko; do
+    insmod "$ko" || { echo "rmem-vm: insmod $ko failed"; return 1; }
+  done < /modules.list
+  wait_for '[ -e /sys/class/net/eth0 ]' 100 || { echo "rmem-vm: no eth0"; return 1; }
+  ip link set lo up && ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 || return 1
+  rdma link add rxe0 type rxe netdev eth0 || { echo "rmem-vm: rdma link add failed"; return 1; }
+  wait_for 'grep -qi active /sys/class/infiniband/rxe0/ports/1/state 2>/dev/null' 200 ||
+    { echo "rmem-vm: rxe0 port not active"; return 1; }
+  wait_for 'grep -qx "0000:0000:0000:0000:0000:ffff:0a00:020f" /sys/class/infiniband/rxe0/ports/1/gids/* 2>/dev/null' 200 ||
+    { echo "rmem-vm: no GID for 10.0.2.15"; return 1; }
+  echo "rmem-vm: rxe0 ready at $(cut -d' ' -f1 /proc/uptime) s"
+}
+
+if setup; then
+  ulimit -l unlimited
+  . /guest.env
+  sh /guest.sh
+  rc=$?
+else
+  rc=90
+fi
+echo "RMEM-GUEST-EXIT=$rc"
+sync
+reboot -f
+INIT
+chmod +x "$root/init" "$root/guest.sh"
+
+mkdir -p "$(dirname "$out")"
+(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$out"
+echo "initramfs: $out ($(du -h "$out" | cut -f1), $(wc -l < "$root/modules.list") modules)"
