@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
 # The test suite: unit, property, conformance (tcp provider) and integration tests of the whole
-# workspace, with the verbs provider built in (its no-device path is tested on hosts without RDMA).
+# workspace with the verbs provider built in, then the verbs conformance suite on Soft-RoCE in a
+# QEMU VM (soft-roce/vm/run.sh). Set RMEM_SKIP_VM=1 to leave the VM out; the run then says so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
 cargo test --workspace --locked
+if [[ "${RMEM_SKIP_VM:-0}" == 1 ]]; then
+  echo "NOTE: RMEM_SKIP_VM=1: the verbs conformance suite on Soft-RoCE was NOT run"
+  exit 0
+fi
+echo "== verbs conformance on Soft-RoCE (one VM)"
+soft-roce/vm/run.sh conformance
+echo "== two VMs: rmem perf with data checks across a socket network between two kernels"
+soft-roce/vm/run.sh two-vm

@@ -55,6 +55,7 @@ impl From<rmem_bench::PerfError> for Failed {
         match e {
             rmem_bench::PerfError::Transport(t) => t.into(),
             rmem_bench::PerfError::Completion(_) => Failed::new(Code::Peer, e),
+            rmem_bench::PerfError::Verify(_) => Failed::new(Code::Verify, e),
             rmem_bench::PerfError::Invalid(_) | rmem_bench::PerfError::TooLarge { .. } => {
                 Failed::new(Code::Usage, e)
             }

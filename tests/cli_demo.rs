@@ -38,7 +38,7 @@ fn demo_moves_and_verifies_data() {
 fn perf_loopback_reports_every_requested_size() {
     let o = rmem(&[
         "perf", "loopback", "--op", "write", "--bw", "-s", "4K", "-s", "64K", "-n", "500",
-        "--warmup", "50", "--json",
+        "--warmup", "50", "--verify", "--json",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v = json(&o);

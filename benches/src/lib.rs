@@ -6,6 +6,10 @@
 //! acknowledges a WRITE); bandwidth keeps `tx_depth` operations in flight. Every figure comes from
 //! an HdrHistogram or a wall-clock span of the whole run, never from a sample.
 
+mod clock;
+
+pub use clock::{Clock, ClockKind};
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -29,6 +33,8 @@ pub enum PerfError {
     TooLarge { size: usize, max: u64 },
     #[error("invalid setting: {0}")]
     Invalid(String),
+    #[error("verification failed: {0}")]
+    Verify(String),
 }
 
 pub type Result<T, E = PerfError> = std::result::Result<T, E>;
@@ -74,6 +80,17 @@ pub struct PerfConfig {
     pub tx_depth: u32,
     /// Spin on the completion queue instead of sleeping between completions.
     pub busy_poll: bool,
+    /// The clock that times latency runs.
+    #[serde(default)]
+    pub clock: ClockKind,
+    /// Bandwidth runs signal one request in `cq_mod` (a completion retires the ones before it),
+    /// like perftest's --cq-mod: fewer completions for the device to write.
+    #[serde(default = "default_cq_mod")]
+    pub cq_mod: u32,
+}
+
+fn default_cq_mod() -> u32 {
+    32
 }
 
 impl PerfConfig {
@@ -139,6 +156,7 @@ pub struct Report {
     pub mode: PerfMode,
     pub busy_poll: bool,
     pub tx_depth: u32,
+    pub clock: ClockKind,
     pub results: Vec<SizeResult>,
 }
 
@@ -199,6 +217,7 @@ fn qp_config(pd: &rmem_transport::Pd, cq: &Cq, depth: u32, busy: bool) -> QpConf
 /// A connected perf client.
 pub struct Client {
     ctx: Context,
+    pd: rmem_transport::Pd,
     cq: Cq,
     qp: Qp,
     local: Mr,
@@ -229,6 +248,7 @@ impl Client {
         let local = pd.alloc_mr(max.max(4096), Access::all_remote())?;
         Ok(Client {
             ctx: ctx.clone(),
+            pd: pd.clone(),
             cq,
             qp: conn.qp,
             local,
@@ -257,11 +277,14 @@ impl Client {
     pub fn run(&self, cfg: &PerfConfig, progress: &dyn Fn(u64, u64)) -> Result<Report> {
         cfg.validate()?;
         let total = cfg.iters * cfg.sizes.len() as u64;
+        let clock = Clock::new(cfg.clock);
         let mut results = Vec::new();
         for (k, &size) in cfg.sizes.iter().enumerate() {
             let base = k as u64 * cfg.iters;
             let r = match cfg.mode {
-                PerfMode::Lat => self.latency(cfg, size, &|i| progress(base + i, total))?,
+                PerfMode::Lat => {
+                    self.latency(cfg, &clock, size, &|i| progress(base + i, total))?
+                }
                 PerfMode::Bw => self.bandwidth(cfg, size, &|i| progress(base + i, total))?,
             };
             results.push(r);
@@ -274,19 +297,26 @@ impl Client {
             mode: cfg.mode,
             busy_poll: cfg.busy_poll,
             tx_depth: cfg.tx_depth,
+            clock: clock.kind(),
             results,
         })
     }
 
-    fn latency(&self, cfg: &PerfConfig, size: usize, progress: &dyn Fn(u64)) -> Result<SizeResult> {
+    fn latency(
+        &self,
+        cfg: &PerfConfig,
+        clock: &Clock,
+        size: usize,
+        progress: &dyn Fn(u64),
+    ) -> Result<SizeResult> {
         let sge = [self.local.sge(0, size)?];
         let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
             .expect("valid histogram bounds");
         for i in 0..cfg.warmup + cfg.iters {
-            let t0 = Instant::now();
+            let t0 = clock.now();
             self.qp.post_send(&[self.wr(cfg.op, i, &sge)])?;
             let c = self.cq.wait_one(None)?;
-            let ns = t0.elapsed().as_nanos() as u64;
+            let ns = clock.nanos(t0, clock.now());
             Self::check(&c)?;
             if i >= cfg.warmup {
                 hist.saturating_record(ns.max(1));
@@ -322,6 +352,8 @@ impl Client {
     ) -> Result<SizeResult> {
         let sge = [self.local.sge(0, size)?];
         let depth = u64::from(cfg.tx_depth);
+        // A window of `depth` requests always holds a signaled one, so the run cannot stall.
+        let cq_mod = u64::from(cfg.cq_mod.clamp(1, cfg.tx_depth));
         let mut wcs = vec![Completion::default(); 64];
         let mut run = |n: u64, report: bool| -> Result<Duration> {
             let (mut posted, mut done) = (0u64, 0u64);
@@ -330,8 +362,15 @@ impl Client {
                 // Keep the window full; post what fits in one chain.
                 let room = (depth - (posted - done)).min(n - posted).min(32);
                 if room > 0 {
-                    let chain: Vec<_> = (0..room)
-                        .map(|j| self.wr(cfg.op, posted + j, &sge))
+                    let chain: Vec<_> = (posted..posted + room)
+                        .map(|id| {
+                            let w = self.wr(cfg.op, id, &sge);
+                            if (id + 1) % cq_mod == 0 || id + 1 == n {
+                                w
+                            } else {
+                                w.unsignaled()
+                            }
+                        })
                         .collect();
                     self.qp.post_send(&chain)?;
                     posted += room;
@@ -343,9 +382,10 @@ impl Client {
                 };
                 for c in &wcs[..got] {
                     Self::check(c)?;
+                    // Requests complete in order: this one retires every unsignaled one before it.
+                    done = done.max(c.wr_id + 1);
                 }
-                done += got as u64;
-                if report && got > 0 && done % 4096 < got as u64 {
+                if report && got > 0 {
                     progress(done);
                 }
             }
@@ -369,6 +409,51 @@ impl Client {
         })
     }
 
+    /// Checks data end to end after a run: a pattern written with WRITE must come back with READ
+    /// (every size of the run), and consecutive fetch-and-adds must return consecutive values.
+    /// Assumes no other client uses the server's buffer meanwhile.
+    pub fn verify(&self, cfg: &PerfConfig) -> Result<()> {
+        let max = cfg.sizes.iter().copied().max().unwrap_or(8).max(8);
+        let back = self.pd.alloc_mr(max, Access::LOCAL_WRITE)?;
+        for (k, &size) in cfg.sizes.iter().enumerate().filter(|_| cfg.op != PerfOp::Atomic) {
+            let data = pattern(k as u64 + 1, size);
+            self.local.write_at(0, &data)?;
+            let s = [self.local.sge(0, size)?];
+            self.qp.post_send(&[SendWr::write(1, &s, self.remote.at(0))])?;
+            Self::check(&self.cq.wait_one(Some(Duration::from_secs(30)))?)?;
+            back.fill(0, size, 0)?;
+            let b = [back.sge(0, size)?];
+            self.qp.post_send(&[SendWr::read(2, &b, self.remote.at(0))])?;
+            Self::check(&self.cq.wait_one(Some(Duration::from_secs(30)))?)?;
+            let mut got = vec![0u8; size];
+            back.read_at(0, &mut got)?;
+            if let Some(i) = got.iter().zip(&data).position(|(a, b)| a != b) {
+                return Err(PerfError::Verify(format!(
+                    "{size}-byte READ returned a different byte at offset {i} than WRITE stored"
+                )));
+            }
+        }
+        if cfg.op == PerfOp::Atomic {
+            let r = [back.sge(0, 8)?];
+            let mut last = None;
+            for i in 0..64 {
+                self.qp
+                    .post_send(&[SendWr::fetch_add(i, &r, self.remote.at(0), 1)])?;
+                Self::check(&self.cq.wait_one(Some(Duration::from_secs(30)))?)?;
+                let v = back.load_u64(0)?;
+                if let Some(prev) = last {
+                    if v != prev + 1 {
+                        return Err(PerfError::Verify(format!(
+                            "fetch-and-add returned {v} after {prev}"
+                        )));
+                    }
+                }
+                last = Some(v);
+            }
+        }
+        Ok(())
+    }
+
     /// Tells the server this client is done (so it can take the next one).
     pub fn finish(self) -> Result<()> {
         let s = [self.local.sge(0, 8)?];
@@ -376,6 +461,11 @@ impl Client {
         let c = self.cq.wait_one(Some(Duration::from_secs(5)))?;
         Self::check(&c)
     }
+}
+
+/// Deterministic bytes for a seed.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    rmem_transport::conformance::pattern(seed, len)
 }
 
 /// Renders a report as perftest-style text.
@@ -386,8 +476,8 @@ pub fn render_table(r: &Report) -> String {
     let _ = writeln!(s, "{rule}");
     let _ = writeln!(
         s,
-        " rmem perf  op: {:?}  mode: {:?}  provider: {}  device: {}  busy-poll: {}  tx-depth: {}",
-        r.op, r.mode, r.provider, r.device, r.busy_poll, r.tx_depth
+        " rmem perf  op: {:?}  mode: {:?}  provider: {}  device: {}  busy-poll: {}  tx-depth: {}  clock: {:?}",
+        r.op, r.mode, r.provider, r.device, r.busy_poll, r.tx_depth, r.clock
     );
     let _ = writeln!(s, " latency = post to completion (one round trip)");
     let _ = writeln!(s, "{rule}");

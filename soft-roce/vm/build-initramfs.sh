@@ -4,24 +4,28 @@
 # with insmod), libibverbs with the rxe provider, the `rdma` tool, and the programs to run.
 #
 #   soft-roce/vm/build-initramfs.sh -k <kernel version> -o <out.cpio.gz> -g <guest script> \
-#       [-e KEY=VALUE]... <program>...
+#       [-t] [-e KEY=VALUE]... <program>...
 #
-# Each <program> is copied to /bin in the guest with the shared libraries `ldd` names.
-# /init mounts the usual filesystems, loads the modules, gives eth0 10.0.2.15/24 (QEMU user
-# networking), creates rxe0 over eth0, waits for its RoCE v2 GID of 10.0.2.15, raises the
-# locked-memory limit, runs the guest script with the -e variables set, prints
-# "RMEM-GUEST-EXIT=<status>" and powers off (reboot -f; QEMU runs with -no-reboot).
+# Each <program> is copied to /bin in the guest with the shared libraries `ldd` names; -t adds
+# the peers rmem is measured against (perftest's ib_* programs and qperf).
+# /init mounts the usual filesystems, loads the modules, gives eth0 the address named on the
+# kernel command line (rmem.ip=A.B.C.D/N, default 10.0.2.15/24 for QEMU user networking),
+# creates rxe0 over eth0, waits for its RoCE v2 GID, raises the locked-memory limit, runs the
+# guest script with the -e variables and RMEM_IP, RMEM_ROLE (rmem.role=) and RMEM_PEER
+# (rmem.peer=) set, prints "RMEM-GUEST-EXIT=<status>" and powers off (reboot -f; QEMU runs
+# with -no-reboot). One image serves every VM of a multi-VM run.
 set -euo pipefail
 
 usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
-kver="" out="" guest="" envs=()
-while getopts "k:o:g:e:h" opt; do
+kver="" out="" guest="" envs=() tools=0
+while getopts "k:o:g:e:th" opt; do
   case $opt in
     k) kver=$OPTARG ;;
     o) out=$OPTARG ;;
     g) guest=$OPTARG ;;
     e) envs+=("$OPTARG") ;;
+    t) tools=1 ;;
     *) usage ;;
   esac
 done
@@ -66,6 +70,12 @@ done
 for p in "$@"; do
   copy_with_libs "$p" "/bin/$(basename "$p")"
 done
+if ((tools)); then
+  for tool in ib_read_lat ib_write_lat ib_read_bw ib_write_bw ib_atomic_lat qperf; do
+    t=$(command -v "$tool") || { echo "missing $tool: install perftest and qperf" >&2; exit 1; }
+    copy_with_libs "$t" "/usr/bin/$tool"
+  done
+fi
 
 # Kernel modules, in load order, decompressed (busybox insmod reads plain ELF only).
 mods=(crc32_generic virtio_pci virtio_net ib_uverbs rdma_rxe rdma_ucm ib_umad)
@@ -100,6 +110,8 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
 echo "rmem-vm: kernel $(uname -r), $(nproc) cpus"
+# run.sh watches for this line to know the accelerator works.
+echo "RMEM-GUEST-ALIVE"
 
 # Waits up to $2 tenths of a second for a shell condition $1.
 wait_for() {
@@ -110,17 +122,31 @@ wait_for() {
   done
 }
 
+# rmem.ip=, rmem.role= and rmem.peer= on the kernel command line configure this VM.
+RMEM_IP=10.0.2.15/24 RMEM_ROLE=single RMEM_PEER=
+for arg in $(cat /proc/cmdline); do
+  case $arg in
+    rmem.ip=*) RMEM_IP=${arg#rmem.ip=} ;;
+    rmem.role=*) RMEM_ROLE=${arg#rmem.role=} ;;
+    rmem.peer=*) RMEM_PEER=${arg#rmem.peer=} ;;
+  esac
+done
+export RMEM_IP RMEM_ROLE RMEM_PEER
+ip4=${RMEM_IP%/*}
+# The RoCE v2 GID of an IPv4 address is ::ffff:a.b.c.d, as sysfs prints it.
+gid=$(echo "$ip4" | awk -F. '{printf "0000:0000:0000:0000:0000:ffff:%02x%02x:%02x%02x", $1, $2, $3, $4}')
+
 setup() {
   while read -r ko; do
     insmod "$ko" || { echo "rmem-vm: insmod $ko failed"; return 1; }
   done < /modules.list
   wait_for '[ -e /sys/class/net/eth0 ]' 100 || { echo "rmem-vm: no eth0"; return 1; }
-  ip link set lo up && ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 || return 1
+  ip link set lo up && ip link set eth0 up && ip addr add "$RMEM_IP" dev eth0 || return 1
   rdma link add rxe0 type rxe netdev eth0 || { echo "rmem-vm: rdma link add failed"; return 1; }
   wait_for 'grep -qi active /sys/class/infiniband/rxe0/ports/1/state 2>/dev/null' 200 ||
     { echo "rmem-vm: rxe0 port not active"; return 1; }
-  wait_for 'grep -qx "0000:0000:0000:0000:0000:ffff:0a00:020f" /sys/class/infiniband/rxe0/ports/1/gids/* 2>/dev/null' 200 ||
-    { echo "rmem-vm: no GID for 10.0.2.15"; return 1; }
+  wait_for 'grep -qx "$gid" /sys/class/infiniband/rxe0/ports/1/gids/* 2>/dev/null' 200 ||
+    { echo "rmem-vm: no GID for $ip4"; return 1; }
   echo "rmem-vm: rxe0 ready at $(cut -d' ' -f1 /proc/uptime) s"
 }
 

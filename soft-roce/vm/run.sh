@@ -1,29 +1,37 @@
 #!/usr/bin/env bash
-# Runs rmem's verbs conformance suite over Soft-RoCE (rxe) in a QEMU VM, on a host without RDMA.
+# Boots Debian's stock kernel under QEMU with Soft-RoCE (rxe) and runs rmem's verbs tests in it,
+# on hosts whose own kernel has no RDMA.
 #
-#   soft-roce/vm/run.sh [test filter or libtest arguments...]
+#   soft-roce/vm/run.sh [conformance] [test args...]   the verbs conformance suite on rxe0 (default)
+#   soft-roce/vm/run.sh perf                            rmem perf next to perftest and qperf, one VM
+#   soft-roce/vm/run.sh two-vm                          two VMs joined by a QEMU socket network, one
+#                                                       rxe each: rmem perf and data checks across a
+#                                                       real wire between two kernels, next to perftest
+#   soft-roce/vm/run.sh script FILE [args...]           any guest script (args in $RMEM_TEST_ARGS)
 #
-# Installs what it needs with apt-get (QEMU, a Debian kernel with rdma_rxe, busybox, rdma-core),
-# builds the conformance test binary with --features verbs-hw, builds an initramfs around it
-# (build-initramfs.sh), boots it under TCG (KVM does not work nested here), prints the guest's
-# console and exits with the guest's status (124 when the VM times out). Arguments go to the
-# test binary: `run.sh atomics` runs one case, `run.sh --skip send_recv` all but one.
+# It installs what it needs with apt-get (QEMU, a Debian kernel with rdma_rxe, busybox,
+# rdma-core, perftest, qperf), builds rmem (and the conformance binary with --features verbs-hw),
+# builds an initramfs (build-initramfs.sh), boots, prints the guests' consoles and exits with the
+# guest's status (the client's in two-vm mode); 124 when a VM times out.
 #
-# Known on rxe (Linux 6.1, also later kernels' rxe_mr.c): `send_recv` fails because a SEND larger
-# than the receive buffer completes as RemOpErr/LocQpOpErr instead of RemInvReqErr/LocLenErr
-# (rxe's copy_data returns -EINVAL where the responder expects -ENOSPC).
-#
-# Environment: RMEM_VM_KERNEL (kernel version; default: the newest installed one with rdma_rxe),
-# RMEM_VM_TIMEOUT (seconds, default 1500), RMEM_VM_LOG (console log file),
-# RMEM_VM_GUEST (guest script, default guest-conformance.sh), CARGO_TARGET_DIR.
+# Environment: RMEM_VM_ACCEL (auto, tcg or kvm; auto tries KVM once per host and kernel and falls
+# back to TCG when the guest shows no sign of life), RMEM_VM_KERNEL (kernel version; default the
+# newest installed with rdma_rxe), RMEM_VM_TIMEOUT (seconds, default 1500), RMEM_VM_LOG (console
+# log file; two-vm adds .a and .b), CARGO_TARGET_DIR.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 timeout_s=${RMEM_VM_TIMEOUT:-1500}
-guest=${RMEM_VM_GUEST:-$here/guest-conformance.sh}
+
+mode=conformance
+case "${1:-}" in
+  conformance|perf|two-vm) mode=$1; shift ;;
+  script) mode=script; shift; guest_script=$(realpath "${1:?script needs a FILE}"); shift ;;
+  -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+esac
 
 pkgs=(qemu-system-x86 linux-image-amd64 busybox-static kmod cpio xz-utils rdma-core
-      ibverbs-providers ibverbs-utils iproute2)
+      ibverbs-providers ibverbs-utils iproute2 perftest qperf)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then
@@ -42,43 +50,126 @@ if [[ -z $kver ]]; then
 fi
 [[ -n $kver && -e /boot/vmlinuz-$kver ]] || { echo "run.sh: no kernel with rdma_rxe installed" >&2; exit 1; }
 
-echo "== building the conformance binary (release, --features verbs-hw)"
-cd "$repo"
-json=$(cargo test --release --locked -p rmem-transport --features verbs-hw --test conformance_verbs \
-  --no-run --message-format=json)
-bin=$(printf '%s\n' "$json" | grep '"name":"conformance_verbs"' | grep -o '"executable":"[^"]*"' |
-  tail -1 | cut -d'"' -f4)
-[[ -x $bin ]] || { echo "run.sh: conformance binary not found" >&2; exit 1; }
-cargo build --release --locked --bin rmem
-rmem_bin=${CARGO_TARGET_DIR:-$repo/target}/release/rmem
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-# Stable names in the guest's /bin: conformance_verbs, rmem, and `rmem-devices`.
-cp "$bin" "$work/conformance_verbs"
-printf '#!/bin/sh\nexec /bin/rmem devices "$@"\n' > "$work/rmem-devices"
-chmod +x "$work/rmem-devices"
+pids=()
+cleanup() { for p in "${pids[@]+"${pids[@]}"}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
 
-echo "== building the initramfs (kernel $kver)"
-"$here/build-initramfs.sh" -k "$kver" -o "$work/initramfs.cpio.gz" -g "$guest" \
-  -e "RMEM_TEST_ARGS=$*" -e "RUST_BACKTRACE=1" \
-  "$work/conformance_verbs" "$rmem_bin" "$work/rmem-devices"
-log=${RMEM_VM_LOG:-$work/console.log}
-
-echo "== booting (TCG, 2 vCPUs; timeout ${timeout_s} s)"
-set +e
-timeout "$timeout_s" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp 2 -m 2G \
-  -nographic -no-reboot -kernel "/boot/vmlinuz-$kver" -initrd "$work/initramfs.cpio.gz" \
-  -append "console=ttyS0 panic=-1 rdinit=/init quiet loglevel=4" \
-  -netdev user,id=n0 -device virtio-net-pci,netdev=n0 < /dev/null > "$log" 2>&1
-qemu_rc=$?
-set -e
-echo "== guest console"
-tr -d '\r' < "$log"
-status=$(tr -d '\r' < "$log" | sed -n 's/^RMEM-GUEST-EXIT=\([0-9]*\)$/\1/p' | tail -1)
-if [[ -z $status ]]; then
-  echo "run.sh: the guest did not finish (qemu exit $qemu_rc)" >&2
-  [[ $qemu_rc -eq 124 ]] && exit 124
-  exit 1
+cd "$repo"
+programs=()
+if [[ $mode == conformance ]]; then
+  echo "== building the conformance binary (release, --features verbs-hw)"
+  json=$(cargo test --release --locked -p rmem-transport --features verbs-hw --test conformance_verbs \
+    --no-run --message-format=json)
+  bin=$(printf '%s\n' "$json" | grep '"name":"conformance_verbs"' | grep -o '"executable":"[^"]*"' |
+    tail -1 | cut -d'"' -f4)
+  [[ -x $bin ]] || { echo "run.sh: conformance binary not found" >&2; exit 1; }
+  cp "$bin" "$work/conformance_verbs"
+  programs+=("$work/conformance_verbs")
 fi
-echo "== guest exit status $status"
-exit "$status"
+echo "== building rmem (release)"
+cargo build --release --locked --bin rmem
+programs+=("${CARGO_TARGET_DIR:-$repo/target}/release/rmem")
+
+case $mode in
+  conformance) guest_script=$here/guest-conformance.sh ;;
+  perf) guest_script=$here/guest-perf.sh ;;
+  two-vm) guest_script=$here/guest-two-vm.sh ;;
+esac
+echo "== building the initramfs (kernel $kver)"
+"$here/build-initramfs.sh" -k "$kver" -o "$work/initramfs.cpio.gz" -g "$guest_script" -t \
+  -e "RMEM_TEST_ARGS=$*" -e "RUST_BACKTRACE=1" "${programs[@]}"
+
+# --- accelerator: KVM when it works on this host, TCG otherwise ---
+qemu_ver=$(qemu-system-x86_64 --version | head -1 | grep -o '[0-9][0-9.]*' | head -1)
+verdict_file=/var/tmp/rmem-vm-accel-$qemu_ver-$kver
+accel=${RMEM_VM_ACCEL:-auto}
+if [[ $accel == auto ]]; then
+  if [[ -s $verdict_file ]]; then accel=$(cat "$verdict_file")
+  elif [[ -r /dev/kvm && -w /dev/kvm ]]; then accel=try-kvm
+  else accel=tcg; fi
+fi
+
+accel_args() {
+  case $1 in
+    kvm|try-kvm) echo "-accel kvm -cpu host" ;;
+    *) echo "-accel tcg,thread=multi -cpu max" ;;
+  esac
+}
+
+# start_vm NAME LOG SMP MEM APPEND NETDEV... : boots one VM in the background; sets $vm_pid.
+start_vm() {
+  local name=$1 log=$2 smp=$3 mem=$4 append=$5; shift 5
+  # shellcheck disable=SC2046 # accel_args is several words on purpose
+  timeout "$timeout_s" qemu-system-x86_64 $(accel_args "$accel") -smp "$smp" -m "$mem" \
+    -nographic -no-reboot -name "$name" -kernel "/boot/vmlinuz-$kver" -initrd "$work/initramfs.cpio.gz" \
+    -append "console=ttyS0 panic=-1 rdinit=/init quiet loglevel=4 $append" "$@" \
+    < /dev/null > "$log" 2>&1 &
+  vm_pid=$!
+  pids+=("$vm_pid")
+}
+
+# alive LOG PID SECONDS: waits for the guest's first words.
+alive() {
+  local n=0
+  while ((n < $3 * 10)); do
+    grep -q RMEM-GUEST-ALIVE "$1" 2>/dev/null && return 0
+    kill -0 "$2" 2>/dev/null || return 1
+    sleep 0.1; n=$((n + 1))
+  done
+  return 1
+}
+
+# boot NAME LOG SMP MEM APPEND NETDEV...: start_vm, with the KVM trial and fallback.
+boot() {
+  start_vm "$@"
+  if [[ $accel == try-kvm ]]; then
+    if alive "$2" "$vm_pid" 30; then
+      accel=kvm
+    else
+      echo "== KVM gave no sign of life within 30 s; using TCG from now on (verdict kept in $verdict_file)"
+      kill "$vm_pid" 2>/dev/null || true; wait "$vm_pid" 2>/dev/null || true
+      accel=tcg
+      start_vm "$@"
+    fi
+    echo "$accel" > "$verdict_file" 2>/dev/null || true
+  fi
+}
+
+guest_status() { tr -d '\r' < "$1" | sed -n 's/^RMEM-GUEST-EXIT=\([0-9]*\)$/\1/p' | tail -1; }
+
+# finish LOG PID LABEL: waits for the VM, prints its console, sets $st to the guest's status.
+finish() {
+  local qrc=0
+  wait "$2" || qrc=$?
+  echo "== console: $3"
+  tr -d '\r' < "$1"
+  st=$(guest_status "$1")
+  if [[ -z $st ]]; then
+    echo "run.sh: $3 did not finish (qemu exit $qrc)" >&2
+    if [[ $qrc -eq 124 ]]; then st=124; else st=1; fi
+  fi
+}
+
+log=${RMEM_VM_LOG:-$work/console.log}
+if [[ $mode == two-vm ]]; then
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' 2>/dev/null || echo 18700)
+  echo "== booting two VMs ($accel, 1 vCPU each, socket network on 127.0.0.1:$port)"
+  boot rmem-a "$log.a" 1 1G "rmem.ip=10.0.3.1/24 rmem.role=server rmem.peer=10.0.3.2" \
+    -netdev "socket,id=n0,listen=127.0.0.1:$port" -device virtio-net-pci,netdev=n0,mac=52:54:00:00:03:01
+  pid_a=$vm_pid
+  start_vm rmem-b "$log.b" 1 1G "rmem.ip=10.0.3.2/24 rmem.role=client rmem.peer=10.0.3.1" \
+    -netdev "socket,id=n0,connect=127.0.0.1:$port" -device virtio-net-pci,netdev=n0,mac=52:54:00:00:03:02
+  pid_b=$vm_pid
+  finish "$log.b" "$pid_b" "VM b (client)"; st_b=$st
+  finish "$log.a" "$pid_a" "VM a (server)"; st_a=$st
+  echo "== guest exit status: client $st_b, server $st_a"
+  [[ $st_b -ne 0 ]] && exit "$st_b"
+  exit "$st_a"
+fi
+
+echo "== booting ($accel, 2 vCPUs; timeout ${timeout_s} s)"
+boot rmem "$log" 2 2G "" -netdev user,id=n0 -device virtio-net-pci,netdev=n0
+finish "$log" "$vm_pid" "VM"
+echo "== guest exit status $st"
+exit "$st"

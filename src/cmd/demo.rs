@@ -241,6 +241,8 @@ fn latency(borrower: &Context, donor: &Context, busy: bool) -> Result<(f64, f64)
         warmup: 200,
         tx_depth: 1,
         busy_poll: busy,
+        clock: rmem_bench::ClockKind::default(),
+        cq_mod: 32,
     };
     let r = perf_pair(borrower, donor, &cfg)?;
     let l = r.results[0].lat.as_ref().expect("latency run has latency");
@@ -256,6 +258,8 @@ fn bandwidth(borrower: &Context, donor: &Context, busy: bool) -> Result<f64, Fai
         warmup: 256,
         tx_depth: 64,
         busy_poll: busy,
+        clock: rmem_bench::ClockKind::default(),
+        cq_mod: 32,
     };
     let r = perf_pair(borrower, donor, &cfg)?;
     Ok(r.results[0]

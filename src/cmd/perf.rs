@@ -67,9 +67,19 @@ pub struct RunArgs {
     /// Operations in flight for bandwidth runs.
     #[arg(long, default_value_t = 64)]
     tx_depth: u32,
+    /// Bandwidth runs: signal one request in N (perftest's --cq-mod).
+    #[arg(long, default_value_t = 32)]
+    cq_mod: u32,
     /// Spin on completions instead of sleeping (lowest latency, one core busy).
     #[arg(long)]
     busy_poll: bool,
+    /// Clock for latency: tsc (the CPU's counter, calibrated; x86_64) or os (clock_gettime).
+    #[arg(long, default_value = "tsc")]
+    clock: rmem_bench::ClockKind,
+    /// After measuring, check data end to end (WRITE a pattern, READ it back; consecutive
+    /// fetch-and-adds); exit status 4 when it differs. Use with a server no one else uses.
+    #[arg(long)]
+    verify: bool,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -92,6 +102,8 @@ impl RunArgs {
             warmup: self.warmup,
             tx_depth: self.tx_depth,
             busy_poll: self.busy_poll,
+            clock: self.clock,
+            cq_mod: self.cq_mod,
         }
     }
 }
@@ -159,6 +171,12 @@ fn client(ctx: &rmem_transport::Context, server: SocketAddr, a: &RunArgs) -> Res
     })?;
     if let Some(b) = bar {
         b.finish_and_clear();
+    }
+    if a.verify {
+        c.verify(&cfg)?;
+        if !a.json {
+            println!("verified: data written and read back identical");
+        }
     }
     c.finish()?;
     print_report(&report, a.json);

@@ -283,6 +283,18 @@ impl Cq {
         if out.is_empty() {
             return Err(Error::InvalidArgument("empty completion buffer".into()));
         }
+        // Reading the clock can cost more than a poll (an emulated HPET in a VM): busy waits
+        // without a deadline never read it, others only every CLOCK_EVERY empty polls.
+        const CLOCK_EVERY: u32 = 64;
+        if self.mode == PollMode::Busy && timeout.is_none() {
+            loop {
+                let n = self.ops.poll(out)?;
+                if n > 0 {
+                    return Ok(n);
+                }
+                std::hint::spin_loop();
+            }
+        }
         let start = Instant::now();
         let deadline = timeout.map(|t| start + t);
         let spin_until = match self.mode {
@@ -290,10 +302,17 @@ impl Cq {
             PollMode::Adaptive(d) => Some(start + d),
             PollMode::Blocking => Some(start),
         };
+        let check_every = if self.mode == PollMode::Blocking { 1 } else { CLOCK_EVERY };
+        let mut empty = 0u32;
         loop {
             let n = self.ops.poll(out)?;
             if n > 0 {
                 return Ok(n);
+            }
+            empty = empty.wrapping_add(1);
+            if !empty.is_multiple_of(check_every) {
+                std::hint::spin_loop();
+                continue;
             }
             let now = Instant::now();
             if let Some(d) = deadline {

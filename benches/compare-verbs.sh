@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# rmem perf over the verbs provider next to perftest and qperf, on Soft-RoCE in one VM run
+# (soft-roce/vm/run.sh perf), printed as one table.
+#
+#   benches/compare-verbs.sh [--log FILE]     (--log: parse an existing console log instead)
+#
+# Latency is the typical (median) time. perftest's ib_read_lat and ib_atomic_lat, qperf and rmem
+# time a whole operation (one round trip); ib_write_lat reports half of a WRITE ping-pong, so
+# the table doubles it to compare it with rmem's WRITE (post to completion, one round trip).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+log=""
+if [[ "${1:-}" == "--log" ]]; then
+  log=${2:?--log needs a file}
+else
+  log=$(mktemp)
+  RMEM_VM_LOG=$log soft-roce/vm/run.sh perf >/dev/null 2>"$log.stderr" || {
+    echo "the VM run failed; its output:" >&2; cat "$log.stderr" >&2; exit 1; }
+fi
+python3 - "$log" <<'PY'
+import json, re, sys
+text = open(sys.argv[1], errors="replace").read().replace("\r", "")
+sec = dict(re.findall(r"=== BEGIN (\S+)\n(.*?)=== END \1 rc=0", text, re.S))
+def perftest_lat(name):
+    for line in sec.get(name, "").splitlines():
+        f = line.split()
+        if len(f) >= 9 and f[0].isdigit():
+            return float(f[4])
+def perftest_bw(name):
+    for line in sec.get(name, "").splitlines():
+        f = line.split()
+        if len(f) >= 5 and f[0].isdigit():
+            return float(f[3])
+def qperf(name):
+    m = re.search(r"(latency|bw)\s*=\s*([\d.]+)\s*(\S+)", sec.get(name, ""))
+    if not m: return None
+    v, unit = float(m.group(2)), m.group(3)
+    if m.group(1) == "latency":
+        return v * {"us": 1, "ms": 1000, "ns": 0.001}[unit]
+    return v * {"GB/sec": 8, "MB/sec": 8e-3, "KB/sec": 8e-6, "bytes/sec": 8e-9}[unit]  # -> Gb/s
+def rmem(name, key):
+    s = sec.get(name)
+    if not s: return None
+    r = json.loads(s[s.index("{"):])["results"][0]
+    return r["lat"]["p50_us"] if key == "lat" else r["bw"]["gbit_per_sec"]
+wl = perftest_lat("perftest_write_lat_8")
+rows = [
+    ("READ 8 B latency (us)", rmem("rmem_read_lat_8", "lat"), perftest_lat("perftest_read_lat_8"), qperf("qperf_read_lat_8"), "lat"),
+    ("READ 4 KiB latency (us)", rmem("rmem_read_lat_4096", "lat"), perftest_lat("perftest_read_lat_4096"), qperf("qperf_read_lat_4096"), "lat"),
+    ("WRITE 8 B round trip (us)", rmem("rmem_write_lat_8", "lat"), wl and 2 * wl, None, "lat"),
+    ("fetch-and-add latency (us)", rmem("rmem_atomic_lat", "lat"), perftest_lat("perftest_atomic_lat"), None, "lat"),
+    ("WRITE 64 KiB bandwidth (Gb/s)", rmem("rmem_write_bw", "bw"), perftest_bw("perftest_write_bw"), qperf("qperf_write_bw"), "bw"),
+    ("READ 64 KiB bandwidth (Gb/s)", rmem("rmem_read_bw", "bw"), perftest_bw("perftest_read_bw"), qperf("qperf_read_bw"), "bw"),
+]
+f = lambda v: "-" if v is None else f"{v:.3f}" if v < 1 else f"{v:.2f}"
+kern = re.search(r"rmem-vm: kernel (\S+)", text)
+print(f"Soft-RoCE (rxe) in one QEMU VM, kernel {kern.group(1) if kern else '?'}; rmem with --busy-poll")
+print("| measure | rmem verbs | perftest | qperf | rmem / perftest | target |")
+print("|---|---|---|---|---|---|")
+ok = True
+for name, r, p, q, kind in rows:
+    ratio = r / p if r and p else None
+    target = "<= 1.10" if kind == "lat" else ">= 0.95"
+    met = ratio is not None and (ratio <= 1.10 if kind == "lat" else ratio >= 0.95)
+    ok &= met
+    print(f"| {name} | {f(r)} | {f(p)} | {f(q)} | {f(ratio)} | {target} {'met' if met else 'MISSED'} |")
+missing = [n for n in ("rmem_read_lat_8", "perftest_read_lat_8", "rmem_write_bw", "perftest_write_bw") if n not in sec]
+if missing:
+    print("sections missing or failed:", ", ".join(missing))
+sys.exit(0)
+PY
