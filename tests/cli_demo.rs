@@ -42,6 +42,7 @@ fn perf_loopback_reports_every_requested_size() {
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v = json(&o);
+    assert_eq!(v["verified"], true);
     let rows = v["results"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0]["bytes"], 4096);

@@ -158,6 +158,9 @@ pub struct Report {
     pub tx_depth: u32,
     pub clock: ClockKind,
     pub results: Vec<SizeResult>,
+    /// Whether an end-to-end data check ran after the measurement and passed (`--verify`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verified: Option<bool>,
 }
 
 /// Registers `max_size` bytes and serves perf clients until `stop` returns true.
@@ -282,9 +285,7 @@ impl Client {
         for (k, &size) in cfg.sizes.iter().enumerate() {
             let base = k as u64 * cfg.iters;
             let r = match cfg.mode {
-                PerfMode::Lat => {
-                    self.latency(cfg, &clock, size, &|i| progress(base + i, total))?
-                }
+                PerfMode::Lat => self.latency(cfg, &clock, size, &|i| progress(base + i, total))?,
                 PerfMode::Bw => self.bandwidth(cfg, size, &|i| progress(base + i, total))?,
             };
             results.push(r);
@@ -299,6 +300,7 @@ impl Client {
             tx_depth: cfg.tx_depth,
             clock: clock.kind(),
             results,
+            verified: None,
         })
     }
 
@@ -415,15 +417,22 @@ impl Client {
     pub fn verify(&self, cfg: &PerfConfig) -> Result<()> {
         let max = cfg.sizes.iter().copied().max().unwrap_or(8).max(8);
         let back = self.pd.alloc_mr(max, Access::LOCAL_WRITE)?;
-        for (k, &size) in cfg.sizes.iter().enumerate().filter(|_| cfg.op != PerfOp::Atomic) {
+        for (k, &size) in cfg
+            .sizes
+            .iter()
+            .enumerate()
+            .filter(|_| cfg.op != PerfOp::Atomic)
+        {
             let data = pattern(k as u64 + 1, size);
             self.local.write_at(0, &data)?;
             let s = [self.local.sge(0, size)?];
-            self.qp.post_send(&[SendWr::write(1, &s, self.remote.at(0))])?;
+            self.qp
+                .post_send(&[SendWr::write(1, &s, self.remote.at(0))])?;
             Self::check(&self.cq.wait_one(Some(Duration::from_secs(30)))?)?;
             back.fill(0, size, 0)?;
             let b = [back.sge(0, size)?];
-            self.qp.post_send(&[SendWr::read(2, &b, self.remote.at(0))])?;
+            self.qp
+                .post_send(&[SendWr::read(2, &b, self.remote.at(0))])?;
             Self::check(&self.cq.wait_one(Some(Duration::from_secs(30)))?)?;
             let mut got = vec![0u8; size];
             back.read_at(0, &mut got)?;

@@ -4,7 +4,7 @@
 #
 #   soft-roce/vm/run.sh [conformance] [test args...]   the verbs conformance suite on rxe0 (default)
 #   soft-roce/vm/run.sh perf                            rmem perf next to perftest and qperf, one VM
-#   soft-roce/vm/run.sh two-vm                          two VMs joined by a QEMU socket network, one
+#   soft-roce/vm/run.sh two-vm                          two VMs joined by a QEMU socket network (UDP), one
 #                                                       rxe each: rmem perf and data checks across a
 #                                                       real wire between two kernels, next to perftest
 #   soft-roce/vm/run.sh script FILE [args...]           any guest script (args in $RMEM_TEST_ARGS)
@@ -17,7 +17,7 @@
 # Environment: RMEM_VM_ACCEL (auto, tcg or kvm; auto tries KVM once per host and kernel and falls
 # back to TCG when the guest shows no sign of life), RMEM_VM_KERNEL (kernel version; default the
 # newest installed with rdma_rxe), RMEM_VM_TIMEOUT (seconds, default 1500), RMEM_VM_LOG (console
-# log file; two-vm adds .a and .b), CARGO_TARGET_DIR.
+# log file; two-vm adds .a and .b), RMEM_VM_GUEST (two-vm: another guest script), CARGO_TARGET_DIR.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -74,7 +74,7 @@ programs+=("${CARGO_TARGET_DIR:-$repo/target}/release/rmem")
 case $mode in
   conformance) guest_script=$here/guest-conformance.sh ;;
   perf) guest_script=$here/guest-perf.sh ;;
-  two-vm) guest_script=$here/guest-two-vm.sh ;;
+  two-vm) guest_script=${RMEM_VM_GUEST:-$here/guest-two-vm.sh} ;;
 esac
 echo "== building the initramfs (kernel $kver)"
 "$here/build-initramfs.sh" -k "$kver" -o "$work/initramfs.cpio.gz" -g "$guest_script" -t \
@@ -153,13 +153,20 @@ finish() {
 
 log=${RMEM_VM_LOG:-$work/console.log}
 if [[ $mode == two-vm ]]; then
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])' 2>/dev/null || echo 18700)
-  echo "== booting two VMs ($accel, 1 vCPU each, socket network on 127.0.0.1:$port)"
+  # Two UDP ports on loopback: the socket backend's UDP mode needs no connection, so the VMs
+  # can start in any order.
+  read -r pa pb < <(python3 -c 'import socket
+s = [socket.socket(type=socket.SOCK_DGRAM) for _ in range(2)]
+for x in s: x.bind(("127.0.0.1", 0))
+print(*(x.getsockname()[1] for x in s))' 2>/dev/null || echo "18701 18702")
+  echo "== booting two VMs ($accel, 1 vCPU each, socket network over UDP 127.0.0.1:$pa <-> $pb)"
   boot rmem-a "$log.a" 1 1G "rmem.ip=10.0.3.1/24 rmem.role=server rmem.peer=10.0.3.2" \
-    -netdev "socket,id=n0,listen=127.0.0.1:$port" -device virtio-net-pci,netdev=n0,mac=52:54:00:00:03:01
+    -netdev "socket,id=n0,udp=127.0.0.1:$pb,localaddr=127.0.0.1:$pa" \
+    -device virtio-net-pci,netdev=n0,mac=52:54:00:00:03:01
   pid_a=$vm_pid
   start_vm rmem-b "$log.b" 1 1G "rmem.ip=10.0.3.2/24 rmem.role=client rmem.peer=10.0.3.1" \
-    -netdev "socket,id=n0,connect=127.0.0.1:$port" -device virtio-net-pci,netdev=n0,mac=52:54:00:00:03:02
+    -netdev "socket,id=n0,udp=127.0.0.1:$pa,localaddr=127.0.0.1:$pb" \
+    -device virtio-net-pci,netdev=n0,mac=52:54:00:00:03:02
   pid_b=$vm_pid
   finish "$log.b" "$pid_b" "VM b (client)"; st_b=$st
   finish "$log.a" "$pid_a" "VM a (server)"; st_a=$st

@@ -164,7 +164,7 @@ fn client(ctx: &rmem_transport::Context, server: SocketAddr, a: &RunArgs) -> Res
     let cfg = a.config();
     let c = Client::connect(ctx, server, &cfg)?;
     let bar = progress_bar(a.json, cfg.iters * cfg.sizes.len() as u64);
-    let report = c.run(&cfg, &|done, _| {
+    let mut report = c.run(&cfg, &|done, _| {
         if let Some(b) = &bar {
             b.set_position(done);
         }
@@ -174,6 +174,7 @@ fn client(ctx: &rmem_transport::Context, server: SocketAddr, a: &RunArgs) -> Res
     }
     if a.verify {
         c.verify(&cfg)?;
+        report.verified = Some(true);
         if !a.json {
             println!("verified: data written and read back identical");
         }

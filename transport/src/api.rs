@@ -302,7 +302,11 @@ impl Cq {
             PollMode::Adaptive(d) => Some(start + d),
             PollMode::Blocking => Some(start),
         };
-        let check_every = if self.mode == PollMode::Blocking { 1 } else { CLOCK_EVERY };
+        let check_every = if self.mode == PollMode::Blocking {
+            1
+        } else {
+            CLOCK_EVERY
+        };
         let mut empty = 0u32;
         loop {
             let n = self.ops.poll(out)?;

@@ -43,6 +43,7 @@ mod remote;
 pub mod tcp;
 #[cfg(feature = "verbs")]
 pub mod verbs;
+mod wait;
 mod wr;
 
 pub use access::Access;

@@ -172,22 +172,13 @@ impl Pairing {
         timeout: Option<Duration>,
         stats: &Counters,
     ) -> Result<Pair> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = crate::wait::Deadline::after(timeout);
         loop {
             if let Some(p) = self.take_complete() {
                 return Ok(p);
             }
             self.expire();
-            let left = match deadline {
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Err(Error::Timeout(timeout.unwrap_or_default()));
-                    }
-                    Some(left)
-                }
-                None => None,
-            };
+            let left = deadline.remaining()?;
             let ev = sock::wait_fd(self.listener.as_raw_fd(), libc::POLLIN, left)
                 .map_err(|e| Error::os("poll listener", e))?;
             if ev == 0 {

@@ -35,32 +35,7 @@ pub(crate) fn send_nb(fd: RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
     }
 }
 
-/// Sleeps until `fd` has one of `events` or `timeout` passes; returns the events seen (0 on timeout).
-pub(crate) fn wait_fd(fd: RawFd, events: i16, timeout: Option<Duration>) -> io::Result<i16> {
-    let mut p = libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    };
-    let ms = match timeout {
-        None => -1,
-        Some(t) if t.is_zero() => 0,
-        // Round up so a short wait does not turn into a busy loop.
-        Some(t) => t.as_millis().clamp(1, i32::MAX as u128) as i32,
-    };
-    loop {
-        // SAFETY: one valid pollfd.
-        let rc = unsafe { libc::poll(&mut p, 1, ms) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        return Ok(if rc == 0 { 0 } else { p.revents });
-    }
-}
+pub(crate) use crate::wait::wait_fd;
 
 /// Skips `n` bytes of the iovec list after a partial send.
 pub(crate) fn advance(iov: &mut [libc::iovec], mut n: usize) -> usize {

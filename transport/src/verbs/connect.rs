@@ -38,7 +38,7 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rand::Rng;
 
@@ -273,18 +273,9 @@ impl ListenerOps for VerbsListener {
         timeout: Option<Duration>,
     ) -> Result<(Arc<dyn QpOps>, Vec<u8>)> {
         let _one = lock(&self.accepting);
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = crate::wait::Deadline::after(timeout);
         loop {
-            let left = match deadline {
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return Err(Error::Timeout(timeout.unwrap_or_default()));
-                    }
-                    Some(left)
-                }
-                None => None,
-            };
+            let left = deadline.remaining()?;
             if !wait_readable(self.listener.as_raw_fd(), left)
                 .map_err(|e| Error::os("poll listener", e))?
             {

@@ -110,28 +110,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Waits until `fd` is readable or `timeout` passes (`None`: no limit). EINTR counts as a
-/// spurious wake-up.
+/// True when `fd` became readable within `timeout`.
 fn wait_readable(fd: RawFd, timeout: Option<Duration>) -> std::io::Result<bool> {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = match timeout {
-        None => -1,
-        Some(t) if t.is_zero() => 0,
-        // Round up so a short wait does not become a busy loop.
-        Some(t) => t.as_millis().clamp(1, i32::MAX as u128) as i32,
-    };
-    // SAFETY: one valid pollfd on the stack.
-    let rc = unsafe { libc::poll(&mut p, 1, ms) };
-    if rc < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.kind() == std::io::ErrorKind::Interrupted {
-            return Ok(false);
-        }
-        return Err(e);
-    }
-    Ok(rc > 0)
+    Ok(crate::wait::wait_fd(fd, libc::POLLIN, timeout)? != 0)
 }
