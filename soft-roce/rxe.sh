@@ -40,6 +40,13 @@ cmd_add() {
   fi
   [[ "$(cat /sys/class/net/"$netdev"/operstate)" == "down" ]] && echo "warning: $netdev is down; rxe ports follow it" >&2
   rdma link add "$name" type rxe netdev "$netdev" || die 1 "rdma link add $name failed"
+  # The port comes up and its GIDs appear shortly after the link is added.
+  local n=0
+  until grep -qi active "/sys/class/infiniband/$name/ports/1/state" 2>/dev/null &&
+        grep -qx 'RoCE v2' "/sys/class/infiniband/$name/ports/1/gid_attrs/types/"* 2>/dev/null; do
+    n=$((n + 1)); ((n > 100)) && die 1 "$name did not become active with a RoCE v2 GID within 10 s"
+    sleep 0.1
+  done
   cmd_check "$name"
 }
 

@@ -63,6 +63,9 @@ for d in /lib/x86_64-linux-gnu /usr/lib/x86_64-linux-gnu; do
   if [[ -e $d/libgcc_s.so.1 ]]; then copy_with_libs "$d/libgcc_s.so.1"; break; fi
 done
 copy_with_libs "$(command -v rdma)" /usr/bin/rdma
+# bash, for soft-roce/rxe.sh (the real-host script, exercised in the guest).
+copy_with_libs /bin/bash /bin/bash
+cp "$(dirname "$0")/../rxe.sh" "$root/bin/rxe.sh"
 for tool in ibv_devinfo ibv_devices; do
   t=$(command -v "$tool" || true)
   [[ -n $t ]] && copy_with_libs "$t" "/usr/bin/$tool"
