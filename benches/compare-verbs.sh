@@ -52,6 +52,12 @@ rows = [
     ("WRITE 64 KiB bandwidth (Gb/s)", rmem("rmem_write_bw", "bw"), perftest_bw("perftest_write_bw"), qperf("qperf_write_bw"), "bw"),
     ("READ 64 KiB bandwidth (Gb/s)", rmem("rmem_read_bw", "bw"), perftest_bw("perftest_read_bw"), qperf("qperf_read_bw"), "bw"),
 ]
+cpu = re.search(r"cpu MHz\s*:\s*([\d.]+)", sec.get("cpu_mhz", ""))
+tsc = [json.loads(s[s.index("{"):]).get("tsc_mhz") for n, s in sec.items() if n.startswith("rmem_") and "{" in s]
+tsc = [t for t in tsc if t]
+if cpu and tsc:
+    print(f"clocks: perftest converts ticks at /proc/cpuinfo's {float(cpu.group(1)):.1f} MHz; "
+          f"rmem measured the TSC at {min(tsc):.1f}-{max(tsc):.1f} MHz against the OS clock")
 f = lambda v: "-" if v is None else f"{v:.3f}" if v < 1 else f"{v:.2f}"
 kern = re.search(r"rmem-vm: kernel (\S+)", text)
 print(f"Soft-RoCE (rxe) in one QEMU VM, kernel {kern.group(1) if kern else '?'}; rmem with --busy-poll")

@@ -65,6 +65,11 @@ impl Clock {
         self.kind
     }
 
+    /// The calibrated counter rate in MHz (TSC clock only).
+    pub fn tsc_mhz(&self) -> Option<f64> {
+        (self.kind == ClockKind::Tsc).then(|| 1000.0 / self.ns_per_tick)
+    }
+
     #[inline]
     pub fn now(&self) -> u64 {
         match self.kind {

@@ -157,6 +157,9 @@ pub struct Report {
     pub busy_poll: bool,
     pub tx_depth: u32,
     pub clock: ClockKind,
+    /// The TSC rate measured against the OS clock, when the TSC clock was used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tsc_mhz: Option<f64>,
     pub results: Vec<SizeResult>,
     /// Whether an end-to-end data check ran after the measurement and passed (`--verify`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -299,6 +302,7 @@ impl Client {
             busy_poll: cfg.busy_poll,
             tx_depth: cfg.tx_depth,
             clock: clock.kind(),
+            tsc_mhz: clock.tsc_mhz(),
             results,
             verified: None,
         })

@@ -29,6 +29,10 @@ perftest() { # name program args...
   wait $spid
 }
 
+# perftest converts TSC ticks with this figure; rmem reports the rate it measured (tsc_mhz).
+echo "=== BEGIN cpu_mhz"
+grep -m1 'cpu MHz' /proc/cpuinfo
+echo "=== END cpu_mhz rc=0"
 qperf > /tmp/qperf.srv 2>&1 &
 qpid=$!
 rmem perf server $verbs --listen "$ip:18600" --busy-poll > /tmp/rmem.srv 2>&1 &
