@@ -4,6 +4,7 @@ mod conformance;
 mod demo;
 mod devices;
 mod perf;
+mod server;
 
 use clap::{Args, Parser, Subcommand};
 use rmem_transport::{OpenOptions, Provider};
@@ -30,6 +31,10 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Lend this host's memory: a donor daemon serving slabs to authenticated clients.
+    ///
+    /// Example: RMEM_SECRET=... rmem server --size 8G --slab-size 64M --listen 0.0.0.0:7470
+    Server(server::ServerArgs),
     /// Run a target and an initiator in this process, move data, verify it, and report latency
     /// and bandwidth (the software provider; nothing to set up).
     Demo(demo::DemoArgs),
@@ -71,6 +76,7 @@ impl ProviderArgs {
 
 pub fn run(cli: Cli) -> Result<(), Failed> {
     match cli.command {
+        Command::Server(a) => server::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Perf(c) => perf::run(c),
         Command::Conformance(a) => conformance::run(a),

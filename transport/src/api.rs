@@ -231,6 +231,20 @@ impl Pd {
         self.register_region(region, access)
     }
 
+    /// Registers `[offset, offset + len)` of a shared [`Buffer`](crate::Buffer); the buffer stays
+    /// mapped while the region lives. Dropping the last clone of the region deregisters it and
+    /// waits for remote operations in flight on it, so the memory can then be reused safely.
+    pub fn register_buffer(
+        &self,
+        buf: &crate::Buffer,
+        offset: usize,
+        len: usize,
+        access: Access,
+    ) -> Result<Mr> {
+        let region = Arc::new(Region::slice(&buf.0, offset, len)?);
+        self.register_region(region, access)
+    }
+
     fn register_region(&self, region: Arc<Region>, access: Access) -> Result<Mr> {
         let reg = self.ops.register(&region, access)?;
         Ok(Mr(Arc::new(MrInner {

@@ -52,7 +52,7 @@ pub use api::{
     QpCaps, QpConfig, TargetStats, MAX_PRIVATE_DATA,
 };
 pub use error::{Error, Result};
-pub use memory::HugePages;
+pub use memory::{Buffer, HugePages};
 pub use mr::Mr;
 pub use remote::{RemoteAddr, RemoteBuf};
 pub use wr::{Completion, Op, RecvWr, SendWr, Sge, WcOpcode, WcStatus};

@@ -8,6 +8,7 @@ const HUGE_PAGE: usize = 2 << 20;
 
 /// Whether to back an allocation with 2 MiB huge pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum HugePages {
     /// Plain pages.
     #[default]
@@ -25,6 +26,8 @@ pub(crate) struct Region {
     /// Length of the mapping to unmap on drop; `None` when the caller owns the memory.
     mapped: Option<usize>,
     huge: bool,
+    /// A slice keeps the region it was cut from mapped.
+    _parent: Option<std::sync::Arc<Region>>,
 }
 
 // SAFETY: a Region is a raw range shared with devices and peers; it never hands out references,
@@ -48,6 +51,7 @@ impl Region {
                         len,
                         mapped: Some(hlen),
                         huge: true,
+                        _parent: None,
                     })
                 }
                 Err(e) if huge == HugePages::Require => return Err(e),
@@ -62,6 +66,7 @@ impl Region {
             len,
             mapped: Some(plen),
             huge: false,
+            _parent: None,
         })
     }
 
@@ -98,7 +103,30 @@ impl Region {
             len,
             mapped: None,
             huge: false,
+            _parent: None,
         })
+    }
+
+    /// `[offset, offset + len)` of `parent`, keeping `parent` mapped while the slice lives.
+    pub(crate) fn slice(
+        parent: &std::sync::Arc<Region>,
+        offset: usize,
+        len: usize,
+    ) -> Result<Region> {
+        match offset.checked_add(len) {
+            Some(end) if len > 0 && end <= parent.len => Ok(Region {
+                // SAFETY: offset < parent.len (len > 0 and end <= parent.len), so in bounds.
+                ptr: unsafe { NonNull::new_unchecked(parent.ptr.as_ptr().add(offset)) },
+                len,
+                mapped: None,
+                huge: parent.huge,
+                _parent: Some(parent.clone()),
+            }),
+            _ => Err(Error::InvalidArgument(format!(
+                "slice {offset}+{len} of a {}-byte buffer",
+                parent.len
+            ))),
+        }
     }
 
     pub(crate) fn ptr(&self) -> *mut u8 {
@@ -121,6 +149,61 @@ impl Drop for Region {
             if rc != 0 {
                 tracing::warn!(error = %std::io::Error::last_os_error(), "munmap failed");
             }
+        }
+    }
+}
+
+/// Memory allocated once and registered in pieces, possibly in several protection domains (a
+/// donor's pool, lent slab by slab to different clients). Cloning shares the memory.
+#[derive(Clone)]
+pub struct Buffer(pub(crate) std::sync::Arc<Region>);
+
+impl Buffer {
+    /// Maps `len` zeroed bytes.
+    pub fn alloc(len: usize, huge: HugePages) -> Result<Buffer> {
+        Ok(Buffer(std::sync::Arc::new(Region::alloc(len, huge)?)))
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.len() == 0
+    }
+    /// True when backed by huge pages.
+    pub fn is_huge(&self) -> bool {
+        self.0.is_huge()
+    }
+    /// Zeroes `[offset, offset + len)` (memory about to change hands). Callers make sure no
+    /// registration covering the range is live, so nobody writes it concurrently.
+    pub fn zero(&self, offset: usize, len: usize) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len() => {
+                // SAFETY: in bounds (checked); raw write, no references exist to this memory.
+                unsafe { std::ptr::write_bytes(self.0.ptr().add(offset), 0, len) };
+                Ok(())
+            }
+            _ => Err(Error::InvalidArgument(
+                "zero range outside the buffer".into(),
+            )),
+        }
+    }
+    /// Copies bytes out (for checks and tests).
+    pub fn read_at(&self, offset: usize, out: &mut [u8]) -> Result<()> {
+        match offset.checked_add(out.len()) {
+            Some(end) if end <= self.len() => {
+                // SAFETY: in bounds (checked); raw copy.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        self.0.ptr().add(offset),
+                        out.as_mut_ptr(),
+                        out.len(),
+                    )
+                };
+                Ok(())
+            }
+            _ => Err(Error::InvalidArgument(
+                "read range outside the buffer".into(),
+            )),
         }
     }
 }

@@ -264,14 +264,13 @@ impl PdOps for PdHandle {
                 break k;
             }
         };
-        table.insert(
-            rkey,
-            Arc::new(MrEntry {
-                region: region.clone(),
-                base,
-                access,
-            }),
-        );
+        let entry = Arc::new(MrEntry {
+            region: region.clone(),
+            base,
+            access,
+        });
+        let weak = Arc::downgrade(&entry);
+        table.insert(rkey, entry);
         Ok(Registration {
             lkey: rng.random(),
             rkey,
@@ -279,6 +278,7 @@ impl PdOps for PdHandle {
             _guard: Box::new(Deregister {
                 pd: Arc::downgrade(&self.0),
                 rkey,
+                entry: weak,
             }),
         })
     }
@@ -293,7 +293,12 @@ impl PdOps for PdHandle {
 struct Deregister {
     pd: Weak<TcpPd>,
     rkey: u32,
+    entry: Weak<MrEntry>,
 }
+
+/// How long deregistration waits for a request in flight (it normally takes microseconds; a
+/// target thread stuck on a dead peer gives up after its operation timeout).
+const DEREG_WAIT: Duration = Duration::from_secs(30);
 
 impl Drop for Deregister {
     fn drop(&mut self) {
@@ -302,6 +307,19 @@ impl Drop for Deregister {
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&self.rkey);
+        }
+        // Like ibv_dereg_mr: once this returns, no peer operation touches the memory any more,
+        // so it can be zeroed and lent to someone else.
+        let start = std::time::Instant::now();
+        while self.entry.strong_count() > 0 {
+            if start.elapsed() > DEREG_WAIT {
+                tracing::error!(
+                    rkey = self.rkey,
+                    "deregistration gave up waiting for a request in flight"
+                );
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(100));
         }
     }
 }

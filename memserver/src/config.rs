@@ -1,0 +1,203 @@
+//! `rmem server` configuration: a TOML file, overridden by flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rmem_transport::{HugePages, Provider};
+use serde::{Deserialize, Serialize};
+
+/// A byte count written as a number or with a binary suffix ("64M", "1G").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "SizeRepr", into = "u64")]
+pub struct ByteSize(pub u64);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeRepr {
+    Num(u64),
+    Text(String),
+}
+
+impl TryFrom<SizeRepr> for ByteSize {
+    type Error = String;
+    fn try_from(r: SizeRepr) -> Result<Self, String> {
+        match r {
+            SizeRepr::Num(n) => Ok(ByteSize(n)),
+            SizeRepr::Text(s) => s.parse(),
+        }
+    }
+}
+
+impl From<ByteSize> for u64 {
+    fn from(b: ByteSize) -> u64 {
+        b.0
+    }
+}
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let (num, mult) = match s.chars().last() {
+            Some(c) if c.is_ascii_alphabetic() => {
+                let m: u64 = match c.to_ascii_uppercase() {
+                    'K' => 1 << 10,
+                    'M' => 1 << 20,
+                    'G' => 1 << 30,
+                    'T' => 1 << 40,
+                    _ => return Err(format!("unknown size suffix in {s:?} (K, M, G or T)")),
+                };
+                (&s[..s.len() - 1], m)
+            }
+            _ => (s, 1),
+        };
+        let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+/// Everything a donor needs. Every field has a default, so a file names only what it changes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Control-plane address clients connect to.
+    pub listen: SocketAddr,
+    /// Memory to lend.
+    pub size: ByteSize,
+    /// Unit of lending.
+    pub slab_size: ByteSize,
+    /// How long a client keeps its slabs without renewing.
+    pub lease_secs: u64,
+    /// File holding the shared secret clients authenticate with (or RMEM_SECRET).
+    pub secret_file: Option<PathBuf>,
+    pub hugepages: HugePages,
+    pub provider: Provider,
+    /// verbs: device name.
+    pub device: Option<String>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "0.0.0.0:7470".parse().expect("literal address"),
+            size: ByteSize(1 << 30),
+            slab_size: ByteSize(16 << 20),
+            lease_secs: 30,
+            secret_file: None,
+            hugepages: HugePages::Try,
+            provider: Provider::Tcp,
+            device: None,
+        }
+    }
+}
+
+/// Configuration errors.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid configuration in {path}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl ServerConfig {
+    pub fn from_file(path: &std::path::Path) -> Result<ServerConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        })
+    }
+
+    pub fn lease(&self) -> Duration {
+        Duration::from_secs(self.lease_secs)
+    }
+
+    /// Checks the numbers fit together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let (size, slab) = (self.size.0, self.slab_size.0);
+        if slab < 4096 || slab % 4096 != 0 {
+            return Err(ConfigError::Invalid(format!(
+                "slab_size {slab} must be a multiple of 4096 and at least 4096"
+            )));
+        }
+        if size < slab {
+            return Err(ConfigError::Invalid(format!(
+                "size {size} is smaller than one slab ({slab})"
+            )));
+        }
+        if size / slab > u64::from(u32::MAX) {
+            return Err(ConfigError::Invalid(
+                "too many slabs: use larger slabs".into(),
+            ));
+        }
+        if self.lease_secs == 0 {
+            return Err(ConfigError::Invalid("lease_secs must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// The secret from `secret_file`, else RMEM_SECRET; an error when neither is set.
+    pub fn load_secret(&self) -> Result<Vec<u8>, ConfigError> {
+        let secret = match &self.secret_file {
+            Some(p) => std::fs::read(p)
+                .map_err(|source| ConfigError::Read {
+                    path: p.clone(),
+                    source,
+                })?
+                .trim_ascii()
+                .to_vec(),
+            None => std::env::var("RMEM_SECRET")
+                .unwrap_or_default()
+                .into_bytes(),
+        };
+        if secret.len() < 16 {
+            return Err(ConfigError::Invalid(
+                "a shared secret of at least 16 bytes is required (secret_file or RMEM_SECRET)"
+                    .into(),
+            ));
+        }
+        Ok(secret)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_with_sizes_parses_and_validates() {
+        let c: ServerConfig = toml::from_str(
+            "listen = \"127.0.0.1:9000\"\nsize = \"64M\"\nslab_size = 1048576\nlease_secs = 5\n",
+        )
+        .unwrap();
+        assert_eq!(c.size.0, 64 << 20);
+        assert_eq!(c.slab_size.0, 1 << 20);
+        c.validate().unwrap();
+        assert!(
+            toml::from_str::<ServerConfig>("sise = 1").is_err(),
+            "typos are refused"
+        );
+        let bad = ServerConfig {
+            slab_size: ByteSize(1000),
+            ..Default::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+}

@@ -1,0 +1,19 @@
+//! `rmem-memserver`: the donor side of rmem, and the client library that borrows from it.
+//!
+//! A donor ([`Server`]) registers the memory it lends once, carves it into slabs, and hands
+//! slabs to clients that prove they hold the shared secret ([`protocol`], `auth`). Each client
+//! works in its own protection domain; slabs are leased and come back (freed, expired, client
+//! gone) deregistered and zeroed. The [`Client`] authenticates, borrows, reads and writes
+//! one-sided, and renews its lease in the background.
+
+mod auth;
+mod client;
+pub mod config;
+mod pool;
+pub mod protocol;
+mod server;
+
+pub use client::{Client, ClientConfig, ClientError};
+pub use config::{ByteSize, ServerConfig};
+pub use protocol::{DonorStats, ErrorCode, SlabGrant};
+pub use server::{Server, ServerError};

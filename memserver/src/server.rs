@@ -1,0 +1,567 @@
+//! The donor daemon: authenticates clients, lends slabs under leases, takes them back.
+//!
+//! Each client gets a session with its own protection domain: its slabs are registered there,
+//! and its data queue pair lives there, so no other client's queue pair can reach them even with
+//! a copied descriptor. A slab that comes back (freed, lease expired, client gone) is
+//! deregistered first (which waits for remote operations in flight) and zeroed before it can be
+//! lent again.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use rmem_transport::{open, Access, Context, Mr, OpenOptions, Pd, Qp, QpConfig};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+use crate::auth;
+use crate::config::ServerConfig;
+use crate::pool::Pool;
+use crate::protocol::{
+    decode, read_frame, write_msg, ClientMsg, DonorStats, ErrorCode, FrameError, ServerMsg,
+    SlabGrant, MAX_SLABS_PER_REQUEST, VERSION,
+};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const DATA_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Start-up failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("transport")]
+    Transport(#[from] rmem_transport::Error),
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Session {
+    id: u64,
+    client: String,
+    pd: Pd,
+    qp: Mutex<Option<Qp>>,
+    slabs: Mutex<HashMap<u32, Mr>>,
+    lease_until: Mutex<Instant>,
+    /// Fired when the lease expires or the donor shuts down.
+    ended: Notify,
+}
+
+struct Inner {
+    cfg: ServerConfig,
+    secret: Vec<u8>,
+    ctx: Context,
+    pool: Mutex<Pool>,
+    sessions: Mutex<HashMap<u64, Arc<Session>>>,
+    next_session: AtomicU64,
+}
+
+/// A bound donor; [`Server::run`] serves it.
+pub struct Server {
+    inner: Arc<Inner>,
+    listener: TcpListener,
+}
+
+impl Server {
+    /// Allocates the pool, opens the transport and binds the control port.
+    pub async fn bind(cfg: ServerConfig, secret: Vec<u8>) -> Result<Server, ServerError> {
+        cfg.validate()?;
+        let mut o = OpenOptions::new(cfg.provider);
+        o.device = cfg.device.clone();
+        let ctx = open(&o)?;
+        let pool = Pool::new(cfg.size.0 as usize, cfg.slab_size.0 as usize, cfg.hugepages)?;
+        let listener =
+            TcpListener::bind(cfg.listen)
+                .await
+                .map_err(|source| ServerError::Listen {
+                    addr: cfg.listen,
+                    source,
+                })?;
+        tracing::info!(
+            slabs = pool.total(),
+            slab_size = pool.slab_size(),
+            huge = pool.buffer().is_huge(),
+            provider = %ctx.provider(),
+            "donor ready"
+        );
+        Ok(Server {
+            inner: Arc::new(Inner {
+                cfg,
+                secret,
+                ctx,
+                pool: Mutex::new(pool),
+                sessions: Mutex::new(HashMap::new()),
+                next_session: AtomicU64::new(1),
+            }),
+            listener,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    /// Current figures.
+    pub fn stats(&self) -> DonorStats {
+        self.inner.stats(None)
+    }
+
+    /// Serves until `shutdown` resolves, then ends every session (their slabs are zeroed).
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        let reaper = tokio::spawn(reap(self.inner.clone()));
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                r = self.listener.accept() => match r {
+                    Ok((s, peer)) => {
+                        let inner = self.inner.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = serve(inner, s, peer).await {
+                                tracing::info!(%peer, error = %e, "client connection ended");
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        }
+        reaper.abort();
+        let all: Vec<_> = lock(&self.inner.sessions).values().cloned().collect();
+        for s in all {
+            s.ended.notify_one();
+            self.inner.end_session(&s).await;
+        }
+    }
+}
+
+/// Ends sessions whose lease ran out.
+async fn reap(inner: Arc<Inner>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let expired: Vec<_> = lock(&inner.sessions)
+            .values()
+            .filter(|s| *lock(&s.lease_until) < now)
+            .cloned()
+            .collect();
+        for s in expired {
+            tracing::info!(session = s.id, client = %s.client, "lease expired");
+            s.ended.notify_one();
+            inner.end_session(&s).await;
+        }
+    }
+}
+
+fn error(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> ServerMsg {
+    ServerMsg::Error {
+        id,
+        code,
+        message: message.into(),
+    }
+}
+
+async fn serve(inner: Arc<Inner>, mut s: TcpStream, peer: SocketAddr) -> Result<(), FrameError> {
+    s.set_nodelay(true)?;
+    let session = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&inner, &mut s)).await {
+        Ok(Ok(Some(session))) => session,
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            tracing::info!(%peer, "handshake timed out");
+            return Ok(());
+        }
+    };
+    tracing::info!(%peer, session = session.id, client = %session.client, "client authenticated");
+    let result = requests(&inner, &session, &mut s).await;
+    inner.end_session(&session).await;
+    result
+}
+
+/// Authenticates and opens a session; `None` after a refusal was sent.
+async fn handshake(
+    inner: &Arc<Inner>,
+    s: &mut TcpStream,
+) -> Result<Option<Arc<Session>>, FrameError> {
+    let (client, nonce_c) = match decode::<ClientMsg>(&read_frame(s).await?) {
+        Ok(ClientMsg::Hello {
+            version,
+            client,
+            nonce,
+        }) if version == VERSION => (client, nonce),
+        Ok(ClientMsg::Hello { version, .. }) => {
+            let msg = format!(
+                "protocol version {version} is not supported (this donor speaks {VERSION})"
+            );
+            write_msg(s, &error(None, ErrorCode::Version, msg)).await?;
+            return Ok(None);
+        }
+        _ => {
+            write_msg(s, &error(None, ErrorCode::BadRequest, "expected hello")).await?;
+            return Ok(None);
+        }
+    };
+    if client.len() > 256 || nonce_c.len() != 64 {
+        write_msg(
+            s,
+            &error(
+                None,
+                ErrorCode::BadRequest,
+                "client name or nonce malformed",
+            ),
+        )
+        .await?;
+        return Ok(None);
+    }
+    let nonce_s = auth::nonce();
+    write_msg(
+        s,
+        &ServerMsg::Challenge {
+            version: VERSION,
+            nonce: nonce_s.clone(),
+        },
+    )
+    .await?;
+    let ok = match decode::<ClientMsg>(&read_frame(s).await?) {
+        Ok(ClientMsg::Auth { mac }) => {
+            auth::verify_client(&inner.secret, &nonce_s, &nonce_c, &client, &mac)
+        }
+        _ => false,
+    };
+    if !ok {
+        tracing::warn!(%client, "authentication failed");
+        write_msg(
+            s,
+            &error(None, ErrorCode::AuthFailed, "authentication failed"),
+        )
+        .await?;
+        return Ok(None);
+    }
+    let session = match inner.open_session(&client) {
+        Ok(x) => x,
+        Err(e) => {
+            write_msg(s, &error(None, ErrorCode::Internal, e.to_string())).await?;
+            return Ok(None);
+        }
+    };
+    let ip = s.local_addr()?.ip();
+    let (data_addr, token) = match inner.open_data(&session, ip) {
+        Ok(x) => x,
+        Err(e) => {
+            inner.drop_session(&session);
+            write_msg(
+                s,
+                &error(None, ErrorCode::Internal, format!("data listener: {e}")),
+            )
+            .await?;
+            return Ok(None);
+        }
+    };
+    write_msg(
+        s,
+        &ServerMsg::Welcome {
+            mac: auth::server_proof(&inner.secret, &nonce_c, &nonce_s),
+            session: format!("{:016x}", session.id),
+            slab_size: inner.cfg.slab_size.0,
+            lease_ms: inner.cfg.lease().as_millis() as u64,
+            data_addr: data_addr.to_string(),
+            data_token: token,
+        },
+    )
+    .await?;
+    Ok(Some(session))
+}
+
+/// Accepts the session's data queue pair: only one carrying the session's token.
+fn accept_data(l: rmem_transport::Listener, session: Arc<Session>, token: String) {
+    let Ok(cq) = session.pd.context().create_cq(64) else {
+        return;
+    };
+    let cfg = QpConfig::new(&session.pd, &cq);
+    let deadline = Instant::now() + DATA_CONNECT_TIMEOUT;
+    while Instant::now() < deadline {
+        match l.accept(
+            &cfg,
+            b"",
+            Some(deadline.saturating_duration_since(Instant::now())),
+        ) {
+            Ok(c) if c.private == token.as_bytes() => {
+                // A replaced queue pair is shut down when it drops here.
+                let old = lock(&session.qp).replace(c.qp);
+                drop(old);
+                return;
+            }
+            Ok(_) => tracing::warn!(
+                session = session.id,
+                "data connection with a wrong token refused"
+            ),
+            Err(e) => {
+                tracing::info!(session = session.id, error = %e, "no data connection");
+                return;
+            }
+        }
+    }
+}
+
+async fn requests(
+    inner: &Arc<Inner>,
+    session: &Arc<Session>,
+    s: &mut TcpStream,
+) -> Result<(), FrameError> {
+    let ip = s.local_addr()?.ip();
+    loop {
+        let body = tokio::select! {
+            b = read_frame(s) => b?,
+            _ = session.ended.notified() => {
+                write_msg(s, &error(None, ErrorCode::Internal, "session ended (lease expired or donor shutting down)")).await?;
+                return Ok(());
+            }
+        };
+        let reply = match decode::<ClientMsg>(&body) {
+            Err(e) => error(
+                None,
+                ErrorCode::BadRequest,
+                format!("{e}: {}", e.source_text()),
+            ),
+            Ok(ClientMsg::Reconnect { id }) => match inner.open_data(session, ip) {
+                Ok((addr, token)) => ServerMsg::Reconnect {
+                    id,
+                    data_addr: addr.to_string(),
+                    data_token: token,
+                },
+                Err(e) => error(Some(id), ErrorCode::Internal, format!("data listener: {e}")),
+            },
+            Ok(msg) => inner.handle(session, msg).await,
+        };
+        write_msg(s, &reply).await?;
+    }
+}
+
+trait SourceText {
+    fn source_text(&self) -> String;
+}
+
+impl SourceText for FrameError {
+    fn source_text(&self) -> String {
+        std::error::Error::source(self)
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+}
+
+impl Inner {
+    fn stats(&self, session: Option<&Session>) -> DonorStats {
+        // One lock at a time: the pool is never held while a session's lock is taken.
+        let (slab_size, slabs_total, slabs_free) = {
+            let pool = lock(&self.pool);
+            (pool.slab_size() as u64, pool.total(), pool.free_count())
+        };
+        DonorStats {
+            slab_size,
+            slabs_total,
+            slabs_free,
+            clients: lock(&self.sessions).len() as u32,
+            slabs_held: session.map_or(0, |s| lock(&s.slabs).len() as u32),
+        }
+    }
+
+    fn open_session(&self, client: &str) -> rmem_transport::Result<Arc<Session>> {
+        let s = Arc::new(Session {
+            id: self.next_session.fetch_add(1, Ordering::Relaxed),
+            client: client.to_string(),
+            pd: self.ctx.alloc_pd()?,
+            qp: Mutex::new(None),
+            slabs: Mutex::new(HashMap::new()),
+            lease_until: Mutex::new(Instant::now() + self.cfg.lease()),
+            ended: Notify::new(),
+        });
+        lock(&self.sessions).insert(s.id, s.clone());
+        Ok(s)
+    }
+
+    /// Opens a one-shot listener for the session's data queue pair on `ip` (the address the
+    /// client reached us on) and returns its address and the token the connection must carry.
+    fn open_data(
+        &self,
+        s: &Arc<Session>,
+        ip: std::net::IpAddr,
+    ) -> rmem_transport::Result<(SocketAddr, String)> {
+        let token = hex::encode(rand::rng().random::<[u8; 16]>());
+        let l = self.ctx.listen(SocketAddr::new(ip, 0))?;
+        let addr = l.local_addr();
+        let (session, t) = (s.clone(), token.clone());
+        tokio::task::spawn_blocking(move || accept_data(l, session, t));
+        Ok((addr, token))
+    }
+
+    fn drop_session(&self, s: &Session) {
+        lock(&self.sessions).remove(&s.id);
+    }
+
+    /// Closes the data queue pair and takes every slab back (deregistered, then zeroed).
+    async fn end_session(&self, s: &Arc<Session>) {
+        if lock(&self.sessions).remove(&s.id).is_none() {
+            return;
+        }
+        if let Some(qp) = lock(&s.qp).take() {
+            qp.shutdown();
+        }
+        let slabs: Vec<(u32, Mr)> = lock(&s.slabs).drain().collect();
+        self.release(slabs).await;
+        tracing::info!(session = s.id, client = %s.client, "session ended");
+    }
+
+    /// Deregisters (waiting for operations in flight) off the async threads, then zeroes.
+    async fn release(&self, slabs: Vec<(u32, Mr)>) {
+        let ids: Vec<u32> = slabs.iter().map(|(id, _)| *id).collect();
+        let _ = tokio::task::spawn_blocking(move || drop(slabs)).await;
+        let mut pool = lock(&self.pool);
+        for id in ids {
+            pool.give_back(id);
+        }
+    }
+
+    async fn handle(&self, s: &Arc<Session>, msg: ClientMsg) -> ServerMsg {
+        match msg {
+            ClientMsg::Alloc { id, count } => self.alloc(s, id, count).await,
+            ClientMsg::Free { id, slabs } => self.free(s, id, slabs).await,
+            ClientMsg::Renew { id } => {
+                *lock(&s.lease_until) = Instant::now() + self.cfg.lease();
+                ServerMsg::Renewed {
+                    id,
+                    lease_ms: self.cfg.lease().as_millis() as u64,
+                }
+            }
+            ClientMsg::Stats { id } => ServerMsg::Stats {
+                id,
+                stats: self.stats(Some(s)),
+            },
+            ClientMsg::Hello { .. } | ClientMsg::Auth { .. } | ClientMsg::Reconnect { .. } => {
+                error(None, ErrorCode::BadRequest, "already authenticated")
+            }
+        }
+    }
+
+    async fn alloc(&self, s: &Arc<Session>, id: u64, count: u32) -> ServerMsg {
+        if count == 0 || count > MAX_SLABS_PER_REQUEST {
+            return error(
+                Some(id),
+                ErrorCode::TooMany,
+                format!("count must be 1..={MAX_SLABS_PER_REQUEST}"),
+            );
+        }
+        let (ids, buf, slab_size) = {
+            let mut pool = lock(&self.pool);
+            match pool.take(s.id, count) {
+                Ok(ids) => (ids, pool.buffer().clone(), pool.slab_size()),
+                Err((code, m)) => return error(Some(id), code, m),
+            }
+        };
+        let pd = s.pd.clone();
+        let ids2 = ids.clone();
+        let registered = tokio::task::spawn_blocking(move || {
+            let access = Access::LOCAL_WRITE
+                | Access::REMOTE_READ
+                | Access::REMOTE_WRITE
+                | Access::REMOTE_ATOMIC;
+            ids2.iter()
+                .map(|&slab| {
+                    pd.register_buffer(&buf, slab as usize * slab_size, slab_size, access)
+                        .map(|mr| (slab, mr))
+                })
+                .collect::<rmem_transport::Result<Vec<_>>>()
+        })
+        .await;
+        match registered {
+            Ok(Ok(mrs)) => {
+                let grants = mrs
+                    .iter()
+                    .map(|(slab, mr)| SlabGrant {
+                        slab: *slab,
+                        remote: mr.remote(),
+                    })
+                    .collect();
+                lock(&s.slabs).extend(mrs);
+                *lock(&s.lease_until) = Instant::now() + self.cfg.lease();
+                ServerMsg::Allocated {
+                    id,
+                    slabs: grants,
+                    lease_ms: self.cfg.lease().as_millis() as u64,
+                }
+            }
+            other => {
+                let mut pool = lock(&self.pool);
+                for slab in ids {
+                    pool.give_back(slab);
+                }
+                let m = match other {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "registration task failed".into(),
+                };
+                error(
+                    Some(id),
+                    ErrorCode::Internal,
+                    format!("registering slabs: {m}"),
+                )
+            }
+        }
+    }
+
+    async fn free(&self, s: &Arc<Session>, id: u64, slabs: Vec<u32>) -> ServerMsg {
+        if slabs.is_empty() || slabs.len() > MAX_SLABS_PER_REQUEST as usize {
+            return error(
+                Some(id),
+                ErrorCode::TooMany,
+                "free 1 to 4096 slabs at a time",
+            );
+        }
+        let taken = {
+            let mut held = lock(&s.slabs);
+            // All or nothing: check every id before touching any.
+            let mut seen = std::collections::HashSet::new();
+            for &slab in &slabs {
+                if !seen.insert(slab) {
+                    return error(
+                        Some(id),
+                        ErrorCode::BadRequest,
+                        format!("slab {slab} named twice"),
+                    );
+                }
+                if !held.contains_key(&slab) {
+                    let code = match lock(&self.pool).owner(slab) {
+                        Some(_) => ErrorCode::NotOwner,
+                        None => ErrorCode::UnknownSlab,
+                    };
+                    return error(
+                        Some(id),
+                        code,
+                        format!("slab {slab} is not held by this client"),
+                    );
+                }
+            }
+            slabs
+                .iter()
+                .filter_map(|slab| held.remove(slab).map(|mr| (*slab, mr)))
+                .collect()
+        };
+        self.release(taken).await;
+        ServerMsg::Freed { id }
+    }
+}

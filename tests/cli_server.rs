@@ -1,0 +1,116 @@
+//! `rmem server` as a process: configuration, a client borrowing from it, graceful shutdown.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use rmem_memserver::{Client, ClientConfig};
+
+const SECRET: &str = "cli test secret, long enough";
+
+#[test]
+fn refuses_to_start_without_a_secret_or_with_a_bad_config() {
+    let o = Command::new(env!("CARGO_BIN_EXE_rmem"))
+        .args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--size",
+            "4M",
+            "--slab-size",
+            "1M",
+        ])
+        .env_remove("RMEM_SECRET")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("secret"));
+
+    let dir = std::env::temp_dir().join(format!("rmem-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("bad.toml");
+    std::fs::write(&cfg, "size = \"4M\"\nslab_sise = \"1M\"\n").unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_rmem"))
+        .args(["server", "--config", cfg.to_str().unwrap()])
+        .env("RMEM_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("bad.toml"));
+}
+
+#[test]
+fn serves_a_client_from_a_config_file_and_shuts_down_on_sigterm() {
+    let dir = std::env::temp_dir().join(format!("rmem-srv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cfg, secret) = (dir.join("server.toml"), dir.join("secret"));
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:0\"\nsize = \"4M\"\nslab_size = \"1M\"\nhugepages = \"never\"\nsecret_file = {:?}\n",
+            secret.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let mut server = Command::new(env!("CARGO_BIN_EXE_rmem"))
+        .args([
+            "server",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--lease-secs",
+            "5",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).expect("start-up line");
+    assert_eq!(v["slabs"], 4);
+    let addr = v["listening"].as_str().unwrap().parse().unwrap();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let c = std::sync::Arc::new(
+            Client::connect(ClientConfig::new(addr, SECRET.as_bytes().to_vec()))
+                .await
+                .unwrap(),
+        );
+        let s = c.alloc(4).await.unwrap();
+        let c2 = c.clone();
+        let back = tokio::task::spawn_blocking(move || {
+            c2.write(&s[3], 4096, b"lent across processes").unwrap();
+            let mut b = [0u8; 21];
+            c2.read(&s[3], 4096, &mut b).unwrap();
+            b
+        })
+        .await
+        .unwrap();
+        assert_eq!(&back, b"lent across processes");
+
+        // SIGTERM: the donor ends sessions and exits cleanly.
+        let pid = server.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let status = tokio::task::spawn_blocking(move || server.wait().unwrap())
+            .await
+            .unwrap();
+        assert!(status.success(), "{status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            c.stats().await.is_err(),
+            "the donor still answered after shutting down"
+        );
+    });
+}
