@@ -77,6 +77,10 @@ pub struct ServerConfig {
     pub provider: Provider,
     /// verbs: device name.
     pub device: Option<String>,
+    /// Where the NBD export listens (loopback by default: NBD has no authentication).
+    pub nbd_listen: SocketAddr,
+    /// Block devices served over NBD, each carved from the pool at start-up.
+    pub exports: Vec<crate::nbd::ExportConfig>,
 }
 
 impl Default for ServerConfig {
@@ -90,6 +94,8 @@ impl Default for ServerConfig {
             hugepages: HugePages::Try,
             provider: Provider::Tcp,
             device: None,
+            nbd_listen: "127.0.0.1:10809".parse().expect("literal address"),
+            exports: Vec::new(),
         }
     }
 }
@@ -146,6 +152,29 @@ impl ServerConfig {
             return Err(ConfigError::Invalid(
                 "too many slabs: use larger slabs".into(),
             ));
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut export_slabs = 0u64;
+        for e in &self.exports {
+            if e.name.is_empty() || e.name.len() > 4096 || !names.insert(&e.name) {
+                return Err(ConfigError::Invalid(format!(
+                    "export name {:?} is empty, too long or repeated",
+                    e.name
+                )));
+            }
+            if e.size.0 == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "export {:?} has size 0",
+                    e.name
+                )));
+            }
+            export_slabs += e.size.0.div_ceil(slab);
+        }
+        if export_slabs > size / slab {
+            return Err(ConfigError::Invalid(format!(
+                "exports need {export_slabs} slabs, the pool has {}",
+                size / slab
+            )));
         }
         if self.lease_secs == 0 {
             return Err(ConfigError::Invalid("lease_secs must be at least 1".into()));

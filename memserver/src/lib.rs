@@ -9,11 +9,13 @@
 mod auth;
 mod client;
 pub mod config;
+mod nbd;
 mod pool;
 pub mod protocol;
 mod server;
 
 pub use client::{Client, ClientConfig, ClientError};
 pub use config::{ByteSize, ServerConfig};
+pub use nbd::ExportConfig;
 pub use protocol::{DonorStats, ErrorCode, SlabGrant};
 pub use server::{Server, ServerError};

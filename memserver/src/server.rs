@@ -71,7 +71,11 @@ struct Inner {
 pub struct Server {
     inner: Arc<Inner>,
     listener: TcpListener,
+    nbd: Option<(TcpListener, Arc<HashMap<String, Arc<crate::nbd::Export>>>)>,
 }
+
+/// Pool owner id of the NBD exports' slabs (sessions start at 1).
+const EXPORTS_OWNER: u64 = 0;
 
 impl Server {
     /// Allocates the pool, opens the transport and binds the control port.
@@ -80,7 +84,34 @@ impl Server {
         let mut o = OpenOptions::new(cfg.provider);
         o.device = cfg.device.clone();
         let ctx = open(&o)?;
-        let pool = Pool::new(cfg.size.0 as usize, cfg.slab_size.0 as usize, cfg.hugepages)?;
+        let mut pool = Pool::new(cfg.size.0 as usize, cfg.slab_size.0 as usize, cfg.hugepages)?;
+        let mut exports = HashMap::new();
+        for e in &cfg.exports {
+            let n = e.size.0.div_ceil(cfg.slab_size.0) as u32;
+            let ids = pool.take(EXPORTS_OWNER, n).map_err(|(_, m)| {
+                crate::config::ConfigError::Invalid(format!("export {:?}: {m}", e.name))
+            })?;
+            let export = crate::nbd::Export {
+                name: e.name.clone(),
+                size: e.size.0,
+                buf: pool.buffer().clone(),
+                slab_size: cfg.slab_size.0,
+                slabs: ids.iter().map(|&id| pool.offset(id) as u64).collect(),
+            };
+            exports.insert(e.name.clone(), Arc::new(export));
+        }
+        let nbd = if exports.is_empty() {
+            None
+        } else {
+            let l =
+                crate::nbd::bind(cfg.nbd_listen)
+                    .await
+                    .map_err(|source| ServerError::Listen {
+                        addr: cfg.nbd_listen,
+                        source,
+                    })?;
+            Some((l, Arc::new(exports)))
+        };
         let listener =
             TcpListener::bind(cfg.listen)
                 .await
@@ -105,7 +136,13 @@ impl Server {
                 next_session: AtomicU64::new(1),
             }),
             listener,
+            nbd,
         })
+    }
+
+    /// Where the NBD export listens, when there are exports.
+    pub fn nbd_addr(&self) -> Option<SocketAddr> {
+        self.nbd.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -120,8 +157,12 @@ impl Server {
     }
 
     /// Serves until `shutdown` resolves, then ends every session (their slabs are zeroed).
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
         let reaper = tokio::spawn(reap(self.inner.clone()));
+        let nbd = self
+            .nbd
+            .take()
+            .map(|(l, e)| tokio::spawn(crate::nbd::serve(l, e)));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -143,6 +184,9 @@ impl Server {
             }
         }
         reaper.abort();
+        if let Some(n) = nbd {
+            n.abort();
+        }
         let all: Vec<_> = lock(&self.inner.sessions).values().cloned().collect();
         for s in all {
             s.ended.notify_one();

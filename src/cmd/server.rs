@@ -37,9 +37,25 @@ pub struct ServerArgs {
     /// Back the pool with 2 MiB huge pages [default: try].
     #[arg(long, value_enum)]
     hugepages: Option<Huge>,
+    /// Serve an NBD export NAME of SIZE bytes from the pool (repeatable), e.g. swap0=4G.
+    #[arg(long = "export", value_parser = parse_export)]
+    exports: Vec<rmem_memserver::ExportConfig>,
+    /// Address of the NBD export [default: 127.0.0.1:10809; NBD has no authentication].
+    #[arg(long)]
+    nbd_listen: Option<std::net::SocketAddr>,
     /// Print the start-up line as JSON.
     #[arg(long)]
     json: bool,
+}
+
+fn parse_export(s: &str) -> Result<rmem_memserver::ExportConfig, String> {
+    let (name, size) = s
+        .split_once('=')
+        .ok_or("expected NAME=SIZE, e.g. swap0=4G")?;
+    Ok(rmem_memserver::ExportConfig {
+        name: name.to_string(),
+        size: size.parse()?,
+    })
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -76,6 +92,10 @@ impl ServerArgs {
         if let Some(v) = &self.device {
             c.device = Some(v.clone());
         }
+        c.exports.extend(self.exports.iter().cloned());
+        if let Some(v) = self.nbd_listen {
+            c.nbd_listen = v;
+        }
         if let Some(h) = self.hugepages {
             c.hugepages = match h {
                 Huge::Never => HugePages::Never,
@@ -111,6 +131,7 @@ pub fn run(a: ServerArgs) -> Result<(), Failed> {
                     "provider": cfg.provider,
                     "slab_size": st.slab_size,
                     "slabs": st.slabs_total,
+                    "nbd": server.nbd_addr().map(|a| a.to_string()),
                 })
             );
         } else {
@@ -121,6 +142,10 @@ pub fn run(a: ServerArgs) -> Result<(), Failed> {
                 server.local_addr(),
                 cfg.provider
             );
+            if let Some(a) = server.nbd_addr() {
+                let names: Vec<_> = cfg.exports.iter().map(|e| e.name.as_str()).collect();
+                println!("NBD exports {} on {a}", names.join(", "));
+            }
         }
         server.run(shutdown_signal()).await;
         Ok(())

@@ -187,7 +187,54 @@ impl Buffer {
             )),
         }
     }
-    /// Copies bytes out (for checks and tests).
+    /// Copies `data` in at `offset`. Callers make sure no registration lets a peer write the
+    /// same bytes concurrently (a donor's NBD export owns its slabs outright).
+    pub fn write_at(&self, offset: usize, data: &[u8]) -> Result<()> {
+        match offset.checked_add(data.len()) {
+            Some(end) if end <= self.len() => {
+                // SAFETY: in bounds (checked); raw copy, no references to this memory exist.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        data.as_ptr(),
+                        self.0.ptr().add(offset),
+                        data.len(),
+                    )
+                };
+                Ok(())
+            }
+            _ => Err(Error::InvalidArgument(
+                "write range outside the buffer".into(),
+            )),
+        }
+    }
+
+    /// Appends `len` bytes from `offset` to `out`, without first zero-filling `out`'s room (for
+    /// data paths that move large blocks).
+    pub fn append_to(&self, offset: usize, len: usize, out: &mut Vec<u8>) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len() => {
+                out.reserve(len);
+                let spare = out.spare_capacity_mut();
+                // SAFETY: the source is in bounds (checked); the destination is `len` bytes of
+                // reserved spare capacity; a raw copy initialises exactly those bytes, so the new
+                // length covers only initialised memory.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        self.0.ptr().add(offset),
+                        spare.as_mut_ptr().cast::<u8>(),
+                        len,
+                    );
+                    out.set_len(out.len() + len);
+                }
+                Ok(())
+            }
+            _ => Err(Error::InvalidArgument(
+                "read range outside the buffer".into(),
+            )),
+        }
+    }
+
+    /// Copies bytes out.
     pub fn read_at(&self, offset: usize, out: &mut [u8]) -> Result<()> {
         match offset.checked_add(out.len()) {
             Some(end) if end <= self.len() => {
