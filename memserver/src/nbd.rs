@@ -82,6 +82,9 @@ pub struct ExportConfig {
     pub size: crate::ByteSize,
 }
 
+/// Every export, by name.
+pub(crate) type Exports = Arc<HashMap<String, Arc<Export>>>;
+
 /// One export's storage: slabs of the pool, in order.
 pub(crate) struct Export {
     pub(crate) name: String,
@@ -153,7 +156,7 @@ impl Export {
 }
 
 /// Serves the exports on `listener` for ever.
-pub(crate) async fn serve(listener: TcpListener, exports: Arc<HashMap<String, Arc<Export>>>) {
+pub(crate) async fn serve(listener: TcpListener, exports: Exports) {
     loop {
         match listener.accept().await {
             Ok((s, peer)) => {

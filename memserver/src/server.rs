@@ -71,7 +71,7 @@ struct Inner {
 pub struct Server {
     inner: Arc<Inner>,
     listener: TcpListener,
-    nbd: Option<(TcpListener, Arc<HashMap<String, Arc<crate::nbd::Export>>>)>,
+    nbd: Option<(TcpListener, crate::nbd::Exports)>,
 }
 
 /// Pool owner id of the NBD exports' slabs (sessions start at 1).
