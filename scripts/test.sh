@@ -5,6 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
+# Real NBD clients for the donor's NBD export tests.
+tools=()
+for p in libnbd-bin qemu-utils; do dpkg -s "$p" >/dev/null 2>&1 || tools+=("$p"); done
+if ((${#tools[@]})); then
+  sudo=""; [[ $(id -u) -ne 0 ]] && sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${tools[@]}" >/dev/null
+fi
 cargo test --workspace --locked
 if [[ "${RMEM_SKIP_VM:-0}" == 1 ]]; then
   echo "NOTE: RMEM_SKIP_VM=1: the verbs conformance suite on Soft-RoCE was NOT run"

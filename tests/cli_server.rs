@@ -61,6 +61,8 @@ fn serves_a_client_from_a_config_file_and_shuts_down_on_sigterm() {
             "--lease-secs",
             "5",
             "--json",
+            "--admin-listen",
+            "127.0.0.1:0",
         ])
         .stdout(Stdio::piped())
         .spawn()
@@ -72,6 +74,7 @@ fn serves_a_client_from_a_config_file_and_shuts_down_on_sigterm() {
     let v: serde_json::Value = serde_json::from_str(&line).expect("start-up line");
     assert_eq!(v["slabs"], 4);
     let addr = v["listening"].as_str().unwrap().parse().unwrap();
+    let admin: std::net::SocketAddr = v["admin"].as_str().unwrap().parse().unwrap();
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -96,6 +99,24 @@ fn serves_a_client_from_a_config_file_and_shuts_down_on_sigterm() {
         .unwrap();
         assert_eq!(&back, b"lent across processes");
 
+        let metrics = http_get(admin, "/metrics");
+        assert!(metrics.contains("rmem_donor_slabs 4\n"), "{metrics}");
+        assert!(metrics.contains("rmem_donor_slabs_free 0\n"), "{metrics}");
+        assert!(
+            metrics.contains("rmem_donor_slabs_allocated_total 4\n"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("# TYPE rmem_target_requests_total counter"),
+            "{metrics}"
+        );
+        let status = http_get(admin, "/status");
+        let body: serde_json::Value =
+            serde_json::from_str(status.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert_eq!(body["sessions"][0]["slabs"], 4);
+        assert_eq!(body["sessions"][0]["client"], "rmem-client");
+        assert!(body["transport"]["requests"].as_u64().unwrap() >= 2);
+
         // SIGTERM: the donor ends sessions and exits cleanly.
         let pid = server.id().to_string();
         assert!(Command::new("kill")
@@ -113,4 +134,19 @@ fn serves_a_client_from_a_config_file_and_shuts_down_on_sigterm() {
             "the donor still answered after shutting down"
         );
     });
+}
+
+/// A bare HTTP/1.1 GET (no client library needed for two endpoints).
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: rmem\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
 }

@@ -77,6 +77,8 @@ pub struct ServerConfig {
     pub provider: Provider,
     /// verbs: device name.
     pub device: Option<String>,
+    /// Where the HTTP admin endpoint (/metrics, /status) listens; none when unset.
+    pub admin_listen: Option<SocketAddr>,
     /// Where the NBD export listens (loopback by default: NBD has no authentication).
     pub nbd_listen: SocketAddr,
     /// Block devices served over NBD, each carved from the pool at start-up.
@@ -94,6 +96,7 @@ impl Default for ServerConfig {
             hugepages: HugePages::Try,
             provider: Provider::Tcp,
             device: None,
+            admin_listen: None,
             nbd_listen: "127.0.0.1:10809".parse().expect("literal address"),
             exports: Vec::new(),
         }

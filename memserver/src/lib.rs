@@ -6,6 +6,7 @@
 //! gone) deregistered and zeroed. The [`Client`] authenticates, borrows, reads and writes
 //! one-sided, and renews its lease in the background.
 
+mod admin;
 mod auth;
 mod client;
 pub mod config;

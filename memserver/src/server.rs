@@ -47,7 +47,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-struct Session {
+pub(crate) struct Session {
     id: u64,
     client: String,
     pd: Pd,
@@ -58,13 +58,24 @@ struct Session {
     ended: Notify,
 }
 
-struct Inner {
+/// What the admin endpoint counts.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) auth_failures: AtomicU64,
+    pub(crate) bad_requests: AtomicU64,
+    pub(crate) slabs_allocated: AtomicU64,
+    pub(crate) slabs_freed: AtomicU64,
+    pub(crate) leases_expired: AtomicU64,
+}
+
+pub(crate) struct Inner {
     cfg: ServerConfig,
     secret: Vec<u8>,
-    ctx: Context,
+    pub(crate) ctx: Context,
     pool: Mutex<Pool>,
     sessions: Mutex<HashMap<u64, Arc<Session>>>,
     next_session: AtomicU64,
+    pub(crate) counters: Counters,
 }
 
 /// A bound donor; [`Server::run`] serves it.
@@ -72,6 +83,7 @@ pub struct Server {
     inner: Arc<Inner>,
     listener: TcpListener,
     nbd: Option<(TcpListener, crate::nbd::Exports)>,
+    admin: Option<TcpListener>,
 }
 
 /// Pool owner id of the NBD exports' slabs (sessions start at 1).
@@ -126,7 +138,16 @@ impl Server {
             provider = %ctx.provider(),
             "donor ready"
         );
+        let admin = match cfg.admin_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::Listen { addr, source })?,
+            ),
+            None => None,
+        };
         Ok(Server {
+            admin,
             inner: Arc::new(Inner {
                 cfg,
                 secret,
@@ -134,10 +155,16 @@ impl Server {
                 pool: Mutex::new(pool),
                 sessions: Mutex::new(HashMap::new()),
                 next_session: AtomicU64::new(1),
+                counters: Counters::default(),
             }),
             listener,
             nbd,
         })
+    }
+
+    /// Where the admin endpoint listens, when configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// Where the NBD export listens, when there are exports.
@@ -163,6 +190,10 @@ impl Server {
             .nbd
             .take()
             .map(|(l, e)| tokio::spawn(crate::nbd::serve(l, e)));
+        let admin = self
+            .admin
+            .take()
+            .map(|l| tokio::spawn(crate::admin::serve(l, self.inner.clone())));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -184,8 +215,8 @@ impl Server {
             }
         }
         reaper.abort();
-        if let Some(n) = nbd {
-            n.abort();
+        for task in [nbd, admin].into_iter().flatten() {
+            task.abort();
         }
         let all: Vec<_> = lock(&self.inner.sessions).values().cloned().collect();
         for s in all {
@@ -208,6 +239,10 @@ async fn reap(inner: Arc<Inner>) {
             .collect();
         for s in expired {
             tracing::info!(session = s.id, client = %s.client, "lease expired");
+            inner
+                .counters
+                .leases_expired
+                .fetch_add(1, Ordering::Relaxed);
             s.ended.notify_one();
             inner.end_session(&s).await;
         }
@@ -291,6 +326,7 @@ async fn handshake(
     };
     if !ok {
         tracing::warn!(%client, "authentication failed");
+        inner.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
         write_msg(
             s,
             &error(None, ErrorCode::AuthFailed, "authentication failed"),
@@ -394,6 +430,9 @@ async fn requests(
             },
             Ok(msg) => inner.handle(session, msg).await,
         };
+        if matches!(reply, ServerMsg::Error { .. }) {
+            inner.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+        }
         write_msg(s, &reply).await?;
     }
 }
@@ -411,7 +450,22 @@ impl SourceText for FrameError {
 }
 
 impl Inner {
-    fn stats(&self, session: Option<&Session>) -> DonorStats {
+    /// (id, client, slabs held, lease end) of every session.
+    pub(crate) fn sessions_snapshot(&self) -> Vec<(u64, String, usize, Instant)> {
+        let all: Vec<_> = lock(&self.sessions).values().cloned().collect();
+        all.iter()
+            .map(|s| {
+                (
+                    s.id,
+                    s.client.clone(),
+                    lock(&s.slabs).len(),
+                    *lock(&s.lease_until),
+                )
+            })
+            .collect()
+    }
+
+    pub(crate) fn stats(&self, session: Option<&Session>) -> DonorStats {
         // One lock at a time: the pool is never held while a session's lock is taken.
         let (slab_size, slabs_total, slabs_free) = {
             let pool = lock(&self.pool);
@@ -475,6 +529,9 @@ impl Inner {
     /// Deregisters (waiting for operations in flight) off the async threads, then zeroes.
     async fn release(&self, slabs: Vec<(u32, Mr)>) {
         let ids: Vec<u32> = slabs.iter().map(|(id, _)| *id).collect();
+        self.counters
+            .slabs_freed
+            .fetch_add(ids.len() as u64, Ordering::Relaxed);
         let _ = tokio::task::spawn_blocking(move || drop(slabs)).await;
         let mut pool = lock(&self.pool);
         for id in ids {
@@ -542,6 +599,9 @@ impl Inner {
                         remote: mr.remote(),
                     })
                     .collect();
+                self.counters
+                    .slabs_allocated
+                    .fetch_add(u64::from(count), Ordering::Relaxed);
                 lock(&s.slabs).extend(mrs);
                 *lock(&s.lease_until) = Instant::now() + self.cfg.lease();
                 ServerMsg::Allocated {

@@ -43,6 +43,12 @@ pub struct ServerArgs {
     /// Address of the NBD export [default: 127.0.0.1:10809; NBD has no authentication].
     #[arg(long)]
     nbd_listen: Option<std::net::SocketAddr>,
+    /// Address of the HTTP admin endpoint (/metrics, /status) [default: 127.0.0.1:7471].
+    #[arg(long)]
+    admin_listen: Option<std::net::SocketAddr>,
+    /// No admin endpoint.
+    #[arg(long, conflicts_with = "admin_listen")]
+    no_admin: bool,
     /// Print the start-up line as JSON.
     #[arg(long)]
     json: bool,
@@ -93,6 +99,13 @@ impl ServerArgs {
             c.device = Some(v.clone());
         }
         c.exports.extend(self.exports.iter().cloned());
+        if self.no_admin {
+            c.admin_listen = None;
+        } else if let Some(v) = self.admin_listen {
+            c.admin_listen = Some(v);
+        } else if c.admin_listen.is_none() {
+            c.admin_listen = Some("127.0.0.1:7471".parse().expect("literal address"));
+        }
         if let Some(v) = self.nbd_listen {
             c.nbd_listen = v;
         }
@@ -132,6 +145,7 @@ pub fn run(a: ServerArgs) -> Result<(), Failed> {
                     "slab_size": st.slab_size,
                     "slabs": st.slabs_total,
                     "nbd": server.nbd_addr().map(|a| a.to_string()),
+                    "admin": server.admin_addr().map(|a| a.to_string()),
                 })
             );
         } else {
@@ -142,6 +156,9 @@ pub fn run(a: ServerArgs) -> Result<(), Failed> {
                 server.local_addr(),
                 cfg.provider
             );
+            if let Some(a) = server.admin_addr() {
+                println!("metrics on http://{a}/metrics, status on http://{a}/status");
+            }
             if let Some(a) = server.nbd_addr() {
                 let names: Vec<_> = cfg.exports.iter().map(|e| e.name.as_str()).collect();
                 println!("NBD exports {} on {a}", names.join(", "));

@@ -1,0 +1,164 @@
+//! The donor's HTTP admin endpoint: Prometheus text at `/metrics`, JSON at `/status`.
+
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+
+use crate::server::Inner;
+
+pub(crate) async fn serve(listener: tokio::net::TcpListener, inner: Arc<Inner>) {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .with_state(inner);
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "admin endpoint stopped");
+    }
+}
+
+async fn metrics(State(inner): State<Arc<Inner>>) -> impl IntoResponse {
+    let st = inner.stats(None);
+    let t = inner.ctx.stats();
+    let c = &inner.counters;
+    let mut s = String::new();
+    let mut m = |name: &str, kind: &str, help: &str, v: u64| {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    };
+    m(
+        "rmem_donor_slab_bytes",
+        "gauge",
+        "Size of one slab.",
+        st.slab_size,
+    );
+    m(
+        "rmem_donor_slabs",
+        "gauge",
+        "Slabs in the pool.",
+        u64::from(st.slabs_total),
+    );
+    m(
+        "rmem_donor_slabs_free",
+        "gauge",
+        "Slabs free to lend.",
+        u64::from(st.slabs_free),
+    );
+    m(
+        "rmem_donor_clients",
+        "gauge",
+        "Authenticated client sessions.",
+        u64::from(st.clients),
+    );
+    m(
+        "rmem_donor_bytes_lent",
+        "gauge",
+        "Bytes lent to clients and NBD exports.",
+        u64::from(st.slabs_total - st.slabs_free) * st.slab_size,
+    );
+    m(
+        "rmem_donor_auth_failures_total",
+        "counter",
+        "Failed authentications.",
+        c.auth_failures.load(Ordering::Relaxed),
+    );
+    m(
+        "rmem_donor_bad_requests_total",
+        "counter",
+        "Malformed or refused requests.",
+        c.bad_requests.load(Ordering::Relaxed),
+    );
+    m(
+        "rmem_donor_slabs_allocated_total",
+        "counter",
+        "Slabs lent.",
+        c.slabs_allocated.load(Ordering::Relaxed),
+    );
+    m(
+        "rmem_donor_slabs_freed_total",
+        "counter",
+        "Slabs taken back and zeroed.",
+        c.slabs_freed.load(Ordering::Relaxed),
+    );
+    m(
+        "rmem_donor_leases_expired_total",
+        "counter",
+        "Sessions ended by lease expiry.",
+        c.leases_expired.load(Ordering::Relaxed),
+    );
+    m(
+        "rmem_target_requests_total",
+        "counter",
+        "One-sided requests served (tcp provider).",
+        t.requests,
+    );
+    m(
+        "rmem_target_bytes_read_total",
+        "counter",
+        "Bytes READ by peers (tcp provider).",
+        t.bytes_read,
+    );
+    m(
+        "rmem_target_bytes_written_total",
+        "counter",
+        "Bytes written by peers (tcp provider).",
+        t.bytes_written,
+    );
+    m(
+        "rmem_target_access_errors_total",
+        "counter",
+        "Requests refused for key, bounds or rights.",
+        t.access_errors,
+    );
+    m(
+        "rmem_target_protocol_errors_total",
+        "counter",
+        "Malformed or truncated transport frames.",
+        t.protocol_errors,
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s)
+}
+
+#[derive(Serialize)]
+struct SessionStatus {
+    session: u64,
+    client: String,
+    slabs: usize,
+    lease_remaining_ms: u64,
+}
+
+#[derive(Serialize)]
+struct Status {
+    #[serde(flatten)]
+    donor: crate::DonorStats,
+    provider: String,
+    sessions: Vec<SessionStatus>,
+    transport: rmem_transport::TargetStats,
+}
+
+async fn status(State(inner): State<Arc<Inner>>) -> Json<impl Serialize> {
+    let now = Instant::now();
+    let mut sessions: Vec<SessionStatus> = inner
+        .sessions_snapshot()
+        .into_iter()
+        .map(|s| SessionStatus {
+            session: s.0,
+            client: s.1,
+            slabs: s.2,
+            lease_remaining_ms: s.3.saturating_duration_since(now).as_millis() as u64,
+        })
+        .collect();
+    sessions.sort_by_key(|s| s.session);
+    Json(Status {
+        donor: inner.stats(None),
+        provider: inner.ctx.provider().to_string(),
+        sessions,
+        transport: inner.ctx.stats(),
+    })
+}
