@@ -24,6 +24,26 @@ pub enum PerfCmd {
     Client(ClientArgs),
     /// Run a server and a client in this process over loopback (a quick self-check).
     Loopback(LoopbackArgs),
+    /// Measure a donor's slab allocation: latency of one slab (allocate and free), and slabs
+    /// served per second in batches. Uses RMEM_SECRET.
+    ///
+    /// Example: RMEM_SECRET=... rmem perf alloc 10.0.0.2:7470 -n 2000
+    Alloc(AllocArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct AllocArgs {
+    /// The donor's control address.
+    donor: SocketAddr,
+    /// Allocate-and-free round trips to time.
+    #[arg(long, short = 'n', default_value_t = 2000)]
+    iters: u64,
+    /// Slabs per request in the throughput run.
+    #[arg(long, default_value_t = 64)]
+    batch: u32,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -134,6 +154,7 @@ pub fn run(cmd: PerfCmd) -> Result<(), Failed> {
             client(&ctx, a.server, &a.run)
         }
         PerfCmd::Loopback(a) => loopback(a),
+        PerfCmd::Alloc(a) => alloc(a),
     }
 }
 
@@ -249,4 +270,76 @@ fn print_report(r: &Report, json: bool) {
     } else {
         println!("{}", rmem_bench::render_table(r));
     }
+}
+
+fn alloc(a: AllocArgs) -> Result<(), Failed> {
+    use rmem_memserver::{Client, ClientConfig};
+    use std::time::Instant;
+    let secret = std::env::var("RMEM_SECRET")
+        .unwrap_or_default()
+        .into_bytes();
+    if secret.is_empty() {
+        return Err(Failed::new(
+            crate::exit::Code::Usage,
+            "set RMEM_SECRET to the donor's shared secret",
+        ));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failed::new(crate::exit::Code::Failure, e))?;
+    let peer = |e: rmem_memserver::ClientError| Failed::new(crate::exit::Code::Peer, e);
+    rt.block_on(async {
+        let c = Client::connect(ClientConfig::new(a.donor, secret))
+            .await
+            .map_err(peer)?;
+        let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
+            .expect("valid histogram bounds");
+        for i in 0..a.iters + a.iters / 10 {
+            let t = Instant::now();
+            let s = c.alloc(1).await.map_err(peer)?;
+            let ns = t.elapsed().as_nanos() as u64;
+            c.free(&[s[0].slab]).await.map_err(peer)?;
+            if i >= a.iters / 10 {
+                hist.saturating_record(ns.max(1));
+            }
+        }
+        let free = c.stats().await.map_err(peer)?.slabs_free;
+        let batch = a.batch.min(free).max(1);
+        let (mut slabs, t) = (0u64, Instant::now());
+        while t.elapsed().as_secs_f64() < 2.0 {
+            let s = c.alloc(batch).await.map_err(peer)?;
+            let ids: Vec<u32> = s.iter().map(|g| g.slab).collect();
+            c.free(&ids).await.map_err(peer)?;
+            slabs += u64::from(batch);
+        }
+        let per_sec = slabs as f64 / t.elapsed().as_secs_f64();
+        let us = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+        let v = serde_json::json!({
+            "slab_size": c.slab_size(),
+            "alloc_one_p50_us": us(0.5),
+            "alloc_one_p99_us": us(0.99),
+            "alloc_one_p999_us": us(0.999),
+            "iterations": a.iters,
+            "batch": batch,
+            "slabs_per_sec": per_sec,
+        });
+        if a.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&v).expect("report serialises")
+            );
+        } else {
+            println!(
+                "one slab of {} MiB: p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us ({} allocations)",
+                c.slab_size() >> 20,
+                us(0.5),
+                us(0.99),
+                us(0.999),
+                a.iters
+            );
+            println!("batches of {batch}: {per_sec:.0} slabs allocated and freed per second");
+        }
+        Ok(())
+    })
 }

@@ -173,20 +173,56 @@ impl Buffer {
     pub fn is_huge(&self) -> bool {
         self.0.is_huge()
     }
-    /// Zeroes `[offset, offset + len)` (memory about to change hands). Callers make sure no
-    /// registration covering the range is live, so nobody writes it concurrently.
+    /// Zeroes `[offset, offset + len)` (memory about to change hands). Whole pages go back to
+    /// the kernel (`MADV_DONTNEED`: they read as zeros and cost no memory until touched again);
+    /// partial pages are cleared in place. Callers make sure no registration covering the range
+    /// is live (a pinned page must not be dropped), so nobody writes it concurrently.
     pub fn zero(&self, offset: usize, len: usize) -> Result<()> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.len() => {
-                // SAFETY: in bounds (checked); raw write, no references exist to this memory.
-                unsafe { std::ptr::write_bytes(self.0.ptr().add(offset), 0, len) };
-                Ok(())
+        let end = match offset.checked_add(len) {
+            Some(end) if end <= self.len() => end,
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "zero range outside the buffer".into(),
+                ))
             }
-            _ => Err(Error::InvalidArgument(
-                "zero range outside the buffer".into(),
-            )),
+        };
+        let page = if self.is_huge() {
+            HUGE_PAGE
+        } else {
+            page_size()
+        };
+        let base = self.0.ptr() as usize;
+        // Page boundaries inside the range, in buffer offsets.
+        let first = (base + offset).next_multiple_of(page) - base;
+        let last = ((base + end) / page * page).saturating_sub(base);
+        let clear = |from: usize, to: usize| {
+            if to > from {
+                // SAFETY: [from, to) lies inside [offset, end), inside the buffer; raw write, no
+                // references to this memory exist.
+                unsafe { std::ptr::write_bytes(self.0.ptr().add(from), 0, to - from) };
+            }
+        };
+        if first >= last {
+            clear(offset, end);
+            return Ok(());
         }
+        clear(offset, first);
+        clear(last, end);
+        // SAFETY: [first, last) is page-aligned and inside our own anonymous private mapping;
+        // MADV_DONTNEED makes it read as zeros and changes nothing else.
+        let rc = unsafe {
+            libc::madvise(
+                self.0.ptr().add(first).cast(),
+                last - first,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if rc != 0 {
+            clear(first, last);
+        }
+        Ok(())
     }
+
     /// Copies `data` in at `offset`. Callers make sure no registration lets a peer write the
     /// same bytes concurrently (a donor's NBD export owns its slabs outright).
     pub fn write_at(&self, offset: usize, data: &[u8]) -> Result<()> {
@@ -262,5 +298,28 @@ pub(crate) fn page_size() -> usize {
         v as usize
     } else {
         4096
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_clears_exactly_the_range_including_partial_pages() {
+        let b = Buffer::alloc(5 * 4096, HugePages::Never).unwrap();
+        b.write_at(0, &vec![0xaa; 5 * 4096]).unwrap();
+        b.zero(100, 3 * 4096 + 50).unwrap();
+        let mut all = vec![0u8; 5 * 4096];
+        b.read_at(0, &mut all).unwrap();
+        assert!(all[..100].iter().all(|x| *x == 0xaa));
+        assert!(all[100..100 + 3 * 4096 + 50].iter().all(|x| *x == 0));
+        assert!(all[100 + 3 * 4096 + 50..].iter().all(|x| *x == 0xaa));
+        b.write_at(0, &[1, 2, 3]).unwrap();
+        b.zero(1, 1).unwrap();
+        let mut three = [0u8; 3];
+        b.read_at(0, &mut three).unwrap();
+        assert_eq!(three, [1, 0, 3]);
+        assert!(b.zero(5 * 4096 - 1, 2).is_err());
     }
 }
