@@ -7,7 +7,7 @@
 #       [-t] [-e KEY=VALUE]... <program>...
 #
 # Each <program> is copied to /bin in the guest with the shared libraries `ldd` names; -t adds
-# the peers rmem is measured against (perftest's ib_* programs and qperf).
+# the peers rmem is measured against (perftest's ib_* programs and qperf) and nbd-client.
 # /init mounts the usual filesystems, loads the modules, gives eth0 the address named on the
 # kernel command line (rmem.ip=A.B.C.D/N, default 10.0.2.15/24 for QEMU user networking),
 # creates rxe0 over eth0, waits for its RoCE v2 GID, raises the locked-memory limit, runs the
@@ -74,14 +74,14 @@ for p in "$@"; do
   copy_with_libs "$p" "/bin/$(basename "$p")"
 done
 if ((tools)); then
-  for tool in ib_read_lat ib_write_lat ib_read_bw ib_write_bw ib_atomic_lat qperf; do
-    t=$(command -v "$tool") || { echo "missing $tool: install perftest and qperf" >&2; exit 1; }
+  for tool in ib_read_lat ib_write_lat ib_read_bw ib_write_bw ib_atomic_lat qperf nbd-client; do
+    t=$(command -v "$tool") || { echo "missing $tool: install perftest, qperf and nbd-client" >&2; exit 1; }
     copy_with_libs "$t" "/usr/bin/$tool"
   done
 fi
 
 # Kernel modules, in load order, decompressed (busybox insmod reads plain ELF only).
-mods=(crc32_generic virtio_pci virtio_net ib_uverbs rdma_rxe rdma_ucm ib_umad)
+mods=(crc32_generic virtio_pci virtio_net ib_uverbs rdma_rxe rdma_ucm ib_umad nbd)
 : > "$root/modules.list"
 for m in "${mods[@]}"; do
   modprobe -S "$kver" --show-depends "$m" 2>/dev/null | awk '$1 == "insmod" {print $2}' |

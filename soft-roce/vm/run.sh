@@ -7,6 +7,9 @@
 #   soft-roce/vm/run.sh two-vm                          two VMs joined by a QEMU socket network (UDP), one
 #                                                       rxe each: rmem perf and data checks across a
 #                                                       real wire between two kernels, next to perftest
+#   soft-roce/vm/run.sh nbd-swap                        the donor's NBD export as swap through the guest
+#                                                       kernel's stock nbd client: mkswap, swapon,
+#                                                       checksummed pages pushed out and read back
 #   soft-roce/vm/run.sh script FILE [args...]           any guest script (args in $RMEM_TEST_ARGS)
 #
 # It installs what it needs with apt-get (QEMU, a Debian kernel with rdma_rxe, busybox,
@@ -25,13 +28,13 @@ timeout_s=${RMEM_VM_TIMEOUT:-1500}
 
 mode=conformance
 case "${1:-}" in
-  conformance|perf|two-vm) mode=$1; shift ;;
+  conformance|perf|two-vm|nbd-swap) mode=$1; shift ;;
   script) mode=script; shift; guest_script=$(realpath "${1:?script needs a FILE}"); shift ;;
   -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 esac
 
 pkgs=(qemu-system-x86 linux-image-amd64 busybox-static kmod cpio xz-utils rdma-core
-      ibverbs-providers ibverbs-utils iproute2 perftest qperf)
+      ibverbs-providers ibverbs-utils iproute2 perftest qperf nbd-client)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then
@@ -74,6 +77,7 @@ programs+=("${CARGO_TARGET_DIR:-$repo/target}/release/rmem")
 case $mode in
   conformance) guest_script=$here/guest-conformance.sh ;;
   perf) guest_script=$here/guest-perf.sh ;;
+  nbd-swap) guest_script=$here/guest-nbd-swap.sh ;;
   two-vm) guest_script=${RMEM_VM_GUEST:-$here/guest-two-vm.sh} ;;
 esac
 echo "== building the initramfs (kernel $kver)"

@@ -3,6 +3,7 @@
 mod conformance;
 mod demo;
 mod devices;
+mod memcheck;
 mod perf;
 mod server;
 
@@ -43,6 +44,9 @@ pub enum Command {
     Perf(perf::PerfCmd),
     /// Run the transport conformance suite against a provider (e.g. a real RDMA device).
     Conformance(conformance::ConformanceArgs),
+    /// Fill memory with checksummed pages and verify them (run it under a memory limit to test
+    /// a swap device end to end). Exit status 4 when a page comes back different.
+    Memcheck(memcheck::MemcheckArgs),
     /// List RDMA devices, ports and GIDs (verbs).
     Devices(devices::DevicesArgs),
 }
@@ -81,6 +85,7 @@ pub fn run(cli: Cli) -> Result<(), Failed> {
         Command::Perf(c) => perf::run(c),
         Command::Conformance(a) => conformance::run(a),
         Command::Devices(a) => devices::run(a),
+        Command::Memcheck(a) => memcheck::run(a),
     }
 }
 

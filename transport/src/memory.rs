@@ -173,19 +173,13 @@ impl Buffer {
     pub fn is_huge(&self) -> bool {
         self.0.is_huge()
     }
+
     /// Zeroes `[offset, offset + len)` (memory about to change hands). Whole pages go back to
     /// the kernel (`MADV_DONTNEED`: they read as zeros and cost no memory until touched again);
     /// partial pages are cleared in place. Callers make sure no registration covering the range
     /// is live (a pinned page must not be dropped), so nobody writes it concurrently.
     pub fn zero(&self, offset: usize, len: usize) -> Result<()> {
-        let end = match offset.checked_add(len) {
-            Some(end) if end <= self.len() => end,
-            _ => {
-                return Err(Error::InvalidArgument(
-                    "zero range outside the buffer".into(),
-                ))
-            }
-        };
+        let end = self.check(offset, len)?;
         let page = if self.is_huge() {
             HUGE_PAGE
         } else {
@@ -226,67 +220,52 @@ impl Buffer {
     /// Copies `data` in at `offset`. Callers make sure no registration lets a peer write the
     /// same bytes concurrently (a donor's NBD export owns its slabs outright).
     pub fn write_at(&self, offset: usize, data: &[u8]) -> Result<()> {
-        match offset.checked_add(data.len()) {
-            Some(end) if end <= self.len() => {
-                // SAFETY: in bounds (checked); raw copy, no references to this memory exist.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        data.as_ptr(),
-                        self.0.ptr().add(offset),
-                        data.len(),
-                    )
-                };
-                Ok(())
-            }
-            _ => Err(Error::InvalidArgument(
-                "write range outside the buffer".into(),
-            )),
-        }
+        self.check(offset, data.len())?;
+        // SAFETY: in bounds (checked); raw copy, no references to this memory exist.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.0.ptr().add(offset), data.len())
+        };
+        Ok(())
     }
 
     /// Appends `len` bytes from `offset` to `out`, without first zero-filling `out`'s room (for
     /// data paths that move large blocks).
     pub fn append_to(&self, offset: usize, len: usize, out: &mut Vec<u8>) -> Result<()> {
-        match offset.checked_add(len) {
-            Some(end) if end <= self.len() => {
-                out.reserve(len);
-                let spare = out.spare_capacity_mut();
-                // SAFETY: the source is in bounds (checked); the destination is `len` bytes of
-                // reserved spare capacity; a raw copy initialises exactly those bytes, so the new
-                // length covers only initialised memory.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        self.0.ptr().add(offset),
-                        spare.as_mut_ptr().cast::<u8>(),
-                        len,
-                    );
-                    out.set_len(out.len() + len);
-                }
-                Ok(())
-            }
-            _ => Err(Error::InvalidArgument(
-                "read range outside the buffer".into(),
-            )),
+        self.check(offset, len)?;
+        out.reserve(len);
+        let spare = out.spare_capacity_mut();
+        // SAFETY: the source is in bounds (checked); the destination is `len` bytes of reserved
+        // spare capacity; a raw copy initialises exactly those bytes, so the new length covers
+        // only initialised memory.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.0.ptr().add(offset),
+                spare.as_mut_ptr().cast::<u8>(),
+                len,
+            );
+            out.set_len(out.len() + len);
         }
+        Ok(())
     }
 
     /// Copies bytes out.
     pub fn read_at(&self, offset: usize, out: &mut [u8]) -> Result<()> {
-        match offset.checked_add(out.len()) {
-            Some(end) if end <= self.len() => {
-                // SAFETY: in bounds (checked); raw copy.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        self.0.ptr().add(offset),
-                        out.as_mut_ptr(),
-                        out.len(),
-                    )
-                };
-                Ok(())
-            }
-            _ => Err(Error::InvalidArgument(
-                "read range outside the buffer".into(),
-            )),
+        self.check(offset, out.len())?;
+        // SAFETY: in bounds (checked); raw copy.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.0.ptr().add(offset), out.as_mut_ptr(), out.len())
+        };
+        Ok(())
+    }
+
+    /// The end of `[offset, offset + len)` when it lies inside the buffer.
+    fn check(&self, offset: usize, len: usize) -> Result<usize> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len() => Ok(end),
+            _ => Err(Error::InvalidArgument(format!(
+                "range {offset}+{len} outside the {}-byte buffer",
+                self.len()
+            ))),
         }
     }
 }
