@@ -22,3 +22,5 @@ echo "== verbs conformance on Soft-RoCE (one VM)"
 soft-roce/vm/run.sh conformance
 echo "== two VMs: rmem perf with data checks across a socket network between two kernels"
 soft-roce/vm/run.sh two-vm
+echo "== the donor's NBD export as swap through the guest kernel's stock nbd client"
+soft-roce/vm/run.sh nbd-swap
