@@ -246,7 +246,7 @@ impl Pd {
     }
 
     fn register_region(&self, region: Arc<Region>, access: Access) -> Result<Mr> {
-        let reg = self.ops.register(&region, access)?;
+        let reg = self.ops.clone().register(&region, access)?;
         Ok(Mr(Arc::new(MrInner {
             reg,
             region,

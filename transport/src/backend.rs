@@ -30,8 +30,9 @@ pub(crate) trait ContextOps: Send + Sync {
 
 pub(crate) trait PdOps: Send + Sync {
     fn id(&self) -> u64;
-    fn register(&self, region: &Arc<Region>, access: Access) -> Result<Registration>;
-    fn as_any(&self) -> &dyn Any;
+    /// Takes `Arc<Self>` so the registration can keep the protection domain alive.
+    fn register(self: Arc<Self>, region: &Arc<Region>, access: Access) -> Result<Registration>;
+    fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
 }
 
 pub(crate) trait CqOps: Send + Sync {
@@ -49,7 +50,7 @@ pub(crate) trait CqOps: Send + Sync {
     fn ack_event(&self) -> Result<()>;
     /// How long until some outstanding work request times out, for async waiters.
     fn next_deadline(&self) -> Option<Duration>;
-    fn as_any(&self) -> &dyn Any;
+    fn into_any(self: Arc<Self>) -> Arc<dyn Any + Send + Sync>;
 }
 
 pub(crate) trait QpOps: Send + Sync {
@@ -77,4 +78,14 @@ pub(crate) struct QpSpec {
     pub(crate) send_cq: Arc<dyn CqOps>,
     pub(crate) recv_cq: Arc<dyn CqOps>,
     pub(crate) caps: QpCaps,
+}
+
+/// The provider's own type behind a trait object, or an error naming what came from another
+/// provider (a queue pair cannot use another provider's PD or CQ).
+pub(crate) fn downcast<T: Any + Send + Sync>(
+    obj: Arc<dyn Any + Send + Sync>,
+    what: &str,
+) -> Result<Arc<T>> {
+    obj.downcast::<T>()
+        .map_err(|_| crate::Error::InvalidArgument(format!("{what} is from another provider")))
 }

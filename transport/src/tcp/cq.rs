@@ -195,7 +195,7 @@ impl CqOps for TcpCq {
         self.live_qps().iter().filter_map(|q| q.deadline_in()).min()
     }
 
-    fn as_any(&self) -> &dyn std::any::Any {
+    fn into_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
         self
     }
 }

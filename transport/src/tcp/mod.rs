@@ -93,17 +93,11 @@ impl TcpContext {
 }
 
 fn downcast_pd(spec: &QpSpec) -> Result<Arc<TcpPd>> {
-    let pd = spec.pd.as_any().downcast_ref::<PdHandle>().ok_or_else(|| {
-        Error::InvalidArgument("protection domain is from another provider".into())
-    })?;
-    Ok(pd.0.clone())
+    crate::backend::downcast(spec.pd.clone().into_any(), "protection domain")
 }
 
 fn downcast_cq(cq: &Arc<dyn CqOps>) -> Result<Arc<TcpCq>> {
-    let cq = cq.as_any().downcast_ref::<CqHandle>().ok_or_else(|| {
-        Error::InvalidArgument("completion queue is from another provider".into())
-    })?;
-    Ok(cq.0.clone())
+    crate::backend::downcast(cq.clone().into_any(), "completion queue")
 }
 
 impl ContextOps for TcpContext {
@@ -126,14 +120,14 @@ impl ContextOps for TcpContext {
     }
 
     fn alloc_pd(&self) -> Result<Arc<dyn PdOps>> {
-        Ok(Arc::new(PdHandle(Arc::new(TcpPd {
+        Ok(Arc::new(TcpPd {
             id: self.id(),
             table: RwLock::new(HashMap::new()),
-        }))))
+        }))
     }
 
     fn create_cq(&self, depth: usize) -> Result<Arc<dyn CqOps>> {
-        Ok(Arc::new(CqHandle(Arc::new(TcpCq::new(depth)?))))
+        Ok(Arc::new(TcpCq::new(depth)?))
     }
 
     fn listen(&self, addr: SocketAddr) -> Result<Box<dyn ListenerOps>> {
@@ -246,18 +240,16 @@ impl TcpPd {
     }
 }
 
-struct PdHandle(Arc<TcpPd>);
-
-impl PdOps for PdHandle {
+impl PdOps for TcpPd {
     fn id(&self) -> u64 {
-        self.0.id
+        self.id
     }
 
-    fn register(&self, region: &Arc<Region>, access: Access) -> Result<Registration> {
+    fn register(self: Arc<Self>, region: &Arc<Region>, access: Access) -> Result<Registration> {
         let mut rng = rand::rng();
         // Peers see a random page-aligned base, not our address: a key alone locates nothing.
         let base = ((rng.random::<u64>() >> 8) & !0xfff) | (1 << 44);
-        let mut table = self.0.table.write().unwrap_or_else(|e| e.into_inner());
+        let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
         let rkey = loop {
             let k: u32 = rng.random();
             if k != 0 && !table.contains_key(&k) {
@@ -276,14 +268,14 @@ impl PdOps for PdHandle {
             rkey,
             remote_addr: base,
             _guard: Box::new(Deregister {
-                pd: Arc::downgrade(&self.0),
+                pd: Arc::downgrade(&self),
                 rkey,
                 entry: weak,
             }),
         })
     }
 
-    fn as_any(&self) -> &dyn std::any::Any {
+    fn into_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
         self
     }
 }
@@ -321,31 +313,5 @@ impl Drop for Deregister {
             }
             std::thread::sleep(Duration::from_micros(100));
         }
-    }
-}
-
-struct CqHandle(Arc<TcpCq>);
-
-impl CqOps for CqHandle {
-    fn poll(&self, out: &mut [crate::Completion]) -> Result<usize> {
-        self.0.poll(out)
-    }
-    fn arm(&self) -> Result<()> {
-        self.0.arm()
-    }
-    fn block(&self, timeout: Option<Duration>) -> Result<()> {
-        self.0.block(timeout)
-    }
-    fn event_fd(&self) -> std::os::fd::RawFd {
-        self.0.event_fd()
-    }
-    fn ack_event(&self) -> Result<()> {
-        self.0.ack_event()
-    }
-    fn next_deadline(&self) -> Option<Duration> {
-        self.0.next_deadline()
-    }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
     }
 }

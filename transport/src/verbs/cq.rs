@@ -302,34 +302,7 @@ impl CqOps for VerbsCq {
         None
     }
 
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
-}
-
-/// The handle the public `Cq` holds.
-pub(crate) struct CqHandle(pub(crate) Arc<VerbsCq>);
-
-impl CqOps for CqHandle {
-    fn poll(&self, out: &mut [Completion]) -> Result<usize> {
-        self.0.poll(out)
-    }
-    fn arm(&self) -> Result<()> {
-        self.0.arm()
-    }
-    fn block(&self, timeout: Option<Duration>) -> Result<()> {
-        self.0.block(timeout)
-    }
-    fn event_fd(&self) -> RawFd {
-        self.0.event_fd()
-    }
-    fn ack_event(&self) -> Result<()> {
-        self.0.ack_event()
-    }
-    fn next_deadline(&self) -> Option<Duration> {
-        self.0.next_deadline()
-    }
-    fn as_any(&self) -> &dyn std::any::Any {
+    fn into_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
         self
     }
 }

@@ -38,9 +38,9 @@ pub use device::{devices, DeviceDesc, GidDesc, PortDesc};
 use crate::api::{DeviceInfo, Provider, TargetStats};
 use crate::backend::{ContextOps, CqOps, ListenerOps, PdOps, QpOps, QpSpec};
 use crate::{OpenOptions, Result};
-use cq::{CqHandle, VerbsCq};
+use cq::VerbsCq;
 use device::Device;
-use pd::{PdHandle, VerbsPd};
+use pd::VerbsPd;
 
 /// An open verbs device: the provider's context.
 pub(crate) struct VerbsContext {
@@ -77,13 +77,11 @@ impl ContextOps for VerbsContext {
     }
 
     fn alloc_pd(&self) -> Result<Arc<dyn PdOps>> {
-        Ok(Arc::new(PdHandle(VerbsPd::alloc(&self.dev)?)))
+        Ok(VerbsPd::alloc(&self.dev)?)
     }
 
     fn create_cq(&self, depth: usize) -> Result<Arc<dyn CqOps>> {
-        Ok(Arc::new(CqHandle(Arc::new(VerbsCq::new(
-            &self.dev, depth,
-        )?))))
+        Ok(Arc::new(VerbsCq::new(&self.dev, depth)?))
     }
 
     fn listen(&self, addr: SocketAddr) -> Result<Box<dyn ListenerOps>> {

@@ -64,15 +64,12 @@ impl Drop for VerbsPd {
     }
 }
 
-/// The handle the public `Pd` holds.
-pub(crate) struct PdHandle(pub(crate) Arc<VerbsPd>);
-
-impl PdOps for PdHandle {
+impl PdOps for VerbsPd {
     fn id(&self) -> u64 {
-        self.0.id
+        self.id
     }
 
-    fn register(&self, region: &Arc<Region>, access: Access) -> Result<Registration> {
+    fn register(self: Arc<Self>, region: &Arc<Region>, access: Access) -> Result<Registration> {
         // Verbs refuses REMOTE_WRITE or REMOTE_ATOMIC without LOCAL_WRITE (EINVAL): the device
         // writes the memory for the peer. Add it for the device only; `Mr::access` keeps what
         // the caller asked for, and posts check LOCAL_WRITE against that, as on `tcp`.
@@ -85,7 +82,7 @@ impl PdOps for PdHandle {
         // (MrInner drops the Registration before its Region).
         let mr = unsafe {
             sys::ibv_reg_mr(
-                self.0.as_ptr(),
+                self.as_ptr(),
                 region.ptr().cast(),
                 region.len(),
                 device_access.bits() as i32,
@@ -109,12 +106,12 @@ impl PdOps for PdHandle {
             remote_addr: region.ptr() as u64,
             _guard: Box::new(MrGuard {
                 mr,
-                _pd: self.0.clone(),
+                _pd: self.clone(),
             }),
         })
     }
 
-    fn as_any(&self) -> &dyn std::any::Any {
+    fn into_any(self: Arc<Self>) -> Arc<dyn std::any::Any + Send + Sync> {
         self
     }
 }

@@ -13,9 +13,9 @@ use rand::Rng;
 use rdma_sys as sys;
 
 use super::connect::Endpoint;
-use super::cq::{CqHandle, VerbsCq};
+use super::cq::VerbsCq;
 use super::lock;
-use super::pd::{PdHandle, VerbsPd};
+use super::pd::VerbsPd;
 use super::slots::{QpState, Slot, WorkQueue, RECV_BIT};
 use super::timers::{ack_timeout_settings, rnr_settings};
 use crate::api::QpCaps;
@@ -40,10 +40,7 @@ unsafe impl Send for VerbsQp {}
 unsafe impl Sync for VerbsQp {}
 
 fn downcast_cq(cq: &Arc<dyn CqOps>) -> Result<Arc<VerbsCq>> {
-    cq.as_any()
-        .downcast_ref::<CqHandle>()
-        .map(|h| h.0.clone())
-        .ok_or_else(|| Error::InvalidArgument("completion queue is from another provider".into()))
+    crate::backend::downcast(cq.clone().into_any(), "completion queue")
 }
 
 fn rc_error(op: &'static str, rc: i32) -> Error {
@@ -53,14 +50,8 @@ fn rc_error(op: &'static str, rc: i32) -> Error {
 impl VerbsQp {
     /// Creates the queue pair and moves it to INIT.
     pub(crate) fn create(spec: &QpSpec) -> Result<VerbsQp> {
-        let pd = spec
-            .pd
-            .as_any()
-            .downcast_ref::<PdHandle>()
-            .map(|h| h.0.clone())
-            .ok_or_else(|| {
-                Error::InvalidArgument("protection domain is from another provider".into())
-            })?;
+        let pd: Arc<VerbsPd> =
+            crate::backend::downcast(spec.pd.clone().into_any(), "protection domain")?;
         let send_cq = downcast_cq(&spec.send_cq)?;
         let recv_cq = downcast_cq(&spec.recv_cq)?;
         let dev = &pd.dev;
