@@ -48,7 +48,7 @@ fn serves_a_client_from_a_config_file_and_shuts_down_on_sigterm() {
     std::fs::write(
         &cfg,
         format!(
-            "listen = \"127.0.0.1:0\"\nsize = \"4M\"\nslab_size = \"1M\"\nhugepages = \"never\"\nsecret_file = {:?}\n",
+            "listen = \"127.0.0.1:0\"\nsize = \"4M\"\nslab_size = \"1M\"\nhugepages = \"never\"\nsecret_file = {:?}\n[reclaim]\ngrace_secs = 1\nshutdown_grace_secs = 20\npressure = false\n",
             secret.to_str().unwrap()
         ),
     )
@@ -117,16 +117,61 @@ fn serves_a_client_from_a_config_file_and_shuts_down_on_sigterm() {
         assert_eq!(body["sessions"][0]["client"], "rmem-client");
         assert!(body["transport"]["requests"].as_u64().unwrap() >= 2);
 
-        // SIGTERM: the donor ends sessions and exits cleanly.
+        // `rmem server shrink`: signed with the secret; the client is told.
+        let mut notices = c.notices().unwrap();
+        let shrink = |secret: &std::path::Path| {
+            Command::new(env!("CARGO_BIN_EXE_rmem"))
+                .args(["server", "shrink", "--by", "1M", "--json", "--admin"])
+                .arg(admin.to_string())
+                .arg("--secret-file")
+                .arg(secret)
+                .output()
+                .unwrap()
+        };
+        let wrong = dir.join("wrong");
+        std::fs::write(&wrong, "not the secret, but long enough").unwrap();
+        let out = shrink(&wrong);
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("signature"),
+            "{out:?}"
+        );
+        let out = shrink(&secret);
+        assert!(out.status.success(), "{out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["report"]["reclaiming"], 1, "{v}");
+        match tokio::time::timeout(Duration::from_secs(5), notices.recv()).await {
+            Ok(Some(rmem_memserver::Notice::Reclaim { slabs, .. })) => assert_eq!(slabs.len(), 1),
+            other => panic!("expected a reclaim notice, got {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        assert_eq!(c.stats().await.unwrap().slabs_retired, 1);
+
+        // SIGTERM: the donor tells the client, which gives its slabs back, and exits cleanly
+        // without waiting out the grace period.
         let pid = server.id().to_string();
         assert!(Command::new("kill")
             .args(["-TERM", &pid])
             .status()
             .unwrap()
             .success());
+        match tokio::time::timeout(Duration::from_secs(5), notices.recv()).await {
+            Ok(Some(rmem_memserver::Notice::Closing { reason, .. })) => {
+                assert!(reason.contains("shutting down"), "{reason}")
+            }
+            other => panic!("expected a closing notice, got {other:?}"),
+        }
+        let left: Vec<u32> = c.held().iter().map(|g| g.slab).collect();
+        c.free(&left).await.unwrap();
+        let t0 = std::time::Instant::now();
         let status = tokio::task::spawn_blocking(move || server.wait().unwrap())
             .await
             .unwrap();
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "waited out the grace period"
+        );
+        eprintln!("server exited {:?} after the last free", t0.elapsed());
         assert!(status.success(), "{status:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(

@@ -1,27 +1,94 @@
-//! The donor's HTTP admin endpoint: Prometheus text at `/metrics`, JSON at `/status`.
+//! The donor's HTTP admin endpoint: Prometheus text at `/metrics`, JSON at `/status`, and
+//! `POST /shrink` / `POST /grow` to take memory back or lend it again. The POSTs must be signed
+//! with the shared secret (`auth::admin_authorization`); reading figures needs no secret.
 
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::server::Inner;
+use crate::server::{Control, Inner};
 
 pub(crate) async fn serve(listener: tokio::net::TcpListener, inner: Arc<Inner>) {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/status", get(status))
+        .route("/shrink", post(shrink))
+        .route("/grow", post(grow))
         .with_state(inner);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "admin endpoint stopped");
     }
+}
+
+/// Body of `POST /shrink` and `POST /grow`: an amount in slabs or in bytes (rounded up).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Amount {
+    Slabs(u32),
+    Bytes(u64),
+}
+
+type Refusal = (StatusCode, Json<serde_json::Value>);
+
+fn refuse(code: StatusCode, msg: &str) -> Refusal {
+    (code, Json(serde_json::json!({ "error": msg })))
+}
+
+/// Checks the signature, then parses the amount into slabs.
+fn authorized(inner: &Inner, path: &str, h: &HeaderMap, body: &[u8]) -> Result<u32, Refusal> {
+    let auth = h
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !crate::auth::verify_admin(&inner.secret, "POST", path, body, auth) {
+        inner.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+        return Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "missing, stale or wrong signature (rmem-hmac, shared secret)",
+        ));
+    }
+    let amount: Amount = serde_json::from_slice(body).map_err(|e| {
+        refuse(
+            StatusCode::BAD_REQUEST,
+            &format!("expected {{\"slabs\": N}} or {{\"bytes\": N}}: {e}"),
+        )
+    })?;
+    let slab = inner.cfg.slab_size.0;
+    let n = match amount {
+        Amount::Slabs(n) => u64::from(n),
+        Amount::Bytes(b) => b.div_ceil(slab),
+    };
+    if n == 0 || n > u64::from(u32::MAX) {
+        return Err(refuse(StatusCode::BAD_REQUEST, "amount out of range"));
+    }
+    Ok(n as u32)
+}
+
+async fn shrink(State(inner): State<Arc<Inner>>, h: HeaderMap, body: Bytes) -> impl IntoResponse {
+    let n = authorized(&inner, "/shrink", &h, &body)?;
+    let report = Control(inner.clone()).shrink(n);
+    Ok::<_, Refusal>(Json(serde_json::json!({
+        "report": report,
+        "donor": inner.stats(None),
+    })))
+}
+
+async fn grow(State(inner): State<Arc<Inner>>, h: HeaderMap, body: Bytes) -> impl IntoResponse {
+    let n = authorized(&inner, "/grow", &h, &body)?;
+    let grown = Control(inner.clone()).grow(n);
+    Ok::<_, Refusal>(Json(serde_json::json!({
+        "grown": grown,
+        "donor": inner.stats(None),
+    })))
 }
 
 async fn metrics(State(inner): State<Arc<Inner>>) -> impl IntoResponse {
@@ -60,7 +127,25 @@ async fn metrics(State(inner): State<Arc<Inner>>) -> impl IntoResponse {
         "rmem_donor_bytes_lent",
         "gauge",
         "Bytes lent to clients and NBD exports.",
-        u64::from(st.slabs_total - st.slabs_free) * st.slab_size,
+        u64::from(st.slabs_total - st.slabs_free - st.slabs_retired) * st.slab_size,
+    );
+    m(
+        "rmem_donor_slabs_retired",
+        "gauge",
+        "Slabs taken back from lending (memory returned to the host).",
+        u64::from(st.slabs_retired),
+    );
+    m(
+        "rmem_donor_slabs_reclaiming",
+        "gauge",
+        "Lent slabs asked back and not yet returned.",
+        u64::from(st.slabs_reclaiming),
+    );
+    m(
+        "rmem_donor_slabs_reclaimed_total",
+        "counter",
+        "Slabs taken from clients at a reclaim deadline.",
+        c.slabs_reclaimed.load(Ordering::Relaxed),
     );
     m(
         "rmem_donor_auth_failures_total",

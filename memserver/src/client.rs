@@ -1,5 +1,8 @@
 //! The client library: authenticate to a donor, borrow slabs, move data one-sided, renew the
-//! lease in the background, give slabs back.
+//! lease in the background, give slabs back, and move data off slabs the donor reclaims.
+//!
+//! A background task reads the control connection: it matches replies to requests by id and
+//! queues the donor's notices ([`Notice`]), which [`Client::notices`] hands out.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), rmem_memserver::ClientError> {
@@ -13,15 +16,18 @@
 //! # Ok(()) }
 //! ```
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rmem_transport::{
     open, Access, Context, Cq, Mr, OpenOptions, Provider, Qp, QpConfig, RemoteBuf, SendWr, WcStatus,
 };
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::auth;
 use crate::protocol::{
@@ -48,6 +54,24 @@ pub enum ClientError {
     Completion(WcStatus),
     #[error("access outside the slab ({offset}+{len} of {size})")]
     OutOfBounds { offset: u64, len: usize, size: u64 },
+    #[error("the donor did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the control connection to the donor is closed")]
+    Closed,
+}
+
+/// What the donor tells a client without being asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// These slabs are taken back at `deadline`: move what matters ([`Client::move_slab`]) and
+    /// free them before.
+    Reclaim {
+        slabs: Vec<SlabGrant>,
+        deadline: Instant,
+    },
+    /// The session ends at `deadline` (the donor shuts down, the lease expired, or the control
+    /// connection was lost).
+    Closing { reason: String, deadline: Instant },
 }
 
 /// How to reach a donor.
@@ -80,10 +104,18 @@ struct DataPath {
     bounce: Mr,
 }
 
+type Pending = Mutex<HashMap<u64, oneshot::Sender<ServerMsg>>>;
+/// Slabs held, with the reclaim deadline of those the donor asked back.
+type Held = HashMap<u32, (SlabGrant, Option<Instant>)>;
+
 /// A connected, authenticated client.
 pub struct Client {
     cfg: ClientConfig,
-    conn: tokio::sync::Mutex<TcpStream>,
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    pending: Arc<Pending>,
+    reader: tokio::task::JoinHandle<()>,
+    notices: Mutex<Option<mpsc::UnboundedReceiver<Notice>>>,
+    held: Arc<Mutex<Held>>,
     next_id: AtomicU64,
     session: String,
     slab_size: u64,
@@ -93,6 +125,74 @@ pub struct Client {
 
 const BOUNCE: usize = 1 << 20;
 const OP_WAIT: Option<Duration> = Some(Duration::from_secs(30));
+/// A donor that does not answer a control request within this is treated as dead.
+const REPLY_WAIT: Duration = Duration::from_secs(30);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Reads the control connection until it closes: replies go to their requests, notices to the
+/// queue. When it ends, every waiting request fails and a `Closing` notice is queued.
+async fn read_control(
+    mut r: OwnedReadHalf,
+    pending: Arc<Pending>,
+    held: Arc<Mutex<Held>>,
+    notices: mpsc::UnboundedSender<Notice>,
+) {
+    let why = loop {
+        let m = match read_frame(&mut r)
+            .await
+            .and_then(|b| decode::<ServerMsg>(&b))
+        {
+            Ok(m) => m,
+            Err(e) => break format!("control connection lost: {e}"),
+        };
+        if let Some(id) = m.id() {
+            if let Some(tx) = lock(&pending).remove(&id) {
+                let _ = tx.send(m);
+            }
+            continue;
+        }
+        let now = Instant::now();
+        match m {
+            ServerMsg::Reclaim { slabs, deadline_ms } => {
+                let deadline = now + Duration::from_millis(deadline_ms);
+                let grants = {
+                    let mut h = lock(&held);
+                    slabs
+                        .iter()
+                        .filter_map(|s| {
+                            let e = h.get_mut(s)?;
+                            e.1 = Some(deadline);
+                            Some(e.0)
+                        })
+                        .collect()
+                };
+                let _ = notices.send(Notice::Reclaim {
+                    slabs: grants,
+                    deadline,
+                });
+            }
+            ServerMsg::Closing {
+                reason,
+                deadline_ms,
+            } => {
+                let _ = notices.send(Notice::Closing {
+                    reason,
+                    deadline: now + Duration::from_millis(deadline_ms),
+                });
+            }
+            other => tracing::warn!(message = ?other, "unexpected message from the donor"),
+        }
+    };
+    tracing::debug!(%why, "control reader stopped");
+    lock(&pending).clear();
+    let _ = notices.send(Notice::Closing {
+        reason: why,
+        deadline: Instant::now(),
+    });
+}
 
 impl Client {
     /// Authenticates (both ways) and connects the data queue pair.
@@ -142,9 +242,18 @@ impl Client {
         };
         let data_addr = parse_addr(&data_addr)?;
         let data = connect_data(&cfg, data_addr, token).await?;
+        let (r, w) = s.into_split();
+        let pending = Arc::new(Mutex::new(HashMap::new()));
+        let held = Arc::new(Mutex::new(HashMap::new()));
+        let (tx, rx) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(read_control(r, pending.clone(), held.clone(), tx));
         Ok(Client {
             cfg,
-            conn: tokio::sync::Mutex::new(s),
+            writer: tokio::sync::Mutex::new(w),
+            pending,
+            reader,
+            notices: Mutex::new(Some(rx)),
+            held,
             next_id: AtomicU64::new(1),
             session,
             slab_size,
@@ -164,20 +273,57 @@ impl Client {
         self.lease
     }
 
+    /// The donor's notices (reclaim, closing), in order. There is one queue: the first call
+    /// takes it, later calls get `None`.
+    pub fn notices(&self) -> Option<mpsc::UnboundedReceiver<Notice>> {
+        lock(&self.notices).take()
+    }
+
+    /// Slabs this client holds, by id (those the donor took at a reclaim deadline are gone).
+    pub fn held(&self) -> Vec<SlabGrant> {
+        let now = Instant::now();
+        let mut h = lock(&self.held);
+        h.retain(|_, (_, deadline)| deadline.is_none_or(|d| d > now));
+        let mut v: Vec<_> = h.values().map(|e| e.0).collect();
+        v.sort_by_key(|g| g.slab);
+        v
+    }
+
     async fn request(&self, make: impl FnOnce(u64) -> ClientMsg) -> Result<ServerMsg, ClientError> {
+        if self.reader.is_finished() {
+            return Err(ClientError::Closed);
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut s = self.conn.lock().await;
-        write_msg(&mut *s, &make(id)).await?;
-        match reply(&mut s).await? {
-            ServerMsg::Error { code, message, .. } => Err(ClientError::Refused { code, message }),
-            m => Ok(m),
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(id, tx);
+        let sent = {
+            let mut w = self.writer.lock().await;
+            write_msg(&mut *w, &make(id)).await
+        };
+        if let Err(e) = sent {
+            lock(&self.pending).remove(&id);
+            return Err(e.into());
+        }
+        match tokio::time::timeout(REPLY_WAIT, rx).await {
+            Ok(Ok(ServerMsg::Error { code, message, .. })) => {
+                Err(ClientError::Refused { code, message })
+            }
+            Ok(Ok(m)) => Ok(m),
+            Ok(Err(_)) => Err(ClientError::Closed),
+            Err(_) => {
+                lock(&self.pending).remove(&id);
+                Err(ClientError::Timeout(REPLY_WAIT))
+            }
         }
     }
 
     /// Borrows `count` slabs (all or none).
     pub async fn alloc(&self, count: u32) -> Result<Vec<SlabGrant>, ClientError> {
         match self.request(|id| ClientMsg::Alloc { id, count }).await? {
-            ServerMsg::Allocated { slabs, .. } => Ok(slabs),
+            ServerMsg::Allocated { slabs, .. } => {
+                lock(&self.held).extend(slabs.iter().map(|g| (g.slab, (*g, None))));
+                Ok(slabs)
+            }
             other => Err(unexpected(other)),
         }
     }
@@ -191,7 +337,13 @@ impl Client {
             })
             .await?
         {
-            ServerMsg::Freed { .. } => Ok(()),
+            ServerMsg::Freed { .. } => {
+                let mut h = lock(&self.held);
+                for s in slabs {
+                    h.remove(s);
+                }
+                Ok(())
+            }
             other => Err(unexpected(other)),
         }
     }
@@ -243,6 +395,58 @@ impl Client {
                 }
             }
         })
+    }
+
+    /// Copies a slab's contents to a new slab borrowed from `dest` (another donor, or this one
+    /// when it still has room) and frees the old one: the way to answer a reclaim notice.
+    /// Returns the new slab; the old descriptor is dead afterwards.
+    pub async fn move_slab(
+        self: &Arc<Self>,
+        slab: SlabGrant,
+        dest: &Arc<Client>,
+    ) -> Result<SlabGrant, ClientError> {
+        if dest.slab_size < slab.remote.len {
+            return Err(ClientError::Protocol(format!(
+                "destination slabs ({} bytes) are smaller than this one ({})",
+                dest.slab_size, slab.remote.len
+            )));
+        }
+        let new = dest
+            .alloc(1)
+            .await?
+            .pop()
+            .ok_or_else(|| ClientError::Protocol("donor granted no slab".into()))?;
+        let (src, dst) = (self.clone(), dest.clone());
+        let copied = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; BOUNCE.min(slab.remote.len as usize)];
+            let mut off = 0u64;
+            while off < slab.remote.len {
+                let n = buf.len().min((slab.remote.len - off) as usize);
+                src.read_remote(slab.remote, off, &mut buf[..n])?;
+                dst.write_remote(new.remote, off, &buf[..n])?;
+                off += n as u64;
+            }
+            Ok::<(), ClientError>(())
+        })
+        .await
+        .map_err(|_| ClientError::Protocol("copy task failed".into()))?;
+        if let Err(e) = copied {
+            // The old slab still holds the data; give the new one back.
+            let _ = dest.free(&[new.slab]).await;
+            return Err(e);
+        }
+        match self.free(&[slab.slab]).await {
+            // Taken by the donor after the copy finished: nothing lost.
+            Err(ClientError::Refused {
+                code: ErrorCode::UnknownSlab | ErrorCode::NotOwner,
+                ..
+            }) => {
+                lock(&self.held).remove(&slab.slab);
+                Ok(new)
+            }
+            Err(e) => Err(e),
+            Ok(()) => Ok(new),
+        }
     }
 
     /// Writes `data` at `offset` of a slab (one-sided WRITE; blocks this thread).
@@ -342,6 +546,12 @@ fn complete(cq: &Cq) -> Result<(), ClientError> {
         Ok(())
     } else {
         Err(ClientError::Completion(c.status))
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.reader.abort();
     }
 }
 

@@ -83,6 +83,52 @@ pub struct ServerConfig {
     pub nbd_listen: SocketAddr,
     /// Block devices served over NBD, each carved from the pool at start-up.
     pub exports: Vec<crate::nbd::ExportConfig>,
+    /// Taking memory back from clients.
+    pub reclaim: ReclaimConfig,
+}
+
+/// How the donor takes memory back: on `rmem server shrink`, and on its own when its host is
+/// under memory pressure (PSI, /proc/pressure/memory).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReclaimConfig {
+    /// Time clients get to move their data off a reclaimed slab.
+    pub grace_secs: u64,
+    /// Time clients get when the donor shuts down.
+    pub shutdown_grace_secs: u64,
+    /// Shrink on memory pressure.
+    pub pressure: bool,
+    /// PSI file read for pressure.
+    pub pressure_file: PathBuf,
+    /// Shrink when `some avg10` reaches this (percent of time stalled).
+    pub high_avg10: f64,
+    /// Grow back once `some avg10` stays at or below this for `settle_secs`.
+    pub low_avg10: f64,
+    /// Memory taken back (or given again) per step [default: an eighth of `size`].
+    pub step: Option<ByteSize>,
+    /// Never shrink below this much lendable memory.
+    pub min_size: ByteSize,
+    /// Between two steps, and before growing back.
+    pub settle_secs: u64,
+    /// How often the pressure file is read.
+    pub interval_ms: u64,
+}
+
+impl Default for ReclaimConfig {
+    fn default() -> Self {
+        ReclaimConfig {
+            grace_secs: 10,
+            shutdown_grace_secs: 5,
+            pressure: true,
+            pressure_file: "/proc/pressure/memory".into(),
+            high_avg10: 10.0,
+            low_avg10: 1.0,
+            step: None,
+            min_size: ByteSize(0),
+            settle_secs: 30,
+            interval_ms: 1000,
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -99,6 +145,7 @@ impl Default for ServerConfig {
             admin_listen: None,
             nbd_listen: "127.0.0.1:10809".parse().expect("literal address"),
             exports: Vec::new(),
+            reclaim: ReclaimConfig::default(),
         }
     }
 }
@@ -179,10 +226,28 @@ impl ServerConfig {
                 size / slab
             )));
         }
+        let r = &self.reclaim;
+        if !(r.low_avg10 >= 0.0 && r.low_avg10 < r.high_avg10 && r.high_avg10 <= 100.0) {
+            return Err(ConfigError::Invalid(format!(
+                "reclaim: need 0 <= low_avg10 ({}) < high_avg10 ({}) <= 100",
+                r.low_avg10, r.high_avg10
+            )));
+        }
+        if r.interval_ms == 0 || r.step.is_some_and(|s| s.0 < slab) {
+            return Err(ConfigError::Invalid(
+                "reclaim: interval_ms must be positive and step at least one slab".into(),
+            ));
+        }
         if self.lease_secs == 0 {
             return Err(ConfigError::Invalid("lease_secs must be at least 1".into()));
         }
         Ok(())
+    }
+
+    /// Slabs per reclaim step.
+    pub fn reclaim_step_slabs(&self) -> u32 {
+        let bytes = self.reclaim.step.map_or(self.size.0 / 8, |s| s.0);
+        (bytes / self.slab_size.0).max(1) as u32
     }
 
     /// The secret from `secret_file`, else RMEM_SECRET; an error when neither is set.

@@ -12,11 +12,14 @@ mod client;
 pub mod config;
 mod nbd;
 mod pool;
+pub mod pressure;
 pub mod protocol;
 mod server;
 
-pub use client::{Client, ClientConfig, ClientError};
+pub use admin::Amount;
+pub use auth::admin_authorization;
+pub use client::{Client, ClientConfig, ClientError, Notice};
 pub use config::{ByteSize, ServerConfig};
 pub use nbd::ExportConfig;
 pub use protocol::{DonorStats, ErrorCode, SlabGrant};
-pub use server::{Server, ServerError};
+pub use server::{Control, Server, ServerError, ShrinkReport};

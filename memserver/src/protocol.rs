@@ -15,8 +15,13 @@
 //!    |== queue pair to data_addr, private data = data_token ==|
 //!    |-- Alloc{id, count} / Free / Renew / Stats / Reconnect ->|
 //!    |<---- Allocated / Freed / Renewed / Stats / Reconnect / Error|
+//!    |<---- Reclaim{slabs, deadline_ms} / Closing{reason, deadline_ms}  (unsolicited)
 //! ```
-//! Requests carry an `id` echoed by the reply. A malformed frame of a valid length gets an
+//! Requests carry an `id` echoed by the reply; replies may arrive between a request and its
+//! reply only as the two unsolicited notices, which carry no `id`. `Reclaim` means the donor
+//! needs those slabs back: copy what matters and free them within `deadline_ms`; at the deadline
+//! they are taken (deregistered, zeroed) whatever the client did. `Closing` means the session
+//! ends within `deadline_ms` (donor shutting down; 0 when the lease already expired). A malformed frame of a valid length gets an
 //! `Error{code: "bad_request"}` and the connection goes on; an over-long length closes it (the
 //! stream cannot be resynchronised).
 
@@ -87,6 +92,10 @@ pub struct DonorStats {
     pub clients: u32,
     /// Slabs held by the asking client.
     pub slabs_held: u32,
+    /// Slabs the donor has taken back from lending (memory returned to its host).
+    pub slabs_retired: u32,
+    /// Lent slabs the donor has asked back and not yet received.
+    pub slabs_reclaiming: u32,
 }
 
 /// Messages from the donor.
@@ -128,12 +137,40 @@ pub enum ServerMsg {
         data_addr: String,
         data_token: String,
     },
+    /// Unsolicited: these slabs are taken back `deadline_ms` from now.
+    Reclaim {
+        slabs: Vec<u32>,
+        deadline_ms: u64,
+    },
+    /// Unsolicited: the session ends `deadline_ms` from now.
+    Closing {
+        reason: String,
+        deadline_ms: u64,
+    },
     Error {
         /// The request's id, when it had one.
         id: Option<u64>,
         code: ErrorCode,
         message: String,
     },
+}
+
+impl ServerMsg {
+    /// The request a reply answers; `None` for notices and request-less errors.
+    pub fn id(&self) -> Option<u64> {
+        match self {
+            ServerMsg::Allocated { id, .. }
+            | ServerMsg::Freed { id }
+            | ServerMsg::Renewed { id, .. }
+            | ServerMsg::Stats { id, .. }
+            | ServerMsg::Reconnect { id, .. } => Some(*id),
+            ServerMsg::Error { id, .. } => *id,
+            ServerMsg::Challenge { .. }
+            | ServerMsg::Welcome { .. }
+            | ServerMsg::Reclaim { .. }
+            | ServerMsg::Closing { .. } => None,
+        }
+    }
 }
 
 /// Why a request failed; clients decide with this, not with the message.

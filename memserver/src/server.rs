@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use rmem_transport::{open, Access, Context, Mr, OpenOptions, Pd, Qp, QpConfig};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 
 use crate::auth;
 use crate::config::ServerConfig;
@@ -56,6 +56,28 @@ pub(crate) struct Session {
     lease_until: Mutex<Instant>,
     /// Fired when the lease expires or the donor shuts down.
     ended: Notify,
+    /// Unsolicited messages (reclaim, closing) for the control connection.
+    notices: mpsc::UnboundedSender<ServerMsg>,
+    notices_rx: Mutex<Option<mpsc::UnboundedReceiver<ServerMsg>>>,
+}
+
+impl Session {
+    fn notify(&self, m: ServerMsg) {
+        // A closed channel means the connection is gone; the session ends anyway.
+        let _ = self.notices.send(m);
+    }
+}
+
+/// What a shrink did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ShrinkReport {
+    /// Free slabs retired at once.
+    pub retired: u32,
+    /// Lent slabs asked back; retired when they come back or at the deadline.
+    pub reclaiming: u32,
+    /// Slabs that could not be found (nothing left to take above `min_size`).
+    pub short: u32,
+    pub deadline_ms: u64,
 }
 
 /// What the admin endpoint counts.
@@ -66,15 +88,20 @@ pub(crate) struct Counters {
     pub(crate) slabs_allocated: AtomicU64,
     pub(crate) slabs_freed: AtomicU64,
     pub(crate) leases_expired: AtomicU64,
+    pub(crate) slabs_reclaimed: AtomicU64,
 }
 
 pub(crate) struct Inner {
-    cfg: ServerConfig,
-    secret: Vec<u8>,
+    pub(crate) cfg: ServerConfig,
+    pub(crate) secret: Vec<u8>,
     pub(crate) ctx: Context,
     pool: Mutex<Pool>,
     sessions: Mutex<HashMap<u64, Arc<Session>>>,
     next_session: AtomicU64,
+    /// Lent slabs asked back, with their deadlines.
+    reclaims: Mutex<HashMap<u32, Instant>>,
+    /// Slabs retired because of memory pressure (what growing back may return).
+    pressure_retired: AtomicU64,
     pub(crate) counters: Counters,
 }
 
@@ -155,6 +182,8 @@ impl Server {
                 pool: Mutex::new(pool),
                 sessions: Mutex::new(HashMap::new()),
                 next_session: AtomicU64::new(1),
+                reclaims: Mutex::new(HashMap::new()),
+                pressure_retired: AtomicU64::new(0),
                 counters: Counters::default(),
             }),
             listener,
@@ -183,9 +212,20 @@ impl Server {
         self.inner.stats(None)
     }
 
+    /// A handle for taking memory back while the server runs.
+    pub fn control(&self) -> Control {
+        Control(self.inner.clone())
+    }
+
     /// Serves until `shutdown` resolves, then ends every session (their slabs are zeroed).
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
         let reaper = tokio::spawn(reap(self.inner.clone()));
+        let pressure = self
+            .inner
+            .cfg
+            .reclaim
+            .pressure
+            .then(|| tokio::spawn(crate::pressure::watch(Control(self.inner.clone()))));
         let nbd = self
             .nbd
             .take()
@@ -214,24 +254,21 @@ impl Server {
                 },
             }
         }
-        reaper.abort();
-        for task in [nbd, admin].into_iter().flatten() {
+        for task in [nbd, admin, pressure].into_iter().flatten() {
             task.abort();
         }
-        let all: Vec<_> = lock(&self.inner.sessions).values().cloned().collect();
-        for s in all {
-            s.ended.notify_one();
-            self.inner.end_session(&s).await;
-        }
+        self.inner.close_all().await;
+        reaper.abort();
     }
 }
 
-/// Ends sessions whose lease ran out.
+/// Ends sessions whose lease ran out; takes reclaimed slabs whose deadline passed.
 async fn reap(inner: Arc<Inner>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tick.tick().await;
         let now = Instant::now();
+        inner.take_overdue(now).await;
         let expired: Vec<_> = lock(&inner.sessions)
             .values()
             .filter(|s| *lock(&s.lease_until) < now)
@@ -243,6 +280,10 @@ async fn reap(inner: Arc<Inner>) {
                 .counters
                 .leases_expired
                 .fetch_add(1, Ordering::Relaxed);
+            s.notify(ServerMsg::Closing {
+                reason: "lease expired".into(),
+                deadline_ms: 0,
+            });
             s.ended.notify_one();
             inner.end_session(&s).await;
         }
@@ -369,6 +410,34 @@ async fn handshake(
     Ok(Some(session))
 }
 
+/// Takes memory back from a running donor (CLI, admin endpoint, pressure monitor).
+#[derive(Clone)]
+pub struct Control(pub(crate) Arc<Inner>);
+
+impl Control {
+    /// Takes back `slabs` slabs: free ones at once, lent ones after a reclaim notice.
+    pub fn shrink(&self, slabs: u32) -> ShrinkReport {
+        self.0.shrink(slabs)
+    }
+    /// Takes back at least `bytes` (rounded up to slabs).
+    pub fn shrink_bytes(&self, bytes: u64) -> ShrinkReport {
+        self.0.shrink(bytes.div_ceil(self.0.cfg.slab_size.0) as u32)
+    }
+    /// Lends up to `slabs` retired slabs again; returns how many.
+    pub fn grow(&self, slabs: u32) -> u32 {
+        self.0.grow(slabs)
+    }
+    pub fn stats(&self) -> DonorStats {
+        self.0.stats(None)
+    }
+    pub(crate) fn config(&self) -> &ServerConfig {
+        &self.0.cfg
+    }
+    pub(crate) fn pressure_retired(&self) -> &AtomicU64 {
+        &self.0.pressure_retired
+    }
+}
+
 /// Accepts the session's data queue pair: only one carrying the session's token.
 fn accept_data(l: rmem_transport::Listener, session: Arc<Session>, token: String) {
     let Ok(cq) = session.pd.context().create_cq(64) else {
@@ -406,11 +475,44 @@ async fn requests(
     s: &mut TcpStream,
 ) -> Result<(), FrameError> {
     let ip = s.local_addr()?.ip();
+    let Some(mut notices) = lock(&session.notices_rx).take() else {
+        return Ok(());
+    };
+    let (r, mut w) = s.split();
+    // Frames are read by their own future so a notice never interrupts one half-read.
+    let (frames_tx, mut frames) = mpsc::channel::<Result<Vec<u8>, FrameError>>(4);
+    let reader = async move {
+        let mut r = r;
+        loop {
+            let f = read_frame(&mut r).await;
+            let stop = f.is_err();
+            if frames_tx.send(f).await.is_err() || stop {
+                return;
+            }
+        }
+    };
+    tokio::pin!(reader);
+    let mut reader_done = false;
+    let s = &mut w;
     loop {
         let body = tokio::select! {
-            b = read_frame(s) => b?,
+            // Once the reader stops, its channel closes and `recv` reports why.
+            _ = &mut reader, if !reader_done => {
+                reader_done = true;
+                continue;
+            }
+            b = frames.recv() => match b {
+                Some(b) => b?,
+                None => return Ok(()),
+            },
+            Some(n) = notices.recv() => {
+                write_msg(s, &n).await?;
+                continue;
+            }
             _ = session.ended.notified() => {
-                write_msg(s, &error(None, ErrorCode::Internal, "session ended (lease expired or donor shutting down)")).await?;
+                while let Ok(n) = notices.try_recv() {
+                    write_msg(s, &n).await?;
+                }
                 return Ok(());
             }
         };
@@ -467,9 +569,15 @@ impl Inner {
 
     pub(crate) fn stats(&self, session: Option<&Session>) -> DonorStats {
         // One lock at a time: the pool is never held while a session's lock is taken.
-        let (slab_size, slabs_total, slabs_free) = {
+        let (slab_size, slabs_total, slabs_free, slabs_retired, slabs_reclaiming) = {
             let pool = lock(&self.pool);
-            (pool.slab_size() as u64, pool.total(), pool.free_count())
+            (
+                pool.slab_size() as u64,
+                pool.total(),
+                pool.free_count(),
+                pool.retired_count(),
+                pool.doomed_count(),
+            )
         };
         DonorStats {
             slab_size,
@@ -477,11 +585,16 @@ impl Inner {
             slabs_free,
             clients: lock(&self.sessions).len() as u32,
             slabs_held: session.map_or(0, |s| lock(&s.slabs).len() as u32),
+            slabs_retired,
+            slabs_reclaiming,
         }
     }
 
     fn open_session(&self, client: &str) -> rmem_transport::Result<Arc<Session>> {
+        let (notices, rx) = mpsc::unbounded_channel();
         let s = Arc::new(Session {
+            notices,
+            notices_rx: Mutex::new(Some(rx)),
             id: self.next_session.fetch_add(1, Ordering::Relaxed),
             client: client.to_string(),
             pd: self.ctx.alloc_pd()?,
@@ -536,6 +649,134 @@ impl Inner {
         let mut pool = lock(&self.pool);
         for id in ids {
             pool.give_back(id);
+        }
+    }
+
+    /// Takes back `want` slabs: free ones at once, lent ones after telling their holders.
+    pub(crate) fn shrink(&self, want: u32) -> ShrinkReport {
+        let grace = Duration::from_secs(self.cfg.reclaim.grace_secs);
+        let min_slabs = (self.cfg.reclaim.min_size.0 / self.cfg.slab_size.0) as u32;
+        let mut report = ShrinkReport {
+            deadline_ms: grace.as_millis() as u64,
+            ..Default::default()
+        };
+        let mut left = {
+            let mut pool = lock(&self.pool);
+            let lendable = pool.total() - pool.retired_count() - pool.doomed_count();
+            let allowed = want.min(lendable.saturating_sub(min_slabs));
+            report.short = want - allowed;
+            report.retired = pool.retire_free(allowed);
+            allowed - report.retired
+        };
+        // Lent slabs come from the biggest holders first.
+        let mut sessions: Vec<_> = lock(&self.sessions).values().cloned().collect();
+        sessions.sort_by_key(|s| std::cmp::Reverse(lock(&s.slabs).len()));
+        let deadline = Instant::now() + grace;
+        for s in sessions {
+            if left == 0 {
+                break;
+            }
+            let mut held: Vec<u32> = lock(&s.slabs).keys().copied().collect();
+            held.sort_unstable_by(|a, b| b.cmp(a));
+            let mut asked = Vec::new();
+            {
+                let mut pool = lock(&self.pool);
+                for slab in held {
+                    if asked.len() as u32 == left {
+                        break;
+                    }
+                    if !pool.is_doomed(slab) && pool.owner(slab) == Some(s.id) && pool.doom(slab) {
+                        asked.push(slab);
+                    }
+                }
+            }
+            if asked.is_empty() {
+                continue;
+            }
+            left -= asked.len() as u32;
+            report.reclaiming += asked.len() as u32;
+            {
+                let mut r = lock(&self.reclaims);
+                for &slab in &asked {
+                    r.insert(slab, deadline);
+                }
+            }
+            tracing::info!(session = s.id, client = %s.client, slabs = ?asked, "asking slabs back");
+            s.notify(ServerMsg::Reclaim {
+                slabs: asked,
+                deadline_ms: report.deadline_ms,
+            });
+        }
+        report.short += left;
+        tracing::info!(?report, "shrink");
+        report
+    }
+
+    /// Lends up to `n` retired slabs again; returns how many.
+    pub(crate) fn grow(&self, n: u32) -> u32 {
+        let done = lock(&self.pool).grow(n);
+        tracing::info!(slabs = done, "grow");
+        done
+    }
+
+    /// Takes reclaimed slabs whose deadline passed from whoever still holds them.
+    async fn take_overdue(&self, now: Instant) {
+        let due: Vec<u32> = {
+            let pool = lock(&self.pool);
+            let mut r = lock(&self.reclaims);
+            // Forget slabs that came back or were un-doomed by a grow.
+            r.retain(|slab, _| pool.is_doomed(*slab));
+            r.iter()
+                .filter(|(_, d)| **d <= now)
+                .map(|(s, _)| *s)
+                .collect()
+        };
+        if due.is_empty() {
+            return;
+        }
+        let sessions: Vec<_> = lock(&self.sessions).values().cloned().collect();
+        let mut taken = Vec::new();
+        for s in sessions {
+            let mut held = lock(&s.slabs);
+            for slab in &due {
+                if let Some(mr) = held.remove(slab) {
+                    tracing::info!(session = s.id, slab, "reclaim deadline passed; slab taken");
+                    taken.push((*slab, mr));
+                }
+            }
+        }
+        lock(&self.reclaims).retain(|slab, _| !due.contains(slab));
+        self.counters
+            .slabs_reclaimed
+            .fetch_add(taken.len() as u64, Ordering::Relaxed);
+        self.release(taken).await;
+    }
+
+    /// Shutdown: tells every client, gives them the grace period to move their data (or to
+    /// leave), then ends every session.
+    async fn close_all(&self) {
+        let grace = Duration::from_secs(self.cfg.reclaim.shutdown_grace_secs);
+        let all: Vec<_> = lock(&self.sessions).values().cloned().collect();
+        for s in &all {
+            s.notify(ServerMsg::Closing {
+                reason: "donor shutting down".into(),
+                deadline_ms: grace.as_millis() as u64,
+            });
+        }
+        let end = Instant::now() + grace;
+        while Instant::now() < end {
+            let busy = lock(&self.sessions)
+                .values()
+                .any(|s| !lock(&s.slabs).is_empty());
+            if !busy {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let all: Vec<_> = lock(&self.sessions).values().cloned().collect();
+        for s in all {
+            s.ended.notify_one();
+            self.end_session(&s).await;
         }
     }
 

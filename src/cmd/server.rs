@@ -2,14 +2,51 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, ValueEnum};
+use clap::{Args, Subcommand, ValueEnum};
 use rmem_memserver::{ByteSize, Server, ServerConfig};
 use rmem_transport::{HugePages, Provider};
 
 use crate::exit::{Code, Failed};
 
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct ServerArgs {
+    #[command(subcommand)]
+    action: Option<ServerAction>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// Acting on a running donor through its admin endpoint.
+#[derive(Subcommand, Debug)]
+enum ServerAction {
+    /// Take memory back from lending: free slabs at once; lent slabs after their clients were
+    /// told and had the grace period (reclaim.grace_secs) to move their data.
+    ///
+    /// Example: rmem server shrink --by 2G
+    Shrink(AdminArgs),
+    /// Lend memory taken back by an earlier shrink again.
+    Grow(AdminArgs),
+}
+
+#[derive(Args, Debug)]
+struct AdminArgs {
+    /// How much (e.g. 512M, 2G; rounded up to whole slabs).
+    #[arg(long)]
+    by: ByteSize,
+    /// The donor's admin endpoint.
+    #[arg(long, default_value = "127.0.0.1:7471")]
+    admin: String,
+    /// File with the donor's shared secret (else RMEM_SECRET): requests are signed with it.
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+    /// Print the donor's answer as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
     /// TOML configuration file (see docs/memserver.md); flags override it.
     #[arg(long, short)]
     config: Option<PathBuf>,
@@ -71,7 +108,7 @@ enum Huge {
     Require,
 }
 
-impl ServerArgs {
+impl RunArgs {
     fn config(&self) -> Result<ServerConfig, Failed> {
         let mut c = match &self.config {
             Some(p) => ServerConfig::from_file(p).map_err(|e| Failed::new(Code::Usage, e))?,
@@ -122,6 +159,71 @@ impl ServerArgs {
 }
 
 pub fn run(a: ServerArgs) -> Result<(), Failed> {
+    match a.action {
+        Some(ServerAction::Shrink(x)) => admin_post("/shrink", x),
+        Some(ServerAction::Grow(x)) => admin_post("/grow", x),
+        None => serve(a.run),
+    }
+}
+
+/// Signs and sends an amount to the donor's admin endpoint, prints its answer.
+fn admin_post(path: &str, a: AdminArgs) -> Result<(), Failed> {
+    let cfg = ServerConfig {
+        secret_file: a.secret_file.clone(),
+        ..Default::default()
+    };
+    let secret = cfg.load_secret().map_err(|e| Failed::new(Code::Usage, e))?;
+    let body = serde_json::to_vec(&rmem_memserver::Amount::Bytes(a.by.0))
+        .map_err(|e| Failed::new(Code::Failure, e))?;
+    let auth = rmem_memserver::admin_authorization(&secret, "POST", path, &body);
+    let url = format!("http://{}{path}", a.admin);
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(std::time::Duration::from_secs(10)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut resp = agent
+        .post(&url)
+        .header("Authorization", &auth)
+        .header("Content-Type", "application/json")
+        .send(&body[..])
+        .map_err(|e| Failed::new(Code::Peer, format!("{url}: {e}")))?;
+    let status = resp.status();
+    let text = resp
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| Failed::new(Code::Peer, format!("{url}: {e}")))?;
+    if !status.is_success() {
+        let code = if status == 401 {
+            Code::Usage
+        } else {
+            Code::Failure
+        };
+        return Err(Failed::new(code, format!("{url}: {status}: {text}")));
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Failed::new(Code::Peer, e))?;
+    if a.json {
+        println!("{v}");
+        return Ok(());
+    }
+    let d = &v["donor"];
+    if let Some(r) = v.get("report") {
+        println!(
+            "retired {} free slabs now; asked {} lent slabs back (deadline {} ms); {} short",
+            r["retired"], r["reclaiming"], r["deadline_ms"], r["short"]
+        );
+    } else {
+        println!("lending {} slabs again", v["grown"]);
+    }
+    println!(
+        "donor: {} slabs, {} free, {} retired, {} being reclaimed",
+        d["slabs_total"], d["slabs_free"], d["slabs_retired"], d["slabs_reclaiming"]
+    );
+    Ok(())
+}
+
+fn serve(a: RunArgs) -> Result<(), Failed> {
     let cfg = a.config()?;
     let secret = cfg.load_secret().map_err(|e| Failed::new(Code::Usage, e))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
