@@ -82,6 +82,8 @@ pub struct ClientConfig {
     pub name: String,
     pub provider: Provider,
     pub device: Option<String>,
+    /// How long a one-sided operation may take before the donor is treated as dead.
+    pub op_timeout: Duration,
 }
 
 impl ClientConfig {
@@ -92,6 +94,7 @@ impl ClientConfig {
             name: "rmem-client".into(),
             provider: Provider::Tcp,
             device: None,
+            op_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -100,6 +103,7 @@ impl ClientConfig {
 struct DataPath {
     _ctx: Context,
     cq: Cq,
+    op_wait: Duration,
     qp: Qp,
     bounce: Mr,
 }
@@ -124,7 +128,6 @@ pub struct Client {
 }
 
 const BOUNCE: usize = 1 << 20;
-const OP_WAIT: Option<Duration> = Some(Duration::from_secs(30));
 /// A donor that does not answer a control request within this is treated as dead.
 const REPLY_WAIT: Duration = Duration::from_secs(30);
 
@@ -476,7 +479,7 @@ impl Client {
                 &s,
                 remote.at(offset + (k * BOUNCE) as u64),
             )])?;
-            complete(&d.cq)?;
+            complete(&d.cq, d.op_wait)?;
         }
         Ok(())
     }
@@ -493,7 +496,7 @@ impl Client {
         for (k, chunk) in out.chunks_mut(BOUNCE).enumerate() {
             let s = [d.bounce.sge(0, chunk.len())?];
             d.qp.post_send(&[SendWr::read(0, &s, remote.at(offset + (k * BOUNCE) as u64))])?;
-            complete(&d.cq)?;
+            complete(&d.cq, d.op_wait)?;
             d.bounce.read_at(0, chunk)?;
         }
         Ok(())
@@ -512,15 +515,18 @@ async fn connect_data(
 ) -> Result<DataPath, ClientError> {
     let mut o = OpenOptions::new(cfg.provider);
     o.device = cfg.device.clone();
+    let op_timeout = cfg.op_timeout;
     tokio::task::spawn_blocking(move || -> Result<DataPath, ClientError> {
         let ctx = open(&o)?;
         let pd = ctx.alloc_pd()?;
         let cq = ctx.create_cq(64)?;
-        let conn = ctx.connect(addr, &QpConfig::new(&pd, &cq), token.as_bytes())?;
+        let qc = QpConfig::new(&pd, &cq).op_timeout(op_timeout);
+        let conn = ctx.connect(addr, &qc, token.as_bytes())?;
         let bounce = pd.alloc_mr(BOUNCE, Access::LOCAL_WRITE)?;
         Ok(DataPath {
             _ctx: ctx,
             cq,
+            op_wait: op_timeout + Duration::from_secs(1),
             qp: conn.qp,
             bounce,
         })
@@ -540,8 +546,9 @@ fn check_bounds(remote: &RemoteBuf, offset: u64, len: usize) -> Result<(), Clien
     }
 }
 
-fn complete(cq: &Cq) -> Result<(), ClientError> {
-    let c = cq.wait_one(OP_WAIT)?;
+fn complete(cq: &Cq, wait: Duration) -> Result<(), ClientError> {
+    // The queue pair's own timeout fires first; this bounds a provider that misses it.
+    let c = cq.wait_one(Some(wait))?;
     if c.is_ok() {
         Ok(())
     } else {

@@ -1,0 +1,365 @@
+//! `rmem swap up`: the daemon behind one swap device. It borrows the slabs, attaches the
+//! kernel's NBD device to a local socket and serves it, formats and enables swap, repairs
+//! replicas in the background, answers `status` and `down` on a Unix socket, and undoes it all
+//! on `down`, SIGINT or SIGTERM.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+use crate::kernel_nbd::{self, IoCounters};
+use crate::store::{Store, StoreConfig, StoreStatus};
+use crate::swapfile;
+
+/// Where daemons put their control sockets.
+pub const RUN_DIR: &str = "/run/rmem";
+
+/// Daemon failures.
+#[derive(Debug, thiserror::Error)]
+pub enum SwapError {
+    #[error(transparent)]
+    Store(#[from] crate::StoreError),
+    #[error(transparent)]
+    Nbd(#[from] kernel_nbd::NbdError),
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SwapError {
+    let what = what.into();
+    move |source| SwapError::Io { what, source }
+}
+
+/// `rmem swap up` options.
+#[derive(Debug, Clone)]
+pub struct SwapOptions {
+    pub store: StoreConfig,
+    /// `/dev/nbdN`; the first free one when `None`.
+    pub device: Option<PathBuf>,
+    pub swapon: bool,
+    pub priority: Option<u16>,
+    pub mlock: bool,
+    pub run_dir: PathBuf,
+    /// Seconds the kernel waits for one request before failing it.
+    pub nbd_timeout: u64,
+}
+
+/// What `up` reports once the device is in use.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Ready {
+    pub device: String,
+    pub size: u64,
+    pub swapon: bool,
+    pub socket: String,
+    pub pid: u32,
+}
+
+/// What `status` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceStatus {
+    pub device: String,
+    pub pid: u32,
+    pub swapon: bool,
+    pub reads: u64,
+    pub writes: u64,
+    /// Bytes paged in from the device (swap-in).
+    pub bytes_in: u64,
+    /// Bytes paged out to the device (swap-out).
+    pub bytes_out: u64,
+    pub io_errors: u64,
+    pub store: StoreStatus,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+enum Request {
+    Status,
+    Down,
+}
+
+/// Runs the device until `down` or a signal; `ready` is called once swap is on.
+pub fn run(opts: SwapOptions, ready: impl FnOnce(&Ready)) -> Result<(), SwapError> {
+    if opts.mlock {
+        swapfile::lock_memory().map_err(io_err(
+            "mlockall (the daemon must not be swapped out; run as root or raise RLIMIT_MEMLOCK, or pass --no-mlock)",
+        ))?;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(io_err("tokio runtime"))?;
+    let store = rt.block_on(Store::create(&opts.store))?;
+    let dev = match &opts.device {
+        Some(d) => d.clone(),
+        None => kernel_nbd::free_device()?,
+    };
+    if opts.swapon {
+        swapfile::format(&store, "rmem-swap")?;
+    }
+    let (attached, sock) = kernel_nbd::attach(&dev, store.size(), opts.nbd_timeout)?;
+    let name = dev
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "nbd".into());
+    // Requests no larger than our buffers.
+    let _ = std::fs::write(
+        format!("/sys/block/{name}/queue/max_sectors_kb"),
+        (kernel_nbd::MAX_REQUEST / 1024).to_string(),
+    );
+    let io = Arc::new(IoCounters::default());
+    let server = {
+        let (store, io) = (store.clone(), io.clone());
+        std::thread::Builder::new()
+            .name("nbd-serve".into())
+            .spawn(move || {
+                if let Err(e) = kernel_nbd::serve(sock, &store, &io) {
+                    tracing::error!(error = %e, "NBD socket failed");
+                }
+            })
+            .map_err(io_err("thread"))?
+    };
+    let (kernel_done_tx, kernel_done) = tokio::sync::oneshot::channel();
+    let kernel = std::thread::Builder::new()
+        .name("nbd-kernel".into())
+        .spawn(move || {
+            let r = attached.run();
+            let _ = kernel_done_tx.send(());
+            r
+        })
+        .map_err(io_err("thread"))?;
+    wait_for_size(&name, store.size());
+
+    let result = rt.block_on(serve_device(
+        &opts,
+        &store,
+        &dev,
+        &name,
+        &io,
+        kernel_done,
+        ready,
+    ));
+    // Tear down in order: swap off (pages come back in), device disconnected, slabs returned.
+    let swapped = matches!(result, Ok(true));
+    if swapped {
+        tracing::info!(device = %dev.display(), "swapoff (paging everything back in)");
+        if let Err(e) = swapfile::swapoff(&dev) {
+            tracing::error!(error = %e, "swapoff failed; leaving the device attached");
+            return Err(SwapError::Io {
+                what: format!("swapoff {}", dev.display()),
+                source: e,
+            });
+        }
+    }
+    let _ = kernel_nbd::disconnect(&dev);
+    let _ = kernel.join();
+    let _ = server.join();
+    rt.block_on(store.release());
+    let _ = std::fs::remove_file(socket_path(&opts.run_dir, &name));
+    result.map(|_| ())
+}
+
+fn wait_for_size(name: &str, size: u64) {
+    for _ in 0..200 {
+        let s = std::fs::read_to_string(format!("/sys/block/{name}/size")).unwrap_or_default();
+        if s.trim().parse::<u64>().unwrap_or(0) * 512 == size {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    tracing::warn!(
+        device = name,
+        "the kernel has not reported the device size yet"
+    );
+}
+
+pub fn socket_path(run_dir: &Path, name: &str) -> PathBuf {
+    run_dir.join(format!("swap-{name}.sock"))
+}
+
+/// Swap on, then serve control requests, repair replicas and watch donors until told to stop.
+/// Returns whether swap was turned on.
+async fn serve_device(
+    opts: &SwapOptions,
+    store: &Arc<Store>,
+    dev: &Path,
+    name: &str,
+    io: &Arc<IoCounters>,
+    mut kernel_done: tokio::sync::oneshot::Receiver<()>,
+    ready: impl FnOnce(&Ready),
+) -> Result<bool, SwapError> {
+    std::fs::create_dir_all(&opts.run_dir)
+        .map_err(io_err(format!("{}", opts.run_dir.display())))?;
+    let sock_path = socket_path(&opts.run_dir, name);
+    let _ = std::fs::remove_file(&sock_path);
+    let listener = tokio::net::UnixListener::bind(&sock_path)
+        .map_err(io_err(format!("control socket {}", sock_path.display())))?;
+    if opts.swapon {
+        let (d, prio) = (dev.to_path_buf(), opts.priority);
+        tokio::task::spawn_blocking(move || swapfile::swapon(&d, prio))
+            .await
+            .map_err(|e| SwapError::Io {
+                what: "swapon".into(),
+                source: std::io::Error::other(e),
+            })?
+            .map_err(io_err(format!("swapon {}", dev.display())))?;
+    }
+    ready(&Ready {
+        device: dev.display().to_string(),
+        size: store.size(),
+        swapon: opts.swapon,
+        socket: sock_path.display().to_string(),
+        pid: std::process::id(),
+    });
+
+    // Donor notices: reclaimed slabs are copied elsewhere, a closing donor is replaced.
+    let wake = Arc::new(tokio::sync::Notify::new());
+    for (i, mut rx) in store.notices() {
+        let (store, wake) = (store.clone(), wake.clone());
+        tokio::spawn(async move {
+            while let Some(n) = rx.recv().await {
+                match n {
+                    rmem_memserver::Notice::Reclaim { slabs, .. } => {
+                        tracing::warn!(
+                            donor = i,
+                            slabs = slabs.len(),
+                            "donor reclaims slabs; moving them"
+                        );
+                        store.mark_leaving(i, &slabs);
+                    }
+                    rmem_memserver::Notice::Closing { reason, .. } => {
+                        store.mark_failed(i, &reason);
+                    }
+                }
+                wake.notify_one();
+            }
+        });
+    }
+    let repair = {
+        let (store, wake) = (store.clone(), wake.clone());
+        tokio::spawn(async move {
+            loop {
+                let _ = tokio::time::timeout(Duration::from_millis(500), wake.notified()).await;
+                let short = store.repair().await;
+                if short > 0 && store.revive().await {
+                    wake.notify_one();
+                }
+            }
+        })
+    };
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(io_err("signal"))?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(io_err("signal"))?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = &mut kernel_done => {
+                tracing::warn!("the kernel dropped the NBD connection");
+                repair.abort();
+                return Ok(false);
+            }
+            c = listener.accept() => {
+                let Ok((s, _)) = c else { continue };
+                let (r, mut w) = s.into_split();
+                let mut line = String::new();
+                let mut r = tokio::io::BufReader::new(r);
+                if r.read_line(&mut line).await.is_err() {
+                    continue;
+                }
+                match serde_json::from_str::<Request>(&line) {
+                    Ok(Request::Status) => {
+                        let st = status(store, dev, opts.swapon, io);
+                        let mut j = serde_json::to_vec(&st).unwrap_or_default();
+                        j.push(b'\n');
+                        let _ = w.write_all(&j).await;
+                    }
+                    Ok(Request::Down) => {
+                        // The answer comes when the device is gone: the peer waits on the socket.
+                        tokio::spawn(async move {
+                            let _w = w;
+                            std::future::pending::<()>().await;
+                        });
+                        break;
+                    }
+                    Err(e) => {
+                        let _ = w.write_all(format!("{{\"error\":{:?}}}\n", e.to_string()).as_bytes()).await;
+                    }
+                }
+            }
+        }
+    }
+    repair.abort();
+    Ok(opts.swapon)
+}
+
+fn status(store: &Store, dev: &Path, swapon: bool, io: &IoCounters) -> DeviceStatus {
+    DeviceStatus {
+        device: dev.display().to_string(),
+        pid: std::process::id(),
+        swapon,
+        reads: io.reads.load(Ordering::Relaxed),
+        writes: io.writes.load(Ordering::Relaxed),
+        bytes_in: io.bytes_read.load(Ordering::Relaxed),
+        bytes_out: io.bytes_written.load(Ordering::Relaxed),
+        io_errors: io.errors.load(Ordering::Relaxed),
+        store: store.status(),
+    }
+}
+
+/// The control sockets of running daemons.
+pub fn sockets(run_dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(run_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("swap-") && n.ends_with(".sock"))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Asks a daemon for its status.
+pub fn query_status(sock: &Path) -> std::io::Result<serde_json::Value> {
+    let mut s = UnixStream::connect(sock)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(b"{\"cmd\":\"status\"}\n")?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    serde_json::from_str(&line).map_err(std::io::Error::other)
+}
+
+/// Tells a daemon to take its device down and waits until it has (swapoff can take minutes
+/// when much is swapped out).
+pub fn request_down(sock: &Path, wait: Duration) -> std::io::Result<()> {
+    let mut s = UnixStream::connect(sock)?;
+    s.set_read_timeout(Some(wait))?;
+    s.write_all(b"{\"cmd\":\"down\"}\n")?;
+    let mut line = String::new();
+    // The daemon closes the socket when it exits.
+    match BufReader::new(s).read_line(&mut line) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the daemon is still taking the device down",
+        )),
+        Err(e) => Err(e),
+    }
+}

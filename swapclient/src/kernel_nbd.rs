@@ -1,0 +1,305 @@
+//! The kernel's NBD client on a local socket: `/dev/nbdN` is handed one end of a socket pair
+//! (ioctl interface, no handshake), and [`serve`] answers its requests from a [`Store`] on the
+//! other end. Works on any kernel with the nbd module; no nbd-client binary needed.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::store::Store;
+
+// <linux/nbd.h>: _IO(0xab, n).
+const NBD_SET_SOCK: libc::c_ulong = 0xab00;
+const NBD_SET_BLKSIZE: libc::c_ulong = 0xab01;
+const NBD_DO_IT: libc::c_ulong = 0xab03;
+const NBD_CLEAR_SOCK: libc::c_ulong = 0xab04;
+const NBD_CLEAR_QUE: libc::c_ulong = 0xab05;
+const NBD_SET_SIZE_BLOCKS: libc::c_ulong = 0xab07;
+const NBD_DISCONNECT: libc::c_ulong = 0xab08;
+const NBD_SET_TIMEOUT: libc::c_ulong = 0xab09;
+const NBD_SET_FLAGS: libc::c_ulong = 0xab0a;
+
+const FLAG_HAS_FLAGS: u64 = 1 << 0;
+const FLAG_SEND_FLUSH: u64 = 1 << 2;
+const FLAG_SEND_TRIM: u64 = 1 << 5;
+
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const REPLY_MAGIC: u32 = 0x6744_6698;
+const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
+const CMD_DISC: u16 = 2;
+const CMD_FLUSH: u16 = 3;
+const CMD_TRIM: u16 = 4;
+const CMD_WRITE_ZEROES: u16 = 6;
+const EIO: u32 = 5;
+const EINVAL: u32 = 22;
+const ENOSPC: u32 = 28;
+
+/// Largest request we let the kernel send (`max_sectors_kb`); buffers are sized for it.
+pub const MAX_REQUEST: usize = 1 << 20;
+
+/// NBD device failures.
+#[derive(Debug, thiserror::Error)]
+pub enum NbdError {
+    #[error("no free /dev/nbdN (is the nbd module loaded? `modprobe nbd`)")]
+    NoDevice,
+    #[error("{path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} on {path}")]
+    Ioctl {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("socket pair")]
+    Socket(#[source] std::io::Error),
+}
+
+/// The first `/dev/nbdN` with no connection.
+pub fn free_device() -> Result<PathBuf, NbdError> {
+    for n in 0..256 {
+        let dev = PathBuf::from(format!("/dev/nbd{n}"));
+        if !dev.exists() {
+            break;
+        }
+        // A connected device has a pid file and a size.
+        let sys = format!("/sys/block/nbd{n}");
+        if Path::new(&format!("{sys}/pid")).exists() {
+            continue;
+        }
+        let size = std::fs::read_to_string(format!("{sys}/size")).unwrap_or_default();
+        if size.trim() == "0" || size.is_empty() {
+            return Ok(dev);
+        }
+    }
+    Err(NbdError::NoDevice)
+}
+
+fn ioctl(
+    f: &File,
+    path: &Path,
+    what: &'static str,
+    req: libc::c_ulong,
+    arg: libc::c_ulong,
+) -> Result<(), NbdError> {
+    // SAFETY: nbd ioctls take an integer argument (or none); `f` is an open nbd device.
+    let r = unsafe { libc::ioctl(f.as_raw_fd(), req as _, arg) };
+    if r < 0 {
+        return Err(NbdError::Ioctl {
+            what,
+            path: path.into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// A configured device: [`Attached::run`] blocks in the kernel until [`disconnect`].
+pub struct Attached {
+    path: PathBuf,
+    dev: File,
+}
+
+/// Configures `path` for a `size`-byte device and gives it one end of a socket pair; returns
+/// the device and the end to [`serve`] on.
+pub fn attach(
+    path: &Path,
+    size: u64,
+    timeout_secs: u64,
+) -> Result<(Attached, UnixStream), NbdError> {
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|source| NbdError::Open {
+            path: path.into(),
+            source,
+        })?;
+    let (ours, theirs) = UnixStream::pair().map_err(NbdError::Socket)?;
+    ioctl(&dev, path, "NBD_CLEAR_SOCK", NBD_CLEAR_SOCK, 0)?;
+    ioctl(&dev, path, "NBD_SET_BLKSIZE", NBD_SET_BLKSIZE, 4096)?;
+    ioctl(
+        &dev,
+        path,
+        "NBD_SET_SIZE_BLOCKS",
+        NBD_SET_SIZE_BLOCKS,
+        (size / 4096) as libc::c_ulong,
+    )?;
+    ioctl(
+        &dev,
+        path,
+        "NBD_SET_TIMEOUT",
+        NBD_SET_TIMEOUT,
+        timeout_secs as libc::c_ulong,
+    )?;
+    ioctl(
+        &dev,
+        path,
+        "NBD_SET_FLAGS",
+        NBD_SET_FLAGS,
+        (FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_TRIM) as libc::c_ulong,
+    )?;
+    let theirs: OwnedFd = theirs.into();
+    ioctl(
+        &dev,
+        path,
+        "NBD_SET_SOCK",
+        NBD_SET_SOCK,
+        theirs.as_raw_fd() as libc::c_ulong,
+    )?;
+    // The kernel holds its own reference to the socket now.
+    drop(theirs);
+    Ok((
+        Attached {
+            path: path.into(),
+            dev,
+        },
+        ours,
+    ))
+}
+
+impl Attached {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Serves the block device until it is disconnected (the kernel returns from NBD_DO_IT).
+    pub fn run(&self) -> Result<(), NbdError> {
+        let r = ioctl(&self.dev, &self.path, "NBD_DO_IT", NBD_DO_IT, 0);
+        let _ = ioctl(&self.dev, &self.path, "NBD_CLEAR_QUE", NBD_CLEAR_QUE, 0);
+        let _ = ioctl(&self.dev, &self.path, "NBD_CLEAR_SOCK", NBD_CLEAR_SOCK, 0);
+        r
+    }
+}
+
+/// Asks the kernel to drop the device's connection (NBD_DO_IT then returns).
+pub fn disconnect(path: &Path) -> Result<(), NbdError> {
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|source| NbdError::Open {
+            path: path.into(),
+            source,
+        })?;
+    ioctl(&dev, path, "NBD_DISCONNECT", NBD_DISCONNECT, 0)
+}
+
+/// Bytes moved through the device.
+#[derive(Default)]
+pub struct IoCounters {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// Answers the kernel's requests until it disconnects. Buffers are allocated once, here; the
+/// loop itself allocates nothing.
+pub fn serve<S: Read + Write>(
+    mut sock: S,
+    store: &Store,
+    io: &Arc<IoCounters>,
+) -> std::io::Result<()> {
+    let mut data = vec![0u8; MAX_REQUEST];
+    let mut scratch = vec![0u8; MAX_REQUEST];
+    let mut hdr = [0u8; 28];
+    loop {
+        match sock.read_exact(&mut hdr) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let magic = u32::from_be_bytes(hdr[0..4].try_into().expect("4 bytes"));
+        if magic != REQUEST_MAGIC {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "bad NBD request magic",
+            ));
+        }
+        let cmd = u16::from_be_bytes(hdr[6..8].try_into().expect("2 bytes"));
+        let cookie = &hdr[8..16];
+        let off = u64::from_be_bytes(hdr[16..24].try_into().expect("8 bytes"));
+        let len = u32::from_be_bytes(hdr[24..28].try_into().expect("4 bytes")) as usize;
+        let mut reply = [0u8; 16];
+        reply[0..4].copy_from_slice(&REPLY_MAGIC.to_be_bytes());
+        reply[8..16].copy_from_slice(cookie);
+        let set_err = |reply: &mut [u8; 16], e: u32| reply[4..8].copy_from_slice(&e.to_be_bytes());
+        match cmd {
+            CMD_READ => {
+                if len > data.len() {
+                    data.resize(len, 0);
+                }
+                let buf = &mut data[..len];
+                match store.read(off, buf) {
+                    Ok(()) => {
+                        io.reads.fetch_add(1, Ordering::Relaxed);
+                        io.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
+                        sock.write_all(&reply)?;
+                        sock.write_all(buf)?;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::error!(off, len, error = %e, "read failed");
+                        io.errors.fetch_add(1, Ordering::Relaxed);
+                        set_err(
+                            &mut reply,
+                            if matches!(e, crate::StoreError::OutOfRange { .. }) {
+                                EINVAL
+                            } else {
+                                EIO
+                            },
+                        );
+                    }
+                }
+            }
+            CMD_WRITE => {
+                if len > data.len() {
+                    data.resize(len, 0);
+                }
+                let buf = &mut data[..len];
+                sock.read_exact(buf)?;
+                match store.write(off, buf) {
+                    Ok(()) => {
+                        io.writes.fetch_add(1, Ordering::Relaxed);
+                        io.bytes_written.fetch_add(len as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        tracing::error!(off, len, error = %e, "write failed");
+                        io.errors.fetch_add(1, Ordering::Relaxed);
+                        set_err(
+                            &mut reply,
+                            if matches!(e, crate::StoreError::OutOfRange { .. }) {
+                                ENOSPC
+                            } else {
+                                EIO
+                            },
+                        );
+                    }
+                }
+            }
+            // Every write reached the donors' memory before it was acknowledged.
+            CMD_FLUSH => {}
+            CMD_TRIM | CMD_WRITE_ZEROES => {
+                if let Err(e) = store.zero(off, len as u64, &mut scratch) {
+                    tracing::error!(off, len, error = %e, "trim failed");
+                    io.errors.fetch_add(1, Ordering::Relaxed);
+                    set_err(&mut reply, EIO);
+                }
+            }
+            CMD_DISC => return Ok(()),
+            _ => set_err(&mut reply, EINVAL),
+        }
+        sock.write_all(&reply)?;
+    }
+}

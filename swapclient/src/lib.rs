@@ -1,0 +1,13 @@
+//! `rmem-swapclient`: the borrower side of rmem.
+//!
+//! - A swap device whose blocks live in slabs borrowed from donors and moved with one-sided
+//!   READ/WRITE ([`store`]), kept on several donors ([`store::Store`] replicas, rebuilt in the
+//!   background), served to the kernel through its NBD client on a local socket
+//!   ([`kernel_nbd`]) by the `rmem swap` daemon ([`daemon`]).
+
+pub mod daemon;
+pub mod kernel_nbd;
+pub mod store;
+pub mod swapfile;
+
+pub use store::{DonorSpec, Store, StoreConfig, StoreError, StoreStatus};

@@ -1,0 +1,667 @@
+//! A block store whose blocks live in slabs borrowed from donors, each chunk (one slab) kept on
+//! `replicas` donors in distinct failure domains.
+//!
+//! Reads go to the first healthy replica; writes go to every healthy replica and succeed when at
+//! least one took them. A donor whose one-sided operation fails (error completion, timeout) is
+//! marked failed at once and its replicas dropped; the rebuilder ([`Store::repair`]) copies each
+//! chunk left short of replicas to another donor. A chunk with no replica left fails its I/O
+//! with an error: never stale or zeroed data.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rmem_memserver::{Client, ClientConfig, ClientError, Notice, SlabGrant};
+use rmem_transport::Provider;
+use serde::Serialize;
+
+/// Store failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("donor {addr}")]
+    Donor {
+        addr: SocketAddr,
+        #[source]
+        source: ClientError,
+    },
+    #[error("{0}")]
+    Config(String),
+    #[error("not enough donor memory: {0}")]
+    Full(String),
+    #[error("no healthy replica holds bytes {off}..{end}")]
+    Lost { off: u64, end: u64 },
+    #[error("access beyond the device ({off}+{len} of {size})")]
+    OutOfRange { off: u64, len: u64, size: u64 },
+}
+
+/// A donor named on the command line: `HOST:PORT[@DOMAIN]`; the failure domain defaults to the
+/// host's address, so two donors on one host are one domain unless labelled apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DonorSpec {
+    pub addr: SocketAddr,
+    pub domain: String,
+}
+
+impl std::str::FromStr for DonorSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, domain) = match s.rsplit_once('@') {
+            Some((a, d)) if !d.is_empty() => (a, Some(d.to_string())),
+            Some(_) => return Err(format!("{s:?}: empty failure domain after '@'")),
+            None => (s, None),
+        };
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(a)
+            .map_err(|e| format!("{a:?}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{a:?} resolves to nothing"))?;
+        Ok(DonorSpec {
+            domain: domain.unwrap_or_else(|| addr.ip().to_string()),
+            addr,
+        })
+    }
+}
+
+/// How to build a store.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub size: u64,
+    pub replicas: usize,
+    pub donors: Vec<DonorSpec>,
+    pub secret: Vec<u8>,
+    pub provider: Provider,
+    pub device: Option<String>,
+    pub name: String,
+    /// A one-sided operation taking longer marks its donor failed.
+    pub op_timeout: Duration,
+}
+
+struct Donor {
+    spec: DonorSpec,
+    client: Arc<Client>,
+    healthy: AtomicBool,
+    bytes_read: AtomicU64,
+    bytes_written: AtomicU64,
+    errors: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Replica {
+    donor: usize,
+    grant: SlabGrant,
+    /// The donor asked this slab back: copy it elsewhere, then free it.
+    leaving: bool,
+}
+
+/// What `rmem swap status` shows of one donor.
+#[derive(Debug, Clone, Serialize)]
+pub struct DonorStatus {
+    pub addr: String,
+    pub domain: String,
+    pub healthy: bool,
+    pub slabs: usize,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub errors: u64,
+}
+
+/// What `rmem swap status` shows of the store.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoreStatus {
+    pub size: u64,
+    pub chunk_size: u64,
+    pub replicas: usize,
+    pub chunks: usize,
+    /// Chunks with fewer live replicas than asked for.
+    pub degraded: usize,
+    /// Chunks with none (their blocks give I/O errors).
+    pub lost: usize,
+    pub rebuilt: u64,
+    pub moved: u64,
+    pub donors: Vec<DonorStatus>,
+}
+
+/// The replicated block store.
+pub struct Store {
+    size: u64,
+    chunk: u64,
+    replicas: usize,
+    donors: Vec<Donor>,
+    chunks: Vec<Mutex<Vec<Replica>>>,
+    rebuilt: AtomicU64,
+    moved: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Store {
+    /// Connects to every donor and borrows `replicas` slabs per chunk, spread over donors in
+    /// distinct failure domains, the emptiest donors first.
+    pub async fn create(cfg: &StoreConfig) -> Result<Arc<Store>, StoreError> {
+        let domains: std::collections::HashSet<_> =
+            cfg.donors.iter().map(|d| d.domain.as_str()).collect();
+        if cfg.replicas == 0 || cfg.replicas > domains.len() {
+            return Err(StoreError::Config(format!(
+                "{} replicas need as many donors in distinct failure domains; {} given",
+                cfg.replicas,
+                domains.len()
+            )));
+        }
+        let mut donors = Vec::new();
+        for spec in &cfg.donors {
+            let mut cc = ClientConfig::new(spec.addr, cfg.secret.clone());
+            cc.name = cfg.name.clone();
+            cc.provider = cfg.provider;
+            cc.device = cfg.device.clone();
+            cc.op_timeout = cfg.op_timeout;
+            let client = Client::connect(cc)
+                .await
+                .map_err(|source| StoreError::Donor {
+                    addr: spec.addr,
+                    source,
+                })?;
+            donors.push(Donor {
+                spec: spec.clone(),
+                client: Arc::new(client),
+                healthy: AtomicBool::new(true),
+                bytes_read: AtomicU64::new(0),
+                bytes_written: AtomicU64::new(0),
+                errors: AtomicU64::new(0),
+            });
+        }
+        let chunk = donors[0].client.slab_size();
+        if let Some(d) = donors.iter().find(|d| d.client.slab_size() != chunk) {
+            return Err(StoreError::Config(format!(
+                "donor {} lends {}-byte slabs, {} lends {chunk}: use one slab size",
+                d.spec.addr,
+                d.client.slab_size(),
+                donors[0].spec.addr
+            )));
+        }
+        if cfg.size == 0 || cfg.size % 4096 != 0 {
+            return Err(StoreError::Config(
+                "size must be a positive multiple of 4096".into(),
+            ));
+        }
+        let n = cfg.size.div_ceil(chunk) as usize;
+        let mut free = Vec::new();
+        for d in &donors {
+            let st = d.client.stats().await.map_err(|source| StoreError::Donor {
+                addr: d.spec.addr,
+                source,
+            })?;
+            free.push(st.slabs_free as usize);
+        }
+        let plan = place(n, cfg.replicas, &donors, &mut free)?;
+        // One allocation per donor, then hand the slabs out in plan order.
+        let mut granted: Vec<Vec<SlabGrant>> = vec![Vec::new(); donors.len()];
+        for (i, d) in donors.iter().enumerate() {
+            let want = plan.iter().flatten().filter(|&&x| x == i).count();
+            let mut left = want;
+            while left > 0 {
+                let k = left.min(rmem_memserver::protocol::MAX_SLABS_PER_REQUEST as usize);
+                let got = d
+                    .client
+                    .alloc(k as u32)
+                    .await
+                    .map_err(|source| StoreError::Donor {
+                        addr: d.spec.addr,
+                        source,
+                    })?;
+                granted[i].extend(got);
+                left -= k;
+            }
+            granted[i].reverse();
+        }
+        let chunks = plan
+            .iter()
+            .map(|ds| {
+                let reps = ds
+                    .iter()
+                    .map(|&d| Replica {
+                        donor: d,
+                        grant: granted[d].pop().expect("allocated per plan"),
+                        leaving: false,
+                    })
+                    .collect();
+                Mutex::new(reps)
+            })
+            .collect();
+        for d in &donors {
+            d.client.spawn_renewal();
+        }
+        Ok(Arc::new(Store {
+            size: cfg.size,
+            chunk,
+            replicas: cfg.replicas,
+            donors,
+            chunks,
+            rebuilt: AtomicU64::new(0),
+            moved: AtomicU64::new(0),
+        }))
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    pub fn chunk_size(&self) -> u64 {
+        self.chunk
+    }
+
+    /// Splits `[off, off+len)` at chunk boundaries: (chunk, offset in chunk, range in request).
+    fn pieces(
+        &self,
+        off: u64,
+        len: u64,
+    ) -> Result<impl Iterator<Item = (usize, u64, std::ops::Range<usize>)> + '_, StoreError> {
+        if off.checked_add(len).is_none_or(|e| e > self.size) {
+            return Err(StoreError::OutOfRange {
+                off,
+                len,
+                size: self.size,
+            });
+        }
+        let chunk = self.chunk;
+        let mut done = 0u64;
+        Ok(std::iter::from_fn(move || {
+            if done >= len {
+                return None;
+            }
+            let pos = off + done;
+            let within = pos % chunk;
+            let n = (chunk - within).min(len - done);
+            let r = (done as usize)..((done + n) as usize);
+            done += n;
+            Some(((pos / chunk) as usize, within, r))
+        }))
+    }
+
+    fn fail(&self, d: usize, e: &ClientError) {
+        let donor = &self.donors[d];
+        donor.errors.fetch_add(1, Ordering::Relaxed);
+        if donor.healthy.swap(false, Ordering::AcqRel) {
+            tracing::error!(donor = %donor.spec.addr, error = %e, "donor failed; serving from replicas");
+        }
+    }
+
+    /// Reads into `out` from the first healthy replica of each chunk.
+    pub fn read(&self, off: u64, out: &mut [u8]) -> Result<(), StoreError> {
+        for (c, within, r) in self.pieces(off, out.len() as u64)? {
+            let mut reps = lock(&self.chunks[c]);
+            let mut done = false;
+            // Always the first remaining replica: a failed one is removed, the next tried.
+            let k = 0;
+            while !reps.is_empty() {
+                let rep = reps[k];
+                let d = &self.donors[rep.donor];
+                if !d.healthy.load(Ordering::Acquire) {
+                    reps.remove(k);
+                    continue;
+                }
+                match d
+                    .client
+                    .read_remote(rep.grant.remote, within, &mut out[r.clone()])
+                {
+                    Ok(()) => {
+                        d.bytes_read.fetch_add(r.len() as u64, Ordering::Relaxed);
+                        done = true;
+                        break;
+                    }
+                    Err(e) => {
+                        self.fail(rep.donor, &e);
+                        reps.remove(k);
+                    }
+                }
+            }
+            if !done {
+                return Err(StoreError::Lost {
+                    off: off + r.start as u64,
+                    end: off + r.end as u64,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `data` to every healthy replica of each chunk.
+    pub fn write(&self, off: u64, data: &[u8]) -> Result<(), StoreError> {
+        for (c, within, r) in self.pieces(off, data.len() as u64)? {
+            let mut reps = lock(&self.chunks[c]);
+            let mut k = 0;
+            let mut ok = 0;
+            while k < reps.len() {
+                let rep = reps[k];
+                let d = &self.donors[rep.donor];
+                let res = if d.healthy.load(Ordering::Acquire) {
+                    d.client
+                        .write_remote(rep.grant.remote, within, &data[r.clone()])
+                } else {
+                    Err(ClientError::Closed)
+                };
+                match res {
+                    Ok(()) => {
+                        d.bytes_written.fetch_add(r.len() as u64, Ordering::Relaxed);
+                        ok += 1;
+                        k += 1;
+                    }
+                    Err(e) => {
+                        if d.healthy.load(Ordering::Acquire) {
+                            self.fail(rep.donor, &e);
+                        }
+                        // A replica that missed a write is stale: it must never be read again.
+                        reps.remove(k);
+                    }
+                }
+            }
+            if ok == 0 {
+                return Err(StoreError::Lost {
+                    off: off + r.start as u64,
+                    end: off + r.end as u64,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Zeroes a range (TRIM / WRITE_ZEROES), in pieces of at most `scratch.len()` bytes.
+    pub fn zero(&self, off: u64, len: u64, scratch: &mut [u8]) -> Result<(), StoreError> {
+        scratch.fill(0);
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(scratch.len() as u64);
+            self.write(off + done, &scratch[..n as usize])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Records the donor's reclaim notice: those replicas are copied elsewhere by `repair`.
+    pub fn mark_leaving(&self, donor: usize, slabs: &[SlabGrant]) {
+        for c in &self.chunks {
+            for rep in lock(c).iter_mut() {
+                if rep.donor == donor && slabs.iter().any(|s| s.slab == rep.grant.slab) {
+                    rep.leaving = true;
+                }
+            }
+        }
+    }
+
+    /// Marks a donor failed (its session is closing or its lease could not be renewed).
+    pub fn mark_failed(&self, donor: usize, why: &str) {
+        if self.donors[donor].healthy.swap(false, Ordering::AcqRel) {
+            tracing::error!(donor = %self.donors[donor].spec.addr, why, "donor failed");
+        }
+    }
+
+    /// Index and notice queue of each donor, for the daemon to watch.
+    pub fn notices(&self) -> Vec<(usize, tokio::sync::mpsc::UnboundedReceiver<Notice>)> {
+        self.donors
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| d.client.notices().map(|rx| (i, rx)))
+            .collect()
+    }
+
+    /// One repair pass: every chunk short of live replicas (or holding a leaving one) gets a
+    /// copy on another donor. Returns how many chunks are still short (no donor could take
+    /// them). The chunk is locked while it is copied, so no write is missed.
+    pub async fn repair(self: &Arc<Self>) -> usize {
+        let mut short = 0;
+        for c in 0..self.chunks.len() {
+            let (live, leaving, used): (usize, Vec<Replica>, Vec<String>) = {
+                let mut reps = lock(&self.chunks[c]);
+                reps.retain(|r| self.donors[r.donor].healthy.load(Ordering::Acquire));
+                let live = reps.iter().filter(|r| !r.leaving).count();
+                let leaving = reps.iter().filter(|r| r.leaving).copied().collect();
+                let used = reps
+                    .iter()
+                    .filter(|r| !r.leaving)
+                    .map(|r| self.donors[r.donor].spec.domain.clone())
+                    .collect();
+                (live, leaving, used)
+            };
+            if live >= self.replicas && leaving.is_empty() {
+                continue;
+            }
+            if live + leaving.len() == 0 {
+                continue; // lost: nothing to copy from
+            }
+            let mut need = self.replicas.saturating_sub(live);
+            let mut used = used;
+            while need > 0 {
+                match self.add_replica(c, &used).await {
+                    Some(domain) => {
+                        used.push(domain);
+                        need -= 1;
+                    }
+                    None => break,
+                }
+            }
+            if need > 0 {
+                short += 1;
+                continue;
+            }
+            // Enough live copies: let the leaving slabs go.
+            for rep in leaving {
+                lock(&self.chunks[c])
+                    .retain(|r| !(r.donor == rep.donor && r.grant.slab == rep.grant.slab));
+                let d = &self.donors[rep.donor];
+                if let Err(e) = d.client.free(&[rep.grant.slab]).await {
+                    tracing::debug!(donor = %d.spec.addr, error = %e, "reclaimed slab already gone");
+                }
+                self.moved.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        short
+    }
+
+    /// Copies chunk `c` to a new slab on a healthy donor outside `used` domains.
+    async fn add_replica(self: &Arc<Self>, c: usize, used: &[String]) -> Option<String> {
+        let mut candidates: Vec<usize> = (0..self.donors.len())
+            .filter(|&i| {
+                let d = &self.donors[i];
+                d.healthy.load(Ordering::Acquire) && !used.contains(&d.spec.domain)
+            })
+            .collect();
+        // The donor holding the fewest of our slabs first.
+        candidates.sort_by_key(|&i| self.slabs_on(i));
+        for i in candidates {
+            let d = &self.donors[i];
+            let grant = match d.client.alloc(1).await {
+                Ok(mut g) => g.pop()?,
+                Err(e) => {
+                    tracing::debug!(donor = %d.spec.addr, error = %e, "no slab for a replica");
+                    continue;
+                }
+            };
+            let me = self.clone();
+            let copied = tokio::task::spawn_blocking(move || me.copy_chunk(c, i, grant))
+                .await
+                .unwrap_or(false);
+            if copied {
+                self.rebuilt.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(chunk = c, donor = %d.spec.addr, "replica rebuilt");
+                return Some(d.spec.domain.clone());
+            }
+            let _ = d.client.free(&[grant.slab]).await;
+        }
+        None
+    }
+
+    /// Under the chunk's lock: copies it from a live replica into `grant` on donor `to`.
+    fn copy_chunk(&self, c: usize, to: usize, grant: SlabGrant) -> bool {
+        let mut reps = lock(&self.chunks[c]);
+        let mut buf = vec![0u8; (1 << 20).min(self.chunk as usize)];
+        for k in 0..reps.len() {
+            let from = reps[k];
+            let src = &self.donors[from.donor];
+            if !src.healthy.load(Ordering::Acquire) {
+                continue;
+            }
+            let dst = &self.donors[to];
+            let mut off = 0;
+            let mut ok = true;
+            while off < self.chunk {
+                let n = buf.len().min((self.chunk - off) as usize);
+                if let Err(e) = src
+                    .client
+                    .read_remote(from.grant.remote, off, &mut buf[..n])
+                {
+                    self.fail(from.donor, &e);
+                    ok = false;
+                    break;
+                }
+                if let Err(e) = dst.client.write_remote(grant.remote, off, &buf[..n]) {
+                    self.fail(to, &e);
+                    return false;
+                }
+                off += n as u64;
+            }
+            if ok {
+                reps.retain(|r| self.donors[r.donor].healthy.load(Ordering::Acquire));
+                reps.push(Replica {
+                    donor: to,
+                    grant,
+                    leaving: false,
+                });
+                return true;
+            }
+        }
+        false
+    }
+
+    fn slabs_on(&self, d: usize) -> usize {
+        self.chunks
+            .iter()
+            .map(|c| lock(c).iter().filter(|r| r.donor == d).count())
+            .sum()
+    }
+
+    /// Tries to bring failed donors back (a new data queue pair); true when one came back.
+    pub async fn revive(&self) -> bool {
+        let mut any = false;
+        for d in &self.donors {
+            if d.healthy.load(Ordering::Acquire) {
+                continue;
+            }
+            if d.client.reconnect().await.is_ok() {
+                tracing::info!(donor = %d.spec.addr, "donor reachable again");
+                d.healthy.store(true, Ordering::Release);
+                any = true;
+            }
+        }
+        any
+    }
+
+    pub fn status(&self) -> StoreStatus {
+        let mut degraded = 0;
+        let mut lost = 0;
+        for c in &self.chunks {
+            let live = lock(c)
+                .iter()
+                .filter(|r| !r.leaving && self.donors[r.donor].healthy.load(Ordering::Acquire))
+                .count();
+            if live == 0 {
+                lost += 1;
+            } else if live < self.replicas {
+                degraded += 1;
+            }
+        }
+        StoreStatus {
+            size: self.size,
+            chunk_size: self.chunk,
+            replicas: self.replicas,
+            chunks: self.chunks.len(),
+            degraded,
+            lost,
+            rebuilt: self.rebuilt.load(Ordering::Relaxed),
+            moved: self.moved.load(Ordering::Relaxed),
+            donors: self
+                .donors
+                .iter()
+                .enumerate()
+                .map(|(i, d)| DonorStatus {
+                    addr: d.spec.addr.to_string(),
+                    domain: d.spec.domain.clone(),
+                    healthy: d.healthy.load(Ordering::Acquire),
+                    slabs: self.slabs_on(i),
+                    bytes_read: d.bytes_read.load(Ordering::Relaxed),
+                    bytes_written: d.bytes_written.load(Ordering::Relaxed),
+                    errors: d.errors.load(Ordering::Relaxed),
+                })
+                .collect(),
+        }
+    }
+
+    /// Gives every slab back (the device is gone).
+    pub async fn release(&self) {
+        for (i, d) in self.donors.iter().enumerate() {
+            let mine: Vec<u32> = self
+                .chunks
+                .iter()
+                .flat_map(|c| {
+                    lock(c)
+                        .iter()
+                        .filter(|r| r.donor == i)
+                        .map(|r| r.grant.slab)
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            for part in mine.chunks(rmem_memserver::protocol::MAX_SLABS_PER_REQUEST as usize) {
+                if let Err(e) = d.client.free(part).await {
+                    tracing::warn!(donor = %d.spec.addr, error = %e, "could not give slabs back");
+                }
+            }
+        }
+    }
+}
+
+/// Chooses `replicas` donors in distinct domains for each of `n` chunks, taking from the donor
+/// with the most free slabs each time.
+fn place(
+    n: usize,
+    replicas: usize,
+    donors: &[Donor],
+    free: &mut [usize],
+) -> Result<Vec<Vec<usize>>, StoreError> {
+    let mut plan = Vec::with_capacity(n);
+    for c in 0..n {
+        let mut chosen: Vec<usize> = Vec::with_capacity(replicas);
+        for _ in 0..replicas {
+            let best = (0..donors.len())
+                .filter(|&i| free[i] > 0)
+                .filter(|&i| {
+                    chosen
+                        .iter()
+                        .all(|&j| donors[j].spec.domain != donors[i].spec.domain)
+                })
+                .max_by_key(|&i| (free[i], std::cmp::Reverse((i + c) % donors.len())));
+            let Some(i) = best else {
+                return Err(StoreError::Full(format!(
+                    "chunk {c} of {n} finds no donor with a free slab in another failure domain"
+                )));
+            };
+            free[i] -= 1;
+            chosen.push(i);
+        }
+        plan.push(chosen);
+    }
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn donor_specs_parse_with_optional_domains() {
+        let d: DonorSpec = "127.0.0.1:7470".parse().unwrap();
+        assert_eq!(d.domain, "127.0.0.1");
+        let d: DonorSpec = "127.0.0.1:7471@rack2".parse().unwrap();
+        assert_eq!((d.addr.port(), d.domain.as_str()), (7471, "rack2"));
+        assert!("127.0.0.1:7471@".parse::<DonorSpec>().is_err());
+        assert!("nohost".parse::<DonorSpec>().is_err());
+    }
+}

@@ -1,0 +1,211 @@
+//! The replicated store over real donors (tcp provider, loopback, in this process).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rmem_memserver::{ByteSize, Control, Server, ServerConfig};
+use rmem_swapclient::{DonorSpec, Store, StoreConfig, StoreError};
+use rmem_transport::{HugePages, Provider};
+
+const SECRET: &[u8] = b"a shared secret for tests";
+const MIB: u64 = 1 << 20;
+
+struct Donor {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    ctl: Control,
+}
+
+impl Donor {
+    /// Stops the donor at once: sessions end, slabs are deregistered (like a dead host, as far
+    /// as the borrower can tell).
+    async fn kill(&mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+async fn donor(slabs: u64) -> Donor {
+    let mut cfg = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        size: ByteSize(slabs * MIB),
+        slab_size: ByteSize(MIB),
+        hugepages: HugePages::Never,
+        ..Default::default()
+    };
+    cfg.reclaim.pressure = false;
+    cfg.reclaim.grace_secs = 2;
+    cfg.reclaim.shutdown_grace_secs = 0;
+    let s = Server::bind(cfg, SECRET.to_vec()).await.unwrap();
+    let (addr, ctl) = (s.local_addr(), s.control());
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(s.run(async {
+        let _ = rx.await;
+    }));
+    Donor {
+        addr,
+        stop: Some(tx),
+        ctl,
+    }
+}
+
+fn config(size: u64, replicas: usize, donors: &[&Donor]) -> StoreConfig {
+    StoreConfig {
+        size,
+        replicas,
+        donors: donors
+            .iter()
+            .enumerate()
+            .map(|(i, d)| DonorSpec {
+                addr: d.addr,
+                domain: format!("d{i}"),
+            })
+            .collect(),
+        secret: SECRET.to_vec(),
+        provider: Provider::Tcp,
+        device: None,
+        name: "store-test".into(),
+        op_timeout: Duration::from_secs(2),
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
+        .collect()
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+/// Writes the pattern over the whole store in uneven pieces that cross chunk boundaries.
+async fn fill(store: &Arc<Store>, seed: u8) -> Vec<u8> {
+    let data = pattern(store.size() as usize, seed);
+    let (s, d) = (store.clone(), data.clone());
+    blocking(move || {
+        let mut off = 0;
+        while off < d.len() {
+            let n = (300 * 1024).min(d.len() - off);
+            s.write(off as u64, &d[off..off + n]).unwrap();
+            off += n;
+        }
+    })
+    .await;
+    data
+}
+
+async fn read_all(store: &Arc<Store>) -> Result<Vec<u8>, StoreError> {
+    let s = store.clone();
+    blocking(move || {
+        let mut out = vec![0u8; s.size() as usize];
+        for (k, piece) in out.chunks_mut(700 * 1024).enumerate() {
+            s.read((k * 700 * 1024) as u64, piece)?;
+        }
+        Ok(out)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_survive_donor_deaths_and_are_rebuilt() {
+    let mut a = donor(16).await;
+    let mut b = donor(16).await;
+    let c = donor(16).await;
+    let store = Store::create(&config(8 * MIB, 2, &[&a, &b, &c]))
+        .await
+        .unwrap();
+    let st = store.status();
+    assert_eq!((st.chunks, st.degraded, st.lost), (8, 0, 0));
+    assert_eq!(st.donors.iter().map(|d| d.slabs).sum::<usize>(), 16);
+    assert!(
+        st.donors.iter().all(|d| d.slabs > 0),
+        "spread over every donor: {st:?}"
+    );
+    let data = fill(&store, 1).await;
+
+    a.kill().await;
+    assert!(
+        read_all(&store).await.unwrap() == data,
+        "served from replicas"
+    );
+    let st = store.status();
+    assert!(!st.donors[0].healthy);
+    assert_eq!(store.repair().await, 0, "every chunk found a new home");
+    let st = store.status();
+    assert_eq!((st.degraded, st.lost), (0, 0), "{st:?}");
+    assert!(st.rebuilt > 0);
+    assert_eq!(st.donors[0].slabs, 0);
+
+    // Writes after the rebuild reach both copies: losing another donor loses nothing.
+    let data = fill(&store, 2).await;
+    b.kill().await;
+    assert!(read_all(&store).await.unwrap() == data);
+    assert_eq!(store.status().lost, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_replicas_a_dead_donor_means_errors_not_wrong_data() {
+    let mut a = donor(8).await;
+    let store = Store::create(&config(4 * MIB, 1, &[&a])).await.unwrap();
+    fill(&store, 3).await;
+    a.kill().await;
+    assert!(matches!(
+        read_all(&store).await,
+        Err(StoreError::Lost { .. })
+    ));
+    let s = store.clone();
+    let w = blocking(move || s.write(0, &[1u8; 4096])).await;
+    assert!(matches!(w, Err(StoreError::Lost { .. })));
+    assert_eq!(store.status().lost, 4);
+    assert_eq!(store.repair().await, 0, "nothing to rebuild from");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reclaimed_slabs_are_moved_before_the_deadline() {
+    let a = donor(8).await;
+    let b = donor(8).await;
+    let store = Store::create(&config(4 * MIB, 1, &[&a, &b])).await.unwrap();
+    let data = fill(&store, 4).await;
+    let on_a = store.status().donors[0].slabs as u32;
+    assert!(on_a > 0);
+    let mut notices = store.notices();
+    // Everything on A is asked back (its free slabs go first).
+    let r = a.ctl.shrink(8);
+    assert_eq!(r.reclaiming, on_a);
+    let (i, rx) = notices.iter_mut().find(|(i, _)| *i == 0).unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+        Ok(Some(rmem_memserver::Notice::Reclaim { slabs, .. })) => store.mark_leaving(*i, &slabs),
+        other => panic!("expected a reclaim notice, got {other:?}"),
+    }
+    assert_eq!(store.repair().await, 0);
+    let st = store.status();
+    assert_eq!((st.donors[0].slabs, st.moved as u32), (0, on_a), "{st:?}");
+    assert!(read_all(&store).await.unwrap() == data);
+    // A gets its memory back without waiting for the deadline.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let ds = a.ctl.stats();
+    assert_eq!((ds.slabs_retired, ds.slabs_reclaiming), (8, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuses_impossible_layouts_and_out_of_range_io() {
+    let a = donor(4).await;
+    let b = donor(4).await;
+    let mut cfg = config(4 * MIB, 2, &[&a, &b]);
+    cfg.donors[1].domain = "d0".into();
+    assert!(
+        matches!(Store::create(&cfg).await, Err(StoreError::Config(_))),
+        "one domain, two replicas"
+    );
+    let cfg = config(8 * MIB, 2, &[&a, &b]);
+    assert!(matches!(
+        Store::create(&cfg).await,
+        Err(StoreError::Full(_))
+    ));
+    let store = Store::create(&config(2 * MIB, 2, &[&a, &b])).await.unwrap();
+    let s = store.clone();
+    let e = blocking(move || s.read(2 * MIB - 10, &mut [0u8; 20])).await;
+    assert!(matches!(e, Err(StoreError::OutOfRange { .. })));
+}
