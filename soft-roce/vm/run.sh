@@ -10,6 +10,8 @@
 #   soft-roce/vm/run.sh nbd-swap                        the donor's NBD export as swap through the guest
 #                                                       kernel's stock nbd client: mkswap, swapon,
 #                                                       checksummed pages pushed out and read back
+#   soft-roce/vm/run.sh swap                            `rmem swap` as the guest's swap over tcp, over
+#                                                       verbs, and with 2 replicas as a donor dies
 #   soft-roce/vm/run.sh script FILE [args...]           any guest script (args in $RMEM_TEST_ARGS)
 #
 # It installs what it needs with apt-get (QEMU, a Debian kernel with rdma_rxe, busybox,
@@ -28,7 +30,7 @@ timeout_s=${RMEM_VM_TIMEOUT:-1500}
 
 mode=conformance
 case "${1:-}" in
-  conformance|perf|two-vm|nbd-swap) mode=$1; shift ;;
+  conformance|perf|two-vm|nbd-swap|swap) mode=$1; shift ;;
   script) mode=script; shift; guest_script=$(realpath "${1:?script needs a FILE}"); shift ;;
   -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
 esac
@@ -78,6 +80,7 @@ case $mode in
   conformance) guest_script=$here/guest-conformance.sh ;;
   perf) guest_script=$here/guest-perf.sh ;;
   nbd-swap) guest_script=$here/guest-nbd-swap.sh ;;
+  swap) guest_script=$here/guest-swap.sh ;;
   two-vm) guest_script=${RMEM_VM_GUEST:-$here/guest-two-vm.sh} ;;
 esac
 echo "== building the initramfs (kernel $kver)"

@@ -6,6 +6,7 @@ mod devices;
 mod memcheck;
 mod perf;
 mod server;
+mod swap;
 
 use clap::{Args, Parser, Subcommand};
 use rmem_transport::{OpenOptions, Provider};
@@ -36,6 +37,9 @@ pub enum Command {
     ///
     /// Example: RMEM_SECRET=... rmem server --size 8G --slab-size 64M --listen 0.0.0.0:7470
     Server(server::ServerArgs),
+    /// Swap to other hosts' memory: a block device on donors' slabs, replicated, swapped on.
+    #[command(subcommand)]
+    Swap(swap::SwapCmd),
     /// Run a target and an initiator in this process, move data, verify it, and report latency
     /// and bandwidth (the software provider; nothing to set up).
     Demo(demo::DemoArgs),
@@ -81,6 +85,7 @@ impl ProviderArgs {
 pub fn run(cli: Cli) -> Result<(), Failed> {
     match cli.command {
         Command::Server(a) => server::run(a),
+        Command::Swap(c) => swap::run(c),
         Command::Demo(a) => demo::run(a),
         Command::Perf(c) => perf::run(c),
         Command::Conformance(a) => conformance::run(a),

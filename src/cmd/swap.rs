@@ -1,0 +1,234 @@
+//! `rmem swap`: swap to other hosts' memory.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use rmem_swapclient::daemon::{self, SwapOptions, RUN_DIR};
+use rmem_swapclient::{DonorSpec, StoreConfig};
+use rmem_transport::Provider;
+
+use crate::exit::{Code, Failed};
+
+#[derive(Subcommand, Debug)]
+pub enum SwapCmd {
+    /// Create a swap device on donors' memory and swap to it; stays in the foreground serving
+    /// the device (run it under systemd, or with `&`) until `rmem swap down` or SIGTERM.
+    ///
+    /// Example: RMEM_SECRET=... rmem swap up --size 8G --donor 10.0.0.2:7470 --donor 10.0.0.3:7470 --replicas 2
+    Up(UpArgs),
+    /// Take swap devices down: swapoff (pages come back in), device detached, slabs returned.
+    Down(DownArgs),
+    /// Show devices, donors, replicas and bytes in and out.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Device size (e.g. 8G; a multiple of 4 KiB).
+    #[arg(long)]
+    size: rmem_memserver::ByteSize,
+    /// A donor HOST:PORT[@DOMAIN] (repeatable). Replicas go to distinct failure domains; the
+    /// domain defaults to the host's address.
+    #[arg(long = "donor", required = true)]
+    donors: Vec<DonorSpec>,
+    /// Copies of every block, each on a donor in another failure domain.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// File with the donors' shared secret (else RMEM_SECRET).
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+    /// Transport provider: tcp or verbs.
+    #[arg(long, default_value = "tcp", env = "RMEM_PROVIDER")]
+    provider: Provider,
+    /// verbs: device name.
+    #[arg(long, env = "RMEM_DEVICE")]
+    device: Option<String>,
+    /// The NBD device to use [default: the first free /dev/nbdN].
+    #[arg(long)]
+    nbd: Option<PathBuf>,
+    /// Create the device only; no mkswap and swapon.
+    #[arg(long)]
+    no_swapon: bool,
+    /// Swap priority (higher is used first).
+    #[arg(long)]
+    priority: Option<u16>,
+    /// Do not lock the daemon's memory (it may then be swapped out to its own device).
+    #[arg(long)]
+    no_mlock: bool,
+    /// Seconds a donor may take over one operation before it is treated as dead.
+    #[arg(long, default_value_t = 5)]
+    op_timeout: u64,
+    /// Print the ready line as JSON.
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value = RUN_DIR, hide = true)]
+    run_dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct DownArgs {
+    /// Only this device (e.g. /dev/nbd0) [default: every rmem swap device].
+    device: Option<String>,
+    /// Give up waiting after this many seconds (swapoff reads every swapped page back).
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+    #[arg(long, default_value = RUN_DIR, hide = true)]
+    run_dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// JSON for scripts.
+    #[arg(long)]
+    json: bool,
+    #[arg(long, default_value = RUN_DIR, hide = true)]
+    run_dir: PathBuf,
+}
+
+pub fn run(c: SwapCmd) -> Result<(), Failed> {
+    match c {
+        SwapCmd::Up(a) => up(a),
+        SwapCmd::Down(a) => down(a),
+        SwapCmd::Status(a) => status(a),
+    }
+}
+
+fn up(a: UpArgs) -> Result<(), Failed> {
+    let cfg = rmem_memserver::ServerConfig {
+        secret_file: a.secret_file.clone(),
+        ..Default::default()
+    };
+    let secret = cfg.load_secret().map_err(|e| Failed::new(Code::Usage, e))?;
+    let opts = SwapOptions {
+        store: StoreConfig {
+            size: a.size.0,
+            replicas: a.replicas,
+            donors: a.donors.clone(),
+            secret,
+            provider: a.provider,
+            device: a.device.clone(),
+            name: format!("rmem-swap@{}", hostname()),
+            op_timeout: Duration::from_secs(a.op_timeout),
+        },
+        device: a.nbd.clone(),
+        swapon: !a.no_swapon,
+        priority: a.priority,
+        mlock: !a.no_mlock,
+        run_dir: a.run_dir.clone(),
+        nbd_timeout: 60,
+    };
+    let json = a.json;
+    daemon::run(opts, |r| {
+        if json {
+            println!("{}", serde_json::to_string(r).unwrap_or_default());
+        } else {
+            println!(
+                "{} ready: {} MiB on {} donor(s), {} replica(s){}; `rmem swap status`, `rmem swap down`",
+                r.device,
+                r.size >> 20,
+                a.donors.len(),
+                a.replicas,
+                if r.swapon { ", swap on" } else { "" }
+            );
+        }
+    })
+    .map_err(|e| {
+        use rmem_swapclient::daemon::SwapError;
+        use rmem_swapclient::StoreError;
+        let code = match &e {
+            SwapError::Store(StoreError::Config(_)) => Code::Usage,
+            SwapError::Store(StoreError::Donor { .. }) => Code::Peer,
+            _ => Code::Failure,
+        };
+        Failed::new(code, e)
+    })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "host".into())
+}
+
+fn down(a: DownArgs) -> Result<(), Failed> {
+    let socks: Vec<_> = daemon::sockets(&a.run_dir)
+        .into_iter()
+        .filter(|p| match &a.device {
+            None => true,
+            Some(d) => {
+                let name = d.trim_start_matches("/dev/");
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n == format!("swap-{name}.sock"))
+            }
+        })
+        .collect();
+    if socks.is_empty() {
+        return Err(Failed::new(
+            Code::Usage,
+            "no rmem swap device is running (nothing in /run/rmem)",
+        ));
+    }
+    for s in socks {
+        daemon::request_down(&s, Duration::from_secs(a.timeout))
+            .map_err(|e| Failed::new(Code::Failure, format!("{}: {e}", s.display())))?;
+        println!("{} down", s.display());
+    }
+    Ok(())
+}
+
+fn status(a: StatusArgs) -> Result<(), Failed> {
+    let mut all = Vec::new();
+    for s in daemon::sockets(&a.run_dir) {
+        match daemon::query_status(&s) {
+            Ok(v) => all.push(v),
+            // A stale socket of a daemon that died.
+            Err(e) => tracing::warn!(socket = %s.display(), error = %e, "no answer"),
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::Value::Array(all));
+        return Ok(());
+    }
+    if all.is_empty() {
+        println!("no rmem swap devices");
+        return Ok(());
+    }
+    for v in &all {
+        let st = &v["store"];
+        println!(
+            "{}  pid {}  {} MiB  swap {}  in {} MiB  out {} MiB  io errors {}",
+            v["device"].as_str().unwrap_or("?"),
+            v["pid"],
+            st["size"].as_u64().unwrap_or(0) >> 20,
+            if v["swapon"].as_bool() == Some(true) { "on" } else { "off" },
+            v["bytes_in"].as_u64().unwrap_or(0) >> 20,
+            v["bytes_out"].as_u64().unwrap_or(0) >> 20,
+            v["io_errors"],
+        );
+        println!(
+            "  {} chunks of {} MiB, {} replica(s): {} degraded, {} lost, {} rebuilt, {} moved",
+            st["chunks"],
+            st["chunk_size"].as_u64().unwrap_or(0) >> 20,
+            st["replicas"],
+            st["degraded"],
+            st["lost"],
+            st["rebuilt"],
+            st["moved"]
+        );
+        for d in st["donors"].as_array().into_iter().flatten() {
+            println!(
+                "  donor {} [{}] {}  {} slabs  read {} MiB  written {} MiB  errors {}",
+                d["addr"].as_str().unwrap_or("?"),
+                d["domain"].as_str().unwrap_or("?"),
+                if d["healthy"].as_bool() == Some(true) { "healthy" } else { "FAILED" },
+                d["slabs"],
+                d["bytes_read"].as_u64().unwrap_or(0) >> 20,
+                d["bytes_written"].as_u64().unwrap_or(0) >> 20,
+                d["errors"]
+            );
+        }
+    }
+    Ok(())
+}
