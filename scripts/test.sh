@@ -24,3 +24,5 @@ echo "== two VMs: rmem perf with data checks across a socket network between two
 soft-roce/vm/run.sh two-vm
 echo "== the donor's NBD export as swap through the guest kernel's stock nbd client"
 soft-roce/vm/run.sh nbd-swap
+echo "== rmem swap in a VM: tcp, verbs on rxe, two replicas with a donor killed mid-run"
+soft-roce/vm/run.sh swap
