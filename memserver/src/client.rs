@@ -108,7 +108,9 @@ struct DataPath {
     bounce: Mr,
 }
 
-type Pending = Mutex<HashMap<u64, oneshot::Sender<ServerMsg>>>;
+/// Requests waiting for their replies; `None` once the connection is closed, so a request can
+/// never start waiting after the reader has stopped.
+type Pending = Mutex<Option<HashMap<u64, oneshot::Sender<ServerMsg>>>>;
 /// Slabs held, with the reclaim deadline of those the donor asked back.
 type Held = HashMap<u32, (SlabGrant, Option<Instant>)>;
 
@@ -152,7 +154,8 @@ async fn read_control(
             Err(e) => break format!("control connection lost: {e}"),
         };
         if let Some(id) = m.id() {
-            if let Some(tx) = lock(&pending).remove(&id) {
+            let tx = lock(&pending).as_mut().and_then(|p| p.remove(&id));
+            if let Some(tx) = tx {
                 let _ = tx.send(m);
             }
             continue;
@@ -190,7 +193,7 @@ async fn read_control(
         }
     };
     tracing::debug!(%why, "control reader stopped");
-    lock(&pending).clear();
+    lock(&pending).take();
     let _ = notices.send(Notice::Closing {
         reason: why,
         deadline: Instant::now(),
@@ -246,7 +249,7 @@ impl Client {
         let data_addr = parse_addr(&data_addr)?;
         let data = connect_data(&cfg, data_addr, token).await?;
         let (r, w) = s.into_split();
-        let pending = Arc::new(Mutex::new(HashMap::new()));
+        let pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let held = Arc::new(Mutex::new(HashMap::new()));
         let (tx, rx) = mpsc::unbounded_channel();
         let reader = tokio::spawn(read_control(r, pending.clone(), held.clone(), tx));
@@ -293,18 +296,18 @@ impl Client {
     }
 
     async fn request(&self, make: impl FnOnce(u64) -> ClientMsg) -> Result<ServerMsg, ClientError> {
-        if self.reader.is_finished() {
-            return Err(ClientError::Closed);
-        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        lock(&self.pending).insert(id, tx);
+        match lock(&self.pending).as_mut() {
+            Some(p) => p.insert(id, tx),
+            None => return Err(ClientError::Closed),
+        };
         let sent = {
             let mut w = self.writer.lock().await;
             write_msg(&mut *w, &make(id)).await
         };
         if let Err(e) = sent {
-            lock(&self.pending).remove(&id);
+            self.forget(id);
             return Err(e.into());
         }
         match tokio::time::timeout(REPLY_WAIT, rx).await {
@@ -314,9 +317,15 @@ impl Client {
             Ok(Ok(m)) => Ok(m),
             Ok(Err(_)) => Err(ClientError::Closed),
             Err(_) => {
-                lock(&self.pending).remove(&id);
+                self.forget(id);
                 Err(ClientError::Timeout(REPLY_WAIT))
             }
+        }
+    }
+
+    fn forget(&self, id: u64) {
+        if let Some(p) = lock(&self.pending).as_mut() {
+            p.remove(&id);
         }
     }
 

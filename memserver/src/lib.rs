@@ -11,6 +11,7 @@ mod auth;
 mod client;
 pub mod config;
 mod nbd;
+pub mod nbd_wire;
 mod pool;
 pub mod pressure;
 pub mod protocol;

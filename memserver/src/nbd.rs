@@ -17,11 +17,11 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpListener;
 
+use crate::nbd_wire::*;
+
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 
 const FLAG_FIXED_NEWSTYLE: u16 = 1;
 const FLAG_NO_ZEROES: u16 = 2;
@@ -44,30 +44,12 @@ const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
 const INFO_EXPORT: u16 = 0;
 const INFO_BLOCK_SIZE: u16 = 3;
 
-const TF_HAS_FLAGS: u16 = 1;
-const TF_SEND_FLUSH: u16 = 4;
-const TF_SEND_FUA: u16 = 8;
-const TF_SEND_TRIM: u16 = 32;
-const TF_SEND_WRITE_ZEROES: u16 = 64;
-const TF_CAN_MULTI_CONN: u16 = 256;
 const TRANSMISSION_FLAGS: u16 = TF_HAS_FLAGS
     | TF_SEND_FLUSH
     | TF_SEND_FUA
     | TF_SEND_TRIM
     | TF_SEND_WRITE_ZEROES
     | TF_CAN_MULTI_CONN;
-
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-const CMD_FLUSH: u16 = 3;
-const CMD_TRIM: u16 = 4;
-const CMD_WRITE_ZEROES: u16 = 6;
-
-const EIO: u32 = 5;
-const EINVAL: u32 = 22;
-const ENOSPC: u32 = 28;
-const ENOTSUP: u32 = 95;
 
 /// Largest READ or WRITE one request may move.
 pub const MAX_REQUEST: u32 = 32 << 20;

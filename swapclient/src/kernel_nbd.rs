@@ -10,6 +10,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use rmem_memserver::nbd_wire::{
+    CMD_DISC, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, EINVAL, EIO, ENOSPC,
+    REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, TF_HAS_FLAGS, TF_SEND_FLUSH, TF_SEND_TRIM,
+};
+
 use crate::store::Store;
 
 // <linux/nbd.h>: _IO(0xab, n).
@@ -22,22 +27,6 @@ const NBD_SET_SIZE_BLOCKS: libc::c_ulong = 0xab07;
 const NBD_DISCONNECT: libc::c_ulong = 0xab08;
 const NBD_SET_TIMEOUT: libc::c_ulong = 0xab09;
 const NBD_SET_FLAGS: libc::c_ulong = 0xab0a;
-
-const FLAG_HAS_FLAGS: u64 = 1 << 0;
-const FLAG_SEND_FLUSH: u64 = 1 << 2;
-const FLAG_SEND_TRIM: u64 = 1 << 5;
-
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const REPLY_MAGIC: u32 = 0x6744_6698;
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-const CMD_FLUSH: u16 = 3;
-const CMD_TRIM: u16 = 4;
-const CMD_WRITE_ZEROES: u16 = 6;
-const EIO: u32 = 5;
-const EINVAL: u32 = 22;
-const ENOSPC: u32 = 28;
 
 /// Largest request we let the kernel send (`max_sectors_kb`); buffers are sized for it.
 pub const MAX_REQUEST: usize = 1 << 20;
@@ -146,7 +135,7 @@ pub fn attach(
         path,
         "NBD_SET_FLAGS",
         NBD_SET_FLAGS,
-        (FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_TRIM) as libc::c_ulong,
+        (TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_TRIM) as libc::c_ulong,
     )?;
     let theirs: OwnedFd = theirs.into();
     ioctl(
@@ -232,7 +221,7 @@ pub fn serve<S: Read + Write>(
         let off = u64::from_be_bytes(hdr[16..24].try_into().expect("8 bytes"));
         let len = u32::from_be_bytes(hdr[24..28].try_into().expect("4 bytes")) as usize;
         let mut reply = [0u8; 16];
-        reply[0..4].copy_from_slice(&REPLY_MAGIC.to_be_bytes());
+        reply[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
         reply[8..16].copy_from_slice(cookie);
         let set_err = |reply: &mut [u8; 16], e: u32| reply[4..8].copy_from_slice(&e.to_be_bytes());
         match cmd {
