@@ -136,6 +136,14 @@ fn serves_a_client_from_a_config_file_and_shuts_down_on_sigterm() {
             String::from_utf8_lossy(&out.stderr).contains("signature"),
             "{out:?}"
         );
+        // A signed request with a malformed or zero amount: 400, nothing taken.
+        for body in [&b"{\"pages\": 1}"[..], b"{\"slabs\": 0}", b"not json"] {
+            let auth =
+                rmem_memserver::admin_authorization(SECRET.as_bytes(), "POST", "/shrink", body);
+            let reply = http_post(admin, "/shrink", &auth, body);
+            assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+        }
+        assert_eq!(c.stats().await.unwrap().slabs_retired, 0);
         let out = shrink(&secret);
         assert!(out.status.success(), "{out:?}");
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -193,5 +201,21 @@ fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+/// A bare HTTP/1.1 POST; returns the whole reply.
+fn http_post(addr: std::net::SocketAddr, path: &str, auth: &str, body: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: rmem\r\nAuthorization: {auth}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
     out
 }

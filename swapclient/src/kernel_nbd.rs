@@ -193,6 +193,24 @@ pub struct IoCounters {
     pub errors: AtomicU64,
 }
 
+/// Logs and counts a failed request; returns its NBD error (`out_of_range` past the end).
+fn failed(
+    io: &IoCounters,
+    what: &str,
+    off: u64,
+    len: usize,
+    e: &crate::StoreError,
+    out_of_range: u32,
+) -> u32 {
+    tracing::error!(off, len, error = %e, "{what} failed");
+    io.errors.fetch_add(1, Ordering::Relaxed);
+    if matches!(e, crate::StoreError::OutOfRange { .. }) {
+        out_of_range
+    } else {
+        EIO
+    }
+}
+
 /// Answers the kernel's requests until it disconnects. Buffers are allocated once, here; the
 /// loop itself allocates nothing.
 pub fn serve<S: Read + Write>(
@@ -238,18 +256,7 @@ pub fn serve<S: Read + Write>(
                         sock.write_all(buf)?;
                         continue;
                     }
-                    Err(e) => {
-                        tracing::error!(off, len, error = %e, "read failed");
-                        io.errors.fetch_add(1, Ordering::Relaxed);
-                        set_err(
-                            &mut reply,
-                            if matches!(e, crate::StoreError::OutOfRange { .. }) {
-                                EINVAL
-                            } else {
-                                EIO
-                            },
-                        );
-                    }
+                    Err(e) => set_err(&mut reply, failed(io, "read", off, len, &e, EINVAL)),
                 }
             }
             CMD_WRITE => {
@@ -263,27 +270,14 @@ pub fn serve<S: Read + Write>(
                         io.writes.fetch_add(1, Ordering::Relaxed);
                         io.bytes_written.fetch_add(len as u64, Ordering::Relaxed);
                     }
-                    Err(e) => {
-                        tracing::error!(off, len, error = %e, "write failed");
-                        io.errors.fetch_add(1, Ordering::Relaxed);
-                        set_err(
-                            &mut reply,
-                            if matches!(e, crate::StoreError::OutOfRange { .. }) {
-                                ENOSPC
-                            } else {
-                                EIO
-                            },
-                        );
-                    }
+                    Err(e) => set_err(&mut reply, failed(io, "write", off, len, &e, ENOSPC)),
                 }
             }
             // Every write reached the donors' memory before it was acknowledged.
             CMD_FLUSH => {}
             CMD_TRIM | CMD_WRITE_ZEROES => {
                 if let Err(e) = store.zero(off, len as u64, &mut scratch) {
-                    tracing::error!(off, len, error = %e, "trim failed");
-                    io.errors.fetch_add(1, Ordering::Relaxed);
-                    set_err(&mut reply, EIO);
+                    set_err(&mut reply, failed(io, "trim", off, len, &e, ENOSPC));
                 }
             }
             CMD_DISC => return Ok(()),
