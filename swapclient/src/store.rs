@@ -180,7 +180,7 @@ impl Store {
                 donors[0].spec.addr
             )));
         }
-        if cfg.size == 0 || cfg.size % 4096 != 0 {
+        if cfg.size == 0 || !cfg.size.is_multiple_of(4096) {
             return Err(StoreError::Config(
                 "size must be a positive multiple of 4096".into(),
             ));
