@@ -50,7 +50,9 @@ pub enum PollMode {
 pub struct RegionConfig {
     /// Bytes; a multiple of 4096.
     pub size: usize,
-    /// At most this many pages are resident (after each fault is served).
+    /// At most this many pages are resident once a fault is served: the faulting thread is
+    /// woken first, then the oldest pages are evicted, so for a moment the pages of one fault
+    /// (1 + prefetch) may be over.
     pub budget_pages: usize,
     /// Pages fetched ahead along a detected stride; 0 turns prefetch off.
     pub prefetch: usize,
@@ -525,12 +527,7 @@ impl Handler {
         }
         let ahead = self.plan_prefetch(page as i64);
         bump(&self.counters.prefetched, ahead.len() as u64);
-        // Prefetched pages go in first, so the faulting thread, woken last, finds them.
-        self.install_run(&ahead, true);
-        self.install_run(&[page], !write);
-        if write {
-            self.state[page] |= DIRTY;
-        }
+        self.serve(page, write, &ahead);
     }
 
     fn write_protected(&mut self, page: usize) {
@@ -596,51 +593,60 @@ impl Handler {
         out
     }
 
-    /// Fetches and installs `pages` (ascending or descending, not resident), write-protected
-    /// (clean) when `wp`. Runs of consecutive remote pages in one slab take one READ.
-    fn install_run(&mut self, pages: &[usize], wp: bool) {
-        let mut i = 0;
-        while i < pages.len() {
-            let p = pages[i];
+    /// Fetches the faulting `page` and the prefetch pages `ahead` (none resident) and
+    /// installs them: `ahead` write-protected and clean, `page` write-protected unless this is
+    /// a write fault. Runs of consecutive remote pages in one slab take one READ, so a
+    /// sequential miss with its prefetch window is one round trip. `page` goes in last, so the
+    /// faulting thread, woken by its copy, finds the window in place.
+    fn serve(&mut self, page: usize, write: bool, ahead: &[usize]) {
+        let mut all: Vec<usize> = ahead.to_vec();
+        all.push(page);
+        all.sort_unstable();
+        let mut slots: Vec<Option<usize>> = vec![None; all.len()];
+        let (mut i, mut k) = (0, 0);
+        while i < all.len() {
+            let p = all[i];
             if self.state[p] & VALID == 0 {
-                bump(&self.counters.zero_fills, 1);
-                self.install(p, None, wp);
                 i += 1;
                 continue;
             }
-            // The longest run p, p+1, ... of valid pages in the same slab.
+            // The longest run p, p+1, ... of remote pages in the same slab.
             let (slab, off) = self.backing.locate(p);
             let slab_id = slab.slab;
             let mut n = 1;
-            while i + n < pages.len()
-                && pages[i + n] == p + n
+            while i + n < all.len()
+                && all[i + n] == p + n
                 && self.state[p + n] & VALID != 0
                 && self.backing.locate(p + n).0.slab == slab_id
-                && n < self.staging.len() / PAGE
             {
                 n += 1;
             }
-            self.read_remote(p, off, n);
+            self.read_remote(p, off, k, n);
             bump(&self.counters.fetched, n as u64);
-            for k in 0..n {
-                self.install(p + k, Some(k), wp);
+            for j in 0..n {
+                slots[i + j] = Some(k + j);
             }
-            i += n;
+            (i, k) = (i + n, k + n);
         }
+        let slot_of = |p: usize| all.binary_search(&p).ok().and_then(|i| slots[i]);
+        for &p in ahead {
+            self.install(p, slot_of(p), true);
+        }
+        self.install(page, slot_of(page), !write);
     }
 
-    /// READs `n` pages starting at `page` (at `off` of its slab) into the staging buffer,
+    /// READs `n` pages starting at `page` (at `off` of its slab) into staging slots `k..`,
     /// retrying until it works: the faulting thread cannot be given an error.
-    fn read_remote(&mut self, page: usize, off: u64, n: usize) {
+    fn read_remote(&mut self, page: usize, off: u64, k: usize, n: usize) {
         let mut delay = Duration::from_millis(1);
         loop {
             let (slab, _) = self.backing.locate(page);
             let remote = slab.remote;
-            match self
-                .backing
-                .client
-                .read_remote(remote, off, &mut self.staging[..n * PAGE])
-            {
+            match self.backing.client.read_remote(
+                remote,
+                off,
+                &mut self.staging[k * PAGE..(k + n) * PAGE],
+            ) {
                 Ok(()) => return,
                 Err(e) => {
                     bump(&self.counters.remote_errors, 1);
@@ -655,7 +661,11 @@ impl Handler {
     /// Installs one page from staging slot `slot` (or zeros), updating state before the copy
     /// wakes anyone.
     fn install(&mut self, page: usize, slot: Option<usize>, wp: bool) {
-        self.state[page] = (self.state[page] & VALID) | RESIDENT | if wp { WP } else { 0 };
+        if slot.is_none() {
+            bump(&self.counters.zero_fills, 1);
+        }
+        // Only a write fault installs a page writable, and that page is dirty already.
+        self.state[page] = (self.state[page] & VALID) | RESIDENT | if wp { WP } else { DIRTY };
         self.fifo.push_back(page as u32);
         bump(&self.counters.resident, 1);
         let src = match slot {
