@@ -29,37 +29,17 @@ fn swap_commands_fail_clearly_and_with_their_exit_codes() {
     // Two replicas on one failure domain: a usage error, found before anything is borrowed.
     let out = rmem(
         &[
-            "swap",
-            "up",
-            "--size",
-            "64M",
-            "--replicas",
-            "2",
-            "--no-mlock",
-            "--donor",
-            "127.0.0.1:1",
-            "--donor",
-            "127.0.0.1:2",
+            "swap", "up", "--size", "64M", "--replicas", "2", "--no-mlock",
+            "--donor", "127.0.0.1:1", "--donor", "127.0.0.1:2",
         ],
         &dir,
     );
     assert_eq!(out.status.code(), Some(2), "{out:?}");
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("failure domains"),
-        "{out:?}"
-    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("failure domains"), "{out:?}");
 
     // Nobody listening: the peer exit code.
     let out = rmem(
-        &[
-            "swap",
-            "up",
-            "--size",
-            "64M",
-            "--no-mlock",
-            "--donor",
-            "127.0.0.1:1",
-        ],
+        &["swap", "up", "--size", "64M", "--no-mlock", "--donor", "127.0.0.1:1"],
         &dir,
     );
     assert_eq!(out.status.code(), Some(5), "{out:?}");

@@ -202,11 +202,7 @@ fn status(a: StatusArgs) -> Result<(), Failed> {
             v["device"].as_str().unwrap_or("?"),
             v["pid"],
             st["size"].as_u64().unwrap_or(0) >> 20,
-            if v["swapon"].as_bool() == Some(true) {
-                "on"
-            } else {
-                "off"
-            },
+            if v["swapon"].as_bool() == Some(true) { "on" } else { "off" },
             v["bytes_in"].as_u64().unwrap_or(0) >> 20,
             v["bytes_out"].as_u64().unwrap_or(0) >> 20,
             v["io_errors"],
@@ -226,11 +222,7 @@ fn status(a: StatusArgs) -> Result<(), Failed> {
                 "  donor {} [{}] {}  {} slabs  read {} MiB  written {} MiB  errors {}",
                 d["addr"].as_str().unwrap_or("?"),
                 d["domain"].as_str().unwrap_or("?"),
-                if d["healthy"].as_bool() == Some(true) {
-                    "healthy"
-                } else {
-                    "FAILED"
-                },
+                if d["healthy"].as_bool() == Some(true) { "healthy" } else { "FAILED" },
                 d["slabs"],
                 d["bytes_read"].as_u64().unwrap_or(0) >> 20,
                 d["bytes_written"].as_u64().unwrap_or(0) >> 20,
