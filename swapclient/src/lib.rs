@@ -4,10 +4,14 @@
 //!   READ/WRITE ([`store`]), kept on several donors ([`store::Store`] replicas, rebuilt in the
 //!   background), served to the kernel through its NBD client on a local socket
 //!   ([`kernel_nbd`]) by the `rmem swap` daemon ([`daemon`]).
+//! - A memory region paged to remote slabs with userfaultfd ([`region`]): faults fetched with
+//!   one-sided READ, dirty pages written back on eviction, stride prefetch.
 
 pub mod daemon;
 pub mod kernel_nbd;
+pub mod region;
 pub mod store;
 pub mod swapfile;
 
+pub use region::{Backing, PollMode, Region, RegionConfig, RegionError, RegionStats};
 pub use store::{DonorSpec, Store, StoreConfig, StoreError, StoreStatus};
