@@ -18,6 +18,15 @@
 //!
 //! All faults are served in order by one thread, so eviction never races the handling of a
 //! fault on the same page.
+//!
+//! When remote memory fails (a dead donor, a slab taken back), nothing is lost silently:
+//! - A page that cannot be read within `remote_deadline` is poisoned (`UFFDIO_POISON`, Linux
+//!   6.6+), so the faulting thread gets SIGBUS, as it would on a machine-check for a bad DIMM;
+//!   a VMM forwards that to its guest as a memory error. On kernels without poison the READ is
+//!   retried until it works, since a missing page cannot be given any other answer.
+//! - A dirty page whose write-back fails stays resident and dirty (the region goes over its
+//!   budget rather than drop data) and eviction pauses with a growing back-off before it tries
+//!   again.
 
 use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
@@ -60,6 +69,9 @@ pub struct RegionConfig {
     /// Serve faults raised by the kernel on the region too (a `read(2)` into it, say). Needs
     /// root, CAP_SYS_PTRACE or access to `/dev/userfaultfd`.
     pub kernel_faults: bool,
+    /// How long a failing READ of a faulting page is retried before the page is poisoned and
+    /// the faulting thread gets SIGBUS (where the kernel has `UFFDIO_POISON`).
+    pub remote_deadline: Duration,
 }
 
 impl RegionConfig {
@@ -73,6 +85,7 @@ impl RegionConfig {
                 spin: Duration::from_micros(50),
             },
             kernel_faults: true,
+            remote_deadline: Duration::from_secs(10),
         }
     }
 }
@@ -101,6 +114,10 @@ pub struct RegionStats {
     pub resident: u64,
     /// Remote operations that failed (and were retried).
     pub remote_errors: u64,
+    /// Pages poisoned because they could not be read back: touching one raises SIGBUS.
+    pub poisoned: u64,
+    /// Write-backs that failed; the page stayed resident and dirty.
+    pub writeback_failures: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -162,6 +179,8 @@ struct Counters {
     prefetch_hits: AtomicU64,
     resident: AtomicU64,
     remote_errors: AtomicU64,
+    poisoned: AtomicU64,
+    writeback_failures: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -179,6 +198,7 @@ pub struct Region {
     counters: Arc<Counters>,
     client: Arc<Client>,
     slabs: Vec<SlabGrant>,
+    poison: bool,
 }
 
 // SAFETY: the mapping is owned by the Region and only reached through `&self` accessors that
@@ -214,14 +234,22 @@ impl Region {
                 need: cfg.size as u64,
             });
         }
-        let uffd = Arc::new(
+        let build = |features: FeatureFlags| {
             UffdBuilder::new()
                 .close_on_exec(true)
                 .non_blocking(true)
                 .user_mode_only(!cfg.kernel_faults)
-                .require_features(FeatureFlags::PAGEFAULT_FLAG_WP)
-                .create()?,
-        );
+                .require_features(features)
+                .create()
+        };
+        // Poison is asked for where the kernel has it (6.6+) and done without elsewhere.
+        let wp = FeatureFlags::PAGEFAULT_FLAG_WP;
+        let (uffd, poison_feature) =
+            match build(wp | FeatureFlags::from_bits_retain(UFFD_FEATURE_POISON)) {
+                Ok(u) => (u, true),
+                Err(_) => (build(wp)?, false),
+            };
+        let uffd = Arc::new(uffd);
         // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
         let base = unsafe {
             libc::mmap(
@@ -254,6 +282,12 @@ impl Region {
         if !io.contains(IoctlFlags::COPY | IoctlFlags::WRITE_PROTECT | IoctlFlags::WAKE) {
             return Err(unmap(RegionError::Unsupported("COPY/WRITE_PROTECT/WAKE")));
         }
+        let poison = poison_feature && io.bits() & (1 << UFFDIO_POISON_NR) != 0;
+        if !poison {
+            tracing::warn!(
+                "userfaultfd has no UFFDIO_POISON: an unreadable page is retried forever"
+            );
+        }
         // SAFETY: plain syscall creating a new descriptor.
         let wake_fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if wake_fd < 0 {
@@ -280,6 +314,10 @@ impl Region {
             zeros: vec![0u8; PAGE],
             history: VecDeque::new(),
             stream: None,
+            poison,
+            remote_deadline: cfg.remote_deadline,
+            evict_paused_until: None,
+            evict_backoff: EVICT_BACKOFF_MIN,
         };
         let (stop2, poll) = (stop.clone(), cfg.poll);
         let thread = std::thread::Builder::new()
@@ -309,6 +347,7 @@ impl Region {
             counters,
             client,
             slabs,
+            poison,
         })
     }
 
@@ -339,6 +378,12 @@ impl Region {
         unsafe { std::slice::from_raw_parts_mut(self.base, self.len) }
     }
 
+    /// Whether a page lost with its remote memory raises SIGBUS (the kernel has
+    /// `UFFDIO_POISON`) rather than stalling its thread while the READ is retried.
+    pub fn poisons_lost_pages(&self) -> bool {
+        self.poison
+    }
+
     pub fn stats(&self) -> RegionStats {
         let c = &self.counters;
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -353,6 +398,8 @@ impl Region {
             prefetch_hits: g(&c.prefetch_hits),
             resident: g(&c.resident),
             remote_errors: g(&c.remote_errors),
+            poisoned: g(&c.poisoned),
+            writeback_failures: g(&c.writeback_failures),
         }
     }
 
@@ -402,6 +449,35 @@ const DIRTY: u8 = 2;
 const VALID: u8 = 4;
 /// Installed write-protected (clean).
 const WP: u8 = 8;
+/// Could not be read back: poisoned, every access raises SIGBUS.
+const POISONED: u8 = 16;
+
+/// UFFD_FEATURE_POISON and the UFFDIO_POISON ioctl (Linux 6.6), which userfaultfd-sys predates.
+const UFFD_FEATURE_POISON: u64 = 1 << 14;
+const UFFDIO_POISON_NR: u64 = 0x08;
+/// _IOWR(0xAA, 0x08, struct uffdio_poison): read/write, 32-byte argument.
+const UFFDIO_POISON: u64 = (3 << 30) | (32 << 16) | (0xAA << 8) | UFFDIO_POISON_NR;
+
+#[repr(C)]
+struct UffdioPoison {
+    range: sys::uffdio_range,
+    mode: u64,
+    updated: i64,
+}
+
+const EVICT_BACKOFF_MIN: Duration = Duration::from_millis(100);
+const EVICT_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Where a page being installed comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// Never written remotely: zeros.
+    Zeros,
+    /// Staging slot `k`.
+    Staged(usize),
+    /// The READ failed past the deadline.
+    Lost,
+}
 
 /// A detected stride stream: the next miss expected just past the prefetched window.
 #[derive(Debug, Clone, Copy)]
@@ -425,6 +501,12 @@ struct Handler {
     zeros: Vec<u8>,
     history: VecDeque<i64>,
     stream: Option<Stream>,
+    /// The kernel has UFFDIO_POISON.
+    poison: bool,
+    remote_deadline: Duration,
+    /// After a failed write-back, eviction waits until then.
+    evict_paused_until: Option<Instant>,
+    evict_backoff: Duration,
 }
 
 /// UFFDIO_COPY with the write-protect mode the crate does not expose.
@@ -440,6 +522,27 @@ fn copy_page(uffd: &Uffd, src: &[u8], dst: usize, wp: bool) -> Result<(), i32> {
     // SAFETY: `src` is a readable page of our memory; `dst` is a page inside the registered
     // range; the kernel only fills it if it is not present.
     let r = unsafe { libc::ioctl(uffd.as_raw_fd(), sys::UFFDIO_COPY as _, &mut c) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    } else {
+        Ok(())
+    }
+}
+
+/// UFFDIO_POISON on one page: it stays unmapped and every access raises SIGBUS; wakes the
+/// faulting thread.
+fn poison_page(uffd: &Uffd, dst: usize) -> Result<(), i32> {
+    let mut p = UffdioPoison {
+        range: sys::uffdio_range {
+            start: dst as u64,
+            len: PAGE as u64,
+        },
+        mode: 0,
+        updated: 0,
+    };
+    // SAFETY: `dst` is a page inside the registered range and `p` a valid argument struct; the
+    // kernel only installs a poison marker where no page is present.
+    let r = unsafe { libc::ioctl(uffd.as_raw_fd(), UFFDIO_POISON as _, &mut p) };
     if r < 0 {
         Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
     } else {
@@ -525,6 +628,11 @@ impl Handler {
             self.wake(page);
             return;
         }
+        if self.state[page] & POISONED != 0 {
+            // Dropped by the application (MADV_DONTNEED clears the marker): still lost.
+            self.poison(page);
+            return;
+        }
         let ahead = self.plan_prefetch(page as i64);
         bump(&self.counters.prefetched, ahead.len() as u64);
         self.serve(page, write, &ahead);
@@ -602,7 +710,7 @@ impl Handler {
         let mut all: Vec<usize> = ahead.to_vec();
         all.push(page);
         all.sort_unstable();
-        let mut slots: Vec<Option<usize>> = vec![None; all.len()];
+        let mut slots: Vec<Source> = vec![Source::Zeros; all.len()];
         let (mut i, mut k) = (0, 0);
         while i < all.len() {
             let p = all[i];
@@ -621,24 +729,57 @@ impl Handler {
             {
                 n += 1;
             }
-            self.read_remote(p, off, k, n);
-            bump(&self.counters.fetched, n as u64);
+            let ok = self.read_remote(p, off, k, n);
+            if ok {
+                bump(&self.counters.fetched, n as u64);
+            }
             for j in 0..n {
-                slots[i + j] = Some(k + j);
+                slots[i + j] = if ok {
+                    Source::Staged(k + j)
+                } else {
+                    Source::Lost
+                };
             }
             (i, k) = (i + n, k + n);
         }
-        let slot_of = |p: usize| all.binary_search(&p).ok().and_then(|i| slots[i]);
+        let slot_of = |p: usize| {
+            all.binary_search(&p)
+                .map(|i| slots[i])
+                .unwrap_or(Source::Zeros)
+        };
         for &p in ahead {
-            self.install(p, slot_of(p), true);
+            // A prefetch page that failed is left alone: its own fault decides.
+            match slot_of(p) {
+                Source::Lost => {}
+                s => self.install(p, s, true),
+            }
         }
-        self.install(page, slot_of(page), !write);
+        match slot_of(page) {
+            Source::Lost => self.poison(page),
+            s => self.install(page, s, !write),
+        }
+    }
+
+    /// Marks `page` lost and poisons it, which wakes its faulting thread into a SIGBUS.
+    fn poison(&mut self, page: usize) {
+        self.state[page] |= POISONED;
+        bump(&self.counters.poisoned, 1);
+        tracing::error!(
+            page,
+            "page lost with its remote memory; poisoned (SIGBUS on access)"
+        );
+        if let Err(e) = poison_page(&self.uffd, self.addr(page)) {
+            tracing::error!(page, errno = e, "UFFDIO_POISON failed");
+            self.wake(page);
+        }
     }
 
     /// READs `n` pages starting at `page` (at `off` of its slab) into staging slots `k..`,
-    /// retrying until it works: the faulting thread cannot be given an error.
-    fn read_remote(&mut self, page: usize, off: u64, k: usize, n: usize) {
+    /// retrying with back-off. Gives up (false) after `remote_deadline` where the page can be
+    /// poisoned; without poison the faulting thread has no other way out, so it retries on.
+    fn read_remote(&mut self, page: usize, off: u64, k: usize, n: usize) -> bool {
         let mut delay = Duration::from_millis(1);
+        let start = Instant::now();
         loop {
             let (slab, _) = self.backing.locate(page);
             let remote = slab.remote;
@@ -647,9 +788,13 @@ impl Handler {
                 off,
                 &mut self.staging[k * PAGE..(k + n) * PAGE],
             ) {
-                Ok(()) => return,
+                Ok(()) => return true,
                 Err(e) => {
                     bump(&self.counters.remote_errors, 1);
+                    if self.poison && start.elapsed() >= self.remote_deadline {
+                        tracing::error!(page, error = %e, "remote READ failed; giving up");
+                        return false;
+                    }
                     tracing::error!(page, error = %e, "remote READ failed; retrying");
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(Duration::from_secs(1));
@@ -660,8 +805,8 @@ impl Handler {
 
     /// Installs one page from staging slot `slot` (or zeros), updating state before the copy
     /// wakes anyone.
-    fn install(&mut self, page: usize, slot: Option<usize>, wp: bool) {
-        if slot.is_none() {
+    fn install(&mut self, page: usize, slot: Source, wp: bool) {
+        if slot == Source::Zeros {
             bump(&self.counters.zero_fills, 1);
         }
         // Only a write fault installs a page writable, and that page is dirty already.
@@ -669,8 +814,8 @@ impl Handler {
         self.fifo.push_back(page as u32);
         bump(&self.counters.resident, 1);
         let src = match slot {
-            Some(k) => &self.staging[k * PAGE..(k + 1) * PAGE],
-            None => &self.zeros[..],
+            Source::Staged(k) => &self.staging[k * PAGE..(k + 1) * PAGE],
+            Source::Zeros | Source::Lost => &self.zeros[..],
         };
         match copy_page(&self.uffd, src, self.addr(page), wp) {
             Ok(()) => {}
@@ -682,8 +827,15 @@ impl Handler {
         }
     }
 
-    /// Evicts the oldest resident pages until the budget holds.
+    /// Evicts the oldest resident pages until the budget holds. A failed write-back keeps its
+    /// page and pauses eviction for a growing back-off.
     fn evict(&mut self) {
+        if let Some(until) = self.evict_paused_until {
+            if Instant::now() < until {
+                return;
+            }
+            self.evict_paused_until = None;
+        }
         while self.fifo.len() > self.budget {
             let Some(v) = self.fifo.pop_front() else {
                 return;
@@ -698,9 +850,22 @@ impl Handler {
                     self.fifo.push_back(v as u32);
                     return;
                 }
+                self.state[v] |= WP;
             }
             if st & DIRTY != 0 {
-                self.write_back(v, a);
+                if let Err(e) = self.write_back(v, a) {
+                    bump(&self.counters.remote_errors, 1);
+                    bump(&self.counters.writeback_failures, 1);
+                    tracing::error!(page = v, error = %e, backoff = ?self.evict_backoff,
+                        "remote WRITE failed; page kept resident, eviction paused");
+                    // Oldest first again next time; a writer meanwhile takes a WP fault
+                    // and finds the page dirty and resident.
+                    self.fifo.push_front(v as u32);
+                    self.evict_paused_until = Some(Instant::now() + self.evict_backoff);
+                    self.evict_backoff = (self.evict_backoff * 2).min(EVICT_BACKOFF_MAX);
+                    return;
+                }
+                self.evict_backoff = EVICT_BACKOFF_MIN;
                 self.state[v] |= VALID;
                 bump(&self.counters.writebacks, 1);
             } else {
@@ -717,22 +882,11 @@ impl Handler {
         }
     }
 
-    fn write_back(&mut self, page: usize, addr: usize) {
+    fn write_back(&mut self, page: usize, addr: usize) -> Result<(), ClientError> {
         // SAFETY: the page is resident and write-protected, so nobody changes it while it is
         // copied; the mapping outlives this thread.
         let data = unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE) };
-        let mut delay = Duration::from_millis(1);
-        loop {
-            let (slab, off) = self.backing.locate(page);
-            match self.backing.client.write_remote(slab.remote, off, data) {
-                Ok(()) => return,
-                Err(e) => {
-                    bump(&self.counters.remote_errors, 1);
-                    tracing::error!(page, error = %e, "remote WRITE failed; retrying");
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_secs(1));
-                }
-            }
-        }
+        let (slab, off) = self.backing.locate(page);
+        self.backing.client.write_remote(slab.remote, off, data)
     }
 }

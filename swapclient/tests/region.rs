@@ -294,3 +294,129 @@ async fn a_size_that_is_not_whole_pages_is_refused() {
     assert!(matches!(e, RegionError::Remote(_)), "{e}");
     assert_eq!(client.stats().await.unwrap().slabs_held, 0);
 }
+
+/// A donor that can be stopped like a dead host (sessions end, slabs deregistered at once).
+async fn mortal_donor() -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let mut cfg = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        size: ByteSize(8 << 20),
+        slab_size: ByteSize(1 << 20),
+        hugepages: HugePages::Never,
+        ..Default::default()
+    };
+    cfg.reclaim.pressure = false;
+    cfg.reclaim.shutdown_grace_secs = 0;
+    let server = Server::bind(cfg, SECRET.to_vec()).await.unwrap();
+    let addr = server.local_addr();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(server.run(async {
+        let _ = rx.await;
+    }));
+    (addr, tx)
+}
+
+async fn mortal_region(pages: usize, budget: usize) -> (Region, tokio::sync::oneshot::Sender<()>) {
+    let (addr, stop) = mortal_donor().await;
+    let mut c = ClientConfig::new(addr, SECRET.to_vec());
+    c.op_timeout = std::time::Duration::from_secs(2);
+    let client = Arc::new(Client::connect(c).await.unwrap());
+    let mut cfg = RegionConfig::new(pages * PAGE);
+    cfg.budget_pages = budget;
+    cfg.prefetch = 0;
+    cfg.remote_deadline = std::time::Duration::from_millis(300);
+    (Region::borrow(client, cfg).await.unwrap(), stop)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_back_keeps_the_page_resident_and_intact() {
+    let (pages, budget) = (64, 8);
+    let (r, stop) = mortal_region(pages, budget).await;
+    // Exactly the budget, all dirty: nothing has gone out yet.
+    let r = blocking(move || {
+        for p in 0..budget {
+            write_page(&r, 1, p);
+        }
+        r
+    })
+    .await;
+    assert_eq!(r.stats().writebacks, 0);
+    let _ = stop.send(());
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // New pages are zero-filled locally; evicting the old dirty ones now fails.
+    let r = blocking(move || {
+        for p in budget..3 * budget {
+            write_page(&r, 1, p);
+        }
+        for p in 0..3 * budget {
+            check_page(&r, 1, p);
+        }
+        r
+    })
+    .await;
+    let st = r.stats();
+    assert!(st.writeback_failures >= 1, "{st:?}");
+    assert_eq!(st.writebacks, 0, "{st:?}");
+    assert_eq!(st.poisoned, 0, "{st:?}");
+    assert_eq!(
+        st.resident,
+        3 * budget as u64,
+        "over budget, nothing dropped: {st:?}"
+    );
+}
+
+/// Run as a child by `a_page_lost_with_its_donor_raises_sigbus`: pages out, kills the donor,
+/// touches a page that lives only on it. Exits 3 where the kernel has no UFFDIO_POISON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn child_touches_a_page_lost_with_its_donor() {
+    if std::env::var_os("RMEM_REGION_CHILD").is_none() {
+        return;
+    }
+    let (pages, budget) = (64, 8);
+    let (r, stop) = mortal_region(pages, budget).await;
+    if !r.poisons_lost_pages() {
+        std::process::exit(3);
+    }
+    let r = blocking(move || {
+        for p in 0..pages {
+            write_page(&r, 2, p);
+        }
+        check_page(&r, 2, 0);
+        check_page(&r, 2, pages - 1);
+        r
+    })
+    .await;
+    assert!(r.stats().writebacks > 0);
+    let _ = stop.send(());
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Page 1 went out with the first evictions and is not resident.
+    println!("CHILD: touching a lost page");
+    blocking(move || check_page(&r, 2, 1)).await;
+    println!("CHILD: read a lost page without a fault");
+}
+
+#[test]
+fn a_page_lost_with_its_donor_raises_sigbus() {
+    use std::os::unix::process::ExitStatusExt;
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_touches_a_page_lost_with_its_donor",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("RMEM_REGION_CHILD", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if out.status.code() == Some(3) {
+        eprintln!("this kernel has no UFFDIO_POISON: lost pages stall instead; not tested");
+        return;
+    }
+    assert!(
+        stdout.contains("CHILD: touching a lost page"),
+        "the child did not get that far: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!stdout.contains("without a fault"), "{stdout}");
+    assert_eq!(out.status.signal(), Some(libc::SIGBUS), "{:?}", out.status);
+}
