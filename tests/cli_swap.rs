@@ -63,5 +63,42 @@ fn swap_commands_fail_clearly_and_with_their_exit_codes() {
         &dir,
     );
     assert_eq!(out.status.code(), Some(5), "{out:?}");
+
+    // ublk asked for where the kernel has none: a usage error naming the module.
+    if !std::path::Path::new("/dev/ublk-control").exists() {
+        let out = rmem(
+            &[
+                "swap",
+                "up",
+                "--size",
+                "64M",
+                "--no-mlock",
+                "--backend",
+                "ublk",
+                "--donor",
+                "127.0.0.1:1",
+            ],
+            &dir,
+        );
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("modprobe ublk_drv"),
+            "{out:?}"
+        );
+    }
+    let out = rmem(
+        &[
+            "swap",
+            "up",
+            "--size",
+            "64M",
+            "--backend",
+            "floppy",
+            "--donor",
+            "127.0.0.1:1",
+        ],
+        &dir,
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -4,6 +4,8 @@
 # Each time `rmem memcheck` fills checksummed memory worth 2.5x its cgroup's limit (the memory
 # the workload may keep resident), so pages go out to the donors and come back, and every page
 # is verified. Fails on any bad page, on too little swap traffic, or on a lost chunk.
+# The device is ublk where the guest kernel has ublk_drv (6.12), NBD elsewhere (6.1); the
+# run checks that `rmem swap up` picked the one it should.
 export RMEM_SECRET="vm swap test secret"
 IP=10.0.2.15
 fail() { echo "FAIL: $*"; for f in /tmp/*.log; do echo "--- $f"; tail -20 "$f"; done; exit "${2:-80}"; }
@@ -28,17 +30,19 @@ up() {
   rmem swap up --size 192M --json "$@" > /tmp/swap.log 2>&1 &
   echo $! > /tmp/swapd.pid
   n=0
-  until grep -q nbd /proc/swaps; do
+  until grep -Eq '^/dev/(nbd|ublkb)' /proc/swaps; do
     n=$((n + 1)); [ $n -gt 150 ] && fail "swap did not come up ($*)" 81
     kill -0 "$(cat /tmp/swapd.pid)" 2>/dev/null || fail "rmem swap up exited ($*)" 81
     sleep 0.2
   done
   echo "== rmem swap up $*"; cat /proc/swaps
+  want=nbd; [ -e /dev/ublk-control ] && want=ublk
+  rmem swap status --json | grep -q "\"backend\":\"$want\"" || fail "not on $want" 81
 }
 
 down() {
   rmem swap down > /dev/null || fail "rmem swap down" 86
-  grep -q nbd /proc/swaps && fail "still swapping after down" 86
+  grep -Eq '^/dev/(nbd|ublkb)' /proc/swaps && fail "still swapping after down" 86
   wait "$(cat /tmp/swapd.pid)" 2>/dev/null
   for p in /tmp/*.pid; do [ "$(basename "$p")" = swapd.pid ] || kill "$(cat "$p")" 2>/dev/null; rm -f "$p"; done
   sleep 0.5

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use rmem_swapclient::daemon::{self, SwapOptions, RUN_DIR};
+use rmem_swapclient::daemon::{self, Backend, SwapOptions, RUN_DIR};
 use rmem_swapclient::{DonorSpec, StoreConfig};
 use rmem_transport::Provider;
 
@@ -44,7 +44,13 @@ pub struct UpArgs {
     /// verbs: device name.
     #[arg(long, env = "RMEM_DEVICE")]
     device: Option<String>,
-    /// The NBD device to use [default: the first free /dev/nbdN].
+    /// Kernel block driver: ublk (Linux 6.4+ with ublk_drv loaded; requests on io_uring),
+    /// nbd (any kernel with the nbd module; a local socket), or auto: ublk where
+    /// /dev/ublk-control exists and works, else nbd.
+    #[arg(long, default_value = "auto")]
+    backend: Backend,
+    /// The NBD device to use (implies --backend nbd under auto) [default: the first free
+    /// /dev/nbdN].
     #[arg(long)]
     nbd: Option<PathBuf>,
     /// Create the device only; no mkswap and swapon.
@@ -68,7 +74,7 @@ pub struct UpArgs {
 
 #[derive(Args, Debug)]
 pub struct DownArgs {
-    /// Only this device (e.g. /dev/nbd0) [default: every rmem swap device].
+    /// Only this device (e.g. /dev/ublkb0, /dev/nbd0) [default: every rmem swap device].
     device: Option<String>,
     /// Give up waiting after this many seconds (swapoff reads every swapped page back).
     #[arg(long, default_value_t = 600)]
@@ -111,6 +117,7 @@ fn up(a: UpArgs) -> Result<(), Failed> {
             name: format!("rmem-swap@{}", hostname()),
             op_timeout: Duration::from_secs(a.op_timeout),
         },
+        backend: a.backend,
         device: a.nbd.clone(),
         swapon: !a.no_swapon,
         priority: a.priority,
@@ -139,6 +146,9 @@ fn up(a: UpArgs) -> Result<(), Failed> {
         let code = match &e {
             SwapError::Store(StoreError::Config(_)) => Code::Usage,
             SwapError::Store(StoreError::Donor { .. }) => Code::Peer,
+            SwapError::Ublk(rmem_swapclient::kernel_ublk::UblkFailure::Unavailable) => {
+                Code::Usage
+            }
             _ => Code::Failure,
         };
         Failed::new(code, e)
@@ -198,8 +208,9 @@ fn status(a: StatusArgs) -> Result<(), Failed> {
     for v in &all {
         let st = &v["store"];
         println!(
-            "{}  pid {}  {} MiB  swap {}  in {} MiB  out {} MiB  io errors {}",
+            "{} ({})  pid {}  {} MiB  swap {}  in {} MiB  out {} MiB  io errors {}",
             v["device"].as_str().unwrap_or("?"),
+            v["backend"].as_str().unwrap_or("?"),
             v["pid"],
             st["size"].as_u64().unwrap_or(0) >> 20,
             if v["swapon"].as_bool() == Some(true) {

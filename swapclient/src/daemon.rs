@@ -1,5 +1,6 @@
-//! `rmem swap up`: the daemon behind one swap device. It borrows the slabs, attaches the
-//! kernel's NBD device to a local socket and serves it, formats and enables swap, repairs
+//! `rmem swap up`: the daemon behind one swap device. It borrows the slabs, creates the block
+//! device (ublk where the kernel has it, else NBD on a local socket) and serves it, formats
+//! and enables swap, repairs
 //! replicas in the background, answers `status` and `down` on a Unix socket, and undoes it all
 //! on `down`, SIGINT or SIGTERM.
 
@@ -13,7 +14,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
-use crate::kernel_nbd::{self, IoCounters};
+use crate::blockio::IoCounters;
+use crate::kernel_nbd;
+use crate::kernel_ublk::{self, UblkConfig};
 use crate::store::{Store, StoreConfig, StoreStatus};
 use crate::swapfile;
 
@@ -27,6 +30,8 @@ pub enum SwapError {
     Store(#[from] crate::StoreError),
     #[error(transparent)]
     Nbd(#[from] kernel_nbd::NbdError),
+    #[error(transparent)]
+    Ublk(#[from] kernel_ublk::UblkFailure),
     #[error("{what}")]
     Io {
         what: String,
@@ -40,11 +45,34 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SwapError {
     move |source| SwapError::Io { what, source }
 }
 
+/// Which kernel block driver carries the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// ublk where `/dev/ublk-control` exists and works, else NBD.
+    Auto,
+    Ublk,
+    Nbd,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Backend, String> {
+        match s {
+            "auto" => Ok(Backend::Auto),
+            "ublk" => Ok(Backend::Ublk),
+            "nbd" => Ok(Backend::Nbd),
+            _ => Err(format!("unknown backend {s:?} (auto, ublk or nbd)")),
+        }
+    }
+}
+
 /// `rmem swap up` options.
 #[derive(Debug, Clone)]
 pub struct SwapOptions {
     pub store: StoreConfig,
-    /// `/dev/nbdN`; the first free one when `None`.
+    pub backend: Backend,
+    /// NBD: `/dev/nbdN`; the first free one when `None`.
     pub device: Option<PathBuf>,
     pub swapon: bool,
     pub priority: Option<u16>,
@@ -68,6 +96,8 @@ pub struct Ready {
 #[derive(Debug, Clone, Serialize)]
 pub struct DeviceStatus {
     pub device: String,
+    /// "ublk" or "nbd".
+    pub backend: &'static str,
     pub pid: u32,
     pub swapon: bool,
     pub reads: u64,
@@ -99,14 +129,145 @@ pub fn run(opts: SwapOptions, ready: impl FnOnce(&Ready)) -> Result<(), SwapErro
         .enable_all()
         .build()
         .map_err(io_err("tokio runtime"))?;
+    // Before anything is borrowed.
+    if opts.backend == Backend::Ublk && !kernel_ublk::available() {
+        return Err(kernel_ublk::UblkFailure::Unavailable.into());
+    }
     let store = rt.block_on(Store::create(&opts.store))?;
+    if opts.swapon {
+        swapfile::format(&store, "rmem-swap")?;
+    }
+    let io = Arc::new(IoCounters::default());
+    let (front, kernel_done) = match attach(&opts, &store, &io) {
+        Ok(f) => f,
+        Err(e) => {
+            rt.block_on(store.release());
+            return Err(e);
+        }
+    };
+    let dev = front.path().to_path_buf();
+    let name = dev
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "rmem".into());
+    wait_for_size(&name, store.size());
+
+    let result = rt.block_on(serve_device(
+        &opts,
+        &store,
+        &front,
+        &name,
+        &io,
+        kernel_done,
+        ready,
+    ));
+    // Tear down in order: swap off (pages come back in), device removed, slabs returned.
+    let swapped = matches!(result, Ok(true));
+    if swapped {
+        tracing::info!(device = %dev.display(), "swapoff (paging everything back in)");
+        if let Err(e) = swapfile::swapoff(&dev) {
+            tracing::error!(error = %e, "swapoff failed; leaving the device attached");
+            // The device must outlive the swap area the kernel still holds on it.
+            std::mem::forget(front);
+            return Err(SwapError::Io {
+                what: format!("swapoff {}", dev.display()),
+                source: e,
+            });
+        }
+    }
+    front.detach();
+    rt.block_on(store.release());
+    let _ = std::fs::remove_file(socket_path(&opts.run_dir, &name));
+    result.map(|_| ())
+}
+
+/// The kernel side of the device.
+enum Front {
+    Ublk(kernel_ublk::Started),
+    Nbd {
+        dev: PathBuf,
+        kernel: std::thread::JoinHandle<Result<(), kernel_nbd::NbdError>>,
+        server: std::thread::JoinHandle<()>,
+    },
+}
+
+impl Front {
+    fn path(&self) -> &Path {
+        match self {
+            Front::Ublk(s) => &s.path,
+            Front::Nbd { dev, .. } => dev,
+        }
+    }
+
+    fn backend(&self) -> &'static str {
+        match self {
+            Front::Ublk(_) => "ublk",
+            Front::Nbd { .. } => "nbd",
+        }
+    }
+
+    fn detach(self) {
+        match self {
+            Front::Ublk(s) => s.stop(),
+            Front::Nbd {
+                dev,
+                kernel,
+                server,
+            } => {
+                let _ = kernel_nbd::disconnect(&dev);
+                let _ = kernel.join();
+                let _ = server.join();
+            }
+        }
+    }
+}
+
+type KernelDone = tokio::sync::oneshot::Receiver<()>;
+
+/// Creates the block device on the chosen (or best available) driver.
+fn attach(
+    opts: &SwapOptions,
+    store: &Arc<Store>,
+    io: &Arc<IoCounters>,
+) -> Result<(Front, KernelDone), SwapError> {
+    let ublk = match opts.backend {
+        Backend::Ublk => true,
+        Backend::Nbd => false,
+        // An explicit NBD device means NBD.
+        Backend::Auto => opts.device.is_none() && kernel_ublk::available(),
+    };
+    if ublk {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        match kernel_ublk::start(
+            store.clone(),
+            io.clone(),
+            UblkConfig::default(),
+            move || {
+                let _ = tx.send(());
+            },
+        ) {
+            Ok(s) => {
+                tracing::info!(device = %s.path.display(), "ublk device started");
+                return Ok((Front::Ublk(s), rx));
+            }
+            Err(e) if opts.backend == Backend::Auto => {
+                tracing::warn!(error = %e, "ublk failed; using NBD");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    attach_nbd(opts, store, io)
+}
+
+fn attach_nbd(
+    opts: &SwapOptions,
+    store: &Arc<Store>,
+    io: &Arc<IoCounters>,
+) -> Result<(Front, KernelDone), SwapError> {
     let dev = match &opts.device {
         Some(d) => d.clone(),
         None => kernel_nbd::free_device()?,
     };
-    if opts.swapon {
-        swapfile::format(&store, "rmem-swap")?;
-    }
     let (attached, sock) = kernel_nbd::attach(&dev, store.size(), opts.nbd_timeout)?;
     let name = dev
         .file_name()
@@ -117,7 +278,6 @@ pub fn run(opts: SwapOptions, ready: impl FnOnce(&Ready)) -> Result<(), SwapErro
         format!("/sys/block/{name}/queue/max_sectors_kb"),
         (kernel_nbd::MAX_REQUEST / 1024).to_string(),
     );
-    let io = Arc::new(IoCounters::default());
     let server = {
         let (store, io) = (store.clone(), io.clone());
         std::thread::Builder::new()
@@ -129,44 +289,23 @@ pub fn run(opts: SwapOptions, ready: impl FnOnce(&Ready)) -> Result<(), SwapErro
             })
             .map_err(io_err("thread"))?
     };
-    let (kernel_done_tx, kernel_done) = tokio::sync::oneshot::channel();
+    let (tx, rx) = tokio::sync::oneshot::channel();
     let kernel = std::thread::Builder::new()
         .name("nbd-kernel".into())
         .spawn(move || {
             let r = attached.run();
-            let _ = kernel_done_tx.send(());
+            let _ = tx.send(());
             r
         })
         .map_err(io_err("thread"))?;
-    wait_for_size(&name, store.size());
-
-    let result = rt.block_on(serve_device(
-        &opts,
-        &store,
-        &dev,
-        &name,
-        &io,
-        kernel_done,
-        ready,
-    ));
-    // Tear down in order: swap off (pages come back in), device disconnected, slabs returned.
-    let swapped = matches!(result, Ok(true));
-    if swapped {
-        tracing::info!(device = %dev.display(), "swapoff (paging everything back in)");
-        if let Err(e) = swapfile::swapoff(&dev) {
-            tracing::error!(error = %e, "swapoff failed; leaving the device attached");
-            return Err(SwapError::Io {
-                what: format!("swapoff {}", dev.display()),
-                source: e,
-            });
-        }
-    }
-    let _ = kernel_nbd::disconnect(&dev);
-    let _ = kernel.join();
-    let _ = server.join();
-    rt.block_on(store.release());
-    let _ = std::fs::remove_file(socket_path(&opts.run_dir, &name));
-    result.map(|_| ())
+    Ok((
+        Front::Nbd {
+            dev,
+            kernel,
+            server,
+        },
+        rx,
+    ))
 }
 
 fn wait_for_size(name: &str, size: u64) {
@@ -192,14 +331,15 @@ pub fn socket_path(run_dir: &Path, name: &str) -> PathBuf {
 async fn serve_device(
     opts: &SwapOptions,
     store: &Arc<Store>,
-    dev: &Path,
+    front: &Front,
     name: &str,
     io: &Arc<IoCounters>,
-    mut kernel_done: tokio::sync::oneshot::Receiver<()>,
+    mut kernel_done: KernelDone,
     ready: impl FnOnce(&Ready),
 ) -> Result<bool, SwapError> {
     std::fs::create_dir_all(&opts.run_dir)
         .map_err(io_err(format!("{}", opts.run_dir.display())))?;
+    let dev = front.path();
     let sock_path = socket_path(&opts.run_dir, name);
     let _ = std::fs::remove_file(&sock_path);
     let listener = tokio::net::UnixListener::bind(&sock_path)
@@ -267,7 +407,7 @@ async fn serve_device(
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = &mut kernel_done => {
-                tracing::warn!("the kernel dropped the NBD connection");
+                tracing::warn!(backend = front.backend(), "the kernel dropped the device");
                 repair.abort();
                 return Ok(false);
             }
@@ -281,7 +421,7 @@ async fn serve_device(
                 }
                 match serde_json::from_str::<Request>(&line) {
                     Ok(Request::Status) => {
-                        let st = status(store, dev, opts.swapon, io);
+                        let st = status(store, front, opts.swapon, io);
                         let mut j = serde_json::to_vec(&st).unwrap_or_default();
                         j.push(b'\n');
                         let _ = w.write_all(&j).await;
@@ -305,9 +445,10 @@ async fn serve_device(
     Ok(opts.swapon)
 }
 
-fn status(store: &Store, dev: &Path, swapon: bool, io: &IoCounters) -> DeviceStatus {
+fn status(store: &Store, front: &Front, swapon: bool, io: &IoCounters) -> DeviceStatus {
     DeviceStatus {
-        device: dev.display().to_string(),
+        device: front.path().display().to_string(),
+        backend: front.backend(),
         pid: std::process::id(),
         swapon,
         reads: io.reads.load(Ordering::Relaxed),

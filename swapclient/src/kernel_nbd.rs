@@ -7,14 +7,14 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use rmem_memserver::nbd_wire::{
-    CMD_DISC, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, EINVAL, EIO, ENOSPC,
-    REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, TF_HAS_FLAGS, TF_SEND_FLUSH, TF_SEND_TRIM,
+    CMD_DISC, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, EINVAL, REQUEST_MAGIC,
+    SIMPLE_REPLY_MAGIC, TF_HAS_FLAGS, TF_SEND_FLUSH, TF_SEND_TRIM,
 };
 
+use crate::blockio::{self, IoCounters};
 use crate::store::Store;
 
 // <linux/nbd.h>: _IO(0xab, n).
@@ -183,34 +183,6 @@ pub fn disconnect(path: &Path) -> Result<(), NbdError> {
     ioctl(&dev, path, "NBD_DISCONNECT", NBD_DISCONNECT, 0)
 }
 
-/// Bytes moved through the device.
-#[derive(Default)]
-pub struct IoCounters {
-    pub reads: AtomicU64,
-    pub writes: AtomicU64,
-    pub bytes_read: AtomicU64,
-    pub bytes_written: AtomicU64,
-    pub errors: AtomicU64,
-}
-
-/// Logs and counts a failed request; returns its NBD error (`out_of_range` past the end).
-fn failed(
-    io: &IoCounters,
-    what: &str,
-    off: u64,
-    len: usize,
-    e: &crate::StoreError,
-    out_of_range: u32,
-) -> u32 {
-    tracing::error!(off, len, error = %e, "{what} failed");
-    io.errors.fetch_add(1, Ordering::Relaxed);
-    if matches!(e, crate::StoreError::OutOfRange { .. }) {
-        out_of_range
-    } else {
-        EIO
-    }
-}
-
 /// Answers the kernel's requests until it disconnects. Buffers are allocated once, here; the
 /// loop itself allocates nothing.
 pub fn serve<S: Read + Write>(
@@ -248,15 +220,13 @@ pub fn serve<S: Read + Write>(
                     data.resize(len, 0);
                 }
                 let buf = &mut data[..len];
-                match store.read(off, buf) {
+                match blockio::read(store, io, off, buf) {
                     Ok(()) => {
-                        io.reads.fetch_add(1, Ordering::Relaxed);
-                        io.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
                         sock.write_all(&reply)?;
                         sock.write_all(buf)?;
                         continue;
                     }
-                    Err(e) => set_err(&mut reply, failed(io, "read", off, len, &e, EINVAL)),
+                    Err(errno) => set_err(&mut reply, errno as u32),
                 }
             }
             CMD_WRITE => {
@@ -265,19 +235,15 @@ pub fn serve<S: Read + Write>(
                 }
                 let buf = &mut data[..len];
                 sock.read_exact(buf)?;
-                match store.write(off, buf) {
-                    Ok(()) => {
-                        io.writes.fetch_add(1, Ordering::Relaxed);
-                        io.bytes_written.fetch_add(len as u64, Ordering::Relaxed);
-                    }
-                    Err(e) => set_err(&mut reply, failed(io, "write", off, len, &e, ENOSPC)),
+                if let Err(errno) = blockio::write(store, io, off, buf) {
+                    set_err(&mut reply, errno as u32);
                 }
             }
             // Every write reached the donors' memory before it was acknowledged.
             CMD_FLUSH => {}
             CMD_TRIM | CMD_WRITE_ZEROES => {
-                if let Err(e) = store.zero(off, len as u64, &mut scratch) {
-                    set_err(&mut reply, failed(io, "trim", off, len, &e, ENOSPC));
+                if let Err(errno) = blockio::zero(store, io, off, len as u64, &mut scratch) {
+                    set_err(&mut reply, errno as u32);
                 }
             }
             CMD_DISC => return Ok(()),

@@ -2,13 +2,16 @@
 //!
 //! - A swap device whose blocks live in slabs borrowed from donors and moved with one-sided
 //!   READ/WRITE ([`store`]), kept on several donors ([`store::Store`] replicas, rebuilt in the
-//!   background), served to the kernel through its NBD client on a local socket
-//!   ([`kernel_nbd`]) by the `rmem swap` daemon ([`daemon`]).
+//!   background), served to the kernel by the `rmem swap` daemon ([`daemon`]) through ublk
+//!   ([`kernel_ublk`]) where the kernel has it, else through its NBD client on a local socket
+//!   ([`kernel_nbd`]); both front ends share [`blockio`].
 //! - A memory region paged to remote slabs with userfaultfd ([`region`]): faults fetched with
 //!   one-sided READ, dirty pages written back on eviction, stride prefetch.
 
+pub mod blockio;
 pub mod daemon;
 pub mod kernel_nbd;
+pub mod kernel_ublk;
 pub mod region;
 pub mod store;
 pub mod swapfile;

@@ -209,3 +209,104 @@ async fn refuses_impossible_layouts_and_out_of_range_io() {
     let e = blocking(move || s.read(2 * MIB - 10, &mut [0u8; 20])).await;
     assert!(matches!(e, Err(StoreError::OutOfRange { .. })));
 }
+
+/// A request as the ublk driver describes it.
+fn iod(op: u32, sector: u64, sectors: u32) -> libublk::sys::ublksrv_io_desc {
+    libublk::sys::ublksrv_io_desc {
+        op_flags: op,
+        nr_sectors: sectors,
+        start_sector: sector,
+        addr: 0,
+    }
+}
+
+/// The ublk queue's request handler against a real store: everything but the kernel (which
+/// the VM test supplies).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ublk_requests_read_write_discard_and_fail_cleanly() {
+    use libublk::sys::{
+        UBLK_IO_OP_DISCARD, UBLK_IO_OP_FLUSH, UBLK_IO_OP_READ, UBLK_IO_OP_WRITE,
+        UBLK_IO_OP_WRITE_ZEROES,
+    };
+    use rmem_swapclient::blockio::IoCounters;
+    use rmem_swapclient::kernel_ublk::serve_request;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    let mut a = donor(8).await;
+    let store = Store::create(&config(4 * MIB, 1, &[&a])).await.unwrap();
+    let s = store.clone();
+    let io = blocking(move || {
+        let io = IoCounters::default();
+        let (mut buf, mut scratch) = (vec![0u8; 64 << 10], vec![0u8; 64 << 10]);
+        let data = pattern(12 << 10, 9);
+        // 12 KiB across the first chunk boundary, read back.
+        let sector = (MIB - 4096) / 512;
+        buf[..data.len()].copy_from_slice(&data);
+        let w = iod(UBLK_IO_OP_WRITE, sector, 24);
+        assert_eq!(serve_request(&s, &io, &w, &mut buf, &mut scratch), 12 << 10);
+        buf.fill(0);
+        let r = iod(UBLK_IO_OP_READ, sector, 24);
+        assert_eq!(serve_request(&s, &io, &r, &mut buf, &mut scratch), 12 << 10);
+        assert_eq!(&buf[..data.len()], &data[..]);
+        // Discard and write-zeroes leave zeros.
+        let d = iod(UBLK_IO_OP_DISCARD, sector, 8);
+        assert_eq!(serve_request(&s, &io, &d, &mut buf, &mut scratch), 0);
+        let z = iod(UBLK_IO_OP_WRITE_ZEROES, sector + 16, 8);
+        assert_eq!(serve_request(&s, &io, &z, &mut buf, &mut scratch), 0);
+        assert_eq!(serve_request(&s, &io, &r, &mut buf, &mut scratch), 12 << 10);
+        assert!(buf[..4096].iter().all(|&b| b == 0));
+        assert_eq!(&buf[4096..8192], &data[4096..8192]);
+        assert!(buf[8192..12288].iter().all(|&b| b == 0));
+        assert_eq!(
+            serve_request(
+                &s,
+                &io,
+                &iod(UBLK_IO_OP_FLUSH, 0, 0),
+                &mut buf,
+                &mut scratch
+            ),
+            0
+        );
+        assert_eq!(io.errors.load(Relaxed), 0);
+        // Past the end, larger than the tag's buffer, an unknown op: errors, nothing written.
+        let end = 4 * MIB / 512;
+        let past = iod(UBLK_IO_OP_READ, end - 4, 8);
+        assert_eq!(
+            serve_request(&s, &io, &past, &mut buf, &mut scratch),
+            -libc::EINVAL
+        );
+        let past = iod(UBLK_IO_OP_WRITE, end - 4, 8);
+        assert_eq!(
+            serve_request(&s, &io, &past, &mut buf, &mut scratch),
+            -libc::ENOSPC
+        );
+        let big = iod(UBLK_IO_OP_WRITE, 0, (buf.len() / 512 + 8) as u32);
+        assert_eq!(
+            serve_request(&s, &io, &big, &mut buf, &mut scratch),
+            -libc::EINVAL
+        );
+        let odd = iod(42, 0, 8);
+        assert_eq!(
+            serve_request(&s, &io, &odd, &mut buf, &mut scratch),
+            -libc::EOPNOTSUPP
+        );
+        assert_eq!(serve_request(&s, &io, &r, &mut buf, &mut scratch), 12 << 10);
+        assert_eq!(&buf[4096..8192], &data[4096..8192]);
+        assert_eq!(io.errors.load(Relaxed), 2, "store errors are counted");
+        assert_eq!(io.bytes_written.load(Relaxed), 12 << 10);
+        io
+    })
+    .await;
+    // With its only donor dead a read is an I/O error, not zeros.
+    a.kill().await;
+    let s = store.clone();
+    blocking(move || {
+        let (mut buf, mut scratch) = (vec![0u8; 8192], vec![0u8; 8192]);
+        let r = iod(UBLK_IO_OP_READ, 0, 8);
+        assert_eq!(
+            serve_request(&s, &io, &r, &mut buf, &mut scratch),
+            -libc::EIO
+        );
+    })
+    .await;
+}

@@ -1,0 +1,73 @@
+//! What one block request does to a [`Store`], for every kernel front end (NBD, ublk): the
+//! store call, the counters, the log line and the errno the kernel sees. Nothing here
+//! allocates.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::store::{Store, StoreError};
+
+/// Bytes moved through a device.
+#[derive(Default)]
+pub struct IoCounters {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// Logs and counts a failed request; returns its errno (`out_of_range` past the end, else EIO).
+fn failed(
+    io: &IoCounters,
+    what: &str,
+    off: u64,
+    len: usize,
+    e: &StoreError,
+    out_of_range: i32,
+) -> i32 {
+    tracing::error!(off, len, error = %e, "{what} failed");
+    io.errors.fetch_add(1, Ordering::Relaxed);
+    if matches!(e, StoreError::OutOfRange { .. }) {
+        out_of_range
+    } else {
+        libc::EIO
+    }
+}
+
+/// A read of `buf.len()` bytes at `off`; Err is a positive errno.
+pub fn read(store: &Store, io: &IoCounters, off: u64, buf: &mut [u8]) -> Result<(), i32> {
+    match store.read(off, buf) {
+        Ok(()) => {
+            io.reads.fetch_add(1, Ordering::Relaxed);
+            io.bytes_read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            Ok(())
+        }
+        Err(e) => Err(failed(io, "read", off, buf.len(), &e, libc::EINVAL)),
+    }
+}
+
+/// A write of `buf` at `off`; Err is a positive errno.
+pub fn write(store: &Store, io: &IoCounters, off: u64, buf: &[u8]) -> Result<(), i32> {
+    match store.write(off, buf) {
+        Ok(()) => {
+            io.writes.fetch_add(1, Ordering::Relaxed);
+            io.bytes_written
+                .fetch_add(buf.len() as u64, Ordering::Relaxed);
+            Ok(())
+        }
+        Err(e) => Err(failed(io, "write", off, buf.len(), &e, libc::ENOSPC)),
+    }
+}
+
+/// A discard or write-zeroes of `len` bytes at `off`; Err is a positive errno.
+pub fn zero(
+    store: &Store,
+    io: &IoCounters,
+    off: u64,
+    len: u64,
+    scratch: &mut [u8],
+) -> Result<(), i32> {
+    store
+        .zero(off, len, scratch)
+        .map_err(|e| failed(io, "trim", off, len as usize, &e, libc::ENOSPC))
+}
