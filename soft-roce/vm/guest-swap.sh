@@ -77,7 +77,8 @@ down
 
 echo "== 3: tcp, two replicas, one donor killed mid-run"
 donor a 7470 tcp; donor b 7471 tcp; donor c 7472 tcp; sleep 1
-up --donor "$IP:7470@a" --donor "$IP:7471@b" --donor "$IP:7472@c" --replicas 2 --op-timeout 2
+up --donor "$IP:7470@a" --donor "$IP:7471@b" --donor "$IP:7472@c" --replicas 2 --op-timeout 2 \
+  --metrics 127.0.0.1:9472
 mark
 ( sleep 8; echo "== killing donor a"; kill -9 "$(cat /tmp/a.pid)" ) &
 work --size 160M --passes 2
@@ -92,5 +93,9 @@ done
 rmem swap status
 rmem swap status --json | grep -q '"healthy":false' || fail "the killed donor is not reported" 87
 rmem swap status --json | grep -q '"lost":0' || fail "chunks lost" 87
+m=$(wget -qO- http://127.0.0.1:9472/metrics) || fail "no metrics" 87
+echo "$m" | grep -E '^rmem_swap_(donor_up|chunks_lost|chunks_rebuilt_total)'
+echo "$m" | grep -q "^rmem_swap_donor_up{.*donor=\"$IP:7470\".*} 0$" || fail "metrics: donor a not down" 87
+echo "$m" | grep -q '^rmem_swap_chunks_lost{.*} 0$' || fail "metrics: chunks lost" 87
 down
 echo "== swap: all passed"

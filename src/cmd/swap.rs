@@ -65,6 +65,10 @@ pub struct UpArgs {
     /// Seconds a donor may take over one operation before it is treated as dead.
     #[arg(long, default_value_t = 5)]
     op_timeout: u64,
+    /// Serve Prometheus metrics (I/O, replica health, per-donor traffic) at
+    /// http://ADDR/metrics, e.g. 127.0.0.1:9472.
+    #[arg(long)]
+    metrics: Option<std::net::SocketAddr>,
     /// Print the ready line as JSON.
     #[arg(long)]
     json: bool,
@@ -124,6 +128,7 @@ fn up(a: UpArgs) -> Result<(), Failed> {
         mlock: !a.no_mlock,
         run_dir: a.run_dir.clone(),
         nbd_timeout: 60,
+        metrics: a.metrics,
     };
     let json = a.json;
     daemon::run(opts, |r| {

@@ -80,6 +80,8 @@ pub struct SwapOptions {
     pub run_dir: PathBuf,
     /// Seconds the kernel waits for one request before failing it.
     pub nbd_timeout: u64,
+    /// Serve Prometheus metrics at `http://ADDR/metrics`.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// What `up` reports once the device is in use.
@@ -344,6 +346,35 @@ async fn serve_device(
     let _ = std::fs::remove_file(&sock_path);
     let listener = tokio::net::UnixListener::bind(&sock_path)
         .map_err(io_err(format!("control socket {}", sock_path.display())))?;
+    let metrics = match opts.metrics {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(io_err(format!("metrics listener {addr}")))?;
+            let (store, io) = (store.clone(), io.clone());
+            let (device, backend, swapon) =
+                (dev.display().to_string(), front.backend(), opts.swapon);
+            let app = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let st = status(&store, &device, backend, swapon, &io);
+                    async move {
+                        (
+                            [("content-type", "text/plain; version=0.0.4")],
+                            crate::metrics::render(&st),
+                        )
+                    }
+                }),
+            );
+            tracing::info!(%addr, "metrics at /metrics");
+            Some(tokio::spawn(async move {
+                if let Err(e) = axum::serve(l, app).await {
+                    tracing::error!(error = %e, "metrics server stopped");
+                }
+            }))
+        }
+        None => None,
+    };
     if opts.swapon {
         let (d, prio) = (dev.to_path_buf(), opts.priority);
         tokio::task::spawn_blocking(move || swapfile::swapon(&d, prio))
@@ -409,6 +440,9 @@ async fn serve_device(
             _ = &mut kernel_done => {
                 tracing::warn!(backend = front.backend(), "the kernel dropped the device");
                 repair.abort();
+                if let Some(m) = &metrics {
+                    m.abort();
+                }
                 return Ok(false);
             }
             c = listener.accept() => {
@@ -421,7 +455,7 @@ async fn serve_device(
                 }
                 match serde_json::from_str::<Request>(&line) {
                     Ok(Request::Status) => {
-                        let st = status(store, front, opts.swapon, io);
+                        let st = status(store, &dev.display().to_string(), front.backend(), opts.swapon, io);
                         let mut j = serde_json::to_vec(&st).unwrap_or_default();
                         j.push(b'\n');
                         let _ = w.write_all(&j).await;
@@ -442,13 +476,22 @@ async fn serve_device(
         }
     }
     repair.abort();
+    if let Some(m) = &metrics {
+        m.abort();
+    }
     Ok(opts.swapon)
 }
 
-fn status(store: &Store, front: &Front, swapon: bool, io: &IoCounters) -> DeviceStatus {
+fn status(
+    store: &Store,
+    device: &str,
+    backend: &'static str,
+    swapon: bool,
+    io: &IoCounters,
+) -> DeviceStatus {
     DeviceStatus {
-        device: front.path().display().to_string(),
-        backend: front.backend(),
+        device: device.to_string(),
+        backend,
         pid: std::process::id(),
         swapon,
         reads: io.reads.load(Ordering::Relaxed),

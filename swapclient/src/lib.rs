@@ -12,6 +12,7 @@ pub mod blockio;
 pub mod daemon;
 pub mod kernel_nbd;
 pub mod kernel_ublk;
+pub mod metrics;
 pub mod region;
 pub mod store;
 pub mod swapfile;
