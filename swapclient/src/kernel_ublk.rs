@@ -24,8 +24,9 @@ use crate::store::Store;
 /// The driver's control node; present once `ublk_drv` is loaded.
 pub const CONTROL: &str = "/dev/ublk-control";
 
-/// Largest request (bytes); each tag gets a buffer of this size, allocated once.
-pub const MAX_REQUEST: u32 = 512 << 10;
+/// Largest request (bytes); each tag gets a buffer of this size, allocated once and locked
+/// with the rest of the daemon, so queues x depth x this stays small (8 MiB on 2 CPUs).
+pub const MAX_REQUEST: u32 = 256 << 10;
 
 /// Whether this kernel can give us a ublk device.
 pub fn available() -> bool {
@@ -55,7 +56,8 @@ fn driver(what: &'static str) -> impl FnOnce(libublk::UblkError) -> UblkFailure 
 pub struct UblkConfig {
     /// Hardware queues, each served by its own thread.
     pub queues: u16,
-    /// Requests in flight per queue.
+    /// Requests in flight per queue. Each queue thread serves one at a time (the store's
+    /// operations complete in place), so depth only buffers a burst.
     pub depth: u16,
 }
 
@@ -64,7 +66,7 @@ impl Default for UblkConfig {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         UblkConfig {
             queues: cpus.clamp(1, 4) as u16,
-            depth: 64,
+            depth: 16,
         }
     }
 }
@@ -110,6 +112,8 @@ pub fn start(
     if !available() {
         return Err(UblkFailure::Unavailable);
     }
+    // This thread may end up with the last handle on the device, whose drop deletes it.
+    ensure_ctrl_ring()?;
     let size = store.size();
     let (tx, rx) = mpsc::channel::<Event>();
     let thread = std::thread::Builder::new()
