@@ -5,7 +5,7 @@
 # back, and every page is verified. Fails when nothing was swapped or any page differs.
 export RMEM_SECRET="vm nbd swap test secret"
 rmem server --listen 127.0.0.1:7470 --size 640M --slab-size 16M --export swap0=512M \
-  --nbd-listen 127.0.0.1:10809 --no-admin --hugepages never > /tmp/donor.log 2>&1 &
+  --nbd-listen 127.0.0.1:10809 --no-admin --no-pressure --hugepages never > /tmp/donor.log 2>&1 &
 donor=$!
 n=0
 until nbd-client -N swap0 127.0.0.1 10809 /dev/nbd0 > /tmp/nbd.log 2>&1; do

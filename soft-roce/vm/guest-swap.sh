@@ -21,7 +21,7 @@ donor() {
   extra=""
   [ "$3" = verbs ] && extra="--device rxe0"
   rmem server --listen "$IP:$2" --size 256M --slab-size 8M --provider "$3" $extra \
-    --no-admin --hugepages never > "/tmp/donor-$1.log" 2>&1 &
+    --no-admin --no-pressure --hugepages never > "/tmp/donor-$1.log" 2>&1 &
   echo $! > "/tmp/$1.pid"
 }
 

@@ -86,6 +86,11 @@ struct RunArgs {
     /// No admin endpoint.
     #[arg(long, conflicts_with = "admin_listen")]
     no_admin: bool,
+    /// Do not shrink the pool when the host's memory pressure (PSI) rises; only
+    /// `rmem server shrink` takes memory back. For donors that share a host with the
+    /// workload they serve (tests, demos), where the borrower's own paging is the pressure.
+    #[arg(long)]
+    no_pressure: bool,
     /// Print the start-up line as JSON.
     #[arg(long)]
     json: bool,
@@ -145,6 +150,9 @@ impl RunArgs {
         }
         if let Some(v) = self.nbd_listen {
             c.nbd_listen = v;
+        }
+        if self.no_pressure {
+            c.reclaim.pressure = false;
         }
         if let Some(h) = self.hugepages {
             c.hugepages = match h {
