@@ -26,3 +26,5 @@ echo "== the donor's NBD export as swap through the guest kernel's stock nbd cli
 soft-roce/vm/run.sh nbd-swap
 echo "== rmem swap in a VM: tcp, verbs on rxe, two replicas with a donor killed mid-run"
 soft-roce/vm/run.sh swap
+echo "== the same on the 6.12 backports kernel, where rmem swap runs on ublk"
+RMEM_VM_KERNEL=backports soft-roce/vm/run.sh swap quick
