@@ -4,10 +4,12 @@
 # with insmod), libibverbs with the rxe provider, the `rdma` tool, and the programs to run.
 #
 #   soft-roce/vm/build-initramfs.sh -k <kernel version> -o <out.cpio.gz> -g <guest script> \
-#       [-t] [-e KEY=VALUE]... <program>...
+#       [-t] [-e KEY=VALUE]... [-m MODULE]... [-M MODULE]... <program>...
 #
 # Each <program> is copied to /bin in the guest with the shared libraries `ldd` names; -t adds
 # the peers rmem is measured against (perftest's ib_* programs and qperf) and nbd-client.
+# -m adds a kernel module the run needs (the build fails when the kernel lacks it), -M one it
+# may use when the kernel has it (ublk_drv is always such a one: 6.12 has it, 6.1 does not).
 # /init mounts the usual filesystems, loads the modules, gives eth0 the address named on the
 # kernel command line (rmem.ip=A.B.C.D/N, default 10.0.2.15/24 for QEMU user networking),
 # creates rxe0 over eth0, waits for its RoCE v2 GID, raises the locked-memory limit, runs the
@@ -16,16 +18,18 @@
 # with -no-reboot). One image serves every VM of a multi-VM run.
 set -euo pipefail
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
 
-kver="" out="" guest="" envs=() tools=0
-while getopts "k:o:g:e:th" opt; do
+kver="" out="" guest="" envs=() tools=0 extra_mods=() optional_mods=(ublk_drv)
+while getopts "k:o:g:e:m:M:th" opt; do
   case $opt in
     k) kver=$OPTARG ;;
     o) out=$OPTARG ;;
     g) guest=$OPTARG ;;
     e) envs+=("$OPTARG") ;;
     t) tools=1 ;;
+    m) extra_mods+=("$OPTARG") ;;
+    M) optional_mods+=("$OPTARG") ;;
     *) usage ;;
   esac
 done
@@ -80,11 +84,18 @@ if ((tools)); then
   done
 fi
 
-# Kernel modules, in load order, decompressed (busybox insmod reads plain ELF only).
-mods=(crc32_generic virtio_pci virtio_net ib_uverbs rdma_rxe rdma_ucm ib_umad nbd)
+# Kernel modules, in load order, decompressed (busybox insmod reads plain ELF only; 6.12's are
+# .ko.xz). A required module the kernel lacks fails the build; an optional one is left out.
+mods=(crc32_generic virtio_pci virtio_net ib_uverbs rdma_rxe rdma_ucm ib_umad nbd
+      "${extra_mods[@]+"${extra_mods[@]}"}")
+for m in "${optional_mods[@]}"; do
+  modinfo -k "$kver" "$m" > /dev/null 2>&1 && mods+=("$m")
+done
 : > "$root/modules.list"
 for m in "${mods[@]}"; do
-  modprobe -S "$kver" --show-depends "$m" 2>/dev/null | awk '$1 == "insmod" {print $2}' |
+  deps=$(modprobe -S "$kver" --show-depends "$m" 2>&1) ||
+    { echo "kernel $kver lacks module $m: $deps" >&2; exit 1; }
+  printf '%s\n' "$deps" | awk '$1 == "insmod" {print $2}' |
     while read -r ko; do
       name=$(basename "$ko"); name=${name%.xz}; name=${name%.zst}
       grep -qx "/lib/modules/$name" "$root/modules.list" && continue

@@ -20,8 +20,11 @@
 # guest's status (the client's in two-vm mode); 124 when a VM times out.
 #
 # Environment: RMEM_VM_ACCEL (auto, tcg or kvm; auto tries KVM once per host and kernel and falls
-# back to TCG when the guest shows no sign of life), RMEM_VM_KERNEL (kernel version; default the
-# newest installed with rdma_rxe), RMEM_VM_TIMEOUT (seconds, default 1500), RMEM_VM_LOG (console
+# back to TCG when the guest shows no sign of life), RMEM_VM_KERNEL (which guest kernel: unset or
+# "default" is the newest installed 6.1 kernel, bookworm's, even when a newer one is installed;
+# "backports" is bookworm-backports' 6.12 kernel, which has ublk_drv: run.sh adds that suite to
+# apt's sources and installs the versioned linux-image-6.12...-amd64 package when missing; or an
+# exact version from /lib/modules), RMEM_VM_TIMEOUT (seconds, default 1500), RMEM_VM_LOG (console
 # log file; two-vm adds .a and .b), RMEM_VM_GUEST (two-vm: another guest script), CARGO_TARGET_DIR.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -32,7 +35,7 @@ mode=conformance
 case "${1:-}" in
   conformance|perf|two-vm|nbd-swap|swap) mode=$1; shift ;;
   script) mode=script; shift; guest_script=$(realpath "${1:?script needs a FILE}"); shift ;;
-  -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
 esac
 
 pkgs=(qemu-system-x86 linux-image-amd64 busybox-static kmod cpio xz-utils rdma-core
@@ -46,14 +49,57 @@ if ((${#missing[@]})); then
 fi
 "$repo/scripts/deps.sh"
 
-kver=${RMEM_VM_KERNEL:-}
-if [[ -z $kver ]]; then
-  for d in $(ls -d /lib/modules/*/ | sort -V -r); do
+# has_rxe VERSION: the kernel and its rdma_rxe module are installed.
+has_rxe() { [[ -e /boot/vmlinuz-$1 ]] && find "/lib/modules/$1" -name 'rdma_rxe.ko*' 2>/dev/null | grep -q .; }
+# newest_kernel GLOB: the newest installed kernel version matching GLOB that has rdma_rxe.
+newest_kernel() {
+  local d v
+  for d in $(ls -d /lib/modules/*/ 2>/dev/null | sort -V -r); do
     v=$(basename "$d")
-    if [[ -e /boot/vmlinuz-$v ]] && find "$d" -name 'rdma_rxe.ko*' | grep -q .; then kver=$v; break; fi
+    # shellcheck disable=SC2053 # GLOB is a pattern on purpose
+    [[ $v == $1 ]] && has_rxe "$v" && { echo "$v"; return 0; }
   done
-fi
-[[ -n $kver && -e /boot/vmlinuz-$kver ]] || { echo "run.sh: no kernel with rdma_rxe installed" >&2; exit 1; }
+  return 1
+}
+# backports_kernel: the kernel of bookworm-backports' linux-image-amd64, installed if missing.
+# Only the versioned package is installed (never the linux-image-amd64 meta-package), so the
+# default kernel below does not move.
+backports_kernel() {
+  local v sudo="" para uris keyring pkg
+  if v=$(newest_kernel '6.1[2-9].*-amd64') || v=$(newest_kernel '[7-9].*-amd64'); then echo "$v"; return 0; fi
+  [[ $(id -u) -ne 0 ]] && sudo=sudo
+  if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    # The same mirror and keyring as the deb822 paragraph that lists the bookworm suite itself.
+    para=$(awk 'BEGIN { RS = "" } /(^|\n)Suites:([^\n]*[ \t])?bookworm([ \t\n]|$)/ { print; exit }' \
+      /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+    uris=$(printf '%s\n' "$para" | sed -n 's/^URIs: *//p' | head -1)
+    keyring=$(printf '%s\n' "$para" | sed -n 's/^Signed-By: *//p' | head -1)
+    echo "== adding bookworm-backports (${uris:-http://deb.debian.org/debian}) to apt's sources" >&2
+    printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: %s\n' \
+      "${uris:-http://deb.debian.org/debian}" "${keyring:-/usr/share/keyrings/debian-archive-keyring.gpg}" |
+      $sudo tee /etc/apt/sources.list.d/bookworm-backports.sources > /dev/null
+  fi
+  $sudo apt-get update -qq >&2
+  # The meta-package's dependency names the versioned image package (linux-image-6.12...-amd64).
+  pkg=$(apt-cache show 'linux-image-amd64/bookworm-backports' 2>/dev/null | sed -n 's/^Depends: *//p' |
+    head -1 | tr ',' '\n' | grep -o 'linux-image-[0-9][^ ]*-amd64' | head -1)
+  [[ -n $pkg ]] || { echo "run.sh: bookworm-backports offers no linux-image-amd64" >&2; return 1; }
+  echo "== installing $pkg from bookworm-backports" >&2
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$pkg" >&2
+  v=${pkg#linux-image-}
+  has_rxe "$v" || { echo "run.sh: $pkg has no rdma_rxe" >&2; return 1; }
+  echo "$v"
+}
+
+case ${RMEM_VM_KERNEL:-} in
+  # The default stays on bookworm's 6.1 series whatever else is installed: figures and
+  # behaviour stay comparable from run to run.
+  ''|default) kver=$(newest_kernel '6.1.*-amd64') ||
+    { echo "run.sh: no 6.1 kernel with rdma_rxe installed (apt-get install linux-image-amd64)" >&2; exit 1; } ;;
+  backports) kver=$(backports_kernel) || exit 1 ;;
+  *) kver=$RMEM_VM_KERNEL ;;
+esac
+has_rxe "$kver" || { echo "run.sh: kernel $kver is not installed with rdma_rxe" >&2; exit 1; }
 
 work=$(mktemp -d)
 pids=()
