@@ -1,4 +1,5 @@
-//! The `rmem` binary end to end: the demo, perf, conformance, usage errors and exit codes.
+//! The `rmem` binary end to end: the demo, perf, conformance, memcheck, usage errors and exit
+//! codes.
 
 use std::process::{Command, Output};
 
@@ -79,6 +80,20 @@ fn conformance_command_runs_cases_and_rejects_unknown_ones() {
     assert!(cases.iter().all(|c| c["passed"] == true));
     let o = rmem(&["conformance", "--case", "no_such_case"]);
     assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn memcheck_reports_fill_and_verify_separately() {
+    let o = rmem(&["memcheck", "--size", "4M", "--passes", "2", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v = json(&o);
+    assert_eq!(v["pages"], 1024);
+    assert_eq!(v["bad_pages"], 0);
+    for key in ["mib_per_sec", "fill_mib_per_sec", "verify_mib_per_sec"] {
+        assert!(v[key].as_f64().unwrap() > 0.0, "{key}: {v}");
+    }
+    let phases = v["fill_seconds"].as_f64().unwrap() + v["verify_seconds"].as_f64().unwrap();
+    assert!(phases <= v["seconds"].as_f64().unwrap(), "{v}");
 }
 
 #[test]

@@ -12,6 +12,11 @@
 #                                                       checksummed pages pushed out and read back
 #   soft-roce/vm/run.sh swap                            `rmem swap` as the guest's swap over tcp, over
 #                                                       verbs, and with 2 replicas as a donor dies
+#   soft-roce/vm/run.sh swap-compare [seq=S random=S limit=S]
+#                                                       a benchmark, not a test: swap's workload with
+#                                                       rmem swap (tcp, verbs), zram and a swap file on
+#                                                       ext4 on a virtio disk, one table (arguments
+#                                                       shrink the workload for a quick check)
 #   soft-roce/vm/run.sh script FILE [args...]           any guest script (args in $RMEM_TEST_ARGS)
 #
 # It installs what it needs with apt-get (QEMU, a Debian kernel with rdma_rxe, busybox,
@@ -24,18 +29,24 @@
 # "default" is the newest installed 6.1 kernel, bookworm's, even when a newer one is installed;
 # "backports" is bookworm-backports' 6.12 kernel, which has ublk_drv: run.sh adds that suite to
 # apt's sources and installs the versioned linux-image-6.12...-amd64 package when missing; or an
-# exact version from /lib/modules), RMEM_VM_TIMEOUT (seconds, default 1500), RMEM_VM_LOG (console
-# log file; two-vm adds .a and .b), RMEM_VM_GUEST (two-vm: another guest script), CARGO_TARGET_DIR.
+# exact version from /lib/modules), RMEM_VM_TIMEOUT (seconds, default 1500; swap-compare 5400),
+# RMEM_VM_LOG (console log file; two-vm adds .a and .b), RMEM_VM_GUEST (two-vm: another guest
+# script), RMEM_VM_DISK_DIR (swap-compare: where the virtio disk's file lives, default
+# /var/tmp), CARGO_TARGET_DIR.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-timeout_s=${RMEM_VM_TIMEOUT:-1500}
 
 mode=conformance
 case "${1:-}" in
-  conformance|perf|two-vm|nbd-swap|swap) mode=$1; shift ;;
+  conformance|perf|two-vm|nbd-swap|swap|swap-compare) mode=$1; shift ;;
   script) mode=script; shift; guest_script=$(realpath "${1:?script needs a FILE}"); shift ;;
   -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+esac
+# swap-compare runs the swap workload four times: under TCG it takes far longer than the tests.
+case $mode in
+  swap-compare) timeout_s=${RMEM_VM_TIMEOUT:-5400} ;;
+  *) timeout_s=${RMEM_VM_TIMEOUT:-1500} ;;
 esac
 
 pkgs=(qemu-system-x86 linux-image-amd64 busybox-static kmod cpio xz-utils rdma-core
@@ -102,8 +113,11 @@ esac
 has_rxe "$kver" || { echo "run.sh: kernel $kver is not installed with rdma_rxe" >&2; exit 1; }
 
 work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]+"${pids[@]}"}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+pids=() cleanup_files=()
+cleanup() {
+  for p in "${pids[@]+"${pids[@]}"}"; do kill "$p" 2>/dev/null || true; done
+  rm -rf "$work" "${cleanup_files[@]+"${cleanup_files[@]}"}"
+}
 trap cleanup EXIT
 
 cd "$repo"
@@ -127,11 +141,34 @@ case $mode in
   perf) guest_script=$here/guest-perf.sh ;;
   nbd-swap) guest_script=$here/guest-nbd-swap.sh ;;
   swap) guest_script=$here/guest-swap.sh ;;
+  swap-compare) guest_script=$here/guest-swap-compare.sh ;;
   two-vm) guest_script=${RMEM_VM_GUEST:-$here/guest-two-vm.sh} ;;
 esac
+initramfs_args=() vm_args=()
+if [[ $mode == swap-compare ]]; then
+  # zram, and ext4 on a virtio disk for a swap file (crc32c_generic: ext4's checksums).
+  initramfs_args+=(-m zram -m virtio_blk -m crc32c_generic -m ext4)
+  programs+=("$(command -v mkfs.ext4)")
+  # The disk is a sparse raw file opened with cache=none (O_DIRECT): the guest's swap I/O then
+  # reaches the host's disk instead of being served from the host's page cache, which would make
+  # the "disk" a second RAM. Files on tmpfs (a common /tmp) cannot be opened with O_DIRECT, so
+  # the file lives in RMEM_VM_DISK_DIR (default /var/tmp), probed first; where O_DIRECT fails the
+  # run falls back to cache=writeback and says that the disk's figures include the host's cache.
+  disk_dir=${RMEM_VM_DISK_DIR:-/var/tmp}
+  disk=$(mktemp "$disk_dir/rmem-vm-disk.XXXXXX")
+  cleanup_files+=("$disk")
+  truncate -s 512M "$disk"
+  if dd if=/dev/zero of="$disk" bs=4096 count=1 oflag=direct conv=notrunc status=none 2>/dev/null; then
+    cache=none
+  else
+    cache=writeback
+    echo "== NOTE: $disk_dir has no O_DIRECT: the virtio disk runs with cache=writeback (host page cache)"
+  fi
+  vm_args+=(-drive "file=$disk,format=raw,if=virtio,cache=$cache,aio=threads")
+fi
 echo "== building the initramfs (kernel $kver)"
 "$here/build-initramfs.sh" -k "$kver" -o "$work/initramfs.cpio.gz" -g "$guest_script" -t \
-  -e "RMEM_TEST_ARGS=$*" -e "RUST_BACKTRACE=1" "${programs[@]}"
+  -e "RMEM_TEST_ARGS=$*" -e "RUST_BACKTRACE=1" "${initramfs_args[@]+"${initramfs_args[@]}"}" "${programs[@]}"
 
 # --- accelerator: KVM when it works on this host, TCG otherwise ---
 qemu_ver=$(qemu-system-x86_64 --version | head -1 | grep -o '[0-9][0-9.]*' | head -1)
@@ -229,7 +266,7 @@ print(*(x.getsockname()[1] for x in s))' 2>/dev/null || echo "18701 18702")
 fi
 
 echo "== booting ($accel, 2 vCPUs; timeout ${timeout_s} s)"
-boot rmem "$log" 2 2G "" -netdev user,id=n0 -device virtio-net-pci,netdev=n0
+boot rmem "$log" 2 2G "" -netdev user,id=n0 -device virtio-net-pci,netdev=n0 "${vm_args[@]+"${vm_args[@]}"}"
 finish "$log" "$vm_pid" "VM"
 echo "== guest exit status $st"
 exit "$st"
