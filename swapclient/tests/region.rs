@@ -23,6 +23,8 @@ async fn donor(slabs: u64) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
         ..Default::default()
     };
     cfg.reclaim.pressure = false;
+    // Stopping it is then like a dead host: sessions end, slabs deregistered at once.
+    cfg.reclaim.shutdown_grace_secs = 0;
     let server = Server::bind(cfg, SECRET.to_vec()).await.unwrap();
     let addr = server.local_addr();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -295,28 +297,8 @@ async fn a_size_that_is_not_whole_pages_is_refused() {
     assert_eq!(client.stats().await.unwrap().slabs_held, 0);
 }
 
-/// A donor that can be stopped like a dead host (sessions end, slabs deregistered at once).
-async fn mortal_donor() -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
-    let mut cfg = ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        size: ByteSize(8 << 20),
-        slab_size: ByteSize(1 << 20),
-        hugepages: HugePages::Never,
-        ..Default::default()
-    };
-    cfg.reclaim.pressure = false;
-    cfg.reclaim.shutdown_grace_secs = 0;
-    let server = Server::bind(cfg, SECRET.to_vec()).await.unwrap();
-    let addr = server.local_addr();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(server.run(async {
-        let _ = rx.await;
-    }));
-    (addr, tx)
-}
-
 async fn mortal_region(pages: usize, budget: usize) -> (Region, tokio::sync::oneshot::Sender<()>) {
-    let (addr, stop) = mortal_donor().await;
+    let (addr, stop) = donor(8).await;
     let mut c = ClientConfig::new(addr, SECRET.to_vec());
     c.op_timeout = std::time::Duration::from_secs(2);
     let client = Arc::new(Client::connect(c).await.unwrap());
