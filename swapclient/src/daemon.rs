@@ -126,6 +126,11 @@ pub fn run(opts: SwapOptions, ready: impl FnOnce(&Ready)) -> Result<(), SwapErro
             "mlockall (the daemon must not be swapped out; run as root or raise RLIMIT_MEMLOCK, or pass --no-mlock)",
         ))?;
     }
+    // Before any thread is made, so every thread of the daemon inherits it.
+    if let Err(e) = swapfile::mark_io_flusher() {
+        tracing::warn!(error = %e, "PR_SET_IO_FLUSHER failed: under host-wide memory pressure \
+            the daemon may wait on its own device");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
