@@ -12,6 +12,12 @@
 #                                                       checksummed pages pushed out and read back
 #   soft-roce/vm/run.sh swap                            `rmem swap` as the guest's swap over tcp, over
 #                                                       verbs, and with 2 replicas as a donor dies
+#   soft-roce/vm/run.sh swap-2vm [size=NM] [min_free_kbytes=N]
+#                                                       rmem swap across two VMs: a lends (donors on tcp
+#                                                       and verbs), b borrows with little RAM (384M)
+#                                                       and no memory cgroup, memcheck of about twice
+#                                                       its RAM over tcp, verbs, and 2 replicas as a
+#                                                       donor dies (see guest-swap-2vm.sh)
 #   soft-roce/vm/run.sh swap-compare [seq=S random=S limit=S]
 #                                                       a benchmark, not a test: swap's workload with
 #                                                       rmem swap (tcp, verbs), zram and a swap file on
@@ -29,9 +35,10 @@
 # "default" is the newest installed 6.1 kernel, bookworm's, even when a newer one is installed;
 # "backports" is bookworm-backports' 6.12 kernel, which has ublk_drv: run.sh adds that suite to
 # apt's sources and installs the versioned linux-image-6.12...-amd64 package when missing; or an
-# exact version from /lib/modules), RMEM_VM_TIMEOUT (seconds, default 1500; swap-compare 5400),
-# RMEM_VM_LOG (console log file; two-vm adds .a and .b), RMEM_VM_GUEST (two-vm: another guest
-# script), RMEM_VM_DISK_DIR (swap-compare: where the virtio disk's file lives, default
+# exact version from /lib/modules), RMEM_VM_TIMEOUT (seconds, default 1500; swap-compare 5400,
+# swap-2vm 3600), RMEM_VM_LOG (console log file; two-vm and swap-2vm add .a and .b),
+# RMEM_VM_GUEST (two-vm: another guest script), RMEM_VM_BORROWER_MEM (swap-2vm: VM b's RAM,
+# default 384M), RMEM_VM_DISK_DIR (swap-compare: where the virtio disk's file lives, default
 # /var/tmp), CARGO_TARGET_DIR.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -39,13 +46,15 @@ repo=$(cd "$here/../.." && pwd)
 
 mode=conformance
 case "${1:-}" in
-  conformance|perf|two-vm|nbd-swap|swap|swap-compare) mode=$1; shift ;;
+  conformance|perf|two-vm|swap-2vm|nbd-swap|swap|swap-compare) mode=$1; shift ;;
   script) mode=script; shift; guest_script=$(realpath "${1:?script needs a FILE}"); shift ;;
   -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
 esac
-# swap-compare runs the swap workload four times: under TCG it takes far longer than the tests.
+# swap-compare runs the swap workload four times and swap-2vm swaps twice a VM's RAM three times:
+# under TCG they take far longer than the tests.
 case $mode in
   swap-compare) timeout_s=${RMEM_VM_TIMEOUT:-5400} ;;
+  swap-2vm) timeout_s=${RMEM_VM_TIMEOUT:-3600} ;;
   *) timeout_s=${RMEM_VM_TIMEOUT:-1500} ;;
 esac
 
@@ -143,6 +152,7 @@ case $mode in
   swap) guest_script=$here/guest-swap.sh ;;
   swap-compare) guest_script=$here/guest-swap-compare.sh ;;
   two-vm) guest_script=${RMEM_VM_GUEST:-$here/guest-two-vm.sh} ;;
+  swap-2vm) guest_script=$here/guest-swap-2vm.sh ;;
 esac
 initramfs_args=() vm_args=()
 if [[ $mode == swap-compare ]]; then
@@ -242,25 +252,32 @@ finish() {
 }
 
 log=${RMEM_VM_LOG:-$work/console.log}
-if [[ $mode == two-vm ]]; then
+if [[ $mode == two-vm || $mode == swap-2vm ]]; then
+  mem_a=1G mem_b=1G
+  # swap-2vm: a holds three 1G donors at once; b is the small borrower.
+  [[ $mode == swap-2vm ]] && mem_a=3G mem_b=${RMEM_VM_BORROWER_MEM:-384M}
   # Two UDP ports on loopback: the socket backend's UDP mode needs no connection, so the VMs
   # can start in any order.
   read -r pa pb < <(python3 -c 'import socket
 s = [socket.socket(type=socket.SOCK_DGRAM) for _ in range(2)]
 for x in s: x.bind(("127.0.0.1", 0))
 print(*(x.getsockname()[1] for x in s))' 2>/dev/null || echo "18701 18702")
-  echo "== booting two VMs ($accel, 1 vCPU each, socket network over UDP 127.0.0.1:$pa <-> $pb)"
-  boot rmem-a "$log.a" 1 1G "rmem.ip=10.0.3.1/24 rmem.role=server rmem.peer=10.0.3.2" \
+  echo "== booting two VMs ($accel, 1 vCPU each, a $mem_a, b $mem_b; socket network over UDP 127.0.0.1:$pa <-> $pb)"
+  start=$SECONDS
+  boot rmem-a "$log.a" 1 "$mem_a" "rmem.ip=10.0.3.1/24 rmem.role=server rmem.peer=10.0.3.2" \
     -netdev "socket,id=n0,udp=127.0.0.1:$pb,localaddr=127.0.0.1:$pa" \
     -device virtio-net-pci,netdev=n0,mac=52:54:00:00:03:01
   pid_a=$vm_pid
-  start_vm rmem-b "$log.b" 1 1G "rmem.ip=10.0.3.2/24 rmem.role=client rmem.peer=10.0.3.1" \
+  start_vm rmem-b "$log.b" 1 "$mem_b" "rmem.ip=10.0.3.2/24 rmem.role=client rmem.peer=10.0.3.1" \
     -netdev "socket,id=n0,udp=127.0.0.1:$pa,localaddr=127.0.0.1:$pb" \
     -device virtio-net-pci,netdev=n0,mac=52:54:00:00:03:02
   pid_b=$vm_pid
   finish "$log.b" "$pid_b" "VM b (client)"; st_b=$st
+  # b tells a when it is done, even when it fails; a VM a left waiting (b crashed) is stopped.
+  for _ in $(seq 300); do kill -0 "$pid_a" 2>/dev/null || break; sleep 0.2; done
+  kill "$pid_a" 2>/dev/null || true
   finish "$log.a" "$pid_a" "VM a (server)"; st_a=$st
-  echo "== guest exit status: client $st_b, server $st_a"
+  echo "== guest exit status: client $st_b, server $st_a; $((SECONDS - start)) s from boot to power-off"
   [[ $st_b -ne 0 ]] && exit "$st_b"
   exit "$st_a"
 fi

@@ -1,0 +1,176 @@
+#!/bin/sh
+# Runs inside each VM of run.sh's swap-2vm mode. VM a (RMEM_ROLE=server) is the donor host:
+# it starts and stops donors when VM b asks over a tiny control port. VM b (client) is the
+# borrower with little RAM: `rmem swap up` against a's donors is its only swap, with no memory
+# cgroup, and `rmem memcheck` fills and verifies about twice b's RAM, sequentially: over tcp,
+# over verbs on rxe0, then over tcp with two replicas on three donors while a kills one of them
+# (b asks once enough pages went out) and the survivors rebuild the lost copies.
+# b fails on any bad page, too little swap traffic, a lost chunk or missing rebuild; its status
+# is the run's. An argument size=SIZE (run.sh swap-2vm size=64M) replaces the workload's size:
+# with less than b's RAM nothing needs to swap, a quick check of the harness only; and
+# min_free_kbytes=N sets vm.min_free_kbytes in b (a larger reserve for the daemon's allocations);
+# phases=3 (or 1,3...) runs only those phases.
+# Seen on 6.1 under TCG (2026-11-23), b with 384M (MemTotal 329 MiB), memcheck 658M:
+# - stock min_free_kbytes: phase 1 fails; the swap daemon blocks in reclaim once memory runs out
+#   (its own allocations wait for the swap it serves), the kernel's NBD request times out and
+#   memcheck is OOM-killed.
+# - min_free_kbytes=65536 or 98304: phases 1 (tcp, about 190 s) and 2 (verbs, about 230 s) pass
+#   with 0 bad pages; phase 3 fails: about 60 s after donor a is killed an NBD request times out,
+#   the kernel drops the connection, swap reads fail and init dies (kernel panic). The same
+#   failover passes in guest-swap.sh, where only a memory cgroup is short of memory.
+export RMEM_SECRET="vm swap 2vm test secret"
+ip=${RMEM_IP%/*}
+peer=$RMEM_PEER
+CTL=18700
+
+# --- VM a: donors on demand ---
+if [ "$RMEM_ROLE" = server ]; then
+  # donor NAME PORT PROVIDER: a donor in the background, its pid in /tmp/NAME.pid.
+  donor() {
+    extra=""
+    [ "$3" = verbs ] && extra="--device rxe0"
+    rmem server --listen "$ip:$2" --size 1G --slab-size 8M --provider "$3" $extra \
+      --no-admin --hugepages never > "/tmp/donor-$1.log" 2>&1 &
+    echo $! > "/tmp/$1.pid"
+  }
+  stop_all() {
+    for p in /tmp/*.pid; do
+      [ -e "$p" ] || continue
+      kill "$(cat "$p")" 2>/dev/null; wait "$(cat "$p")" 2>/dev/null; rm -f "$p"
+    done
+  }
+  # One command per connection: tcp, verbs, replicas, kill-a, done.
+  while :; do
+    cmd=$(nc -l -p "$CTL" < /dev/null)
+    echo "== a: $cmd ($(cut -d' ' -f1 /proc/uptime) s)"
+    case $cmd in
+      tcp) stop_all; donor a 7470 tcp ;;
+      verbs) stop_all; donor a 7470 verbs ;;
+      replicas) stop_all; donor a 7470 tcp; donor b 7471 tcp; donor c 7472 tcp ;;
+      kill-a) kill -9 "$(cat /tmp/a.pid)"; rm -f /tmp/a.pid ;;
+      done) stop_all; break ;;
+      *) echo "== a: unknown command" ;;
+    esac
+  done
+  for f in /tmp/donor-*.log; do echo "--- $f"; tail -5 "$f"; done
+  exit 0
+fi
+
+# --- VM b: the borrower ---
+# ctl CMD: asks VM a, retrying while a boots or is between two commands.
+ctl() {
+  n=0
+  until echo "$1" | nc "$peer" "$CTL" > /dev/null 2>&1; do
+    n=$((n + 1)); [ $n -gt 300 ] && return 1
+    sleep 0.5
+  done
+}
+fail() {
+  echo "FAIL: $*"
+  for f in /tmp/*.log; do echo "--- $f"; tail -20 "$f"; done
+  ctl done
+  exit "${2:-80}"
+}
+
+mem_kib=$(awk '/^MemTotal/ {print $2}' /proc/meminfo)
+size_mib=$((mem_kib * 2 / 1024))
+phases="1 2 3"
+for a in $RMEM_TEST_ARGS; do
+  case $a in
+    size=*M) size_mib=${a#size=}; size_mib=${size_mib%M} ;;
+    min_free_kbytes=*) echo "${a#*=}" > /proc/sys/vm/min_free_kbytes ;;
+    phases=*) phases=$(echo "${a#phases=}" | tr , ' ') ;;
+    *) echo "unknown argument $a (size=NM, min_free_kbytes=N, phases=1,2,3)"; ctl done; exit 2 ;;
+  esac
+done
+swap_mib=$((size_mib + 256))
+# The pages that cannot stay resident: at least half of them must go out and come back.
+excess=$(( (size_mib * 1024 - mem_kib) / 4 ))
+echo "== b: MemTotal $((mem_kib / 1024)) MiB; memcheck ${size_mib}M; swap ${swap_mib}M; no memory cgroup;" \
+  "vm.min_free_kbytes $(cat /proc/sys/vm/min_free_kbytes)"
+
+# up ARGS...: `rmem swap up` against a's donors, waiting until swap is on; restarted while the
+# donors are still starting.
+up() {
+  tries=0
+  while :; do
+    rmem swap up --size "${swap_mib}M" "$@" > /tmp/swap.log 2>&1 &
+    echo $! > /tmp/swapd.pid
+    n=0
+    while ! grep -q nbd /proc/swaps; do
+      n=$((n + 1)); [ $n -gt 300 ] && fail "swap did not come up ($*)" 81
+      kill -0 "$(cat /tmp/swapd.pid)" 2>/dev/null || break
+      sleep 0.2
+    done
+    grep -q nbd /proc/swaps && break
+    tries=$((tries + 1)); [ $tries -gt 30 ] && fail "rmem swap up keeps exiting ($*)" 81
+    sleep 1
+  done
+  echo "== rmem swap up $* ($(cut -d' ' -f1 /proc/uptime) s)"; cat /proc/swaps
+}
+
+down() {
+  rmem swap down > /dev/null || fail "rmem swap down" 86
+  grep -q nbd /proc/swaps && fail "still swapping after down" 86
+  wait "$(cat /tmp/swapd.pid)" 2>/dev/null
+}
+
+vmstat() { awk -v k="$1" '$1 == k {print $2}' /proc/vmstat; }
+mark() { out0=$(vmstat pswpout); in0=$(vmstat pswpin); t0=$(cut -d' ' -f1 /proc/uptime); }
+swapped() {
+  out=$(( $(vmstat pswpout) - out0 )); in=$(( $(vmstat pswpin) - in0 ))
+  echo "== pages swapped out: $out, in: $in (at least $((excess / 2)) each required); $t0 -> $(cut -d' ' -f1 /proc/uptime) s"
+  [ "$out" -ge $((excess / 2)) ] && [ "$in" -ge $((excess / 2)) ] || fail "too little went through swap" 85
+}
+work() { rmem memcheck --size "${size_mib}M" --passes 1 "$@" || fail "memcheck $*" 84; }
+
+phase1() {
+  echo "== 1: tcp, one replica"
+  ctl tcp || fail "VM a does not answer" 5
+  up --donor "$peer:7470"
+  mark; work; swapped
+  rmem swap status
+  down
+}
+
+phase2() {
+  echo "== 2: verbs on rxe0, one replica"
+  ctl verbs || fail "VM a does not answer" 5
+  up --donor "$peer:7470" --provider verbs --device rxe0
+  mark; work; swapped
+  rmem swap status
+  down
+}
+
+phase3() {
+  echo "== 3: tcp, two replicas on three donors, donor a killed mid-run"
+  ctl replicas || fail "VM a does not answer" 5
+  up --donor "$peer:7470@a" --donor "$peer:7471@b" --donor "$peer:7472@c" --replicas 2 --op-timeout 2
+  mark
+  # Asks a to kill donor a once a quarter of the excess went out: mid-run, whatever the speed.
+  (
+    while [ $(( $(vmstat pswpout) - out0 )) -lt $((excess / 4)) ]; do sleep 0.5; done
+    echo "== asking VM a to kill donor a ($(cut -d' ' -f1 /proc/uptime) s)"
+    ctl kill-a && touch /tmp/killed
+  ) &
+  killer=$!
+  work
+  kill $killer 2>/dev/null; wait $killer
+  [ -e /tmp/killed ] || fail "donor a was not killed during the run" 87
+  swapped
+  # Keys come sorted: check each figure on its own.
+  rebuilt() { st=$(rmem swap status --json) && echo "$st" | grep -q '"degraded":0' && echo "$st" | grep -q '"lost":0'; }
+  n=0
+  until rebuilt; do
+    n=$((n + 1)); [ $n -gt 300 ] && { rmem swap status; fail "replicas not rebuilt" 87; }
+    sleep 0.2
+  done
+  rmem swap status
+  rmem swap status --json | grep -q '"healthy":false' || fail "the killed donor is not reported" 87
+  rmem swap status --json | grep -q '"lost":0' || fail "chunks lost" 87
+  down
+}
+
+for ph in $phases; do "phase$ph"; done
+ctl done
+echo "== swap-2vm: all passed"
