@@ -17,6 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use crate::blockio::IoCounters;
 use crate::kernel_nbd;
 use crate::kernel_ublk::{self, UblkConfig};
+use crate::reserve;
 use crate::store::{Store, StoreConfig, StoreStatus};
 use crate::swapfile;
 
@@ -82,6 +83,8 @@ pub struct SwapOptions {
     pub nbd_timeout: u64,
     /// Serve Prometheus metrics at `http://ADDR/metrics`.
     pub metrics: Option<std::net::SocketAddr>,
+    /// The kernel's free-memory reserve while the device is swap (see [`reserve`]).
+    pub min_free: reserve::MinFree,
 }
 
 /// What `up` reports once the device is in use.
@@ -158,6 +161,12 @@ pub fn run(opts: SwapOptions, ready: impl FnOnce(&Ready)) -> Result<(), SwapErro
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "rmem".into());
     wait_for_size(&name, store.size());
+    // Held until the swap area is gone (dropped last: the old value comes back after swapoff).
+    let _reserve = if opts.swapon {
+        raise_reserve(opts.min_free)
+    } else {
+        None
+    };
 
     let result = rt.block_on(serve_device(
         &opts,
@@ -186,6 +195,29 @@ pub fn run(opts: SwapOptions, ready: impl FnOnce(&Ready)) -> Result<(), SwapErro
     rt.block_on(store.release());
     let _ = std::fs::remove_file(socket_path(&opts.run_dir, &name));
     result.map(|_| ())
+}
+
+/// Raises vm.min_free_kbytes for the device's life; a failure (no root, a read-only /proc/sys)
+/// is a warning: swap still works while the host as a whole keeps some memory free.
+fn raise_reserve(want: reserve::MinFree) -> Option<reserve::Raised> {
+    let r = reserve::mem_total_kib()
+        .and_then(|total| reserve::raise(std::path::Path::new(reserve::SYSCTL), want, total));
+    match r {
+        Ok(Some(r)) => {
+            tracing::info!(
+                from_kib = r.old_kib(),
+                to_kib = r.set_kib(),
+                "raised vm.min_free_kbytes while swapping to rmem (--min-free keep leaves it)"
+            );
+            Some(r)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not raise vm.min_free_kbytes: if the whole host \
+                runs out of memory, swapping to rmem may stall");
+            None
+        }
+    }
 }
 
 /// The kernel side of the device.
@@ -421,18 +453,7 @@ async fn serve_device(
             }
         });
     }
-    let repair = {
-        let (store, wake) = (store.clone(), wake.clone());
-        tokio::spawn(async move {
-            loop {
-                let _ = tokio::time::timeout(Duration::from_millis(500), wake.notified()).await;
-                let short = store.repair().await;
-                if short > 0 && store.revive().await {
-                    wake.notify_one();
-                }
-            }
-        })
-    };
+    let repair = Repair::start(store, &wake)?;
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(io_err("signal"))?;
@@ -444,7 +465,7 @@ async fn serve_device(
             _ = int.recv() => break,
             _ = &mut kernel_done => {
                 tracing::warn!(backend = front.backend(), "the kernel dropped the device");
-                repair.abort();
+                repair.stop();
                 if let Some(m) = &metrics {
                     m.abort();
                 }
@@ -480,11 +501,64 @@ async fn serve_device(
             }
         }
     }
-    repair.abort();
+    repair.stop();
     if let Some(m) = &metrics {
         m.abort();
     }
     Ok(opts.swapon)
+}
+
+/// The rebuild loop, on a thread started with the device: a rebuild runs when a donor died,
+/// maybe while the host is short of memory, so it must not need a new thread then, and its
+/// copies block (they hold a chunk's lock) where no runtime worker is taken from the I/O.
+struct Repair {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    store: Arc<Store>,
+    wake: Arc<tokio::sync::Notify>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Repair {
+    fn start(store: &Arc<Store>, wake: &Arc<tokio::sync::Notify>) -> Result<Repair, SwapError> {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let rt = tokio::runtime::Handle::current();
+        let (st, w, s) = (store.clone(), wake.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("rmem-repair".into())
+            .spawn(move || {
+                while !s.load(Ordering::Acquire) {
+                    rt.block_on(async {
+                        let _ =
+                            tokio::time::timeout(Duration::from_millis(500), w.notified()).await;
+                    });
+                    if s.load(Ordering::Acquire) {
+                        break;
+                    }
+                    let short = rt.block_on(st.repair());
+                    if short > 0 && rt.block_on(st.revive()) {
+                        w.notify_one();
+                    }
+                }
+            })
+            .map_err(io_err("repair thread"))?;
+        Ok(Repair {
+            stop,
+            store: store.clone(),
+            wake: wake.clone(),
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the loop and waits for it: at most the chunk being copied (each of its operations
+    /// bounded by the operation timeout), so the runtime outlives every call the loop makes.
+    fn stop(mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.store.stop_repairs();
+        self.wake.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 fn status(

@@ -128,6 +128,11 @@ pub struct Store {
     replicas: usize,
     donors: Vec<Donor>,
     chunks: Vec<Mutex<Vec<Replica>>>,
+    /// The repair copy buffer, allocated (and locked with the daemon's memory) up front: a
+    /// rebuild runs when memory may be short, under a chunk's lock that the I/O path waits on.
+    copy_buf: Mutex<Vec<u8>>,
+    /// Set when the device goes down: a repair pass stops at the next chunk.
+    stopping: AtomicBool,
     rebuilt: AtomicU64,
     moved: AtomicU64,
 }
@@ -218,14 +223,13 @@ impl Store {
         let chunks = plan
             .iter()
             .map(|ds| {
-                let reps = ds
-                    .iter()
-                    .map(|&d| Replica {
-                        donor: d,
-                        grant: granted[d].pop().expect("allocated per plan"),
-                        leaving: false,
-                    })
-                    .collect();
+                // Room for a rebuilt copy next to a leaving one: repair never reallocates.
+                let mut reps = Vec::with_capacity(cfg.replicas + 2);
+                reps.extend(ds.iter().map(|&d| Replica {
+                    donor: d,
+                    grant: granted[d].pop().expect("allocated per plan"),
+                    leaving: false,
+                }));
                 Mutex::new(reps)
             })
             .collect();
@@ -238,6 +242,8 @@ impl Store {
             replicas: cfg.replicas,
             donors,
             chunks,
+            copy_buf: Mutex::new(vec![0u8; (1 << 20).min(chunk as usize)]),
+            stopping: AtomicBool::new(false),
             rebuilt: AtomicU64::new(0),
             moved: AtomicU64::new(0),
         }))
@@ -407,9 +413,16 @@ impl Store {
     /// One repair pass: every chunk short of live replicas (or holding a leaving one) gets a
     /// copy on another donor. Returns how many chunks are still short (no donor could take
     /// them). The chunk is locked while it is copied, so no write is missed.
-    pub async fn repair(self: &Arc<Self>) -> usize {
+    ///
+    /// The copies block the calling thread (no thread is started for them: the pass runs when
+    /// memory may be short): drive it from a thread of its own, as the daemon does, or from a
+    /// runtime with a worker to spare.
+    pub async fn repair(&self) -> usize {
         let mut short = 0;
         for c in 0..self.chunks.len() {
+            if self.stopping.load(Ordering::Acquire) {
+                break;
+            }
             let (live, leaving, used): (usize, Vec<Replica>, Vec<String>) = {
                 let mut reps = lock(&self.chunks[c]);
                 reps.retain(|r| self.donors[r.donor].healthy.load(Ordering::Acquire));
@@ -458,7 +471,7 @@ impl Store {
     }
 
     /// Copies chunk `c` to a new slab on a healthy donor outside `used` domains.
-    async fn add_replica(self: &Arc<Self>, c: usize, used: &[String]) -> Option<String> {
+    async fn add_replica(&self, c: usize, used: &[String]) -> Option<String> {
         let mut candidates: Vec<usize> = (0..self.donors.len())
             .filter(|&i| {
                 let d = &self.donors[i];
@@ -476,11 +489,7 @@ impl Store {
                     continue;
                 }
             };
-            let me = self.clone();
-            let copied = tokio::task::spawn_blocking(move || me.copy_chunk(c, i, grant))
-                .await
-                .unwrap_or(false);
-            if copied {
+            if self.copy_chunk(c, i, grant) {
                 self.rebuilt.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(chunk = c, donor = %d.spec.addr, "replica rebuilt");
                 return Some(d.spec.domain.clone());
@@ -492,8 +501,9 @@ impl Store {
 
     /// Under the chunk's lock: copies it from a live replica into `grant` on donor `to`.
     fn copy_chunk(&self, c: usize, to: usize, grant: SlabGrant) -> bool {
+        // Buffer first, chunk second: the only order either lock is taken in together.
+        let mut buf = lock(&self.copy_buf);
         let mut reps = lock(&self.chunks[c]);
-        let mut buf = vec![0u8; (1 << 20).min(self.chunk as usize)];
         for k in 0..reps.len() {
             let from = reps[k];
             let src = &self.donors[from.donor];
@@ -537,6 +547,11 @@ impl Store {
             .iter()
             .map(|c| lock(c).iter().filter(|r| r.donor == d).count())
             .sum()
+    }
+
+    /// Makes repair passes stop at the next chunk, for good (the device is going down).
+    pub fn stop_repairs(&self) {
+        self.stopping.store(true, Ordering::Release);
     }
 
     /// Tries to bring failed donors back (a new data queue pair); true when one came back.
