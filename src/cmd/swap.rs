@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use rmem_swapclient::daemon::{self, Backend, SwapOptions, RUN_DIR};
+use rmem_swapclient::reserve::MinFree;
 use rmem_swapclient::{DonorSpec, StoreConfig};
 use rmem_transport::Provider;
 
@@ -69,6 +70,13 @@ pub struct UpArgs {
     /// http://ADDR/metrics, e.g. 127.0.0.1:9472.
     #[arg(long)]
     metrics: Option<std::net::SocketAddr>,
+    /// The kernel's free-memory reserve (vm.min_free_kbytes) while the device is swap: auto
+    /// raises it to 64 MiB (an eighth of RAM on hosts under 512 MiB) when lower, a size (e.g.
+    /// 128M) to at least that, keep leaves it. Each page swapped out needs socket memory on its
+    /// way to a donor; without headroom a host that runs out of memory altogether stalls its
+    /// own swap. The old value comes back at `rmem swap down`.
+    #[arg(long, default_value = "auto", value_name = "auto|keep|SIZE")]
+    min_free: MinFree,
     /// Print the ready line as JSON.
     #[arg(long)]
     json: bool,
@@ -129,6 +137,7 @@ fn up(a: UpArgs) -> Result<(), Failed> {
         run_dir: a.run_dir.clone(),
         nbd_timeout: 60,
         metrics: a.metrics,
+        min_free: a.min_free,
     };
     let json = a.json;
     daemon::run(opts, |r| {

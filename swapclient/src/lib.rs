@@ -14,6 +14,7 @@ pub mod kernel_nbd;
 pub mod kernel_ublk;
 pub mod metrics;
 pub mod region;
+pub mod reserve;
 pub mod store;
 pub mod swapfile;
 
