@@ -49,6 +49,26 @@ fn swap_commands_fail_clearly_and_with_their_exit_codes() {
         "{out:?}"
     );
 
+    // A reserve that is not a size: a usage error naming what is expected.
+    let out = rmem(
+        &[
+            "swap",
+            "up",
+            "--size",
+            "64M",
+            "--min-free",
+            "lots",
+            "--donor",
+            "127.0.0.1:1",
+        ],
+        &dir,
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("expected auto, keep or a size"),
+        "{out:?}"
+    );
+
     // Nobody listening: the peer exit code.
     let out = rmem(
         &[
