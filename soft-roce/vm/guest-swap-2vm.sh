@@ -30,7 +30,7 @@ if [ "$RMEM_ROLE" = server ]; then
     extra=""
     [ "$3" = verbs ] && extra="--device rxe0"
     rmem server --listen "$ip:$2" --size 1G --slab-size 8M --provider "$3" $extra \
-      --no-admin --hugepages never > "/tmp/donor-$1.log" 2>&1 &
+      --no-admin --no-pressure --hugepages never > "/tmp/donor-$1.log" 2>&1 &
     echo $! > "/tmp/$1.pid"
   }
   stop_all() {
@@ -97,12 +97,12 @@ up() {
     rmem swap up --size "${swap_mib}M" "$@" > /tmp/swap.log 2>&1 &
     echo $! > /tmp/swapd.pid
     n=0
-    while ! grep -q nbd /proc/swaps; do
+    while ! grep -Eq 'nbd|ublkb' /proc/swaps; do
       n=$((n + 1)); [ $n -gt 300 ] && fail "swap did not come up ($*)" 81
       kill -0 "$(cat /tmp/swapd.pid)" 2>/dev/null || break
       sleep 0.2
     done
-    grep -q nbd /proc/swaps && break
+    grep -Eq 'nbd|ublkb' /proc/swaps && break
     tries=$((tries + 1)); [ $tries -gt 30 ] && fail "rmem swap up keeps exiting ($*)" 81
     sleep 1
   done
@@ -111,18 +111,47 @@ up() {
 
 down() {
   rmem swap down > /dev/null || fail "rmem swap down" 86
-  grep -q nbd /proc/swaps && fail "still swapping after down" 86
+  grep -Eq 'nbd|ublkb' /proc/swaps && fail "still swapping after down" 86
   wait "$(cat /tmp/swapd.pid)" 2>/dev/null
 }
 
 vmstat() { awk -v k="$1" '$1 == k {print $2}' /proc/vmstat; }
+# watchdog: when swap traffic stops for 10 s (and every 30 s after), the kernel's view of who
+# is blocked (SysRq w) and of memory (SysRq m) goes to the console: what a failing run leaves to
+# read. It never forks (no sleep, awk or cat): with memory gone, a fork would wait like the rest.
+echo 10 > /proc/sys/kernel/hung_task_timeout_secs 2>/dev/null
+echo 1 > /proc/sys/kernel/hung_task_all_cpu_backtrace 2>/dev/null
+echo 8 > /proc/sys/kernel/printk 2>/dev/null  # the stacks are KERN_INFO
+echo 1 > /proc/sys/kernel/sysrq 2>/dev/null
+mkfifo /tmp/wd.fifo 2>/dev/null
+watchdog() {
+  exec 3<> /tmp/wd.fifo
+  last=""; still=0
+  while :; do
+    read -r -t 2 _ <&3
+    cur=""
+    while read -r k v; do
+      case $k in pswpin|pswpout) cur="$cur $v" ;; esac
+    done < /proc/vmstat
+    if [ "$cur" = "$last" ]; then still=$((still + 2)); else still=0; last=$cur; fi
+    if [ $still -ge 10 ] && [ $(( (still - 10) % 30 )) -eq 0 ]; then
+      echo "== watchdog: no swap traffic for $still s (pswpin/out$cur)"
+      echo w > /proc/sysrq-trigger
+      echo m > /proc/sysrq-trigger
+    fi
+  done
+}
 mark() { out0=$(vmstat pswpout); in0=$(vmstat pswpin); t0=$(cut -d' ' -f1 /proc/uptime); }
 swapped() {
   out=$(( $(vmstat pswpout) - out0 )); in=$(( $(vmstat pswpin) - in0 ))
   echo "== pages swapped out: $out, in: $in (at least $((excess / 2)) each required); $t0 -> $(cut -d' ' -f1 /proc/uptime) s"
   [ "$out" -ge $((excess / 2)) ] && [ "$in" -ge $((excess / 2)) ] || fail "too little went through swap" 85
 }
-work() { rmem memcheck --size "${size_mib}M" --passes 1 "$@" || fail "memcheck $*" 84; }
+work() {
+  watchdog & wd=$!
+  rmem memcheck --size "${size_mib}M" --passes 1 "$@" || { kill $wd; fail "memcheck $*" 84; }
+  kill $wd
+}
 
 phase1() {
   echo "== 1: tcp, one replica"
