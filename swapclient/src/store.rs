@@ -91,6 +91,8 @@ struct Replica {
     grant: SlabGrant,
     /// The donor asked this slab back: copy it elsewhere, then free it.
     leaving: bool,
+    /// Being rebuilt: writes go to it (so no write is missed), reads not yet.
+    filling: bool,
 }
 
 /// What `rmem swap status` shows of one donor.
@@ -229,6 +231,7 @@ impl Store {
                     donor: d,
                     grant: granted[d].pop().expect("allocated per plan"),
                     leaving: false,
+                    filling: false,
                 }));
                 Mutex::new(reps)
             })
@@ -297,10 +300,14 @@ impl Store {
         for (c, within, r) in self.pieces(off, out.len() as u64)? {
             let mut reps = lock(&self.chunks[c]);
             let mut done = false;
-            // Always the first remaining replica: a failed one is removed, the next tried.
-            let k = 0;
-            while !reps.is_empty() {
+            // The first complete replica: a failed one is removed, the next tried.
+            let mut k = 0;
+            while k < reps.len() {
                 let rep = reps[k];
+                if rep.filling {
+                    k += 1;
+                    continue;
+                }
                 let d = &self.donors[rep.donor];
                 if !d.healthy.load(Ordering::Acquire) {
                     reps.remove(k);
@@ -322,6 +329,8 @@ impl Store {
                 }
             }
             if !done {
+                // A replica still filling cannot serve: the chunk has no copy left to rebuild.
+                reps.retain(|r| !r.filling);
                 return Err(StoreError::Lost {
                     off: off + r.start as u64,
                     end: off + r.end as u64,
@@ -349,7 +358,9 @@ impl Store {
                 match res {
                     Ok(()) => {
                         d.bytes_written.fetch_add(r.len() as u64, Ordering::Relaxed);
-                        ok += 1;
+                        if !rep.filling {
+                            ok += 1;
+                        }
                         k += 1;
                     }
                     Err(e) => {
@@ -362,6 +373,7 @@ impl Store {
                 }
             }
             if ok == 0 {
+                reps.retain(|r| !r.filling);
                 return Err(StoreError::Lost {
                     off: off + r.start as u64,
                     end: off + r.end as u64,
@@ -426,7 +438,7 @@ impl Store {
             let (live, leaving, used): (usize, Vec<Replica>, Vec<String>) = {
                 let mut reps = lock(&self.chunks[c]);
                 reps.retain(|r| self.donors[r.donor].healthy.load(Ordering::Acquire));
-                let live = reps.iter().filter(|r| !r.leaving).count();
+                let live = reps.iter().filter(|r| !r.leaving && !r.filling).count();
                 let leaving = reps.iter().filter(|r| r.leaving).copied().collect();
                 let used = reps
                     .iter()
@@ -499,47 +511,67 @@ impl Store {
         None
     }
 
-    /// Under the chunk's lock: copies it from a live replica into `grant` on donor `to`.
+    /// Copies chunk `c` into `grant` on donor `to`, a piece (up to 1 MiB) at a time, each under
+    /// the chunk's lock: the new replica is in the chunk's list from the start, marked filling,
+    /// so writes reach it while the copy goes on, and I/O to the chunk waits for one piece at
+    /// most, never for the whole chunk. Reads use it once every piece is there.
     fn copy_chunk(&self, c: usize, to: usize, grant: SlabGrant) -> bool {
         // Buffer first, chunk second: the only order either lock is taken in together.
         let mut buf = lock(&self.copy_buf);
-        let mut reps = lock(&self.chunks[c]);
-        for k in 0..reps.len() {
-            let from = reps[k];
-            let src = &self.donors[from.donor];
-            if !src.healthy.load(Ordering::Acquire) {
-                continue;
+        let ours = |r: &Replica| r.donor == to && r.grant.slab == grant.slab;
+        lock(&self.chunks[c]).push(Replica {
+            donor: to,
+            grant,
+            leaving: false,
+            filling: true,
+        });
+        let dst = &self.donors[to];
+        let mut off = 0;
+        while off < self.chunk {
+            let n = buf.len().min((self.chunk - off) as usize);
+            let mut reps = lock(&self.chunks[c]);
+            // A write to it failed (and dropped it), or the chunk lost its last copy.
+            if !reps.iter().any(ours) {
+                return false;
             }
-            let dst = &self.donors[to];
-            let mut off = 0;
-            let mut ok = true;
-            while off < self.chunk {
-                let n = buf.len().min((self.chunk - off) as usize);
+            let mut copied = false;
+            while let Some(k) = reps
+                .iter()
+                .position(|r| !r.filling && self.donors[r.donor].healthy.load(Ordering::Acquire))
+            {
+                let from = reps[k];
+                let src = &self.donors[from.donor];
                 if let Err(e) = src
                     .client
                     .read_remote(from.grant.remote, off, &mut buf[..n])
                 {
                     self.fail(from.donor, &e);
-                    ok = false;
-                    break;
+                    reps.remove(k);
+                    continue;
                 }
                 if let Err(e) = dst.client.write_remote(grant.remote, off, &buf[..n]) {
                     self.fail(to, &e);
+                    reps.retain(|r| !ours(r));
                     return false;
                 }
-                off += n as u64;
+                copied = true;
+                break;
             }
-            if ok {
-                reps.retain(|r| self.donors[r.donor].healthy.load(Ordering::Acquire));
-                reps.push(Replica {
-                    donor: to,
-                    grant,
-                    leaving: false,
-                });
-                return true;
+            if !copied {
+                reps.retain(|r| !ours(r));
+                return false;
             }
+            off += n as u64;
         }
-        false
+        let mut reps = lock(&self.chunks[c]);
+        reps.retain(|r| self.donors[r.donor].healthy.load(Ordering::Acquire));
+        match reps.iter_mut().find(|r| ours(r)) {
+            Some(r) => {
+                r.filling = false;
+                true
+            }
+            None => false,
+        }
     }
 
     fn slabs_on(&self, d: usize) -> usize {
@@ -576,7 +608,9 @@ impl Store {
         for c in &self.chunks {
             let live = lock(c)
                 .iter()
-                .filter(|r| !r.leaving && self.donors[r.donor].healthy.load(Ordering::Acquire))
+                .filter(|r| {
+                    !r.leaving && !r.filling && self.donors[r.donor].healthy.load(Ordering::Acquire)
+                })
                 .count();
             if live == 0 {
                 lost += 1;

@@ -27,10 +27,14 @@ impl Donor {
 }
 
 async fn donor(slabs: u64) -> Donor {
+    donor_of(slabs, MIB).await
+}
+
+async fn donor_of(slabs: u64, slab_size: u64) -> Donor {
     let mut cfg = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
-        size: ByteSize(slabs * MIB),
-        slab_size: ByteSize(MIB),
+        size: ByteSize(slabs * slab_size),
+        slab_size: ByteSize(slab_size),
         hugepages: HugePages::Never,
         ..Default::default()
     };
@@ -106,6 +110,61 @@ async fn read_all(store: &Arc<Store>) -> Result<Vec<u8>, StoreError> {
         Ok(out)
     })
     .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_during_a_rebuild_reach_the_new_copy() {
+    // 4 MiB chunks: each is rebuilt in four 1 MiB pieces, with writes let in between them.
+    let mut a = donor_of(8, 4 * MIB).await;
+    let mut b = donor_of(8, 4 * MIB).await;
+    let c = donor_of(8, 4 * MIB).await;
+    let store = Store::create(&config(8 * MIB, 2, &[&a, &b, &c]))
+        .await
+        .unwrap();
+    fill(&store, 1).await;
+    a.kill().await;
+
+    // A writer rewrites 64 KiB blocks in a scattered order until the rebuild is over, and keeps
+    // what it wrote last: the writes made during the copy are never written again.
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+    let done = Arc::new(AtomicBool::new(false));
+    let writes = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (s, done, writes) = (store.clone(), done.clone(), writes.clone());
+        tokio::task::spawn_blocking(move || {
+            const BLOCK: usize = 64 << 10;
+            let mut shadow = pattern(s.size() as usize, 1);
+            let blocks = shadow.len() / BLOCK;
+            let mut x = 12345u64;
+            while !done.load(SeqCst) {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let off = (x >> 33) as usize % blocks * BLOCK;
+                let piece = pattern(BLOCK, (x >> 20) as u8);
+                s.write(off as u64, &piece).unwrap();
+                shadow[off..off + BLOCK].copy_from_slice(&piece);
+                writes.fetch_add(1, SeqCst);
+            }
+            shadow
+        })
+    };
+    while writes.load(SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let before = writes.load(SeqCst);
+    assert_eq!(store.repair().await, 0);
+    let after = writes.load(SeqCst);
+    done.store(true, SeqCst);
+    let data = writer.await.unwrap();
+    assert!(after > before, "writes went on during the rebuild");
+    let st = store.status();
+    assert_eq!((st.degraded, st.lost), (0, 0), "{st:?}");
+
+    // Only c and the rebuilt copies are left: every write made during the copy is in them.
+    b.kill().await;
+    assert!(read_all(&store).await.unwrap() == data);
+    assert_eq!(store.status().lost, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
