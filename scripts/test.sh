@@ -24,7 +24,9 @@ echo "== two VMs: rmem perf with data checks across a socket network between two
 soft-roce/vm/run.sh two-vm
 echo "== the donor's NBD export as swap through the guest kernel's stock nbd client"
 soft-roce/vm/run.sh nbd-swap
-echo "== rmem swap in a VM: tcp, verbs on rxe, two replicas with a donor killed mid-run"
-soft-roce/vm/run.sh swap
+echo "== rmem swap in a VM (memory cgroup): tcp, verbs on rxe, two replicas with a donor killed mid-run"
+soft-roce/vm/run.sh swap quick
+echo "== rmem swap across two VMs: twice a 384 MiB borrower's RAM over tcp, verbs, and 2 replicas as a donor dies"
+soft-roce/vm/run.sh swap-2vm
 echo "== the same on the 6.12 backports kernel, where rmem swap runs on ublk"
 RMEM_VM_KERNEL=backports soft-roce/vm/run.sh swap quick

@@ -10,14 +10,10 @@
 # with less than b's RAM nothing needs to swap, a quick check of the harness only; and
 # min_free_kbytes=N sets vm.min_free_kbytes in b (a larger reserve for the daemon's allocations);
 # phases=3 (or 1,3...) runs only those phases.
-# Seen on 6.1 under TCG (2026-11-23), b with 384M (MemTotal 329 MiB), memcheck 658M:
-# - stock min_free_kbytes: phase 1 fails; the swap daemon blocks in reclaim once memory runs out
-#   (its own allocations wait for the swap it serves), the kernel's NBD request times out and
-#   memcheck is OOM-killed.
-# - min_free_kbytes=65536 or 98304: phases 1 (tcp, about 190 s) and 2 (verbs, about 230 s) pass
-#   with 0 bad pages; phase 3 fails: about 60 s after donor a is killed an NBD request times out,
-#   the kernel drops the connection, swap reads fail and init dies (kernel panic). The same
-#   failover passes in guest-swap.sh, where only a memory cgroup is short of memory.
+# Under TCG, b with 384M (MemTotal 329 MiB), memcheck 658M, each phase takes 2.5-3.5 minutes.
+# With `rmem swap up --min-free keep` (the kernel's 2.2 MiB reserve) phase 1 stalls within
+# seconds: the daemon's socket sends wait for memory that only the swap-out they carry would
+# free (see docs/swap.md); rmem's default reserve is what lets the whole guest swap.
 export RMEM_SECRET="vm swap 2vm test secret"
 ip=${RMEM_IP%/*}
 peer=$RMEM_PEER

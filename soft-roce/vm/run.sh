@@ -36,7 +36,7 @@
 # "backports" is bookworm-backports' 6.12 kernel, which has ublk_drv: run.sh adds that suite to
 # apt's sources and installs the versioned linux-image-6.12...-amd64 package when missing; or an
 # exact version from /lib/modules), RMEM_VM_TIMEOUT (seconds, default 1500; swap-compare 5400,
-# swap-2vm 3600), RMEM_VM_LOG (console log file; two-vm and swap-2vm add .a and .b),
+# swap-2vm 1500), RMEM_VM_LOG (console log file; two-vm and swap-2vm add .a and .b),
 # RMEM_VM_GUEST (two-vm: another guest script), RMEM_VM_BORROWER_MEM (swap-2vm: VM b's RAM,
 # default 384M), RMEM_VM_DISK_DIR (swap-compare: where the virtio disk's file lives, default
 # /var/tmp), CARGO_TARGET_DIR.
@@ -54,7 +54,7 @@ esac
 # under TCG they take far longer than the tests.
 case $mode in
   swap-compare) timeout_s=${RMEM_VM_TIMEOUT:-5400} ;;
-  swap-2vm) timeout_s=${RMEM_VM_TIMEOUT:-3600} ;;
+  swap-2vm) timeout_s=${RMEM_VM_TIMEOUT:-1500} ;;
   *) timeout_s=${RMEM_VM_TIMEOUT:-1500} ;;
 esac
 
