@@ -509,8 +509,8 @@ async fn serve_device(
 }
 
 /// The rebuild loop, on a thread started with the device: a rebuild runs when a donor died,
-/// maybe while the host is short of memory, so it must not need a new thread then, and its
-/// copies block (they hold a chunk's lock) where no runtime worker is taken from the I/O.
+/// maybe while the host is short of memory, so it must not need a new thread then; its copies
+/// block this thread, not a runtime worker.
 struct Repair {
     stop: Arc<std::sync::atomic::AtomicBool>,
     store: Arc<Store>,

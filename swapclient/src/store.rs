@@ -131,7 +131,7 @@ pub struct Store {
     donors: Vec<Donor>,
     chunks: Vec<Mutex<Vec<Replica>>>,
     /// The repair copy buffer, allocated (and locked with the daemon's memory) up front: a
-    /// rebuild runs when memory may be short, under a chunk's lock that the I/O path waits on.
+    /// rebuild runs when memory may be short, and the I/O path waits on each piece it copies.
     copy_buf: Mutex<Vec<u8>>,
     /// Set when the device goes down: a repair pass stops at the next chunk.
     stopping: AtomicBool,
@@ -424,7 +424,7 @@ impl Store {
 
     /// One repair pass: every chunk short of live replicas (or holding a leaving one) gets a
     /// copy on another donor. Returns how many chunks are still short (no donor could take
-    /// them). The chunk is locked while it is copied, so no write is missed.
+    /// them). Writes reach a copy while it fills, so none is missed (see `copy_chunk`).
     ///
     /// The copies block the calling thread (no thread is started for them: the pass runs when
     /// memory may be short): drive it from a thread of its own, as the daemon does, or from a
