@@ -63,9 +63,11 @@ pub struct UpArgs {
     /// Do not lock the daemon's memory (it may then be swapped out to its own device).
     #[arg(long)]
     no_mlock: bool,
-    /// Seconds a donor may take over one operation before it is treated as dead.
-    #[arg(long, default_value_t = 5)]
-    op_timeout: u64,
+    /// Seconds a donor may take over one operation before it is treated as dead [default: 5
+    /// with replicas, 30 with one: with no other copy to turn to, riding out a stalled link
+    /// (a host short of memory drops packets) beats failing the swap; the kernel waits 60].
+    #[arg(long)]
+    op_timeout: Option<u64>,
     /// Serve Prometheus metrics (I/O, replica health, per-donor traffic) at
     /// http://ADDR/metrics, e.g. 127.0.0.1:9472.
     #[arg(long)]
@@ -127,7 +129,11 @@ fn up(a: UpArgs) -> Result<(), Failed> {
             provider: a.provider,
             device: a.device.clone(),
             name: format!("rmem-swap@{}", hostname()),
-            op_timeout: Duration::from_secs(a.op_timeout),
+            op_timeout: Duration::from_secs(a.op_timeout.unwrap_or(if a.replicas > 1 {
+                5
+            } else {
+                30
+            })),
         },
         backend: a.backend,
         device: a.nbd.clone(),

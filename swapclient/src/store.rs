@@ -62,6 +62,9 @@ impl std::str::FromStr for DonorSpec {
     }
 }
 
+/// More copies than any failure model needs; it bounds a chunk's replica list.
+pub const MAX_REPLICAS: usize = 16;
+
 /// How to build a store.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -149,6 +152,12 @@ impl Store {
     pub async fn create(cfg: &StoreConfig) -> Result<Arc<Store>, StoreError> {
         let domains: std::collections::HashSet<_> =
             cfg.donors.iter().map(|d| d.domain.as_str()).collect();
+        if cfg.replicas > MAX_REPLICAS {
+            return Err(StoreError::Config(format!(
+                "{} replicas: at most {MAX_REPLICAS}",
+                cfg.replicas
+            )));
+        }
         if cfg.replicas == 0 || cfg.replicas > domains.len() {
             return Err(StoreError::Config(format!(
                 "{} replicas need as many donors in distinct failure domains; {} given",
@@ -225,8 +234,8 @@ impl Store {
         let chunks = plan
             .iter()
             .map(|ds| {
-                // Room for a rebuilt copy next to a leaving one: repair never reallocates.
-                let mut reps = Vec::with_capacity(cfg.replicas + 2);
+                // Room for a new copy of each leaving one while it fills: repair never reallocates.
+                let mut reps = Vec::with_capacity(2 * cfg.replicas + 1);
                 reps.extend(ds.iter().map(|&d| Replica {
                     donor: d,
                     grant: granted[d].pop().expect("allocated per plan"),
@@ -300,17 +309,12 @@ impl Store {
         for (c, within, r) in self.pieces(off, out.len() as u64)? {
             let mut reps = lock(&self.chunks[c]);
             let mut done = false;
-            // The first complete replica: a failed one is removed, the next tried.
-            let mut k = 0;
-            while k < reps.len() {
-                let rep = reps[k];
-                if rep.filling {
-                    k += 1;
-                    continue;
-                }
+            // The first complete replica on a healthy donor. A failed read leaves the copy in
+            // place (a read changes nothing): repair drops it once another copy is safe, and
+            // while it is the last one its donor may come back.
+            for rep in reps.iter().filter(|r| !r.filling) {
                 let d = &self.donors[rep.donor];
                 if !d.healthy.load(Ordering::Acquire) {
-                    reps.remove(k);
                     continue;
                 }
                 match d
@@ -322,10 +326,7 @@ impl Store {
                         done = true;
                         break;
                     }
-                    Err(e) => {
-                        self.fail(rep.donor, &e);
-                        reps.remove(k);
-                    }
+                    Err(e) => self.fail(rep.donor, &e),
                 }
             }
             if !done {
@@ -344,10 +345,10 @@ impl Store {
     pub fn write(&self, off: u64, data: &[u8]) -> Result<(), StoreError> {
         for (c, within, r) in self.pieces(off, data.len() as u64)? {
             let mut reps = lock(&self.chunks[c]);
-            let mut k = 0;
             let mut ok = 0;
-            while k < reps.len() {
-                let rep = reps[k];
+            // Replicas that missed this write, by index (a chunk has at most 2 x MAX_REPLICAS + 1).
+            let mut missed = 0u64;
+            for (k, rep) in reps.iter().enumerate() {
                 let d = &self.donors[rep.donor];
                 let res = if d.healthy.load(Ordering::Acquire) {
                     d.client
@@ -361,18 +362,25 @@ impl Store {
                         if !rep.filling {
                             ok += 1;
                         }
-                        k += 1;
                     }
                     Err(e) => {
                         if d.healthy.load(Ordering::Acquire) {
                             self.fail(rep.donor, &e);
                         }
-                        // A replica that missed a write is stale: it must never be read again.
-                        reps.remove(k);
+                        missed |= 1 << k;
                     }
                 }
             }
-            if ok == 0 {
+            if ok > 0 {
+                // A replica that missed a write another copy took is stale: never read again.
+                let mut k = 0;
+                reps.retain(|_| {
+                    k += 1;
+                    missed & (1 << (k - 1)) == 0
+                });
+            } else {
+                // No copy took it: the write fails as a whole (the kernel sees EIO and never
+                // reads it back), and the copies keep what they had for their donors' return.
                 reps.retain(|r| !r.filling);
                 return Err(StoreError::Lost {
                     off: off + r.start as u64,
@@ -437,12 +445,23 @@ impl Store {
             }
             let (live, leaving, used): (usize, Vec<Replica>, Vec<String>) = {
                 let mut reps = lock(&self.chunks[c]);
-                reps.retain(|r| self.donors[r.donor].healthy.load(Ordering::Acquire));
-                let live = reps.iter().filter(|r| !r.leaving && !r.filling).count();
-                let leaving = reps.iter().filter(|r| r.leaving).copied().collect();
+                let healthy = |r: &Replica| self.donors[r.donor].healthy.load(Ordering::Acquire);
+                // The last copies stay, though unreachable: their donors may come back.
+                if reps.iter().any(|r| !r.filling && healthy(r)) {
+                    reps.retain(healthy);
+                }
+                let live = reps
+                    .iter()
+                    .filter(|r| !r.leaving && !r.filling && healthy(r))
+                    .count();
+                let leaving = reps
+                    .iter()
+                    .filter(|r| r.leaving && healthy(r))
+                    .copied()
+                    .collect();
                 let used = reps
                     .iter()
-                    .filter(|r| !r.leaving)
+                    .filter(|r| !r.leaving && healthy(r))
                     .map(|r| self.donors[r.donor].spec.domain.clone())
                     .collect();
                 (live, leaving, used)
@@ -451,7 +470,8 @@ impl Store {
                 continue;
             }
             if live + leaving.len() == 0 {
-                continue; // lost: nothing to copy from
+                short += 1; // lost until a donor holding it comes back: nothing to copy from
+                continue;
             }
             let mut need = self.replicas.saturating_sub(live);
             let mut used = used;

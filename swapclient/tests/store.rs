@@ -218,7 +218,43 @@ async fn without_replicas_a_dead_donor_means_errors_not_wrong_data() {
     let w = blocking(move || s.write(0, &[1u8; 4096])).await;
     assert!(matches!(w, Err(StoreError::Lost { .. })));
     assert_eq!(store.status().lost, 4);
-    assert_eq!(store.repair().await, 0, "nothing to rebuild from");
+    assert_eq!(
+        store.repair().await,
+        4,
+        "nothing to rebuild from: short until a donor returns"
+    );
+    assert!(!store.revive().await, "a dead donor does not come back");
+    assert_eq!(store.status().lost, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_donor_back_from_a_stall_serves_its_only_copy_again() {
+    let a = donor(8).await;
+    let store = Store::create(&config(4 * MIB, 1, &[&a])).await.unwrap();
+    let mut data = fill(&store, 5).await;
+    // What an error completion does (a stalled link exceeding its retries): the donor is
+    // failed, but its process and our session with it are alive.
+    store.mark_failed(0, "test: link stalled");
+    assert!(matches!(
+        read_all(&store).await,
+        Err(StoreError::Lost { .. })
+    ));
+    let s = store.clone();
+    let w = blocking(move || s.write(0, &[9u8; 4096])).await;
+    assert!(matches!(w, Err(StoreError::Lost { .. })), "{w:?}");
+    assert_eq!(store.status().lost, 4);
+    assert_eq!(store.repair().await, 4);
+
+    assert!(
+        store.revive().await,
+        "a new data connection to the same donor"
+    );
+    assert_eq!(store.status().lost, 0);
+    assert!(read_all(&store).await.unwrap() == data, "every copy kept");
+    let s = store.clone();
+    blocking(move || s.write(0, &[9u8; 4096])).await.unwrap();
+    data[..4096].fill(9);
+    assert!(read_all(&store).await.unwrap() == data);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
