@@ -13,6 +13,22 @@ fn rmem(args: &[&str], run_dir: &std::path::Path) -> std::process::Output {
         .unwrap()
 }
 
+/// `rmem swap up --size 64M --no-mlock` plus `extra`.
+fn up(extra: &[&str], run_dir: &std::path::Path) -> std::process::Output {
+    let mut args = vec!["swap", "up", "--size", "64M", "--no-mlock"];
+    args.extend_from_slice(extra);
+    rmem(&args, run_dir)
+}
+
+/// Exit 2, and stderr says `what`.
+fn assert_usage(out: &std::process::Output, what: &str) {
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(what),
+        "{out:?}"
+    );
+}
+
 #[test]
 fn swap_commands_fail_clearly_and_with_their_exit_codes() {
     let dir = std::env::temp_dir().join(format!("rmem-swap-cli-{}", std::process::id()));
@@ -27,15 +43,10 @@ fn swap_commands_fail_clearly_and_with_their_exit_codes() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no rmem swap device"));
 
     // Two replicas on one failure domain: a usage error, found before anything is borrowed.
-    let out = rmem(
+    let out = up(
         &[
-            "swap",
-            "up",
-            "--size",
-            "64M",
             "--replicas",
             "2",
-            "--no-mlock",
             "--donor",
             "127.0.0.1:1",
             "--donor",
@@ -43,82 +54,22 @@ fn swap_commands_fail_clearly_and_with_their_exit_codes() {
         ],
         &dir,
     );
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("failure domains"),
-        "{out:?}"
-    );
+    assert_usage(&out, "failure domains");
 
     // A reserve that is not a size: a usage error naming what is expected.
-    let out = rmem(
-        &[
-            "swap",
-            "up",
-            "--size",
-            "64M",
-            "--min-free",
-            "lots",
-            "--donor",
-            "127.0.0.1:1",
-        ],
-        &dir,
-    );
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("expected auto, keep or a size"),
-        "{out:?}"
-    );
+    let out = up(&["--min-free", "lots", "--donor", "127.0.0.1:1"], &dir);
+    assert_usage(&out, "expected auto, keep or a size");
 
     // Nobody listening: the peer exit code.
-    let out = rmem(
-        &[
-            "swap",
-            "up",
-            "--size",
-            "64M",
-            "--no-mlock",
-            "--donor",
-            "127.0.0.1:1",
-        ],
-        &dir,
-    );
+    let out = up(&["--donor", "127.0.0.1:1"], &dir);
     assert_eq!(out.status.code(), Some(5), "{out:?}");
 
     // ublk asked for where the kernel has none: a usage error naming the module.
     if !std::path::Path::new("/dev/ublk-control").exists() {
-        let out = rmem(
-            &[
-                "swap",
-                "up",
-                "--size",
-                "64M",
-                "--no-mlock",
-                "--backend",
-                "ublk",
-                "--donor",
-                "127.0.0.1:1",
-            ],
-            &dir,
-        );
-        assert_eq!(out.status.code(), Some(2), "{out:?}");
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("modprobe ublk_drv"),
-            "{out:?}"
-        );
+        let out = up(&["--backend", "ublk", "--donor", "127.0.0.1:1"], &dir);
+        assert_usage(&out, "modprobe ublk_drv");
     }
-    let out = rmem(
-        &[
-            "swap",
-            "up",
-            "--size",
-            "64M",
-            "--backend",
-            "floppy",
-            "--donor",
-            "127.0.0.1:1",
-        ],
-        &dir,
-    );
+    let out = up(&["--backend", "floppy", "--donor", "127.0.0.1:1"], &dir);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
