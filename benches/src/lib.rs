@@ -191,9 +191,13 @@ pub fn serve(
             Err(e) => return Err(e.into()),
         };
         tracing::info!(qp = conn.qp.qp_num(), "client connected");
-        // The client says goodbye with a SEND; its death flushes this receive instead.
+        // The client says goodbye with a SEND; its death flushes this receive instead. A client
+        // that is already gone ends its own session, never the server.
         let s = [bye.sge(0, 64)?];
-        conn.qp.post_recv(&[RecvWr::new(1, &s)])?;
+        if let Err(e) = conn.qp.post_recv(&[RecvWr::new(1, &s)]) {
+            tracing::warn!(error = %e, "client lost before its session started");
+            continue;
+        }
         loop {
             match cq.wait_one(Some(Duration::from_millis(500))) {
                 Ok(c) => {

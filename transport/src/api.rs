@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{ContextOps, CqOps, ListenerOps, PdOps, QpOps, QpSpec};
+use crate::backend::{ContextOps, CqOps, IncomingOps, ListenerOps, PdOps, QpOps, QpSpec};
+use crate::gate::ListenLimits;
 use crate::memory::{HugePages, Region};
 use crate::mr::{Mr, MrInner};
 use crate::{Access, Completion, Error, RecvWr, Result, SendWr};
@@ -162,10 +163,17 @@ impl Context {
             mode: PollMode::default(),
         })
     }
-    /// Listens for queue-pair connections on `addr` (the out-of-band exchange, see `docs/`).
+    /// Listens for queue-pair connections on `addr` (the out-of-band exchange, see `docs/`)
+    /// with the default [`ListenLimits`].
     pub fn listen(&self, addr: SocketAddr) -> Result<Listener> {
+        self.listen_with(addr, ListenLimits::default())
+    }
+
+    /// Like [`Context::listen`], with explicit bounds on the connections held before they are
+    /// accepted.
+    pub fn listen_with(&self, addr: SocketAddr, limits: ListenLimits) -> Result<Listener> {
         Ok(Listener {
-            ops: self.ops.listen(addr)?,
+            ops: self.ops.listen(addr, limits)?,
         })
     }
     /// Connects a new queue pair to a peer's [`Listener`], sending `private` (at most
@@ -545,6 +553,20 @@ pub struct Connected {
 }
 
 /// Accepts queue-pair connections.
+///
+/// A peer's connection request is read in full before the application sees it, and nothing is
+/// created for the peer, nor anything it sent executed, until the application accepts it:
+///
+/// ```no_run
+/// # fn f(l: &rmem_transport::Listener, cfg: &rmem_transport::QpConfig) -> rmem_transport::Result<()> {
+/// let req = l.incoming(None)?;
+/// if req.private() != b"the session's token" {
+///     req.reject(); // no queue pair, no target: its pipelined requests never run
+///     return Ok(());
+/// }
+/// let qp = req.accept(cfg, b"")?;
+/// # Ok(()) }
+/// ```
 pub struct Listener {
     ops: Box<dyn ListenerOps>,
 }
@@ -553,8 +575,19 @@ impl Listener {
     pub fn local_addr(&self) -> SocketAddr {
         self.ops.local_addr()
     }
-    /// Waits for the next peer, creates its queue pair from `cfg`, and replies with `private`.
-    /// Malformed or unauthenticated connection attempts are dropped and counted, not returned.
+
+    /// Waits for the next connection request. Malformed, slow or over-the-limit connection
+    /// attempts are dropped and counted, never returned; only the deadline or a failing listener
+    /// is an error.
+    pub fn incoming(&self, timeout: Option<Duration>) -> Result<Incoming> {
+        Ok(Incoming {
+            ops: Some(self.ops.next(timeout)?),
+        })
+    }
+
+    /// Accepts whoever connects next: waits for a request, creates its queue pair from `cfg`,
+    /// and replies with `private`. A peer that fails during its accept (it went away, say) is
+    /// logged and the wait goes on; only local errors and the deadline end it.
     pub fn accept(
         &self,
         cfg: &QpConfig,
@@ -562,11 +595,75 @@ impl Listener {
         timeout: Option<Duration>,
     ) -> Result<Connected> {
         check_private(private)?;
-        let spec = cfg.resolve()?;
-        let (ops, private) = self.ops.accept(&spec, private, timeout)?;
-        Ok(Connected {
-            qp: Qp { ops },
-            private,
+        cfg.resolve()?;
+        let deadline = crate::wait::Deadline::after(timeout);
+        loop {
+            let req = self.incoming(deadline.remaining()?)?;
+            let peer = req.peer_addr();
+            let theirs = req.private().to_vec();
+            match req.accept(cfg, private) {
+                Ok(qp) => {
+                    return Ok(Connected {
+                        qp,
+                        private: theirs,
+                    })
+                }
+                Err(e @ Error::InvalidArgument(_)) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "a connecting peer failed during accept")
+                }
+            }
+        }
+    }
+}
+
+/// A connection request whose hello and private data have arrived. Accept it to get the queue
+/// pair, or reject it; dropping it rejects it.
+pub struct Incoming {
+    ops: Option<Box<dyn IncomingOps>>,
+}
+
+impl Incoming {
+    /// The private data the peer sent (a token, a descriptor).
+    pub fn private(&self) -> &[u8] {
+        self.ops.as_ref().map_or(&[], |o| o.private())
+    }
+
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.ops
+            .as_ref()
+            .map(|o| o.peer())
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Creates the queue pair from `cfg` and replies with `private` (at most
+    /// [`MAX_PRIVATE_DATA`] bytes); the peer's requests run from then on.
+    pub fn accept(mut self, cfg: &QpConfig, private: &[u8]) -> Result<Qp> {
+        let ops = self.ops.take().ok_or(Error::QpError)?;
+        let spec = match check_private(private).and_then(|_| cfg.resolve()) {
+            Ok(s) => s,
+            Err(e) => {
+                ops.reject();
+                return Err(e);
+            }
+        };
+        Ok(Qp {
+            ops: ops.accept(&spec, private)?,
         })
+    }
+
+    /// Refuses the request: the peer's connect fails with a refusal.
+    pub fn reject(mut self) {
+        if let Some(o) = self.ops.take() {
+            o.reject();
+        }
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        if let Some(o) = self.ops.take() {
+            o.reject();
+        }
     }
 }

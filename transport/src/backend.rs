@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::api::{DeviceInfo, Provider, QpCaps, TargetStats};
+use crate::gate::ListenLimits;
 use crate::memory::Region;
 use crate::mr::Registration;
 use crate::{Access, Completion, RecvWr, Result, SendWr};
@@ -17,7 +18,7 @@ pub(crate) trait ContextOps: Send + Sync {
     fn device(&self) -> DeviceInfo;
     fn alloc_pd(&self) -> Result<Arc<dyn PdOps>>;
     fn create_cq(&self, depth: usize) -> Result<Arc<dyn CqOps>>;
-    fn listen(&self, addr: SocketAddr) -> Result<Box<dyn ListenerOps>>;
+    fn listen(&self, addr: SocketAddr, limits: ListenLimits) -> Result<Box<dyn ListenerOps>>;
     fn connect(
         &self,
         addr: SocketAddr,
@@ -64,12 +65,20 @@ pub(crate) trait QpOps: Send + Sync {
 
 pub(crate) trait ListenerOps: Send + Sync {
     fn local_addr(&self) -> SocketAddr;
-    fn accept(
-        &self,
-        spec: &QpSpec,
-        private: &[u8],
-        timeout: Option<Duration>,
-    ) -> Result<(Arc<dyn QpOps>, Vec<u8>)>;
+    /// Waits for a peer whose whole connection request has arrived. Nothing is created for it
+    /// and nothing it sent is executed until [`IncomingOps::accept`].
+    fn next(&self, timeout: Option<Duration>) -> Result<Box<dyn IncomingOps>>;
+}
+
+/// A connection request that has arrived and is neither accepted nor refused yet.
+pub(crate) trait IncomingOps: Send {
+    fn private(&self) -> &[u8];
+    fn peer(&self) -> SocketAddr;
+    /// Creates the queue pair from `spec`, answers with `private`, and only then lets the
+    /// peer's requests run. On a local error the peer is refused.
+    fn accept(self: Box<Self>, spec: &QpSpec, private: &[u8]) -> Result<Arc<dyn QpOps>>;
+    /// Tells the peer it was refused and closes the connection.
+    fn reject(self: Box<Self>);
 }
 
 /// A queue pair request resolved to provider objects.

@@ -37,6 +37,7 @@ mod api;
 mod backend;
 pub mod conformance;
 mod error;
+mod gate;
 mod memory;
 mod mr;
 mod remote;
@@ -48,10 +49,11 @@ mod wr;
 
 pub use access::Access;
 pub use api::{
-    open, Connected, Context, Cq, DeviceInfo, Listener, OpenOptions, Pd, PollMode, Provider, Qp,
-    QpCaps, QpConfig, TargetStats, MAX_PRIVATE_DATA,
+    open, Connected, Context, Cq, DeviceInfo, Incoming, Listener, OpenOptions, Pd, PollMode,
+    Provider, Qp, QpCaps, QpConfig, TargetStats, MAX_PRIVATE_DATA,
 };
 pub use error::{Error, Result};
+pub use gate::ListenLimits;
 pub use memory::{Buffer, HugePages};
 pub use mr::Mr;
 pub use remote::{RemoteAddr, RemoteBuf};

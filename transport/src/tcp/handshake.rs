@@ -2,24 +2,19 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
-use std::sync::atomic::Ordering;
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-use super::sock;
-use super::wire::{Hello, HelloKind, WireError, HELLO_LEN, REJECT_VERSION};
+use super::wire::{Hello, HelloKind, WireError, HELLO_LEN, REJECT_REFUSED, REJECT_VERSION};
 use super::Counters;
+use crate::gate::{Framing, Gate, Refusal};
 use crate::{Error, Result};
 
-/// How long a connecting peer may take to send its hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Half-open pairs older than this are dropped.
 const PAIR_TIMEOUT: Duration = Duration::from_secs(10);
-/// At most this many half-open pairs are kept (a flood of primaries cannot grow memory).
-const MAX_HALF_OPEN: usize = 256;
 
 /// Sets the options every data connection needs: no Nagle delay, and keepalive plus a user
 /// timeout so a vanished host is noticed within about `op_timeout`.
@@ -39,7 +34,7 @@ pub(super) fn tune(s: &TcpStream, op_timeout: Duration) -> Result<()> {
     Ok(())
 }
 
-fn write_hello(s: &mut TcpStream, h: &Hello, private: &[u8]) -> Result<()> {
+fn write_hello(mut s: impl Write, h: &Hello, private: &[u8]) -> Result<()> {
     let mut buf = Vec::with_capacity(HELLO_LEN + private.len());
     buf.extend_from_slice(&h.encode());
     buf.extend_from_slice(private);
@@ -99,6 +94,7 @@ pub(super) fn connect(
         HelloKind::Accept if reply.conn_id == conn_id => Ok((primary, secondary, reply_private)),
         HelloKind::Reject => Err(Error::Handshake(match reply.status {
             REJECT_VERSION => "the peer speaks another protocol version".into(),
+            REJECT_REFUSED => "the peer refused the connection".into(),
             s => format!("the peer refused the connection (reason {s})"),
         })),
         _ => Err(Error::Handshake("unexpected reply to hello".into())),
@@ -106,40 +102,98 @@ pub(super) fn connect(
 }
 
 pub(super) fn send_accept(primary: &TcpStream, conn_id: &[u8; 16], private: &[u8]) -> Result<()> {
-    let mut s = primary
-        .try_clone()
-        .map_err(|e| Error::os("dup socket", e))?;
+    // A peer that stopped reading cannot hold the accepting thread.
+    primary
+        .set_write_timeout(Some(PAIR_TIMEOUT))
+        .map_err(|e| Error::os("SO_SNDTIMEO", e))?;
     let h = Hello {
         kind: HelloKind::Accept,
         conn_id: *conn_id,
         private_len: private.len() as u16,
         status: 0,
     };
-    write_hello(&mut s, &h, private)
+    write_hello(primary, &h, private)
 }
 
-/// Both halves of an accepted queue pair.
+/// Both halves of a queue pair whose hellos have arrived.
 pub(super) struct Pair {
     pub(super) conn_id: [u8; 16],
+    pub(super) peer: SocketAddr,
     pub(super) primary: TcpStream,
     pub(super) secondary: TcpStream,
     pub(super) private: Vec<u8>,
 }
 
-/// Matches primaries with secondaries as they arrive on the listening socket.
+/// How the gate reads a `tcp` hello: a fixed header, then the private data it announces.
+struct TcpFraming;
+
+impl Framing for TcpFraming {
+    fn header_len(&self) -> usize {
+        HELLO_LEN
+    }
+
+    fn body_len(&self, header: &[u8]) -> std::result::Result<usize, Refusal> {
+        let b: &[u8; HELLO_LEN] = header.try_into().map_err(|_| Refusal {
+            reply: None,
+            reason: "short hello".into(),
+        })?;
+        match Hello::decode(b) {
+            Ok(h) if matches!(h.kind, HelloKind::Primary | HelloKind::Secondary) => {
+                Ok(usize::from(h.private_len))
+            }
+            Ok(_) => Err(Refusal {
+                reply: None,
+                reason: "the connection opened with a reply".into(),
+            }),
+            Err(WireError::Version(v)) => Err(Refusal {
+                reply: Some(reject(&[0; 16], REJECT_VERSION).to_vec()),
+                reason: format!("protocol version {v}"),
+            }),
+            Err(e) => Err(Refusal {
+                reply: None,
+                reason: format!("bad hello: {e}"),
+            }),
+        }
+    }
+}
+
+/// A `Reject` hello with its reason.
+pub(super) fn reject(conn_id: &[u8; 16], status: u16) -> [u8; HELLO_LEN] {
+    Hello {
+        kind: HelloKind::Reject,
+        conn_id: *conn_id,
+        private_len: 0,
+        status,
+    }
+    .encode()
+}
+
+/// One half of a queue pair waiting for the other.
+struct Half {
+    stream: TcpStream,
+    peer: SocketAddr,
+    private: Vec<u8>,
+    since: Instant,
+}
+
+/// Matches primaries with secondaries as their hellos complete at the gate.
 pub(super) struct Pairing {
-    listener: TcpListener,
-    primaries: HashMap<[u8; 16], (TcpStream, Vec<u8>, Instant)>,
-    secondaries: HashMap<[u8; 16], (TcpStream, Instant)>,
+    gate: Gate,
+    primaries: HashMap<[u8; 16], Half>,
+    secondaries: HashMap<[u8; 16], Half>,
 }
 
 impl Pairing {
-    pub(super) fn new(listener: TcpListener) -> Pairing {
+    pub(super) fn new(gate: Gate) -> Pairing {
         Pairing {
-            listener,
+            gate,
             primaries: HashMap::new(),
             secondaries: HashMap::new(),
         }
+    }
+
+    pub(super) fn local_addr(&self) -> Result<SocketAddr> {
+        self.gate.local_addr()
     }
 
     fn take_complete(&mut self) -> Option<Pair> {
@@ -147,26 +201,50 @@ impl Pairing {
             .primaries
             .keys()
             .find(|id| self.secondaries.contains_key(*id))?;
-        let (primary, private, _) = self.primaries.remove(&id)?;
-        let (secondary, _) = self.secondaries.remove(&id)?;
+        let p = self.primaries.remove(&id)?;
+        let s = self.secondaries.remove(&id)?;
         Some(Pair {
             conn_id: id,
-            primary,
-            secondary,
-            private,
+            peer: p.peer,
+            primary: p.stream,
+            secondary: s.stream,
+            private: p.private,
         })
     }
 
-    fn expire(&mut self) {
+    fn expire(&mut self, dropped: &AtomicU64) {
         let now = Instant::now();
-        self.primaries
-            .retain(|_, (_, _, t)| now.duration_since(*t) < PAIR_TIMEOUT);
-        self.secondaries
-            .retain(|_, (_, t)| now.duration_since(*t) < PAIR_TIMEOUT);
+        for table in [&mut self.primaries, &mut self.secondaries] {
+            let before = table.len();
+            table.retain(|_, h| now.duration_since(h.since) < PAIR_TIMEOUT);
+            dropped.fetch_add((before - table.len()) as u64, Ordering::Relaxed);
+        }
     }
 
-    /// Waits for a complete pair. Bad hellos are counted and dropped; only a timeout or a
-    /// failing listener is returned as an error.
+    /// Makes room for one more half-open connection by dropping the oldest.
+    fn make_room(&mut self, dropped: &AtomicU64) {
+        let max = self.gate.limits().max_pending;
+        while self.primaries.len() + self.secondaries.len() >= max {
+            let oldest = |t: &HashMap<[u8; 16], Half>| {
+                t.iter()
+                    .min_by_key(|(_, h)| h.since)
+                    .map(|(k, h)| (*k, h.since))
+            };
+            let (table, id) = match (oldest(&self.primaries), oldest(&self.secondaries)) {
+                (Some(p), Some(s)) if s.1 < p.1 => (&mut self.secondaries, s.0),
+                (Some(p), _) => (&mut self.primaries, p.0),
+                (None, Some(s)) => (&mut self.secondaries, s.0),
+                (None, None) => return,
+            };
+            if let Some(h) = table.remove(&id) {
+                tracing::warn!(peer = %h.peer, "too many half-open connections; dropped the oldest");
+            }
+            dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Waits for a complete pair. Bad, slow or surplus connections are counted and dropped
+    /// (see [`Gate`]); only a timeout or a failing listener is returned as an error.
     pub(super) fn next_pair(
         &mut self,
         timeout: Option<Duration>,
@@ -177,59 +255,34 @@ impl Pairing {
             if let Some(p) = self.take_complete() {
                 return Ok(p);
             }
-            self.expire();
-            let left = deadline.remaining()?;
-            let ev = sock::wait_fd(self.listener.as_raw_fd(), libc::POLLIN, left)
-                .map_err(|e| Error::os("poll listener", e))?;
-            if ev == 0 {
-                continue;
-            }
-            let (mut s, peer) = match self.listener.accept() {
-                Ok(x) => x,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(Error::os("accept", e)),
+            self.expire(&stats.protocol_errors);
+            let (prim, sec) = (&self.primaries, &self.secondaries);
+            let held = |ip: IpAddr| {
+                prim.values()
+                    .chain(sec.values())
+                    .filter(|h| h.peer.ip() == ip)
+                    .count()
             };
-            if s.set_read_timeout(Some(HELLO_TIMEOUT)).is_err() {
-                continue;
-            }
-            let (hello, private) = match read_hello(&mut s) {
-                Ok(x) => x,
-                Err(err) => {
-                    stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                    if let HelloError::Wire(WireError::Version(v)) = &err {
-                        let reject = Hello {
-                            kind: HelloKind::Reject,
-                            conn_id: [0; 16],
-                            private_len: 0,
-                            status: REJECT_VERSION,
-                        };
-                        let _ = write_hello(&mut s, &reject, &[]);
-                        tracing::warn!(%peer, version = v, "rejected connection: protocol version");
-                    } else {
-                        tracing::warn!(%peer, error = %Error::from(err), "dropped connection with a bad hello");
-                    }
-                    continue;
-                }
+            let a = self.gate.next(
+                &TcpFraming,
+                deadline.remaining()?,
+                &held,
+                &stats.protocol_errors,
+            )?;
+            let (hello, private) = a.hello.split_at(HELLO_LEN);
+            let hello = Hello::decode(hello.try_into().expect("the gate read a whole header"))
+                .map_err(Error::Protocol)?;
+            self.make_room(&stats.protocol_errors);
+            let half = Half {
+                stream: a.stream,
+                peer: a.peer,
+                private: private.to_vec(),
+                since: Instant::now(),
             };
-            let half_open = self.primaries.len() + self.secondaries.len();
-            if half_open >= MAX_HALF_OPEN {
-                tracing::warn!(%peer, "too many half-open connections; dropping one");
-                stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            let now = Instant::now();
             match hello.kind {
-                HelloKind::Primary => {
-                    self.primaries.insert(hello.conn_id, (s, private, now));
-                }
-                HelloKind::Secondary => {
-                    self.secondaries.insert(hello.conn_id, (s, now));
-                }
-                HelloKind::Accept | HelloKind::Reject => {
-                    stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%peer, "dropped connection that opened with a reply");
-                }
-            }
+                HelloKind::Primary => self.primaries.insert(hello.conn_id, half),
+                _ => self.secondaries.insert(hello.conn_id, half),
+            };
         }
     }
 }

@@ -13,7 +13,7 @@ mod target;
 pub mod wire;
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
@@ -21,7 +21,8 @@ use std::time::Duration;
 use rand::Rng;
 
 use crate::api::{DeviceInfo, Provider, TargetStats};
-use crate::backend::{ContextOps, CqOps, ListenerOps, PdOps, QpOps, QpSpec};
+use crate::backend::{ContextOps, CqOps, IncomingOps, ListenerOps, PdOps, QpOps, QpSpec};
+use crate::gate::{Gate, ListenLimits};
 use crate::memory::Region;
 use crate::mr::Registration;
 use crate::{Access, Error, Result};
@@ -130,16 +131,16 @@ impl ContextOps for TcpContext {
         Ok(Arc::new(TcpCq::new(depth)?))
     }
 
-    fn listen(&self, addr: SocketAddr) -> Result<Box<dyn ListenerOps>> {
-        let l = TcpListener::bind(addr).map_err(|e| Error::os("bind", e))?;
-        let local = l.local_addr().map_err(|e| Error::os("getsockname", e))?;
+    fn listen(&self, addr: SocketAddr, limits: ListenLimits) -> Result<Box<dyn ListenerOps>> {
+        let pairing = handshake::Pairing::new(Gate::bind(addr, limits)?);
+        let local = pairing.local_addr()?;
         Ok(Box::new(TcpListenerOps {
-            ctx: TcpContext {
+            ctx: Arc::new(TcpContext {
                 stats: self.stats.clone(),
                 next_id: AtomicU64::new(0),
                 next_qpn: AtomicU32::new(self.next_qpn.fetch_add(1 << 16, Ordering::Relaxed)),
-            },
-            pending: Mutex::new(handshake::Pairing::new(l)),
+            }),
+            pending: Mutex::new(pairing),
             local,
         }))
     }
@@ -171,7 +172,7 @@ impl ContextOps for TcpContext {
 }
 
 struct TcpListenerOps {
-    ctx: TcpContext,
+    ctx: Arc<TcpContext>,
     pending: Mutex<handshake::Pairing>,
     local: SocketAddr,
 }
@@ -181,24 +182,52 @@ impl ListenerOps for TcpListenerOps {
         self.local
     }
 
-    fn accept(
-        &self,
-        spec: &QpSpec,
-        private: &[u8],
-        timeout: Option<Duration>,
-    ) -> Result<(Arc<dyn QpOps>, Vec<u8>)> {
+    fn next(&self, timeout: Option<Duration>) -> Result<Box<dyn IncomingOps>> {
         let mut pairing = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let half = pairing.next_pair(timeout, &self.ctx.stats)?;
+        let pair = pairing.next_pair(timeout, &self.ctx.stats)?;
+        Ok(Box::new(TcpIncoming {
+            ctx: self.ctx.clone(),
+            pair,
+        }))
+    }
+}
+
+/// Both halves of a connection request; no queue pair and no target thread exist for it yet.
+struct TcpIncoming {
+    ctx: Arc<TcpContext>,
+    pair: handshake::Pair,
+}
+
+impl IncomingOps for TcpIncoming {
+    fn private(&self) -> &[u8] {
+        &self.pair.private
+    }
+
+    fn peer(&self) -> SocketAddr {
+        self.pair.peer
+    }
+
+    fn accept(self: Box<Self>, spec: &QpSpec, private: &[u8]) -> Result<Arc<dyn QpOps>> {
+        // Refuse before answering if the objects are unusable, so the peer hears why.
+        if let Err(e) = downcast_pd(spec).and(downcast_cq(&spec.send_cq)) {
+            self.reject();
+            return Err(e);
+        }
+        let TcpIncoming { ctx, pair } = *self;
+        // The answer goes out before the target thread starts: whatever the peer pipelined
+        // behind its hello runs only now, after the application accepted it.
+        handshake::send_accept(&pair.primary, &pair.conn_id, private)?;
         // The connector's primary carries its requests to us: it is our inbound side.
-        let qp = self.ctx.make_qp(
-            spec,
-            half.secondary,
-            half.primary
-                .try_clone()
-                .map_err(|e| Error::os("dup socket", e))?,
-        )?;
-        handshake::send_accept(&half.primary, &half.conn_id, private)?;
-        Ok((qp, half.private))
+        ctx.make_qp(spec, pair.secondary, pair.primary)
+    }
+
+    fn reject(self: Box<Self>) {
+        let mut s = &self.pair.primary;
+        let _ = std::io::Write::write_all(
+            &mut s,
+            &handshake::reject(&self.pair.conn_id, wire::REJECT_REFUSED),
+        );
+        tracing::debug!(peer = %self.pair.peer, "connection request refused");
     }
 }
 

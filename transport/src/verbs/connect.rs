@@ -6,7 +6,7 @@
 //! |---|---|---|
 //! | 0 | 4 | magic `b"RMVB"` |
 //! | 4 | 2 | protocol version ([`VERSION`]) |
-//! | 6 | 2 | flags, 0 (reserved) |
+//! | 6 | 2 | flags: bit 0 `REJECT` (the listener refuses; see below), others 0 |
 //! | 8 | 4 | queue-pair number (24 bits) |
 //! | 12 | 4 | first packet sequence number (random, 24 bits) |
 //! | 16 | 2 | LID (InfiniBand; 0 on RoCE) |
@@ -32,19 +32,27 @@
 //! The READY bytes make sure neither side posts before its peer is ready to receive: the
 //! listener is RTR before it replies, the connector only after it read the reply. Every read has
 //! a deadline (the connect timeout, or [`PEER_TIMEOUT`] on the listener); anything malformed is
-//! an [`Error::Handshake`]. A listener drops a bad connection and waits for the next one.
+//! an [`Error::Handshake`].
+//!
+//! The listener reads hellos through the provider-neutral gate (all pending peers at once, each
+//! with a deadline for its whole hello, bounded per source address) and creates no queue pair
+//! until the application accepts the request. A refused request, or one whose version differs,
+//! gets a *reject* hello instead of an endpoint: the `REJECT` flag set, the listener's own
+//! version at offset 4, the reason at offset 8 (`u16`: [`REJECT_VERSION`] or [`REJECT_REFUSED`])
+//! and zeros elsewhere.
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
 
+use super::lock;
 use super::qp::VerbsQp;
-use super::{lock, wait_readable};
-use crate::backend::{ListenerOps, QpOps, QpSpec};
+use crate::backend::{IncomingOps, ListenerOps, QpOps, QpSpec};
+use crate::gate::{Framing, Gate, ListenLimits, Refusal};
 use crate::{Error, Result, MAX_PRIVATE_DATA};
 
 /// First bytes of every hello.
@@ -56,6 +64,12 @@ pub const HELLO_LEN: usize = 38;
 /// How long a listener waits for each step of a connecting peer.
 pub const PEER_TIMEOUT: Duration = Duration::from_secs(5);
 const READY: u8 = b'R';
+/// Flag of a reject hello.
+const FLAG_REJECT: u16 = 1;
+/// Reject reason: the versions differ.
+pub const REJECT_VERSION: u16 = 1;
+/// Reject reason: the application refused the request.
+pub const REJECT_REFUSED: u16 = 2;
 
 /// How to reach a queue pair: what each side tells the other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +96,18 @@ pub(crate) fn encode(ep: &Endpoint, private_len: u16) -> [u8; HELLO_LEN] {
     b
 }
 
-/// Checks every field of a hello; returns the endpoint and the private-data length.
+/// A reject hello with its reason.
+pub(crate) fn encode_reject(reason: u16) -> [u8; HELLO_LEN] {
+    let mut b = [0u8; HELLO_LEN];
+    b[0..4].copy_from_slice(&MAGIC);
+    b[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    b[6..8].copy_from_slice(&FLAG_REJECT.to_le_bytes());
+    b[8..10].copy_from_slice(&reason.to_le_bytes());
+    b
+}
+
+/// Checks every field of a hello; returns the endpoint and the private-data length. A reject
+/// hello is an error saying why the peer refused.
 pub(crate) fn decode(b: &[u8; HELLO_LEN]) -> Result<(Endpoint, u16)> {
     let bad = |m: String| Err(Error::Handshake(m));
     if b[0..4] != MAGIC {
@@ -91,6 +116,19 @@ pub(crate) fn decode(b: &[u8; HELLO_LEN]) -> Result<(Endpoint, u16)> {
     let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
     let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
     let version = u16_at(4);
+    let flags = u16_at(6);
+    if flags == FLAG_REJECT {
+        return bad(match u16_at(8) {
+            REJECT_VERSION => {
+                format!("the peer speaks exchange version {version}, we speak {VERSION}")
+            }
+            REJECT_REFUSED => "the peer refused the connection".into(),
+            r => format!("the peer refused the connection (reason {r})"),
+        });
+    }
+    if flags != 0 {
+        return bad(format!("unknown flags {flags:#x}"));
+    }
     if version != VERSION {
         return bad(format!(
             "the peer speaks exchange version {version}, we speak {VERSION}"
@@ -211,53 +249,49 @@ pub(crate) fn connect(
 
 /// Accepts verbs queue-pair connections on a TCP socket.
 pub(crate) struct VerbsListener {
-    listener: TcpListener,
+    gate: Mutex<Gate>,
     local: SocketAddr,
-    /// One accept at a time: each owns the socket until it has a queue pair.
-    accepting: Mutex<()>,
+    /// Connection attempts dropped at the gate (the provider keeps no other counters).
+    dropped: AtomicU64,
 }
 
-/// Why one incoming connection did not produce a queue pair.
-enum Failed {
-    /// The peer misbehaved or vanished: drop it and wait for the next.
-    Peer(Error),
-    /// Our side failed (queue-pair creation): give up.
-    Local(Error),
+/// How the gate reads a verbs hello.
+struct VerbsFraming;
+
+impl Framing for VerbsFraming {
+    fn header_len(&self) -> usize {
+        HELLO_LEN
+    }
+
+    fn body_len(&self, header: &[u8]) -> std::result::Result<usize, Refusal> {
+        let refuse = |reason: String| Refusal {
+            reply: None,
+            reason,
+        };
+        let b: &[u8; HELLO_LEN] = header
+            .try_into()
+            .map_err(|_| refuse("short hello".into()))?;
+        let version = u16::from_le_bytes([b[4], b[5]]);
+        if b[0..4] == MAGIC && version != VERSION {
+            return Err(Refusal {
+                reply: Some(encode_reject(REJECT_VERSION).to_vec()),
+                reason: format!("exchange version {version}"),
+            });
+        }
+        let (_, len) = decode(b).map_err(|e| refuse(e.to_string()))?;
+        Ok(usize::from(len))
+    }
 }
 
 impl VerbsListener {
-    pub(crate) fn bind(addr: SocketAddr) -> Result<VerbsListener> {
-        let listener = TcpListener::bind(addr).map_err(|e| Error::os("bind", e))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| Error::os("O_NONBLOCK", e))?;
-        let local = listener
-            .local_addr()
-            .map_err(|e| Error::os("getsockname", e))?;
+    pub(crate) fn bind(addr: SocketAddr, limits: ListenLimits) -> Result<VerbsListener> {
+        let gate = Gate::bind(addr, limits)?;
+        let local = gate.local_addr()?;
         Ok(VerbsListener {
-            listener,
+            gate: Mutex::new(gate),
             local,
-            accepting: Mutex::new(()),
+            dropped: AtomicU64::new(0),
         })
-    }
-
-    fn serve(
-        &self,
-        mut s: TcpStream,
-        spec: &QpSpec,
-        private: &[u8],
-    ) -> std::result::Result<(VerbsQp, Vec<u8>), Failed> {
-        s.set_nonblocking(false)
-            .map_err(|e| Failed::Peer(Error::os("O_NONBLOCK", e)))?;
-        tune(&s, PEER_TIMEOUT).map_err(Failed::Peer)?;
-        let (peer, peer_private) = read_hello(&mut s, PEER_TIMEOUT).map_err(Failed::Peer)?;
-        let qp = VerbsQp::create(spec).map_err(Failed::Local)?;
-        let psn = random_psn();
-        // A peer can make RTR fail with a GID or MTU our port cannot use: its fault.
-        qp.connect_to(psn, &peer).map_err(Failed::Peer)?;
-        send_hello(&mut s, &qp.endpoint(psn), private, PEER_TIMEOUT).map_err(Failed::Peer)?;
-        exchange_ready(&mut s, false, PEER_TIMEOUT).map_err(Failed::Peer)?;
-        Ok((qp, peer_private))
     }
 }
 
@@ -266,46 +300,64 @@ impl ListenerOps for VerbsListener {
         self.local
     }
 
-    fn accept(
-        &self,
-        spec: &QpSpec,
-        private: &[u8],
-        timeout: Option<Duration>,
-    ) -> Result<(Arc<dyn QpOps>, Vec<u8>)> {
-        let _one = lock(&self.accepting);
-        let deadline = crate::wait::Deadline::after(timeout);
-        loop {
-            let left = deadline.remaining()?;
-            if !wait_readable(self.listener.as_raw_fd(), left)
-                .map_err(|e| Error::os("poll listener", e))?
-            {
-                continue;
+    fn next(&self, timeout: Option<Duration>) -> Result<Box<dyn IncomingOps>> {
+        let a = lock(&self.gate).next(&VerbsFraming, timeout, &|_| 0, &self.dropped)?;
+        let (hello, private) = a.hello.split_at(HELLO_LEN);
+        let (peer_ep, _) = decode(hello.try_into().expect("the gate read a whole header"))?;
+        Ok(Box::new(VerbsIncoming {
+            stream: a.stream,
+            peer: a.peer,
+            peer_ep,
+            private: private.to_vec(),
+        }))
+    }
+}
+
+/// A verbs connection request: the peer's endpoint and private data; no queue pair yet.
+struct VerbsIncoming {
+    stream: TcpStream,
+    peer: SocketAddr,
+    peer_ep: Endpoint,
+    private: Vec<u8>,
+}
+
+impl IncomingOps for VerbsIncoming {
+    fn private(&self) -> &[u8] {
+        &self.private
+    }
+
+    fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    fn accept(self: Box<Self>, spec: &QpSpec, private: &[u8]) -> Result<Arc<dyn QpOps>> {
+        let mut s = &self.stream;
+        tune(&self.stream, PEER_TIMEOUT)?;
+        let qp = match VerbsQp::create(spec) {
+            Ok(qp) => qp,
+            Err(e) => {
+                let _ = s.write_all(&encode_reject(REJECT_REFUSED));
+                return Err(e);
             }
-            let (s, peer) = match self.listener.accept() {
-                Ok(x) => x,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::Interrupted
-                            | io::ErrorKind::ConnectionAborted
-                    ) =>
-                {
-                    continue
-                }
-                Err(e) => return Err(Error::os("accept", e)),
-            };
-            match self.serve(s, spec, private) {
-                Ok((qp, peer_private)) => {
-                    tracing::debug!(qp = qp.num(), %peer, "verbs queue pair accepted");
-                    return Ok((Arc::new(qp), peer_private));
-                }
-                Err(Failed::Local(e)) => return Err(e),
-                Err(Failed::Peer(e)) => {
-                    tracing::warn!(%peer, error = %e, "dropped a connection attempt");
-                }
-            }
+        };
+        let psn = random_psn();
+        // A peer can make RTR fail with a GID or MTU our port cannot use.
+        if let Err(e) = qp.connect_to(psn, &self.peer_ep) {
+            let _ = s.write_all(&encode_reject(REJECT_REFUSED));
+            return Err(e);
         }
+        let mut stream = self.stream;
+        send_hello(&mut stream, &qp.endpoint(psn), private, PEER_TIMEOUT)?;
+        exchange_ready(&mut stream, false, PEER_TIMEOUT)?;
+        tracing::debug!(qp = qp.num(), peer = %self.peer, "verbs queue pair accepted");
+        Ok(Arc::new(qp))
+    }
+
+    fn reject(self: Box<Self>) {
+        let _ = tune(&self.stream, PEER_TIMEOUT);
+        let mut s = &self.stream;
+        let _ = s.write_all(&encode_reject(REJECT_REFUSED));
+        tracing::debug!(peer = %self.peer, "connection request refused");
     }
 }
 
@@ -329,6 +381,19 @@ mod tests {
         let b = encode(&ep(), 4096);
         assert_eq!(&b[..4], b"RMVB");
         assert_eq!(decode(&b).unwrap(), (ep(), 4096));
+    }
+
+    #[test]
+    fn reject_hello_says_why() {
+        let refused = decode(&encode_reject(REJECT_REFUSED)).unwrap_err();
+        assert!(refused.to_string().contains("refused"), "{refused}");
+        let mut b = encode_reject(REJECT_VERSION);
+        b[4..6].copy_from_slice(&7u16.to_le_bytes());
+        let version = decode(&b).unwrap_err();
+        assert!(version.to_string().contains("version 7"), "{version}");
+        let mut b = encode(&ep(), 0);
+        b[6] = 2;
+        assert!(decode(&b).is_err(), "unknown flag accepted");
     }
 
     #[test]

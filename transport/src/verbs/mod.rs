@@ -37,6 +37,7 @@ pub use device::{devices, DeviceDesc, GidDesc, PortDesc};
 
 use crate::api::{DeviceInfo, Provider, TargetStats};
 use crate::backend::{ContextOps, CqOps, ListenerOps, PdOps, QpOps, QpSpec};
+use crate::gate::ListenLimits;
 use crate::{OpenOptions, Result};
 use cq::VerbsCq;
 use device::Device;
@@ -84,8 +85,8 @@ impl ContextOps for VerbsContext {
         Ok(Arc::new(VerbsCq::new(&self.dev, depth)?))
     }
 
-    fn listen(&self, addr: SocketAddr) -> Result<Box<dyn ListenerOps>> {
-        Ok(Box::new(connect::VerbsListener::bind(addr)?))
+    fn listen(&self, addr: SocketAddr, limits: ListenLimits) -> Result<Box<dyn ListenerOps>> {
+        Ok(Box::new(connect::VerbsListener::bind(addr, limits)?))
     }
 
     fn connect(

@@ -9,6 +9,10 @@
 //! ```
 //! The `rmem conformance` command runs the same cases on a real device.
 
+mod connection;
+
+pub use connection::refused_connection;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -904,6 +908,7 @@ pub const CASES: &[Case] = &[
     ("deep_queue", deep_queue),
     ("async_and_blocking_wait", async_and_blocking_wait),
     ("concurrent_posters", concurrent_posters),
+    ("refused_connection", refused_connection),
 ];
 
 /// Expands to one `#[test]` per conformance case for the given [`Setup`] expression.
@@ -913,7 +918,8 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@cases $setup;
             read_write_integrity scatter_gather chain_unsignaled write_imm_and_send_ordering
             send_recv receiver_not_ready atomics atomics_concurrent access_errors local_errors
-            peer_death many_qps deep_queue async_and_blocking_wait concurrent_posters);
+            peer_death many_qps deep_queue async_and_blocking_wait concurrent_posters
+            refused_connection);
     };
     (@cases $setup:expr; $($case:ident)*) => {
         $(

@@ -1,0 +1,306 @@
+//! Admission of out-of-band connections, shared by every provider's listener.
+//!
+//! A listener must not let one peer hold up the others: a hello that arrives a byte at a time, a
+//! socket that never sends anything, or a flood of connections from one address. The gate reads
+//! every connecting peer's hello without blocking, all of them at once with `poll(2)`, and
+//! hands a connection on only when its whole hello has arrived. Each connection has a deadline
+//! for its whole hello (not per read), and the gate holds at most
+//! [`ListenLimits::max_pending`] connections, at most [`ListenLimits::max_per_source`] of them
+//! from one IP address; past the total the oldest one is dropped, so a slow flood ages out while
+//! new peers keep getting in.
+//!
+//! The gate only reads: what the hello means, and whether the connection is accepted, is the
+//! provider's business (its [`Framing`]) and then the application's ([`crate::Incoming`]).
+
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::wait::Deadline;
+use crate::{Error, Result};
+
+/// Bounds on the connections a listener holds before the application accepts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenLimits {
+    /// Connections whose hello has not fully arrived (and, on `tcp`, halves of a queue pair
+    /// waiting for their other half), over all peers.
+    pub max_pending: usize,
+    /// The same, from one IP address.
+    pub max_per_source: usize,
+    /// How long a peer has to send its whole hello after connecting.
+    pub hello_timeout: Duration,
+}
+
+impl Default for ListenLimits {
+    fn default() -> Self {
+        ListenLimits {
+            max_pending: 256,
+            max_per_source: 32,
+            hello_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl ListenLimits {
+    pub(crate) fn check(&self) -> Result<()> {
+        if self.max_pending == 0 || self.max_per_source == 0 || self.hello_timeout.is_zero() {
+            return Err(Error::InvalidArgument(
+                "listen limits must be at least 1 connection and a non-zero hello timeout".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// How a provider's hello is framed: a fixed header that says how much follows.
+pub(crate) trait Framing {
+    /// Length of the fixed header.
+    fn header_len(&self) -> usize;
+    /// Bytes that follow the header, or why the connection is refused.
+    fn body_len(&self, header: &[u8]) -> std::result::Result<usize, Refusal>;
+}
+
+/// A hello the provider will not take: what to tell the peer (if anything) and why.
+pub(crate) struct Refusal {
+    pub(crate) reply: Option<Vec<u8>>,
+    pub(crate) reason: String,
+}
+
+/// A connection whose whole hello has arrived (header and body), in blocking mode again.
+pub(crate) struct Arrival {
+    pub(crate) stream: TcpStream,
+    pub(crate) peer: SocketAddr,
+    pub(crate) hello: Vec<u8>,
+}
+
+struct Pending {
+    stream: TcpStream,
+    peer: SocketAddr,
+    buf: Vec<u8>,
+    /// Bytes the hello has in all: the header's length until the header says more.
+    need: usize,
+    header_done: bool,
+    deadline: Instant,
+}
+
+/// At most this many connections are taken off the backlog per wake-up, so reading the hellos
+/// already held is never starved by a flood of new connections.
+const ACCEPT_BATCH: usize = 64;
+
+/// A listening socket and the connections it holds until their hellos are complete.
+pub(crate) struct Gate {
+    listener: TcpListener,
+    limits: ListenLimits,
+    pending: Vec<Pending>,
+}
+
+impl Gate {
+    pub(crate) fn bind(addr: SocketAddr, limits: ListenLimits) -> Result<Gate> {
+        limits.check()?;
+        let listener = TcpListener::bind(addr).map_err(|e| Error::os("bind", e))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::os("O_NONBLOCK", e))?;
+        Ok(Gate {
+            listener,
+            limits,
+            pending: Vec::new(),
+        })
+    }
+
+    pub(crate) fn local_addr(&self) -> Result<SocketAddr> {
+        self.listener
+            .local_addr()
+            .map_err(|e| Error::os("getsockname", e))
+    }
+
+    pub(crate) fn limits(&self) -> &ListenLimits {
+        &self.limits
+    }
+
+    /// Connections from `ip` the gate holds now.
+    fn held_from(&self, ip: IpAddr) -> usize {
+        self.pending.iter().filter(|p| p.peer.ip() == ip).count()
+    }
+
+    /// Waits for the next connection whose hello is complete. `also_held(ip)` counts what the
+    /// provider itself still holds from that address (half-open pairs) against the limits.
+    /// Misbehaving peers are dropped and counted in `dropped`; only the deadline or a failing
+    /// listener ends the call with an error.
+    pub(crate) fn next(
+        &mut self,
+        framing: &dyn Framing,
+        timeout: Option<Duration>,
+        also_held: &dyn Fn(IpAddr) -> usize,
+        dropped: &AtomicU64,
+    ) -> Result<Arrival> {
+        let deadline = Deadline::after(timeout);
+        loop {
+            let now = Instant::now();
+            let before = self.pending.len();
+            self.pending.retain(|p| {
+                let alive = p.deadline > now;
+                if !alive {
+                    tracing::warn!(peer = %p.peer, "dropped a connection whose hello did not arrive in time");
+                }
+                alive
+            });
+            dropped.fetch_add((before - self.pending.len()) as u64, Ordering::Relaxed);
+            let left = deadline.remaining()?;
+            let next_expiry = self
+                .pending
+                .iter()
+                .map(|p| p.deadline.saturating_duration_since(now))
+                .min();
+            let wait = match (left, next_expiry) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let mut fds = Vec::with_capacity(self.pending.len() + 1);
+            fds.push(self.listener.as_raw_fd());
+            fds.extend(self.pending.iter().map(|p| p.stream.as_raw_fd()));
+            let ready =
+                crate::wait::wait_many(&fds, wait).map_err(|e| Error::os("poll listener", e))?;
+            // Hellos first (indexes shift as connections leave, so walk backwards).
+            for i in (0..self.pending.len()).rev() {
+                if ready[i + 1] == 0 {
+                    continue;
+                }
+                match self.read_some(i, framing) {
+                    Step::More => {}
+                    Step::Drop(why) => {
+                        let p = self.pending.swap_remove(i);
+                        dropped.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(peer = %p.peer, reason = %why, "dropped a connection attempt");
+                    }
+                    Step::Complete => {
+                        let p = self.pending.swap_remove(i);
+                        if let Err(e) = p.stream.set_nonblocking(false) {
+                            tracing::warn!(peer = %p.peer, error = %e, "dropped a connection attempt");
+                            continue;
+                        }
+                        return Ok(Arrival {
+                            stream: p.stream,
+                            peer: p.peer,
+                            hello: p.buf,
+                        });
+                    }
+                }
+            }
+            if ready[0] != 0 {
+                self.admit(framing, also_held, dropped)?;
+            }
+        }
+    }
+
+    /// Takes new connections off the backlog, within the limits.
+    fn admit(
+        &mut self,
+        framing: &dyn Framing,
+        also_held: &dyn Fn(IpAddr) -> usize,
+        dropped: &AtomicU64,
+    ) -> Result<()> {
+        for _ in 0..ACCEPT_BATCH {
+            let (stream, peer) = match self.listener.accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                    ) =>
+                {
+                    continue
+                }
+                // Out of descriptors: what we hold ages out; try again on the next wake-up.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    tracing::warn!(error = %e, "accept failed: out of file descriptors");
+                    return Ok(());
+                }
+                Err(e) => return Err(Error::os("accept", e)),
+            };
+            let from_source = self.held_from(peer.ip()) + also_held(peer.ip());
+            if from_source >= self.limits.max_per_source {
+                dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, held = from_source, "refused a connection: too many from this address");
+                continue;
+            }
+            if self.pending.len() >= self.limits.max_pending {
+                // The oldest is the likeliest to be stalling on purpose.
+                if let Some(oldest) =
+                    (0..self.pending.len()).min_by_key(|&i| self.pending[i].deadline)
+                {
+                    let p = self.pending.swap_remove(oldest);
+                    dropped.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(peer = %p.peer, "dropped the oldest pending connection: listener full");
+                }
+            }
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            self.pending.push(Pending {
+                stream,
+                peer,
+                buf: Vec::with_capacity(framing.header_len()),
+                need: framing.header_len(),
+                header_done: false,
+                deadline: Instant::now() + self.limits.hello_timeout,
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads what has arrived on pending connection `i`.
+    fn read_some(&mut self, i: usize, framing: &dyn Framing) -> Step {
+        let p = &mut self.pending[i];
+        loop {
+            let have = p.buf.len();
+            p.buf.resize(p.need, 0);
+            let r = p.stream.read(&mut p.buf[have..]);
+            let got = match r {
+                Ok(0) => {
+                    p.buf.truncate(have);
+                    return Step::Drop("the peer closed during its hello".into());
+                }
+                Ok(n) => n,
+                Err(e) => {
+                    p.buf.truncate(have);
+                    return match e.kind() {
+                        io::ErrorKind::WouldBlock => Step::More,
+                        io::ErrorKind::Interrupted => continue,
+                        _ => Step::Drop(format!("reading its hello: {e}")),
+                    };
+                }
+            };
+            p.buf.truncate(have + got);
+            if p.buf.len() < p.need {
+                continue;
+            }
+            if p.header_done {
+                return Step::Complete;
+            }
+            match framing.body_len(&p.buf) {
+                Ok(0) => return Step::Complete,
+                Ok(n) => {
+                    p.header_done = true;
+                    p.need += n;
+                }
+                Err(refusal) => {
+                    if let Some(reply) = refusal.reply {
+                        // Best effort: the socket is fresh, the reply small.
+                        let _ = p.stream.write(&reply);
+                    }
+                    return Step::Drop(refusal.reason);
+                }
+            }
+        }
+    }
+}
+
+enum Step {
+    More,
+    Complete,
+    Drop(String),
+}
