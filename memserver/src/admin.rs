@@ -224,6 +224,8 @@ struct Status {
     donor: crate::DonorStats,
     provider: String,
     sessions: Vec<SessionStatus>,
+    /// Data-connection tokens issued and not yet used or expired.
+    data_tokens: usize,
     transport: rmem_transport::TargetStats,
 }
 
@@ -244,6 +246,7 @@ async fn status(State(inner): State<Arc<Inner>>) -> Json<impl Serialize> {
         donor: inner.stats(None),
         provider: inner.ctx.provider().to_string(),
         sessions,
+        data_tokens: inner.data_tokens(),
         transport: inner.ctx.stats(),
     })
 }

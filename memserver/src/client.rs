@@ -127,6 +127,8 @@ pub struct Client {
     slab_size: u64,
     lease: Duration,
     data: Mutex<DataPath>,
+    /// Where the data queue pair connected (the donor's data listener).
+    data_addr: SocketAddr,
 }
 
 const BOUNCE: usize = 1 << 20;
@@ -265,11 +267,16 @@ impl Client {
             slab_size,
             lease: Duration::from_millis(lease_ms),
             data: Mutex::new(data),
+            data_addr,
         })
     }
 
     pub fn session(&self) -> &str {
         &self.session
+    }
+    /// The donor's data listener, where the one-sided queue pair connects.
+    pub fn data_addr(&self) -> SocketAddr {
+        self.data_addr
     }
     pub fn slab_size(&self) -> u64 {
         self.slab_size

@@ -85,6 +85,8 @@ pub struct ServerConfig {
     pub exports: Vec<crate::nbd::ExportConfig>,
     /// Taking memory back from clients.
     pub reclaim: ReclaimConfig,
+    /// The data listener every session's queue pair connects to, and its bounds.
+    pub data: crate::data::DataConfig,
 }
 
 /// How the donor takes memory back: on `rmem server shrink`, and on its own when its host is
@@ -146,6 +148,7 @@ impl Default for ServerConfig {
             nbd_listen: "127.0.0.1:10809".parse().expect("literal address"),
             exports: Vec::new(),
             reclaim: ReclaimConfig::default(),
+            data: crate::data::DataConfig::default(),
         }
     }
 }
@@ -187,6 +190,7 @@ impl ServerConfig {
 
     /// Checks the numbers fit together.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.data.validate().map_err(ConfigError::Invalid)?;
         let (size, slab) = (self.size.0, self.slab_size.0);
         if slab < 4096 || slab % 4096 != 0 {
             return Err(ConfigError::Invalid(format!(

@@ -10,6 +10,7 @@ mod admin;
 mod auth;
 mod client;
 pub mod config;
+mod data;
 mod nbd;
 pub mod nbd_wire;
 mod pool;
@@ -19,6 +20,8 @@ mod server;
 
 pub use admin::Amount;
 pub use auth::admin_authorization;
+/// For tools that speak the control protocol ([`protocol`]) themselves.
+pub use auth::{client_proof, nonce};
 pub use client::{Client, ClientConfig, ClientError, Notice};
 pub use config::{ByteSize, ServerConfig};
 pub use nbd::ExportConfig;

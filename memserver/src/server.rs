@@ -12,8 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rand::Rng;
-use rmem_transport::{open, Access, Context, Mr, OpenOptions, Pd, Qp, QpConfig};
+use rmem_transport::{open, Access, Context, Mr, OpenOptions, Pd, Qp};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
 
@@ -26,7 +25,6 @@ use crate::protocol::{
 };
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-const DATA_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Start-up failures.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +66,20 @@ impl Session {
     }
 }
 
+impl crate::data::DataSession for Session {
+    fn id(&self) -> u64 {
+        self.id
+    }
+    fn pd(&self) -> &Pd {
+        &self.pd
+    }
+    fn install(&self, qp: Qp) {
+        // A replaced queue pair is shut down when it drops here.
+        let old = lock(&self.qp).replace(qp);
+        drop(old);
+    }
+}
+
 /// What a shrink did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ShrinkReport {
@@ -95,6 +107,8 @@ pub(crate) struct Inner {
     pub(crate) cfg: ServerConfig,
     pub(crate) secret: Vec<u8>,
     pub(crate) ctx: Context,
+    /// Where every session's data queue pair connects.
+    data: crate::data::DataPlane,
     pool: Mutex<Pool>,
     sessions: Mutex<HashMap<u64, Arc<Session>>>,
     next_session: AtomicU64,
@@ -165,6 +179,7 @@ impl Server {
             provider = %ctx.provider(),
             "donor ready"
         );
+        let data = crate::data::DataPlane::start(&ctx, cfg.listen.ip(), &cfg.data)?;
         let admin = match cfg.admin_listen {
             Some(addr) => Some(
                 TcpListener::bind(addr)
@@ -179,6 +194,7 @@ impl Server {
                 cfg,
                 secret,
                 ctx,
+                data,
                 pool: Mutex::new(pool),
                 sessions: Mutex::new(HashMap::new()),
                 next_session: AtomicU64::new(1),
@@ -438,37 +454,6 @@ impl Control {
     }
 }
 
-/// Accepts the session's data queue pair: only one carrying the session's token.
-fn accept_data(l: rmem_transport::Listener, session: Arc<Session>, token: String) {
-    let Ok(cq) = session.pd.context().create_cq(64) else {
-        return;
-    };
-    let cfg = QpConfig::new(&session.pd, &cq);
-    let deadline = Instant::now() + DATA_CONNECT_TIMEOUT;
-    while Instant::now() < deadline {
-        match l.accept(
-            &cfg,
-            b"",
-            Some(deadline.saturating_duration_since(Instant::now())),
-        ) {
-            Ok(c) if c.private == token.as_bytes() => {
-                // A replaced queue pair is shut down when it drops here.
-                let old = lock(&session.qp).replace(c.qp);
-                drop(old);
-                return;
-            }
-            Ok(_) => tracing::warn!(
-                session = session.id,
-                "data connection with a wrong token refused"
-            ),
-            Err(e) => {
-                tracing::info!(session = session.id, error = %e, "no data connection");
-                return;
-            }
-        }
-    }
-}
-
 async fn requests(
     inner: &Arc<Inner>,
     session: &Arc<Session>,
@@ -607,23 +592,28 @@ impl Inner {
         Ok(s)
     }
 
-    /// Opens a one-shot listener for the session's data queue pair on `ip` (the address the
-    /// client reached us on) and returns its address and the token the connection must carry.
+    /// The data listener's address on `ip` (the address the client reached us on) and a fresh
+    /// token for the session's next data connection.
     fn open_data(
         &self,
         s: &Arc<Session>,
         ip: std::net::IpAddr,
     ) -> rmem_transport::Result<(SocketAddr, String)> {
-        let token = hex::encode(rand::rng().random::<[u8; 16]>());
-        let l = self.ctx.listen(SocketAddr::new(ip, 0))?;
-        let addr = l.local_addr();
-        let (session, t) = (s.clone(), token.clone());
-        tokio::task::spawn_blocking(move || accept_data(l, session, t));
-        Ok((addr, token))
+        let session: Arc<dyn crate::data::DataSession> = s.clone();
+        Ok((
+            SocketAddr::new(ip, self.data.port()),
+            self.data.issue(&session),
+        ))
+    }
+
+    /// Live data-connection tokens over all sessions.
+    pub(crate) fn data_tokens(&self) -> usize {
+        self.data.live_tokens()
     }
 
     fn drop_session(&self, s: &Session) {
         lock(&self.sessions).remove(&s.id);
+        self.data.revoke(s.id);
     }
 
     /// Closes the data queue pair and takes every slab back (deregistered, then zeroed).
@@ -631,6 +621,7 @@ impl Inner {
         if lock(&self.sessions).remove(&s.id).is_none() {
             return;
         }
+        self.data.revoke(s.id);
         if let Some(qp) = lock(&s.qp).take() {
             qp.shutdown();
         }

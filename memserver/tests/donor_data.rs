@@ -1,0 +1,189 @@
+//! The donor's data listener against hostile peers: a data connection without its session's
+//! token reaches nothing, and a flood of `reconnect`s costs the donor no threads or descriptors.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rmem_memserver::protocol::{read_frame, write_msg, ClientMsg, ServerMsg, VERSION};
+use rmem_memserver::{ByteSize, Client, ClientConfig, Server, ServerConfig};
+use rmem_transport::tcp::wire::{Hello, HelloKind, ReqOp, Request, HELLO_LEN};
+use rmem_transport::HugePages;
+
+const SECRET: &[u8] = b"a shared secret for tests";
+
+async fn donor(slabs: u64) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let mut cfg = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        size: ByteSize(slabs << 20),
+        slab_size: ByteSize(1 << 20),
+        hugepages: HugePages::Never,
+        ..Default::default()
+    };
+    cfg.reclaim.pressure = false;
+    let server = Server::bind(cfg, SECRET.to_vec()).await.unwrap();
+    let addr = server.local_addr();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(server.run(async {
+        let _ = rx.await;
+    }));
+    (addr, tx)
+}
+
+async fn client(addr: SocketAddr, name: &str) -> Client {
+    let mut c = ClientConfig::new(addr, SECRET.to_vec());
+    c.name = name.into();
+    Client::connect(c).await.unwrap()
+}
+
+fn hello(kind: HelloKind, private: &[u8]) -> Vec<u8> {
+    let mut v = Hello {
+        kind,
+        conn_id: [0x77; 16],
+        private_len: private.len() as u16,
+        status: 0,
+    }
+    .encode()
+    .to_vec();
+    v.extend_from_slice(private);
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_connection_with_a_wrong_token_reaches_nothing() {
+    let (addr, _stop) = donor(2).await;
+    let alice = Arc::new(client(addr, "alice").await);
+    let slab = alice.alloc(1).await.unwrap()[0];
+    let a = alice.clone();
+    tokio::task::spawn_blocking(move || a.write(&slab, 0, b"alice's data").unwrap())
+        .await
+        .unwrap();
+    let data_addr = alice.data_addr();
+    // A peer that knows the data listener and alice's descriptor, but not a token: a WRITE
+    // and a READ pipelined behind a hello with a made-up token.
+    let reply = tokio::task::spawn_blocking(move || {
+        let mut p = TcpStream::connect(data_addr).unwrap();
+        let mut bytes = hello(HelloKind::Primary, "00".repeat(16).as_bytes());
+        for (seq, op, len) in [(0, ReqOp::Write, 12u32), (1, ReqOp::Read, 12)] {
+            bytes.extend(
+                Request {
+                    op,
+                    len,
+                    seq,
+                    rkey: slab.remote.rkey,
+                    addr: slab.remote.addr,
+                    arg0: 0,
+                    arg1: 0,
+                }
+                .encode(),
+            );
+            if op == ReqOp::Write {
+                bytes.extend_from_slice(b"overwritten!");
+            }
+        }
+        p.write_all(&bytes).unwrap();
+        let mut s = TcpStream::connect(data_addr).unwrap();
+        s.write_all(&hello(HelloKind::Secondary, b"")).unwrap();
+        p.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut all = Vec::new();
+        let _ = p.read_to_end(&mut all);
+        all
+    })
+    .await
+    .unwrap();
+    assert!(reply.len() >= HELLO_LEN, "no answer: {reply:?}");
+    let h = Hello::decode(reply[..HELLO_LEN].try_into().unwrap()).unwrap();
+    assert_eq!(h.kind, HelloKind::Reject);
+    assert_eq!(reply.len(), HELLO_LEN, "data followed the refusal");
+    let a = alice.clone();
+    let back = tokio::task::spawn_blocking(move || {
+        let mut b = [0u8; 12];
+        a.read(&slab, 0, &mut b).unwrap();
+        b
+    })
+    .await
+    .unwrap();
+    assert_eq!(&back, b"alice's data");
+}
+
+fn threads_and_fds() -> (usize, usize) {
+    let threads = std::fs::read_dir("/proc/self/task").unwrap().count();
+    let fds = std::fs::read_dir("/proc/self/fd").unwrap().count();
+    (threads, fds)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_flood_costs_no_threads_descriptors_or_other_clients_time() {
+    let (addr, _stop) = donor(8).await;
+    let bob = client(addr, "bob").await;
+    bob.alloc(1).await.unwrap();
+    let before = threads_and_fds();
+    // An authenticated session that asks for 600 data connections and makes none.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let nonce_c = rmem_memserver::nonce();
+    write_msg(
+        &mut s,
+        &ClientMsg::Hello {
+            version: VERSION,
+            client: "flood".into(),
+            nonce: nonce_c.clone(),
+        },
+    )
+    .await
+    .unwrap();
+    let nonce_s = match serde_json::from_slice(&read_frame(&mut s).await.unwrap()).unwrap() {
+        ServerMsg::Challenge { nonce, .. } => nonce,
+        m => panic!("{m:?}"),
+    };
+    let mac = rmem_memserver::client_proof(SECRET, &nonce_s, &nonce_c, "flood");
+    write_msg(&mut s, &ClientMsg::Auth { mac }).await.unwrap();
+    let m: ServerMsg = serde_json::from_slice(&read_frame(&mut s).await.unwrap()).unwrap();
+    assert!(matches!(m, ServerMsg::Welcome { .. }), "{m:?}");
+    let mut tokens = Vec::new();
+    for id in 0..600 {
+        write_msg(&mut s, &ClientMsg::Reconnect { id })
+            .await
+            .unwrap();
+        match serde_json::from_slice(&read_frame(&mut s).await.unwrap()).unwrap() {
+            ServerMsg::Reconnect { data_token, .. } => tokens.push(data_token),
+            m => panic!("{m:?}"),
+        }
+    }
+    let after = threads_and_fds();
+    assert!(
+        after.0 <= before.0 + 2 && after.1 <= before.1 + 4,
+        "600 reconnects: threads and fds {before:?} -> {after:?}"
+    );
+    // Another client is served at once.
+    let start = Instant::now();
+    bob.alloc(1).await.unwrap();
+    let carol = client(addr, "carol").await;
+    carol.alloc(1).await.unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "others waited {:?}",
+        start.elapsed()
+    );
+    // Only the newest few tokens are live: an old one is refused.
+    let cfg = ClientConfig::new(addr, SECRET.to_vec());
+    let data_addr = carol.data_addr();
+    let old = tokens[0].clone();
+    let refused = tokio::task::spawn_blocking(move || {
+        let ctx = rmem_transport::open(&rmem_transport::OpenOptions::new(cfg.provider)).unwrap();
+        let pd = ctx.alloc_pd().unwrap();
+        let cq = ctx.create_cq(4).unwrap();
+        ctx.connect(
+            data_addr,
+            &rmem_transport::QpConfig::new(&pd, &cq),
+            old.as_bytes(),
+        )
+        .err()
+    })
+    .await
+    .unwrap();
+    assert!(
+        matches!(refused, Some(rmem_transport::Error::Handshake(ref m)) if m.contains("refused")),
+        "{refused:?}"
+    );
+}
