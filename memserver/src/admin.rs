@@ -154,6 +154,12 @@ async fn metrics(State(inner): State<Arc<Inner>>) -> impl IntoResponse {
         c.auth_failures.load(Ordering::Relaxed),
     );
     m(
+        "rmem_donor_connections_refused_total",
+        "counter",
+        "Control connections closed at once for being over a limit.",
+        c.connections_refused.load(Ordering::Relaxed),
+    );
+    m(
         "rmem_donor_bad_requests_total",
         "counter",
         "Malformed or refused requests.",

@@ -87,6 +87,28 @@ pub struct ServerConfig {
     pub reclaim: ReclaimConfig,
     /// The data listener every session's queue pair connects to, and its bounds.
     pub data: crate::data::DataConfig,
+    /// Bounds on the control port.
+    pub control: ControlConfig,
+}
+
+/// Bounds on the control port: connections open at once, in total and per source address,
+/// and the time a new connection has to authenticate.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    pub max_connections: usize,
+    pub max_per_source: usize,
+    pub handshake_timeout_ms: u64,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            max_connections: 4096,
+            max_per_source: 256,
+            handshake_timeout_ms: 10_000,
+        }
+    }
 }
 
 /// How the donor takes memory back: on `rmem server shrink`, and on its own when its host is
@@ -149,6 +171,7 @@ impl Default for ServerConfig {
             exports: Vec::new(),
             reclaim: ReclaimConfig::default(),
             data: crate::data::DataConfig::default(),
+            control: ControlConfig::default(),
         }
     }
 }
@@ -191,6 +214,13 @@ impl ServerConfig {
     /// Checks the numbers fit together.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.data.validate().map_err(ConfigError::Invalid)?;
+        let c = &self.control;
+        if c.max_connections == 0 || c.max_per_source == 0 || c.handshake_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "[control] max_connections, max_per_source and handshake_timeout_ms must be above 0"
+                    .into(),
+            ));
+        }
         let (size, slab) = (self.size.0, self.slab_size.0);
         if slab < 4096 || slab % 4096 != 0 {
             return Err(ConfigError::Invalid(format!(

@@ -10,6 +10,7 @@ mod admin;
 mod auth;
 mod client;
 pub mod config;
+mod conn_limit;
 mod data;
 mod nbd;
 pub mod nbd_wire;

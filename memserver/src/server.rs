@@ -18,13 +18,12 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::auth;
 use crate::config::ServerConfig;
+use crate::conn_limit::ConnLimit;
 use crate::pool::Pool;
 use crate::protocol::{
     decode, read_frame, write_msg, ClientMsg, DonorStats, ErrorCode, FrameError, ServerMsg,
     SlabGrant, MAX_SLABS_PER_REQUEST, VERSION,
 };
-
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Start-up failures.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +100,8 @@ pub(crate) struct Counters {
     pub(crate) slabs_freed: AtomicU64,
     pub(crate) leases_expired: AtomicU64,
     pub(crate) slabs_reclaimed: AtomicU64,
+    /// Connections closed at once for being over a limit.
+    pub(crate) connections_refused: AtomicU64,
 }
 
 pub(crate) struct Inner {
@@ -251,13 +252,24 @@ impl Server {
             .take()
             .map(|l| tokio::spawn(crate::admin::serve(l, self.inner.clone())));
         tokio::pin!(shutdown);
+        let ctl = &self.inner.cfg.control;
+        let limit = ConnLimit::new(ctl.max_connections, ctl.max_per_source);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
                 r = self.listener.accept() => match r {
                     Ok((s, peer)) => {
+                        let permit = match limit.admit(peer.ip()) {
+                            Ok(p) => p,
+                            Err(full) => {
+                                self.inner.counters.connections_refused.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(%peer, "control connection refused: {full}");
+                                continue;
+                            }
+                        };
                         let inner = self.inner.clone();
                         tokio::spawn(async move {
+                            let _permit = permit;
                             if let Err(e) = serve(inner, s, peer).await {
                                 tracing::info!(%peer, error = %e, "client connection ended");
                             }
@@ -316,7 +328,8 @@ fn error(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> Server
 
 async fn serve(inner: Arc<Inner>, mut s: TcpStream, peer: SocketAddr) -> Result<(), FrameError> {
     s.set_nodelay(true)?;
-    let session = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&inner, &mut s)).await {
+    let limit = Duration::from_millis(inner.cfg.control.handshake_timeout_ms);
+    let session = match tokio::time::timeout(limit, handshake(&inner, &mut s)).await {
         Ok(Ok(Some(session))) => session,
         Ok(Ok(None)) => return Ok(()),
         Ok(Err(e)) => return Err(e),

@@ -1,5 +1,6 @@
-//! The donor's data listener against hostile peers: a data connection without its session's
-//! token reaches nothing, and a flood of `reconnect`s costs the donor no threads or descriptors.
+//! The donor's listeners against hostile peers: a data connection without its session's token
+//! reaches nothing, a flood of `reconnect`s costs the donor no threads or descriptors, and idle
+//! or numerous control connections are bounded.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -14,6 +15,13 @@ use rmem_transport::HugePages;
 const SECRET: &[u8] = b"a shared secret for tests";
 
 async fn donor(slabs: u64) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    donor_with(slabs, |_| {}).await
+}
+
+async fn donor_with(
+    slabs: u64,
+    tune: impl FnOnce(&mut ServerConfig),
+) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let mut cfg = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         size: ByteSize(slabs << 20),
@@ -22,6 +30,7 @@ async fn donor(slabs: u64) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
         ..Default::default()
     };
     cfg.reclaim.pressure = false;
+    tune(&mut cfg);
     let server = Server::bind(cfg, SECRET.to_vec()).await.unwrap();
     let addr = server.local_addr();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -186,4 +195,50 @@ async fn a_reconnect_flood_costs_no_threads_descriptors_or_other_clients_time() 
         matches!(refused, Some(rmem_transport::Error::Handshake(ref m)) if m.contains("refused")),
         "{refused:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_connections_are_bounded_per_address_and_idle_ones_time_out() {
+    let (addr, _stop) = donor_with(2, |c| {
+        c.control.max_per_source = 4;
+        c.control.handshake_timeout_ms = 500;
+    })
+    .await;
+    let start = Instant::now();
+    let conns: Vec<TcpStream> = (0..10).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    // Each connection is watched by its own thread: when did the donor close it?
+    let watchers: Vec<_> = conns
+        .into_iter()
+        .map(|mut s| {
+            std::thread::spawn(move || {
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut b = [0u8; 1];
+                let _ = s.read(&mut b);
+                start.elapsed()
+            })
+        })
+        .collect();
+    let ended = tokio::task::spawn_blocking(move || {
+        watchers
+            .into_iter()
+            .map(|w| w.join().unwrap())
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let at_once = ended
+        .iter()
+        .filter(|t| **t < Duration::from_millis(400))
+        .count();
+    assert_eq!(
+        at_once, 6,
+        "beyond 4 per address, closed at once: {ended:?}"
+    );
+    assert!(
+        ended.iter().all(|t| *t < Duration::from_secs(3)),
+        "idle connections outlived the handshake deadline: {ended:?}"
+    );
+    // The places are free again.
+    let c = client(addr, "after").await;
+    assert_eq!(c.alloc(1).await.unwrap().len(), 1);
 }
