@@ -211,6 +211,8 @@ fn accept_loop(
     stop: Arc<AtomicBool>,
     ttl: Duration,
 ) {
+    // Refusals are summed up in one warning at most every 10 s: a flood must not flood the log.
+    let (mut refused, mut last_warn) = (0u64, None);
     while !stop.load(Ordering::Relaxed) {
         let req = match listener.incoming(Some(STOP_POLL)) {
             Ok(r) => r,
@@ -229,7 +231,13 @@ fn accept_loop(
             t.live.remove(k)
         });
         let Some(session) = grant.and_then(|g| g.session.upgrade()) else {
-            tracing::warn!(%peer, "data connection with an unknown or used token refused");
+            refused += 1;
+            tracing::debug!(%peer, "data connection with an unknown or used token refused");
+            if last_warn.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10)) {
+                tracing::warn!(count = refused, last_peer = %peer, "data connections with an unknown or used token refused");
+                refused = 0;
+                last_warn = Some(Instant::now());
+            }
             req.reject();
             continue;
         };

@@ -94,6 +94,39 @@ pub(crate) struct Gate {
     listener: TcpListener,
     limits: ListenLimits,
     pending: Vec<Pending>,
+    log: DropLog,
+}
+
+/// Each dropped attempt is logged at debug level; a warning sums them up at most every
+/// [`DropLog::EVERY`], so a flood of bad connections does not flood the log as well.
+#[derive(Default)]
+struct DropLog {
+    since: u64,
+    last: Option<Instant>,
+}
+
+impl DropLog {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn note(&mut self, dropped: &AtomicU64, peer: SocketAddr, why: &str) {
+        dropped.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(%peer, reason = why, "dropped a connection attempt");
+        self.since += 1;
+        let now = Instant::now();
+        if self
+            .last
+            .is_none_or(|t| now.duration_since(t) >= Self::EVERY)
+        {
+            tracing::warn!(
+                count = self.since,
+                last_peer = %peer,
+                last_reason = why,
+                "dropped connection attempts (slow, malformed or over a limit)"
+            );
+            self.since = 0;
+            self.last = Some(now);
+        }
+    }
 }
 
 impl Gate {
@@ -107,6 +140,7 @@ impl Gate {
             listener,
             limits,
             pending: Vec::new(),
+            log: DropLog::default(),
         })
     }
 
@@ -139,15 +173,16 @@ impl Gate {
         let deadline = Deadline::after(timeout);
         loop {
             let now = Instant::now();
-            let before = self.pending.len();
-            self.pending.retain(|p| {
-                let alive = p.deadline > now;
-                if !alive {
-                    tracing::warn!(peer = %p.peer, "dropped a connection whose hello did not arrive in time");
+            let mut i = 0;
+            while i < self.pending.len() {
+                if self.pending[i].deadline <= now {
+                    let p = self.pending.swap_remove(i);
+                    self.log
+                        .note(dropped, p.peer, "its hello did not arrive in time");
+                } else {
+                    i += 1;
                 }
-                alive
-            });
-            dropped.fetch_add((before - self.pending.len()) as u64, Ordering::Relaxed);
+            }
             let left = deadline.remaining()?;
             let next_expiry = self
                 .pending
@@ -172,13 +207,12 @@ impl Gate {
                     Step::More => {}
                     Step::Drop(why) => {
                         let p = self.pending.swap_remove(i);
-                        dropped.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(peer = %p.peer, reason = %why, "dropped a connection attempt");
+                        self.log.note(dropped, p.peer, &why);
                     }
                     Step::Complete => {
                         let p = self.pending.swap_remove(i);
                         if let Err(e) = p.stream.set_nonblocking(false) {
-                            tracing::warn!(peer = %p.peer, error = %e, "dropped a connection attempt");
+                            self.log.note(dropped, p.peer, &e.to_string());
                             continue;
                         }
                         return Ok(Arrival {
@@ -217,14 +251,16 @@ impl Gate {
                 // Out of descriptors: what we hold ages out; try again on the next wake-up.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
                     tracing::warn!(error = %e, "accept failed: out of file descriptors");
+                    // The backlog stays readable: do not spin on it.
+                    std::thread::sleep(Duration::from_millis(20));
                     return Ok(());
                 }
                 Err(e) => return Err(Error::os("accept", e)),
             };
             let from_source = self.held_from(peer.ip()) + also_held(peer.ip());
             if from_source >= self.limits.max_per_source {
-                dropped.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%peer, held = from_source, "refused a connection: too many from this address");
+                self.log
+                    .note(dropped, peer, "too many connections from its address");
                 continue;
             }
             if self.pending.len() >= self.limits.max_pending {
@@ -233,8 +269,11 @@ impl Gate {
                     (0..self.pending.len()).min_by_key(|&i| self.pending[i].deadline)
                 {
                     let p = self.pending.swap_remove(oldest);
-                    dropped.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(peer = %p.peer, "dropped the oldest pending connection: listener full");
+                    self.log.note(
+                        dropped,
+                        p.peer,
+                        "the oldest pending one, the listener is full",
+                    );
                 }
             }
             if stream.set_nonblocking(true).is_err() {

@@ -237,7 +237,7 @@ impl Pairing {
                 (None, None) => return,
             };
             if let Some(h) = table.remove(&id) {
-                tracing::warn!(peer = %h.peer, "too many half-open connections; dropped the oldest");
+                tracing::debug!(peer = %h.peer, "too many half-open connections; dropped the oldest");
             }
             dropped.fetch_add(1, Ordering::Relaxed);
         }
