@@ -7,11 +7,20 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::api::{DeviceInfo, Provider, QpCaps, TargetStats};
 use crate::gate::ListenLimits;
 use crate::memory::Region;
 use crate::mr::Registration;
+use crate::types::{DeviceInfo, Provider, QpCaps, TargetStats};
 use crate::{Access, Completion, RecvWr, Result, SendWr};
+
+/// A compiled-in provider, as `open` sees it: whether it can run on this host, and how to open
+/// a context on it. Each provider module exports one as `PROBE`.
+pub(crate) struct Probe {
+    pub(crate) provider: Provider,
+    /// `Ok` where the provider can run on this host, else why not.
+    pub(crate) available: fn() -> Result<()>,
+    pub(crate) open: fn(&crate::types::OpenOptions) -> Result<Arc<dyn ContextOps>>,
+}
 
 pub(crate) trait ContextOps: Send + Sync {
     fn provider(&self) -> Provider;

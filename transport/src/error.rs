@@ -6,8 +6,6 @@
 
 use std::io;
 
-use crate::tcp::wire::WireError;
-
 /// Result alias used across the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -56,9 +54,10 @@ pub enum Error {
     /// The out-of-band connection exchange failed.
     #[error("connection handshake failed: {0}")]
     Handshake(String),
-    /// The peer spoke something other than the rmem wire protocol.
+    /// The peer broke its provider's wire protocol; the source says how (each provider converts
+    /// its own decoding errors into this).
     #[error("wire protocol violation")]
-    Protocol(#[from] WireError),
+    Protocol(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// A deadline passed.
     #[error("timed out after {0:?}")]
     Timeout(std::time::Duration),

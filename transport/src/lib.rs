@@ -40,21 +40,24 @@ mod error;
 mod gate;
 mod memory;
 mod mr;
+mod open;
 mod remote;
 pub mod tcp;
+mod types;
 #[cfg(feature = "verbs")]
 pub mod verbs;
 mod wait;
 mod wr;
 
 pub use access::Access;
-pub use api::{
-    open, Connected, Context, Cq, DeviceInfo, Incoming, Listener, OpenOptions, Pd, PollMode,
-    Provider, Qp, QpCaps, QpConfig, TargetStats, MAX_PRIVATE_DATA,
-};
+pub use api::{Connected, Context, Cq, Incoming, Listener, Pd, Qp, QpConfig};
 pub use error::{Error, Result};
 pub use gate::ListenLimits;
 pub use memory::{Buffer, HugePages};
-pub use mr::Mr;
+pub use mr::{Mr, Sge};
+pub use open::{open, providers};
 pub use remote::{RemoteAddr, RemoteBuf};
-pub use wr::{Completion, Op, RecvWr, SendWr, Sge, WcOpcode, WcStatus};
+pub use types::{
+    DeviceInfo, OpenOptions, PollMode, Provider, QpCaps, TargetStats, MAX_PRIVATE_DATA,
+};
+pub use wr::{Completion, Op, RecvWr, SendWr, WcOpcode, WcStatus};

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::memory::Region;
-use crate::{Access, Error, RemoteBuf, Result, Sge};
+use crate::{Access, Error, RemoteBuf, Result};
 
 /// What a provider returns for a registration; dropping `guard` deregisters.
 pub(crate) struct Registration {
@@ -165,6 +165,43 @@ impl Mr {
     /// Raw address of `offset` (the caller has bounds-checked).
     pub(crate) fn addr_at(&self, offset: usize) -> u64 {
         self.0.region.ptr() as u64 + offset as u64
+    }
+}
+
+/// A scatter-gather element: `len` bytes at `offset` inside a registered region.
+#[derive(Clone, Copy)]
+pub struct Sge<'a> {
+    pub(crate) mr: &'a Mr,
+    pub(crate) offset: usize,
+    pub(crate) len: u32,
+}
+
+impl std::fmt::Debug for Sge<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sge")
+            .field("lkey", &self.mr.lkey())
+            .field("offset", &self.offset)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl<'a> Sge<'a> {
+    /// Length in bytes.
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+    /// True for a zero-length element.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Offset into the region.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+    /// The region this element points into.
+    pub fn mr(&self) -> &'a Mr {
+        self.mr
     }
 }
 

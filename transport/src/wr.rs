@@ -1,47 +1,11 @@
 //! Work requests and completions.
 //!
-//! A [`SendWr`] names local memory through [`Sge`]s that borrow their [`Mr`]; the provider keeps
+//! A [`SendWr`] names local memory through [`Sge`]s that borrow their [`Mr`](crate::Mr); the provider keeps
 //! the region alive until the request completes, so registered memory always outlives the work
 //! that uses it.
 
-use crate::{mr::Mr, remote::RemoteAddr, Access, Error, Result};
-
-/// A scatter-gather element: `len` bytes at `offset` inside a registered region.
-#[derive(Clone, Copy)]
-pub struct Sge<'a> {
-    pub(crate) mr: &'a Mr,
-    pub(crate) offset: usize,
-    pub(crate) len: u32,
-}
-
-impl std::fmt::Debug for Sge<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sge")
-            .field("lkey", &self.mr.lkey())
-            .field("offset", &self.offset)
-            .field("len", &self.len)
-            .finish()
-    }
-}
-
-impl<'a> Sge<'a> {
-    /// Length in bytes.
-    pub fn len(&self) -> u32 {
-        self.len
-    }
-    /// True for a zero-length element.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-    /// Offset into the region.
-    pub fn offset(&self) -> usize {
-        self.offset
-    }
-    /// The region this element points into.
-    pub fn mr(&self) -> &'a Mr {
-        self.mr
-    }
-}
+use crate::mr::Sge;
+use crate::{remote::RemoteAddr, Access, Error, Result};
 
 /// What a send-queue work request does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

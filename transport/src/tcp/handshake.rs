@@ -59,7 +59,7 @@ impl From<HelloError> for Error {
     fn from(e: HelloError) -> Error {
         match e {
             HelloError::Io(e) => Error::os("receive hello", e),
-            HelloError::Wire(e) => Error::Protocol(e),
+            HelloError::Wire(e) => e.into(),
         }
     }
 }
@@ -271,7 +271,7 @@ impl Pairing {
             )?;
             let (hello, private) = a.hello.split_at(HELLO_LEN);
             let hello = Hello::decode(hello.try_into().expect("the gate read a whole header"))
-                .map_err(Error::Protocol)?;
+                .map_err(Error::from)?;
             self.make_room(&stats.protocol_errors);
             let half = Half {
                 stream: a.stream,

@@ -20,11 +20,11 @@ use std::time::Duration;
 
 use rand::Rng;
 
-use crate::api::{DeviceInfo, Provider, TargetStats};
 use crate::backend::{ContextOps, CqOps, IncomingOps, ListenerOps, PdOps, QpOps, QpSpec};
 use crate::gate::{Gate, ListenLimits};
 use crate::memory::Region;
 use crate::mr::Registration;
+use crate::types::{DeviceInfo, Provider, TargetStats};
 use crate::{Access, Error, Result};
 
 pub(crate) use cq::TcpCq;
@@ -41,6 +41,13 @@ pub(crate) struct Counters {
     pub(crate) protocol_errors: AtomicU64,
     pub(crate) rnr_naks: AtomicU64,
 }
+
+/// The tcp provider's probe: it runs wherever TCP does.
+pub(crate) const PROBE: crate::backend::Probe = crate::backend::Probe {
+    provider: Provider::Tcp,
+    available: || Ok(()),
+    open: |_| Ok(Arc::new(TcpContext::new())),
+};
 
 pub(crate) struct TcpContext {
     stats: Arc<Counters>,

@@ -18,9 +18,9 @@ use super::cq::TcpCq;
 use super::sock::{self, iovec};
 use super::wire::{ReqOp, Request, RespKind, Response, MAX_MSG, REQUEST_LEN, RESPONSE_LEN};
 use super::{Counters, TcpPd};
-use crate::api::QpCaps;
 use crate::backend::QpOps;
 use crate::mr::HeldSge;
+use crate::types::QpCaps;
 use crate::{Completion, Error, Op, RecvWr, Result, SendWr, WcOpcode, WcStatus};
 
 type Segs = SmallVec<[HeldSge; 4]>;

@@ -54,6 +54,12 @@ pub enum WireError {
     Invalid(&'static str),
 }
 
+impl From<WireError> for crate::Error {
+    fn from(e: WireError) -> crate::Error {
+        crate::Error::Protocol(Box::new(e))
+    }
+}
+
 /// What a hello says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -116,11 +122,11 @@ impl Hello {
             return Err(WireError::Reserved);
         }
         let private_len = u16::from_le_bytes([b[24], b[25]]);
-        if usize::from(private_len) > crate::api::MAX_PRIVATE_DATA {
+        if usize::from(private_len) > crate::types::MAX_PRIVATE_DATA {
             return Err(WireError::TooLong {
                 what: "private data",
                 len: private_len.into(),
-                max: crate::api::MAX_PRIVATE_DATA as u64,
+                max: crate::types::MAX_PRIVATE_DATA as u64,
             });
         }
         Ok(Hello {

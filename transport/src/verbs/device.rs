@@ -326,6 +326,16 @@ pub(crate) struct Device {
     pub(crate) max_rd_atomic: u8,
 }
 
+/// Whether any verbs device is present (the provider's probe).
+pub(crate) fn any_device() -> Result<()> {
+    if DeviceList::get()?.len() == 0 {
+        return Err(Error::NoDevice {
+            hint: NO_DEVICE_HINT.into(),
+        });
+    }
+    Ok(())
+}
+
 impl Device {
     /// Opens the device, port and GID that `opts` asks for (see the module docs of `verbs`).
     pub(crate) fn open(opts: &OpenOptions) -> Result<Device> {

@@ -35,13 +35,20 @@ use std::time::Duration;
 
 pub use device::{devices, DeviceDesc, GidDesc, PortDesc};
 
-use crate::api::{DeviceInfo, Provider, TargetStats};
 use crate::backend::{ContextOps, CqOps, ListenerOps, PdOps, QpOps, QpSpec};
 use crate::gate::ListenLimits;
+use crate::types::{DeviceInfo, Provider, TargetStats};
 use crate::{OpenOptions, Result};
 use cq::VerbsCq;
 use device::Device;
 use pd::VerbsPd;
+
+/// The verbs provider's probe: available where libibverbs lists a device.
+pub(crate) const PROBE: crate::backend::Probe = crate::backend::Probe {
+    provider: Provider::Verbs,
+    available: device::any_device,
+    open: |opts| Ok(Arc::new(VerbsContext::open(opts)?)),
+};
 
 /// An open verbs device: the provider's context.
 pub(crate) struct VerbsContext {

@@ -18,8 +18,8 @@ use super::lock;
 use super::pd::VerbsPd;
 use super::slots::{QpState, Slot, WorkQueue, RECV_BIT};
 use super::timers::{ack_timeout_settings, rnr_settings};
-use crate::api::QpCaps;
 use crate::backend::{CqOps, QpOps, QpSpec};
+use crate::types::QpCaps;
 use crate::{Error, Op, RecvWr, Result, SendWr, Sge, WcOpcode};
 
 pub(crate) struct VerbsQp {
