@@ -15,7 +15,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use crate::server::{Control, Inner};
+use crate::donor::{Control, Inner};
 
 pub(crate) async fn serve(listener: tokio::net::TcpListener, inner: Arc<Inner>) {
     let app = Router::new()

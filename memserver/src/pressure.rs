@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::server::Control;
+use crate::donor::Control;
 
 /// `some avg10` from a PSI file's text.
 pub fn some_avg10(text: &str) -> Option<f64> {
