@@ -102,6 +102,20 @@ fn a_signed_admin_request_is_carried_out_once() {
 }
 
 #[test]
+fn a_wrong_secret_is_reported_once_with_what_to_check() {
+    let (_d, v) = donor();
+    let o = Command::new(env!("CARGO_BIN_EXE_rmem"))
+        .args(["perf", "alloc", v["listening"].as_str().unwrap(), "-n", "1"])
+        .env("RMEM_SECRET", "not the donor's secret at all")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.matches("authentication failed").count(), 1, "{err}");
+    assert!(err.contains("same shared secret"), "{err}");
+}
+
+#[test]
 fn serves_a_client_from_a_config_file_and_shuts_down_on_sigterm() {
     let dir = std::env::temp_dir().join(format!("rmem-srv-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

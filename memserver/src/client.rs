@@ -42,7 +42,8 @@ pub enum ClientError {
     Connect(#[source] std::io::Error),
     #[error("control connection")]
     Frame(#[from] FrameError),
-    #[error("authentication failed: {0}")]
+    /// The secret did not match; the text says which side's proof failed.
+    #[error("authentication failed: {0}; check that the client and the donor use the same shared secret")]
     Auth(String),
     #[error("donor refused: {message} ({code:?})")]
     Refused { code: ErrorCode, message: String },
@@ -553,11 +554,15 @@ async fn handshake(
             }
             (session, slab_size, lease_ms, data_addr, data_token)
         }
+        // The donor's message says no more than the code.
         ServerMsg::Error {
             code: ErrorCode::AuthFailed,
-            message,
             ..
-        } => return Err(ClientError::Auth(message)),
+        } => {
+            return Err(ClientError::Auth(
+                "the donor did not accept this client's proof".into(),
+            ))
+        }
         other => return Err(unexpected(other)),
     };
     let data_addr = parse_addr(&data_addr)?;
