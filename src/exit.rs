@@ -1,5 +1,9 @@
 //! Exit codes and error reporting for the command line.
 
+use std::io::ErrorKind;
+
+use rmem_memserver::protocol::FrameError;
+use rmem_memserver::ClientError;
 use rmem_transport::Error as TError;
 
 /// What the process exit status means; scripts can rely on these numbers.
@@ -33,21 +37,92 @@ impl Failed {
     }
 }
 
+/// The exit code of a transport error.
+fn transport_code(e: &TError) -> Code {
+    match e {
+        TError::NoDevice { .. }
+        | TError::DeviceNotFound(_)
+        | TError::NoGid(_)
+        | TError::ProviderUnavailable(_)
+        | TError::Unsupported(_) => Code::NoDevice,
+        TError::InvalidArgument(_) => Code::Usage,
+        TError::Timeout(_) | TError::Handshake(_) | TError::QpError => Code::Peer,
+        TError::Os { op, .. } if *op == "connect" => Code::Peer,
+        TError::Os { source, .. } if peer_kind(source.kind()).is_some() => Code::Peer,
+        _ => Code::Failure,
+    }
+}
+
+/// What an I/O error kind says about the peer, when it says something.
+fn peer_kind(k: ErrorKind) -> Option<&'static str> {
+    match k {
+        // A socket read timeout (SO_RCVTIMEO) reports EAGAIN.
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => Some("timed out: the peer did not answer"),
+        ErrorKind::ConnectionRefused => Some("connection refused: nothing listens there"),
+        ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::UnexpectedEof => {
+            Some("the peer closed the connection")
+        }
+        _ => None,
+    }
+}
+
+const CHECK_PEER: &str =
+    "check the address and port, that the peer runs there, and that no firewall drops the traffic";
+
 impl From<TError> for Failed {
     fn from(e: TError) -> Self {
-        let code = match &e {
-            TError::NoDevice { .. }
-            | TError::DeviceNotFound(_)
-            | TError::NoGid(_)
-            | TError::ProviderUnavailable(_)
-            | TError::Unsupported(_) => Code::NoDevice,
-            TError::InvalidArgument(_) => Code::Usage,
-            TError::Timeout(_) | TError::Handshake(_) | TError::QpError => Code::Peer,
-            TError::Os { op, .. } if *op == "connect" => Code::Peer,
-            _ => Code::Failure,
-        };
+        let code = transport_code(&e);
+        if let TError::Os { op, source } = &e {
+            if let Some(what) = peer_kind(source.kind()) {
+                // The OS text ("Resource temporarily unavailable") would mislead.
+                return Failed::new(code, format!("{op}: {what}; {CHECK_PEER}"));
+            }
+        }
         Failed::new(code, e)
     }
+}
+
+/// The exit code of a client library error: the donor unreachable, silent or gone is 5, a
+/// secret that does not match is a usage error.
+pub fn client_code(e: &ClientError) -> Code {
+    match e {
+        ClientError::Connect(_)
+        | ClientError::Timeout(_)
+        | ClientError::Closed
+        | ClientError::Completion(_)
+        | ClientError::Frame(FrameError::Closed | FrameError::Io(_)) => Code::Peer,
+        ClientError::Transport(t) => transport_code(t),
+        ClientError::Auth(_) => Code::Usage,
+        _ => Code::Failure,
+    }
+}
+
+/// What to check after a client error, when there is something to check.
+pub fn client_hint(e: &ClientError) -> Option<&'static str> {
+    match e {
+        ClientError::Connect(_) | ClientError::Timeout(_) => Some(
+            "check that the donor runs, that the address is its control port (rmem server \
+             --listen), and that no firewall drops the traffic",
+        ),
+        ClientError::Closed | ClientError::Frame(FrameError::Closed | FrameError::Io(_)) => {
+            Some("the donor closed the connection: its log says why")
+        }
+        ClientError::Transport(t) if transport_code(t) == Code::Peer => Some(
+            "the donor answered but its data address did not: check that the donor's host can \
+             be reached on its data ports and that both sides use the same provider",
+        ),
+        _ => None,
+    }
+}
+
+/// A client error with what it concerns (`context`, e.g. the donor's address) and what to check.
+pub fn client_failed(context: &str, e: &ClientError) -> Failed {
+    let mut msg = format!("{context}: {}", chain(e));
+    if let Some(h) = client_hint(e) {
+        msg.push_str("; ");
+        msg.push_str(h);
+    }
+    Failed::new(client_code(e), msg)
 }
 
 impl From<rmem_bench::PerfError> for Failed {

@@ -39,6 +39,82 @@ fn refuses_to_start_without_a_secret_or_with_a_bad_config() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("bad.toml"));
 }
 
+/// A donor process, killed when dropped.
+struct Donor(std::process::Child);
+
+impl Drop for Donor {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `rmem server` on loopback with 4 slabs of 1 MiB and an admin endpoint; its start-up line.
+fn donor() -> (Donor, serde_json::Value) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rmem"))
+        .args([
+            "server",
+            "--listen",
+            "127.0.0.1:0",
+            "--size",
+            "4M",
+            "--slab-size",
+            "1M",
+            "--hugepages",
+            "never",
+            "--no-pressure",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--json",
+        ])
+        .env("RMEM_SECRET", SECRET)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let v = serde_json::from_str(&line).expect("start-up line");
+    (Donor(child), v)
+}
+
+#[test]
+fn a_signed_admin_request_is_carried_out_once() {
+    let (_d, v) = donor();
+    let admin: std::net::SocketAddr = v["admin"].as_str().unwrap().parse().unwrap();
+    let body = br#"{"slabs": 1}"#;
+    let auth = rmem_memserver::admin_authorization(SECRET.as_bytes(), "POST", "/shrink", body);
+    let first = http_post(admin, "/shrink", &auth, body);
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    for _ in 0..3 {
+        let again = http_post(admin, "/shrink", &auth, body);
+        assert!(again.starts_with("HTTP/1.1 409"), "{again}");
+        assert!(again.contains("replayed"), "{again}");
+    }
+    let status = http_get(admin, "/status");
+    let st: serde_json::Value =
+        serde_json::from_str(status.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(st["slabs_retired"], 1, "{st}");
+    // A fresh signature for the same request is a new request.
+    let auth = rmem_memserver::admin_authorization(SECRET.as_bytes(), "POST", "/shrink", body);
+    assert!(http_post(admin, "/shrink", &auth, body).starts_with("HTTP/1.1 200"));
+}
+
+#[test]
+fn a_wrong_secret_is_reported_once_with_what_to_check() {
+    let (_d, v) = donor();
+    let o = Command::new(env!("CARGO_BIN_EXE_rmem"))
+        .args(["perf", "alloc", v["listening"].as_str().unwrap(), "-n", "1"])
+        .env("RMEM_SECRET", "not the donor's secret at all")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.matches("authentication failed").count(), 1, "{err}");
+    assert!(err.contains("same shared secret"), "{err}");
+}
+
 #[test]
 fn serves_a_client_from_a_config_file_and_shuts_down_on_sigterm() {
     let dir = std::env::temp_dir().join(format!("rmem-srv-{}", std::process::id()));

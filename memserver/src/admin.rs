@@ -1,6 +1,7 @@
 //! The donor's HTTP admin endpoint: Prometheus text at `/metrics`, JSON at `/status`, and
 //! `POST /shrink` / `POST /grow` to take memory back or lend it again. The POSTs must be signed
-//! with the shared secret (`auth::admin_authorization`); reading figures needs no secret.
+//! with the shared secret (`auth::admin_authorization`), and each signed request is carried
+//! out once: a replay within its minute of validity gets 409. Reading figures needs no secret.
 
 use std::fmt::Write;
 use std::sync::atomic::Ordering;
@@ -15,15 +16,29 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
+use crate::auth::{AdminNonces, AdminRefusal, ADMIN_NONCES_MAX};
 use crate::donor::{Control, Inner};
 
+/// What the signed handlers need besides the donor: the nonces already taken.
+pub(crate) struct Signed {
+    inner: Arc<Inner>,
+    nonces: AdminNonces,
+}
+
 pub(crate) async fn serve(listener: tokio::net::TcpListener, inner: Arc<Inner>) {
+    let signed = Arc::new(Signed {
+        inner: inner.clone(),
+        nonces: AdminNonces::new(ADMIN_NONCES_MAX),
+    });
+    let posts = Router::new()
+        .route("/shrink", post(shrink))
+        .route("/grow", post(grow))
+        .with_state(signed);
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/status", get(status))
-        .route("/shrink", post(shrink))
-        .route("/grow", post(grow))
-        .with_state(inner);
+        .with_state(inner)
+        .merge(posts);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "admin endpoint stopped");
     }
@@ -43,18 +58,24 @@ fn refuse(code: StatusCode, msg: &str) -> Refusal {
     (code, Json(serde_json::json!({ "error": msg })))
 }
 
-/// Checks the signature, then parses the amount into slabs.
-fn authorized(inner: &Inner, path: &str, h: &HeaderMap, body: &[u8]) -> Result<u32, Refusal> {
+/// Checks the signature and that it was not used before, then parses the amount into slabs.
+fn authorized(s: &Signed, path: &str, h: &HeaderMap, body: &[u8]) -> Result<u32, Refusal> {
+    let inner = &s.inner;
     let auth = h
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    if !crate::auth::verify_admin(&inner.secret, "POST", path, body, auth) {
+    let taken = crate::auth::verify_admin(&inner.secret, "POST", path, body, auth)
+        .and_then(|signed| s.nonces.take(&signed));
+    if let Err(why) = taken {
         inner.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
-        return Err(refuse(
-            StatusCode::UNAUTHORIZED,
-            "missing, stale or wrong signature (rmem-hmac, shared secret)",
-        ));
+        let code = match why {
+            AdminRefusal::Replayed => StatusCode::CONFLICT,
+            AdminRefusal::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::UNAUTHORIZED,
+        };
+        tracing::warn!(path, reason = %why, "admin request refused");
+        return Err(refuse(code, &why.to_string()));
     }
     let amount: Amount = serde_json::from_slice(body).map_err(|e| {
         refuse(
@@ -73,8 +94,9 @@ fn authorized(inner: &Inner, path: &str, h: &HeaderMap, body: &[u8]) -> Result<u
     Ok(n as u32)
 }
 
-async fn shrink(State(inner): State<Arc<Inner>>, h: HeaderMap, body: Bytes) -> impl IntoResponse {
-    let n = authorized(&inner, "/shrink", &h, &body)?;
+async fn shrink(State(s): State<Arc<Signed>>, h: HeaderMap, body: Bytes) -> impl IntoResponse {
+    let n = authorized(&s, "/shrink", &h, &body)?;
+    let inner = &s.inner;
     let report = Control(inner.clone()).shrink(n);
     Ok::<_, Refusal>(Json(serde_json::json!({
         "report": report,
@@ -82,8 +104,9 @@ async fn shrink(State(inner): State<Arc<Inner>>, h: HeaderMap, body: Bytes) -> i
     })))
 }
 
-async fn grow(State(inner): State<Arc<Inner>>, h: HeaderMap, body: Bytes) -> impl IntoResponse {
-    let n = authorized(&inner, "/grow", &h, &body)?;
+async fn grow(State(s): State<Arc<Signed>>, h: HeaderMap, body: Bytes) -> impl IntoResponse {
+    let n = authorized(&s, "/grow", &h, &body)?;
+    let inner = &s.inner;
     let grown = Control(inner.clone()).grow(n);
     Ok::<_, Refusal>(Json(serde_json::json!({
         "grown": grown,

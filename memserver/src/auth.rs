@@ -93,15 +93,25 @@ mod tests {
 
 /// How far an admin request's timestamp may be from the donor's clock.
 pub const ADMIN_SKEW_SECS: u64 = 60;
+/// Signed admin requests remembered at once (their nonces, for as long as they are valid).
+pub const ADMIN_NONCES_MAX: usize = 4096;
 
-fn admin_mac(secret: &[u8], method: &str, path: &str, body: &[u8], ts: u64) -> HmacSha256 {
+fn admin_mac(
+    secret: &[u8],
+    method: &str,
+    path: &str,
+    body: &[u8],
+    ts: u64,
+    nonce: &str,
+) -> HmacSha256 {
     let ts = ts.to_string();
-    let parts: [&[u8]; 5] = [
-        b"rmem-admin-v1",
+    let parts: [&[u8]; 6] = [
+        b"rmem-admin-v2",
         method.as_bytes(),
         path.as_bytes(),
         body,
         ts.as_bytes(),
+        nonce.as_bytes(),
     ];
     mac(secret, &parts)
 }
@@ -112,68 +122,234 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The `Authorization` header value for an admin request: `rmem-hmac ts=T,mac=M`, where M signs
-/// the method, path, body and T, so a captured header is good for this request and one minute.
+/// The `Authorization` header value for an admin request: `rmem-hmac ts=T,nonce=N,mac=M`, where
+/// M signs the method, path, body, T and the random N. The donor takes it once, within a minute
+/// of T.
 pub fn admin_authorization(secret: &[u8], method: &str, path: &str, body: &[u8]) -> String {
     let ts = unix_now();
+    let nonce = hex::encode(rand::rng().random::<[u8; 16]>());
     let m = hex::encode(
-        admin_mac(secret, method, path, body, ts)
+        admin_mac(secret, method, path, body, ts, &nonce)
             .finalize()
             .into_bytes(),
     );
-    format!("rmem-hmac ts={ts},mac={m}")
+    format!("rmem-hmac ts={ts},nonce={nonce},mac={m}")
 }
 
-/// Checks an admin request's `Authorization` header.
-pub fn verify_admin(secret: &[u8], method: &str, path: &str, body: &[u8], header: &str) -> bool {
-    let Some(rest) = header.strip_prefix("rmem-hmac ") else {
-        return false;
-    };
-    let (mut ts, mut proof) = (None, None);
+/// Why an admin request's `Authorization` header is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AdminRefusal {
+    #[error("missing or malformed signature (expected rmem-hmac ts=T,nonce=N,mac=M)")]
+    Malformed,
+    #[error("stale signature: its time is more than {ADMIN_SKEW_SECS} s from the donor's clock")]
+    Stale,
+    #[error("wrong signature (the shared secret differs, or the request was altered)")]
+    Wrong,
+    #[error("replayed: this signed request was already used; sign each request anew")]
+    Replayed,
+    #[error("too many signed requests in the last {ADMIN_SKEW_SECS} s; try again later")]
+    Busy,
+}
+
+/// A correctly signed admin request's time and nonce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminSigned {
+    pub ts: u64,
+    pub nonce: String,
+}
+
+/// Checks an admin request's `Authorization` header (not whether it was seen before: see
+/// [`AdminNonces`]).
+pub fn verify_admin(
+    secret: &[u8],
+    method: &str,
+    path: &str,
+    body: &[u8],
+    header: &str,
+) -> Result<AdminSigned, AdminRefusal> {
+    verify_admin_at(secret, method, path, body, header, unix_now())
+}
+
+fn verify_admin_at(
+    secret: &[u8],
+    method: &str,
+    path: &str,
+    body: &[u8],
+    header: &str,
+    now: u64,
+) -> Result<AdminSigned, AdminRefusal> {
+    let rest = header
+        .strip_prefix("rmem-hmac ")
+        .ok_or(AdminRefusal::Malformed)?;
+    let (mut ts, mut nonce, mut proof) = (None, None, None);
     for kv in rest.split(',') {
         match kv.trim().split_once('=') {
             Some(("ts", v)) => ts = v.parse::<u64>().ok(),
+            Some(("nonce", v)) => nonce = Some(v),
             Some(("mac", v)) => proof = Some(v),
-            _ => return false,
+            _ => return Err(AdminRefusal::Malformed),
         }
     }
-    let (Some(ts), Some(proof)) = (ts, proof) else {
-        return false;
+    let (Some(ts), Some(nonce), Some(proof)) = (ts, nonce, proof) else {
+        return Err(AdminRefusal::Malformed);
     };
-    if unix_now().abs_diff(ts) > ADMIN_SKEW_SECS {
-        return false;
+    if !(16..=128).contains(&nonce.len()) || !nonce.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(AdminRefusal::Malformed);
     }
-    verify(admin_mac(secret, method, path, body, ts), proof)
+    if now.abs_diff(ts) > ADMIN_SKEW_SECS {
+        return Err(AdminRefusal::Stale);
+    }
+    if !verify(admin_mac(secret, method, path, body, ts, nonce), proof) {
+        return Err(AdminRefusal::Wrong);
+    }
+    Ok(AdminSigned {
+        ts,
+        nonce: nonce.to_ascii_lowercase(),
+    })
+}
+
+/// The nonces of signed admin requests still within their validity, so each is taken once.
+/// Bounded: entries leave when their request could no longer pass the time check, and when
+/// `max` are held a new request is refused ([`AdminRefusal::Busy`]) rather than remembered.
+pub struct AdminNonces {
+    seen: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    max: usize,
+}
+
+impl AdminNonces {
+    pub fn new(max: usize) -> AdminNonces {
+        AdminNonces {
+            seen: std::sync::Mutex::new(std::collections::HashMap::new()),
+            max,
+        }
+    }
+
+    /// Takes a verified request's nonce: `Ok` the first time, `Replayed` after.
+    pub fn take(&self, signed: &AdminSigned) -> Result<(), AdminRefusal> {
+        self.take_at(signed, unix_now())
+    }
+
+    fn take_at(&self, signed: &AdminSigned, now: u64) -> Result<(), AdminRefusal> {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        // A request signed at `ts` passes the time check until ts + skew.
+        seen.retain(|_, ts| ts.saturating_add(ADMIN_SKEW_SECS) >= now);
+        if seen.contains_key(&signed.nonce) {
+            return Err(AdminRefusal::Replayed);
+        }
+        if seen.len() >= self.max {
+            return Err(AdminRefusal::Busy);
+        }
+        seen.insert(signed.nonce.clone(), signed.ts);
+        Ok(())
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
 }
 
 #[cfg(test)]
 mod admin_tests {
     use super::*;
 
+    const S: &[u8] = b"0123456789abcdef";
+
+    fn signed(ts: u64, nonce: &str) -> String {
+        let m = admin_mac(S, "POST", "/shrink", b"", ts, nonce);
+        format!(
+            "rmem-hmac ts={ts},nonce={nonce},mac={}",
+            hex::encode(m.finalize().into_bytes())
+        )
+    }
+
     #[test]
     fn admin_signatures_bind_request_and_secret() {
-        let s = b"0123456789abcdef";
-        let h = admin_authorization(s, "POST", "/shrink", b"{\"slabs\":1}");
-        assert!(verify_admin(s, "POST", "/shrink", b"{\"slabs\":1}", &h));
-        assert!(!verify_admin(s, "POST", "/shrink", b"{\"slabs\":9}", &h));
-        assert!(!verify_admin(s, "POST", "/grow", b"{\"slabs\":1}", &h));
-        assert!(!verify_admin(
-            b"another secret!!",
-            "POST",
-            "/shrink",
-            b"{\"slabs\":1}",
-            &h
-        ));
-        let old = format!(
-            "rmem-hmac ts=1000,mac={}",
-            hex::encode(
-                admin_mac(s, "POST", "/shrink", b"", 1000)
-                    .finalize()
-                    .into_bytes()
-            )
+        let h = admin_authorization(S, "POST", "/shrink", b"{\"slabs\":1}");
+        assert!(verify_admin(S, "POST", "/shrink", b"{\"slabs\":1}", &h).is_ok());
+        let wrong = Err(AdminRefusal::Wrong);
+        assert_eq!(
+            verify_admin(S, "POST", "/shrink", b"{\"slabs\":9}", &h),
+            wrong
         );
-        assert!(!verify_admin(s, "POST", "/shrink", b"", &old), "stale");
-        assert!(!verify_admin(s, "POST", "/shrink", b"", "Bearer x"));
-        assert!(!verify_admin(s, "POST", "/shrink", b"", "rmem-hmac ts=x"));
+        assert_eq!(
+            verify_admin(S, "POST", "/grow", b"{\"slabs\":1}", &h),
+            wrong
+        );
+        let other = b"another secret!!";
+        assert_eq!(
+            verify_admin(other, "POST", "/shrink", b"{\"slabs\":1}", &h),
+            wrong
+        );
+        assert_ne!(
+            h,
+            admin_authorization(S, "POST", "/shrink", b"{\"slabs\":1}"),
+            "each signature has its own nonce"
+        );
+        let n = "00112233445566778899aabbccddeeff";
+        assert_eq!(
+            verify_admin_at(S, "POST", "/shrink", b"", &signed(1000, n), 2000),
+            Err(AdminRefusal::Stale)
+        );
+        assert!(verify_admin_at(S, "POST", "/shrink", b"", &signed(1000, n), 1060).is_ok());
+        // The nonce is signed: another one in the header does not verify.
+        let swapped = signed(1000, n).replace(n, "ffeeddccbbaa99887766554433221100");
+        assert_eq!(
+            verify_admin_at(S, "POST", "/shrink", b"", &swapped, 1000),
+            wrong
+        );
+        let malformed = Err(AdminRefusal::Malformed);
+        for h in [
+            "Bearer x",
+            "rmem-hmac ts=x",
+            "rmem-hmac ts=1000,mac=00",
+            "rmem-hmac ts=1000,nonce=short,mac=00",
+            "rmem-hmac ts=1000,nonce=not hex not hex not hex,mac=00",
+        ] {
+            assert_eq!(
+                verify_admin_at(S, "POST", "/shrink", b"", h, 1000),
+                malformed
+            );
+        }
+    }
+
+    #[test]
+    fn a_signed_request_is_taken_once() {
+        let nonces = AdminNonces::new(8);
+        let h = admin_authorization(S, "POST", "/shrink", b"{}");
+        let v = verify_admin(S, "POST", "/shrink", b"{}", &h).unwrap();
+        assert_eq!(nonces.take(&v), Ok(()));
+        assert_eq!(nonces.take(&v), Err(AdminRefusal::Replayed));
+        let again = verify_admin(S, "POST", "/shrink", b"{}", &h).unwrap();
+        assert_eq!(nonces.take(&again), Err(AdminRefusal::Replayed));
+    }
+
+    #[test]
+    fn remembered_nonces_are_bounded_in_time_and_number() {
+        let nonces = AdminNonces::new(3);
+        let at = |ts, n: &str| AdminSigned {
+            ts,
+            nonce: n.into(),
+        };
+        for n in ["a", "b", "c"] {
+            assert_eq!(nonces.take_at(&at(1000, n), 1000), Ok(()));
+        }
+        assert_eq!(
+            nonces.take_at(&at(1000, "d"), 1000),
+            Err(AdminRefusal::Busy),
+            "full: refused, not remembered"
+        );
+        assert_eq!(nonces.len(), 3);
+        // Still valid at ts + skew: still remembered.
+        assert_eq!(
+            nonces.take_at(&at(1000, "a"), 1000 + ADMIN_SKEW_SECS),
+            Err(AdminRefusal::Replayed)
+        );
+        // Past it the request fails the time check anyway, and its nonce is forgotten.
+        assert_eq!(
+            nonces.take_at(&at(1061, "d"), 1001 + ADMIN_SKEW_SECS),
+            Ok(())
+        );
+        assert_eq!(nonces.len(), 1);
     }
 }

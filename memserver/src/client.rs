@@ -42,7 +42,8 @@ pub enum ClientError {
     Connect(#[source] std::io::Error),
     #[error("control connection")]
     Frame(#[from] FrameError),
-    #[error("authentication failed: {0}")]
+    /// The secret did not match; the text says which side's proof failed.
+    #[error("authentication failed: {0}; check that the client and the donor use the same shared secret")]
     Auth(String),
     #[error("donor refused: {message} ({code:?})")]
     Refused { code: ErrorCode, message: String },
@@ -54,7 +55,7 @@ pub enum ClientError {
     Completion(WcStatus),
     #[error("access outside the slab ({offset}+{len} of {size})")]
     OutOfBounds { offset: u64, len: usize, size: u64 },
-    #[error("the donor did not answer within {0:?}")]
+    #[error("timed out: the donor did not answer within {0:?}")]
     Timeout(Duration),
     #[error("the control connection to the donor is closed")]
     Closed,
@@ -84,6 +85,9 @@ pub struct ClientConfig {
     pub device: Option<String>,
     /// How long a one-sided operation may take before the donor is treated as dead.
     pub op_timeout: Duration,
+    /// Bounds [`Client::connect`] as a whole (TCP connect, hello, challenge, welcome and the
+    /// data queue pair's connection) and [`Client::reconnect`]'s new queue pair.
+    pub connect_timeout: Duration,
 }
 
 impl ClientConfig {
@@ -95,6 +99,7 @@ impl ClientConfig {
             provider: Provider::Tcp,
             device: None,
             op_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -203,71 +208,35 @@ async fn read_control(
 }
 
 impl Client {
-    /// Authenticates (both ways) and connects the data queue pair.
+    /// Authenticates (both ways) and connects the data queue pair, all within
+    /// `cfg.connect_timeout` ([`ClientError::Timeout`] past it).
     pub async fn connect(cfg: ClientConfig) -> Result<Client, ClientError> {
-        let mut s = TcpStream::connect(cfg.addr)
-            .await
-            .map_err(ClientError::Connect)?;
-        s.set_nodelay(true).map_err(ClientError::Connect)?;
-        let nonce_c = auth::nonce();
-        write_msg(
-            &mut s,
-            &ClientMsg::Hello {
-                version: VERSION,
-                client: cfg.name.clone(),
-                nonce: nonce_c.clone(),
-            },
-        )
-        .await?;
-        let nonce_s = match reply(&mut s).await? {
-            ServerMsg::Challenge { nonce, .. } => nonce,
-            other => return Err(unexpected(other)),
-        };
-        let mac = auth::client_proof(&cfg.secret, &nonce_s, &nonce_c, &cfg.name);
-        write_msg(&mut s, &ClientMsg::Auth { mac }).await?;
-        let (session, slab_size, lease_ms, data_addr, token) = match reply(&mut s).await? {
-            ServerMsg::Welcome {
-                mac,
-                session,
-                slab_size,
-                lease_ms,
-                data_addr,
-                data_token,
-            } => {
-                if !auth::verify_server(&cfg.secret, &nonce_c, &nonce_s, &mac) {
-                    return Err(ClientError::Auth(
-                        "the donor could not prove it knows the secret".into(),
-                    ));
-                }
-                (session, slab_size, lease_ms, data_addr, data_token)
+        let deadline = tokio::time::Instant::now() + cfg.connect_timeout;
+        let w = match tokio::time::timeout_at(deadline, handshake(&cfg, deadline)).await {
+            Ok(w) => w?,
+            Err(_) => {
+                tracing::debug!(addr = %cfg.addr, "handshake timed out");
+                return Err(ClientError::Timeout(cfg.connect_timeout));
             }
-            ServerMsg::Error {
-                code: ErrorCode::AuthFailed,
-                message,
-                ..
-            } => return Err(ClientError::Auth(message)),
-            other => return Err(unexpected(other)),
         };
-        let data_addr = parse_addr(&data_addr)?;
-        let data = connect_data(&cfg, data_addr, token).await?;
-        let (r, w) = s.into_split();
+        let (r, wr) = w.stream.into_split();
         let pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let held = Arc::new(Mutex::new(HashMap::new()));
         let (tx, rx) = mpsc::unbounded_channel();
         let reader = tokio::spawn(read_control(r, pending.clone(), held.clone(), tx));
         Ok(Client {
             cfg,
-            writer: tokio::sync::Mutex::new(w),
+            writer: tokio::sync::Mutex::new(wr),
             pending,
             reader,
             notices: Mutex::new(Some(rx)),
             held,
             next_id: AtomicU64::new(1),
-            session,
-            slab_size,
-            lease: Duration::from_millis(lease_ms),
-            data: Mutex::new(data),
-            data_addr,
+            session: w.session,
+            slab_size: w.slab_size,
+            lease: w.lease,
+            data: Mutex::new(w.data),
+            data_addr: w.data_addr,
         })
     }
 
@@ -309,15 +278,26 @@ impl Client {
             Some(p) => p.insert(id, tx),
             None => return Err(ClientError::Closed),
         };
-        let sent = {
+        let deadline = tokio::time::Instant::now() + REPLY_WAIT;
+        let msg = make(id);
+        let sent = tokio::time::timeout_at(deadline, async {
             let mut w = self.writer.lock().await;
-            write_msg(&mut *w, &make(id)).await
-        };
-        if let Err(e) = sent {
-            self.forget(id);
-            return Err(e.into());
+            write_msg(&mut *w, &msg).await
+        })
+        .await;
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                self.forget(id);
+                return Err(e.into());
+            }
+            Err(_) => {
+                // A frame may be half written: nothing more can go on this connection.
+                self.close();
+                return Err(ClientError::Timeout(REPLY_WAIT));
+            }
         }
-        match tokio::time::timeout(REPLY_WAIT, rx).await {
+        match tokio::time::timeout_at(deadline, rx).await {
             Ok(Ok(ServerMsg::Error { code, message, .. })) => {
                 Err(ClientError::Refused { code, message })
             }
@@ -328,6 +308,12 @@ impl Client {
                 Err(ClientError::Timeout(REPLY_WAIT))
             }
         }
+    }
+
+    /// Stops using the control connection: waiting and later requests fail.
+    fn close(&self) {
+        self.reader.abort();
+        lock(&self.pending).take();
     }
 
     fn forget(&self, id: u64) {
@@ -393,7 +379,12 @@ impl Client {
             } => (parse_addr(&data_addr)?, data_token),
             other => return Err(unexpected(other)),
         };
-        let fresh = connect_data(&self.cfg, addr, token).await?;
+        let limit = self.cfg.connect_timeout;
+        let deadline = tokio::time::Instant::now() + limit;
+        let fresh =
+            tokio::time::timeout_at(deadline, connect_data(&self.cfg, addr, token, deadline))
+                .await
+                .map_err(|_| ClientError::Timeout(limit))??;
         *self.data.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
         Ok(())
     }
@@ -519,24 +510,107 @@ impl Client {
     }
 }
 
+/// What a completed handshake leaves: the control connection and the session's terms.
+struct Welcomed {
+    stream: TcpStream,
+    session: String,
+    slab_size: u64,
+    lease: Duration,
+    data: DataPath,
+    data_addr: SocketAddr,
+}
+
+/// Hello, challenge, proof, welcome (the donor's proof checked), then the data queue pair.
+/// The caller bounds it; `deadline` also bounds the blocking queue pair connection.
+async fn handshake(
+    cfg: &ClientConfig,
+    deadline: tokio::time::Instant,
+) -> Result<Welcomed, ClientError> {
+    let mut s = TcpStream::connect(cfg.addr)
+        .await
+        .map_err(ClientError::Connect)?;
+    s.set_nodelay(true).map_err(ClientError::Connect)?;
+    let nonce_c = auth::nonce();
+    write_msg(
+        &mut s,
+        &ClientMsg::Hello {
+            version: VERSION,
+            client: cfg.name.clone(),
+            nonce: nonce_c.clone(),
+        },
+    )
+    .await?;
+    let nonce_s = match reply(&mut s).await? {
+        ServerMsg::Challenge { nonce, .. } => nonce,
+        other => return Err(unexpected(other)),
+    };
+    let mac = auth::client_proof(&cfg.secret, &nonce_s, &nonce_c, &cfg.name);
+    write_msg(&mut s, &ClientMsg::Auth { mac }).await?;
+    let (session, slab_size, lease_ms, data_addr, token) = match reply(&mut s).await? {
+        ServerMsg::Welcome {
+            mac,
+            session,
+            slab_size,
+            lease_ms,
+            data_addr,
+            data_token,
+        } => {
+            if !auth::verify_server(&cfg.secret, &nonce_c, &nonce_s, &mac) {
+                return Err(ClientError::Auth(
+                    "the donor could not prove it knows the secret".into(),
+                ));
+            }
+            (session, slab_size, lease_ms, data_addr, data_token)
+        }
+        // The donor's message says no more than the code.
+        ServerMsg::Error {
+            code: ErrorCode::AuthFailed,
+            ..
+        } => {
+            return Err(ClientError::Auth(
+                "the donor did not accept this client's proof".into(),
+            ))
+        }
+        other => return Err(unexpected(other)),
+    };
+    let data_addr = parse_addr(&data_addr)?;
+    let data = connect_data(cfg, data_addr, token, deadline).await?;
+    Ok(Welcomed {
+        stream: s,
+        session,
+        slab_size,
+        lease: Duration::from_millis(lease_ms),
+        data,
+        data_addr,
+    })
+}
+
 fn parse_addr(s: &str) -> Result<SocketAddr, ClientError> {
     s.parse()
         .map_err(|_| ClientError::Protocol(format!("bad data address {s:?}")))
 }
 
+/// Connects a data queue pair to `addr`; the transport's own connection timeout is what is left
+/// until `deadline`, so the blocking thread gives up about when the caller does.
 async fn connect_data(
     cfg: &ClientConfig,
     addr: SocketAddr,
     token: String,
+    deadline: tokio::time::Instant,
 ) -> Result<DataPath, ClientError> {
     let mut o = OpenOptions::new(cfg.provider);
     o.device = cfg.device.clone();
     let op_timeout = cfg.op_timeout;
+    let left = deadline
+        .saturating_duration_since(tokio::time::Instant::now())
+        .max(Duration::from_millis(1));
     tokio::task::spawn_blocking(move || -> Result<DataPath, ClientError> {
         let ctx = open(&o)?;
         let pd = ctx.alloc_pd()?;
         let cq = ctx.create_cq(64)?;
-        let qc = QpConfig::new(&pd, &cq).op_timeout(op_timeout);
+        let qc = QpConfig::new(&pd, &cq)
+            .op_timeout(op_timeout)
+            .connect_timeout(left);
         let conn = ctx.connect(addr, &qc, token.as_bytes())?;
         let bounce = pd.alloc_mr(BOUNCE, Access::LOCAL_WRITE)?;
         Ok(DataPath {
@@ -587,5 +661,82 @@ fn unexpected(m: ServerMsg) -> ClientError {
     match m {
         ServerMsg::Error { code, message, .. } => ClientError::Refused { code, message },
         other => ClientError::Protocol(format!("{other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &[u8] = b"a shared secret for tests";
+
+    /// A listener that takes connections and never says a word; holds them until dropped.
+    async fn silent() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = l.accept().await {
+                held.push(s);
+            }
+        });
+        (addr, task)
+    }
+
+    fn config(addr: SocketAddr) -> ClientConfig {
+        let mut c = ClientConfig::new(addr, SECRET.to_vec());
+        c.connect_timeout = Duration::from_millis(300);
+        c
+    }
+
+    /// Connecting ends with `Timeout` near the deadline, not never.
+    async fn assert_times_out(cfg: ClientConfig) {
+        let t = Instant::now();
+        match tokio::time::timeout(Duration::from_secs(5), Client::connect(cfg)).await {
+            Ok(Err(ClientError::Timeout(d))) => assert_eq!(d, Duration::from_millis(300)),
+            Ok(Err(e)) => panic!("expected a timeout, got {e}"),
+            Ok(Ok(_)) => panic!("connected to a donor that never answered"),
+            Err(_) => panic!("connect still waiting after 5 s"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    }
+
+    #[tokio::test]
+    async fn a_donor_that_accepts_and_never_answers_times_out() {
+        let (addr, _l) = silent().await;
+        assert_times_out(config(addr)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_data_listener_that_never_answers_times_out_within_the_same_deadline() {
+        let (data, _l) = silent().await;
+        let donor = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = donor.local_addr().unwrap();
+        // Authenticates properly, then points the client at the silent data listener.
+        let _d = tokio::spawn(async move {
+            let (mut s, _) = donor.accept().await.unwrap();
+            let nonce_c = match decode::<ClientMsg>(&read_frame(&mut s).await.unwrap()) {
+                Ok(ClientMsg::Hello { nonce, .. }) => nonce,
+                other => panic!("{other:?}"),
+            };
+            let nonce_s = auth::nonce();
+            let challenge = ServerMsg::Challenge {
+                version: VERSION,
+                nonce: nonce_s.clone(),
+            };
+            write_msg(&mut s, &challenge).await.unwrap();
+            read_frame(&mut s).await.unwrap();
+            let welcome = ServerMsg::Welcome {
+                mac: auth::server_proof(SECRET, &nonce_c, &nonce_s),
+                session: "1".into(),
+                slab_size: 1 << 20,
+                lease_ms: 30_000,
+                data_addr: data.to_string(),
+                data_token: "t".into(),
+            };
+            write_msg(&mut s, &welcome).await.unwrap();
+            std::future::pending::<()>().await;
+        });
+        assert_times_out(config(addr)).await;
     }
 }

@@ -83,6 +83,8 @@ pub struct ServerConfig {
     pub nbd_listen: SocketAddr,
     /// Block devices served over NBD, each carved from the pool at start-up.
     pub exports: Vec<crate::nbd::ExportConfig>,
+    /// Limits on NBD clients (the protocol has no authentication).
+    pub nbd: NbdConfig,
     /// Taking memory back from clients.
     pub reclaim: ReclaimConfig,
     /// The data listener every session's queue pair connects to, and its bounds.
@@ -138,6 +140,61 @@ pub struct ReclaimConfig {
     pub interval_ms: u64,
 }
 
+/// What one NBD client may hold of the donor: connections, time to finish the handshake,
+/// memory for replies it has not read yet.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NbdConfig {
+    /// Connections served at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+    /// Connections served at once from one source address.
+    pub max_connections_per_ip: usize,
+    /// Time a client has from connecting to the end of option haggling.
+    pub handshake_timeout_secs: u64,
+    /// Bytes of replies a connection may have waiting for its socket; past this, the donor
+    /// reads no more of its requests until the client reads replies. At least one largest
+    /// READ reply (32 MiB and a 16-byte header).
+    pub max_queued_replies: ByteSize,
+}
+
+impl Default for NbdConfig {
+    fn default() -> Self {
+        NbdConfig {
+            max_connections: 64,
+            max_connections_per_ip: 16,
+            handshake_timeout_secs: 10,
+            max_queued_replies: ByteSize(64 << 20),
+        }
+    }
+}
+
+impl NbdConfig {
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(self.handshake_timeout_secs)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_connections == 0
+            || self.max_connections_per_ip == 0
+            || self.handshake_timeout_secs == 0
+        {
+            return Err(ConfigError::Invalid(
+                "nbd: max_connections, max_connections_per_ip and handshake_timeout_secs must \
+                 be at least 1"
+                    .into(),
+            ));
+        }
+        let one = u64::from(crate::nbd::MAX_REQUEST) + crate::nbd::REPLY_HEADER as u64;
+        if self.max_queued_replies.0 < one {
+            return Err(ConfigError::Invalid(format!(
+                "nbd: max_queued_replies ({}) must hold one largest READ reply ({one} bytes)",
+                self.max_queued_replies.0
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl Default for ReclaimConfig {
     fn default() -> Self {
         ReclaimConfig {
@@ -169,6 +226,7 @@ impl Default for ServerConfig {
             admin_listen: None,
             nbd_listen: "127.0.0.1:10809".parse().expect("literal address"),
             exports: Vec::new(),
+            nbd: NbdConfig::default(),
             reclaim: ReclaimConfig::default(),
             data: crate::data::DataConfig::default(),
             control: ControlConfig::default(),
@@ -275,7 +333,7 @@ impl ServerConfig {
         if self.lease_secs == 0 {
             return Err(ConfigError::Invalid("lease_secs must be at least 1".into()));
         }
-        Ok(())
+        self.nbd.validate()
     }
 
     /// Slabs per reclaim step.
@@ -330,5 +388,26 @@ mod tests {
             ..Default::default()
         };
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn nbd_limits_parse_and_out_of_range_ones_are_refused() {
+        let c: ServerConfig = toml::from_str(
+            "[nbd]\nmax_connections = 8\nmax_connections_per_ip = 2\nhandshake_timeout_secs = 3\nmax_queued_replies = \"128M\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.nbd.max_connections, 8);
+        assert_eq!(c.nbd.max_queued_replies.0, 128 << 20);
+        c.validate().unwrap();
+        assert!(toml::from_str::<ServerConfig>("[nbd]\nmax_conections = 1\n").is_err());
+        for bad in [
+            "max_connections = 0",
+            "max_connections_per_ip = 0",
+            "handshake_timeout_secs = 0",
+            "max_queued_replies = \"32M\"",
+        ] {
+            let c: ServerConfig = toml::from_str(&format!("[nbd]\n{bad}\n")).unwrap();
+            assert!(c.validate().is_err(), "{bad}");
+        }
     }
 }

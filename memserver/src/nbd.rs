@@ -7,16 +7,27 @@
 //! runs; bytes move between the socket and the slabs. Block sizes: minimum 1, preferred 4096,
 //! maximum 32 MiB per request. The protocol has no authentication: the export listens on
 //! loopback unless configured otherwise; put it only on a network you trust.
+//!
+//! What one client can hold is bounded ([`NbdConfig`]): connections in all and per source
+//! address (extra ones are closed when accepted), the time to finish the handshake, and the
+//! bytes of replies waiting for a client that does not read them (past that, its requests are
+//! not read either, so TCP pushes back). A donor's memory for NBD clients is therefore at most
+//! about `max_connections` x (`max_queued_replies` + one WRITE payload + 16 reusable reply
+//! buffers of up to 2 MiB + socket buffers).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rmem_transport::Buffer;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::config::NbdConfig;
 use crate::nbd_wire::*;
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -53,6 +64,12 @@ const TRANSMISSION_FLAGS: u16 = TF_HAS_FLAGS
 
 /// Largest READ or WRITE one request may move.
 pub const MAX_REQUEST: u32 = 32 << 20;
+/// Bytes of a simple reply's header.
+pub const REPLY_HEADER: usize = 16;
+/// Reply buffers up to this capacity (1 MiB READs and their header, with room for how a `Vec`
+/// grows) go back to the reader for reuse, at most 16 of them; larger ones are freed, so idle
+/// buffers stay small however large the requests were.
+const REUSE_MAX: usize = 2 << 20;
 /// Longest option payload accepted during the handshake.
 const MAX_OPTION: u32 = 64 * 1024;
 
@@ -137,20 +154,140 @@ impl Export {
     }
 }
 
-/// Serves the exports on `listener` for ever.
+/// Figures of the NBD front end (tests read them; nothing else yet).
+#[derive(Debug, Default)]
+pub(crate) struct NbdStats {
+    /// Connections being served.
+    pub(crate) connections: AtomicUsize,
+    /// Connections closed when accepted, over a limit.
+    pub(crate) refused: AtomicU64,
+    /// Connections closed for not finishing the handshake in time.
+    pub(crate) handshake_timeouts: AtomicU64,
+    /// The most reply bytes any one connection had waiting for its socket.
+    pub(crate) queued_peak: AtomicUsize,
+}
+
+/// Serves the exports on `listener` for ever, with the default limits.
 pub(crate) async fn serve(listener: TcpListener, exports: Exports) {
+    serve_with(
+        listener,
+        exports,
+        NbdConfig::default(),
+        Arc::new(NbdStats::default()),
+    )
+    .await
+}
+
+/// Connections being served, in all and per source address.
+struct Admission {
+    limits: NbdConfig,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    stats: Arc<NbdStats>,
+    /// When a refusal was last logged, and how many went unlogged since: a flood of
+    /// connections must not become a flood of log lines.
+    refusals: Mutex<(Option<Instant>, u64)>,
+}
+
+/// At most one log line per this about refused connections.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// A connection's place under the limits, given back when it ends.
+struct Admitted {
+    admission: Arc<Admission>,
+    ip: IpAddr,
+}
+
+impl Admission {
+    /// Counts a connection closed over a limit; logs it unless one was logged lately.
+    fn refused(&self, peer: SocketAddr, why: &str) {
+        self.stats.refused.fetch_add(1, Ordering::Relaxed);
+        let mut log = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if log
+            .0
+            .is_some_and(|t| now.duration_since(t) < REFUSAL_LOG_EVERY)
+        {
+            log.1 += 1;
+            return;
+        }
+        tracing::warn!(%peer, refused_unlogged = log.1, "{why}: connection closed");
+        *log = (Some(now), 0);
+    }
+
+    /// A place for a connection from `ip`, or why there is none.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admitted, &'static str> {
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let total: usize = per_ip.values().sum();
+        if total >= self.limits.max_connections {
+            return Err("too many NBD connections (nbd.max_connections)");
+        }
+        let n = per_ip.entry(ip).or_insert(0);
+        if *n >= self.limits.max_connections_per_ip {
+            return Err("too many NBD connections from this address (nbd.max_connections_per_ip)");
+        }
+        *n += 1;
+        self.stats.connections.store(total + 1, Ordering::Relaxed);
+        Ok(Admitted {
+            admission: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let a = &self.admission;
+        let mut per_ip = a.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+        a.stats
+            .connections
+            .store(per_ip.values().sum(), Ordering::Relaxed);
+    }
+}
+
+/// Serves the exports on `listener` for ever under `limits`.
+pub(crate) async fn serve_with(
+    listener: TcpListener,
+    exports: Exports,
+    limits: NbdConfig,
+    stats: Arc<NbdStats>,
+) {
+    let admission = Arc::new(Admission {
+        limits,
+        per_ip: Mutex::new(HashMap::new()),
+        stats,
+        refusals: Mutex::new((None, 0)),
+    });
     loop {
         match listener.accept().await {
             Ok((s, peer)) => {
+                let place = match admission.admit(peer.ip()) {
+                    Ok(p) => p,
+                    Err(why) => {
+                        drop(s);
+                        admission.refused(peer, why);
+                        continue;
+                    }
+                };
                 let exports = exports.clone();
+                let admission = admission.clone();
                 tokio::spawn(async move {
+                    let _place = place;
                     let _ = s.set_nodelay(true);
                     let (r, w) = s.into_split();
                     let conn = Conn {
                         r: BufReader::with_capacity(256 << 10, r),
                         w: BufWriter::with_capacity(256 << 10, w),
                     };
-                    match conn.run(&exports).await {
+                    match conn
+                        .run(&exports, &admission.limits, &admission.stats)
+                        .await
+                    {
                         Ok(()) => tracing::debug!(%peer, "NBD client disconnected"),
                         Err(e) => tracing::info!(%peer, error = %e, "NBD connection ended"),
                     }
@@ -158,7 +295,7 @@ pub(crate) async fn serve(listener: TcpListener, exports: Exports) {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "NBD accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
@@ -171,6 +308,8 @@ pub(crate) enum NbdError {
     Io(#[from] std::io::Error),
     #[error("protocol violation: {0}")]
     Protocol(String),
+    #[error("handshake not finished within {0:?}")]
+    HandshakeTimeout(Duration),
 }
 
 struct Conn<R, W> {
@@ -179,7 +318,34 @@ struct Conn<R, W> {
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send + 'static> Conn<R, W> {
-    async fn run(mut self, exports: &HashMap<String, Arc<Export>>) -> Result<(), NbdError> {
+    async fn run(
+        mut self,
+        exports: &HashMap<String, Arc<Export>>,
+        limits: &NbdConfig,
+        stats: &NbdStats,
+    ) -> Result<(), NbdError> {
+        let limit = limits.handshake_timeout();
+        let export = match tokio::time::timeout(limit, self.negotiate(exports)).await {
+            Ok(Ok(Some(e))) => e,
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                stats.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
+                return Err(NbdError::HandshakeTimeout(limit));
+            }
+        };
+        tracing::info!(export = %export.name, "NBD client attached");
+        let Conn { r, w } = self;
+        let budget = limits.max_queued_replies.0 as usize;
+        transmission(r, w, &export, budget, stats).await
+    }
+
+    /// The newstyle greeting and option haggling; `Some(export)` when the client moves to
+    /// transmission.
+    async fn negotiate(
+        &mut self,
+        exports: &HashMap<String, Arc<Export>>,
+    ) -> Result<Option<Arc<Export>>, NbdError> {
         self.w.write_u64(NBDMAGIC).await?;
         self.w.write_u64(IHAVEOPT).await?;
         self.w
@@ -193,12 +359,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send + 'static> Conn<R, W> {
             ));
         }
         let no_zeroes = cflags & CLIENT_NO_ZEROES != 0;
-        let Some(export) = self.options(exports, no_zeroes).await? else {
-            return Ok(());
-        };
-        tracing::info!(export = %export.name, "NBD client attached");
-        let Conn { r, w } = self;
-        transmission(r, w, &export).await
+        self.options(exports, no_zeroes).await
     }
 
     async fn reply(&mut self, opt: u32, kind: u32, data: &[u8]) -> Result<(), NbdError> {
@@ -313,22 +474,40 @@ fn reply_header(buf: &mut Vec<u8>, error: u32, cookie: u64) {
 }
 
 /// The transmission phase: this task parses requests and moves the bytes; a writer task sends
-/// the replies, so copying one request overlaps sending the previous one. Buffers go back to
-/// this task for reuse, so steady state allocates nothing.
-async fn transmission<R, W>(mut r: BufReader<R>, w: W, e: &Export) -> Result<(), NbdError>
+/// the replies, so copying one request overlaps sending the previous one. Small buffers go
+/// back to this task for reuse, so steady state allocates nothing.
+///
+/// At most `budget` bytes of replies wait for the socket: before building a reply the reader
+/// waits for room, and reads nothing more meanwhile, so a client that sends requests without
+/// reading the replies is held back by TCP instead of filling the donor's memory.
+async fn transmission<R, W>(
+    mut r: BufReader<R>,
+    w: W,
+    e: &Export,
+    budget: usize,
+    stats: &NbdStats,
+) -> Result<(), NbdError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Reply>(16);
+    // Room for reply bytes waiting for the socket: the reader takes it before building a reply
+    // and sends it along; the writer lets it go once the reply is written.
+    let budget = budget.min(Semaphore::MAX_PERMITS);
+    let room = Arc::new(Semaphore::new(budget));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Reply, OwnedSemaphorePermit)>(16);
     let (back_tx, mut back_rx) = tokio::sync::mpsc::channel::<Reply>(16);
     let writer = tokio::spawn(async move {
         let mut w = w;
-        while let Some(buf) = rx.recv().await {
+        while let Some((buf, room)) = rx.recv().await {
             w.write_all(&buf).await?;
-            let _ = back_tx.try_send(buf);
             if rx.is_empty() {
                 w.flush().await?;
+            }
+            // Written (or in the socket's buffer): its bytes no longer wait here.
+            drop(room);
+            if buf.capacity() <= REUSE_MAX {
+                let _ = back_tx.try_send(buf);
             }
         }
         w.flush().await?;
@@ -352,6 +531,22 @@ where
         let in_range = off
             .checked_add(u64::from(len))
             .is_some_and(|end| end <= e.size);
+        let reply_len = REPLY_HEADER
+            + match cmd {
+                CMD_READ if len <= MAX_REQUEST && in_range => len as usize,
+                _ => 0,
+            };
+        // Waits here, reading nothing more, while the client leaves its replies unread.
+        let permit = match room
+            .clone()
+            .acquire_many_owned(reply_len.min(budget) as u32)
+            .await
+        {
+            Ok(p) => p,
+            Err(_) => break Err(NbdError::Protocol("reply budget closed".into())),
+        };
+        let waiting = budget - room.available_permits();
+        stats.queued_peak.fetch_max(waiting, Ordering::Relaxed);
         let mut out = back_rx.try_recv().unwrap_or_default();
         match cmd {
             CMD_READ if len <= MAX_REQUEST && in_range => {
@@ -392,7 +587,7 @@ where
             CMD_DISC => break Ok(()),
             _ => reply_header(&mut out, ENOTSUP, cookie),
         }
-        if tx.send(out).await.is_err() {
+        if tx.send((out, permit)).await.is_err() {
             break Err(NbdError::Protocol("reply writer stopped".into()));
         }
     };
@@ -473,5 +668,183 @@ mod tests {
         e.zero(4000, 5000).unwrap();
         e.read(4000, &mut back).unwrap();
         assert!(back.iter().all(|b| *b == 0));
+    }
+
+    mod limits {
+        use super::*;
+        use tokio::net::{TcpSocket, TcpStream};
+
+        const EXPORT: u64 = 64 << 20;
+
+        /// An NBD front end with one 64 MiB export "e" under `limits`.
+        async fn start(limits: NbdConfig) -> (SocketAddr, Arc<NbdStats>) {
+            let slab = 32u64 << 20;
+            let e = Export {
+                name: "e".into(),
+                size: EXPORT,
+                buf: Buffer::alloc(EXPORT as usize, rmem_transport::HugePages::Never).unwrap(),
+                slab_size: slab,
+                slabs: vec![0, slab],
+            };
+            let exports: Exports = Arc::new(HashMap::from([("e".to_string(), Arc::new(e))]));
+            let l = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let stats = Arc::new(NbdStats::default());
+            tokio::spawn(serve_with(l, exports, limits, stats.clone()));
+            (addr, stats)
+        }
+
+        /// Connects from `ip` (any 127.0.0.0/8 address).
+        async fn connect_from(ip: &str, to: SocketAddr) -> TcpStream {
+            let s = TcpSocket::new_v4().unwrap();
+            s.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+            s.connect(to).await.unwrap()
+        }
+
+        /// True when the donor greets the connection, false when it closes it unread.
+        async fn greeted(s: &mut TcpStream) -> bool {
+            let mut g = [0u8; 18];
+            match tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut g)).await {
+                Ok(Ok(_)) => {
+                    assert_eq!(&g[..8], &NBDMAGIC.to_be_bytes());
+                    true
+                }
+                Ok(Err(_)) => false,
+                Err(_) => panic!("neither greeted nor closed within 5 s"),
+            }
+        }
+
+        /// Greeting read; EXPORT_NAME "e" sent; its answer read.
+        async fn attach(s: &mut TcpStream) {
+            assert!(greeted(s).await);
+            s.write_u32(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES)
+                .await
+                .unwrap();
+            s.write_u64(IHAVEOPT).await.unwrap();
+            s.write_u32(OPT_EXPORT_NAME).await.unwrap();
+            s.write_u32(1).await.unwrap();
+            s.write_all(b"e").await.unwrap();
+            assert_eq!(s.read_u64().await.unwrap(), EXPORT);
+            s.read_u16().await.unwrap();
+        }
+
+        fn read_request(cookie: u64, off: u64, len: u32) -> Vec<u8> {
+            let mut r = REQUEST_MAGIC.to_be_bytes().to_vec();
+            r.extend_from_slice(&0u16.to_be_bytes());
+            r.extend_from_slice(&CMD_READ.to_be_bytes());
+            r.extend_from_slice(&cookie.to_be_bytes());
+            r.extend_from_slice(&off.to_be_bytes());
+            r.extend_from_slice(&len.to_be_bytes());
+            r
+        }
+
+        /// Waits up to 10 s for `cond`.
+        async fn until(what: &str, cond: impl Fn() -> bool) {
+            let t = Instant::now();
+            while !cond() {
+                assert!(t.elapsed() < Duration::from_secs(10), "waited for {what}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn unread_replies_stop_at_the_budget() {
+            let budget = (MAX_REQUEST as usize) + (8 << 20);
+            let limits = NbdConfig {
+                max_queued_replies: crate::ByteSize(budget as u64),
+                ..Default::default()
+            };
+            let (addr, stats) = start(limits).await;
+            let mut conns = Vec::new();
+            for _ in 0..2 {
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                attach(&mut s).await;
+                // 64 READs of 32 MiB, never read: 2 GiB of replies asked for.
+                let mut reqs = Vec::new();
+                for i in 0..64u64 {
+                    reqs.extend(read_request(
+                        i,
+                        (i % 2) * u64::from(MAX_REQUEST),
+                        MAX_REQUEST,
+                    ));
+                }
+                s.write_all(&reqs).await.unwrap();
+                conns.push(s);
+            }
+            let peak = || stats.queued_peak.load(Ordering::Relaxed);
+            until("a full reply queued", || peak() >= MAX_REQUEST as usize).await;
+            // Time for the donor to go on reading, if it would.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert!(peak() <= budget, "{} bytes queued", peak());
+            // The replies still come when the client reads them.
+            let s = &mut conns[0];
+            let mut data = vec![0u8; MAX_REQUEST as usize];
+            for i in 0..3u64 {
+                assert_eq!(s.read_u32().await.unwrap(), SIMPLE_REPLY_MAGIC);
+                assert_eq!(s.read_u32().await.unwrap(), 0);
+                assert_eq!(s.read_u64().await.unwrap(), i);
+                s.read_exact(&mut data).await.unwrap();
+            }
+            assert!(peak() <= budget, "{} bytes queued", peak());
+        }
+
+        #[tokio::test]
+        async fn connections_over_the_limits_are_closed_at_once() {
+            let limits = NbdConfig {
+                max_connections: 3,
+                max_connections_per_ip: 2,
+                ..Default::default()
+            };
+            let (addr, stats) = start(limits).await;
+            let mut a1 = connect_from("127.0.0.1", addr).await;
+            let mut a2 = connect_from("127.0.0.1", addr).await;
+            assert!(greeted(&mut a1).await && greeted(&mut a2).await);
+            let mut a3 = connect_from("127.0.0.1", addr).await;
+            assert!(!greeted(&mut a3).await, "a third from one address");
+            let mut b1 = connect_from("127.0.0.2", addr).await;
+            assert!(greeted(&mut b1).await, "another address has room");
+            let mut c1 = connect_from("127.0.0.3", addr).await;
+            assert!(!greeted(&mut c1).await, "a fourth in all");
+            assert_eq!(stats.refused.load(Ordering::Relaxed), 2);
+            // A place given back is taken again.
+            drop(a1);
+            until("a place given back", || {
+                stats.connections.load(Ordering::Relaxed) == 2
+            })
+            .await;
+            let mut c2 = connect_from("127.0.0.3", addr).await;
+            assert!(greeted(&mut c2).await);
+        }
+
+        #[tokio::test]
+        async fn a_stalled_handshake_is_closed_at_the_deadline() {
+            let limits = NbdConfig {
+                handshake_timeout_secs: 1,
+                ..Default::default()
+            };
+            let (addr, stats) = start(limits).await;
+            // Attached in time: transmission has no such deadline.
+            let mut ok = TcpStream::connect(addr).await.unwrap();
+            attach(&mut ok).await;
+            let mut idle = TcpStream::connect(addr).await.unwrap();
+            let t = Instant::now();
+            assert!(greeted(&mut idle).await);
+            let mut rest = Vec::new();
+            let n = tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut rest))
+                .await
+                .expect("closed within 5 s")
+                .unwrap_or(0);
+            assert_eq!(n, 0);
+            assert!(
+                t.elapsed() >= Duration::from_millis(900),
+                "{:?}",
+                t.elapsed()
+            );
+            assert_eq!(stats.handshake_timeouts.load(Ordering::Relaxed), 1);
+            ok.write_all(&read_request(7, 0, 4096)).await.unwrap();
+            assert_eq!(ok.read_u32().await.unwrap(), SIMPLE_REPLY_MAGIC);
+            assert_eq!(ok.read_u32().await.unwrap(), 0);
+            assert_eq!(ok.read_u64().await.unwrap(), 7);
+        }
     }
 }

@@ -44,6 +44,10 @@ pub struct AllocArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Seconds the donor may take to accept, authenticate and connect the data path before
+    /// giving up (exit status 5).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    connect_timeout: u64,
 }
 
 #[derive(Args, Debug)]
@@ -288,11 +292,12 @@ fn alloc(a: AllocArgs) -> Result<(), Failed> {
         .enable_all()
         .build()
         .map_err(|e| Failed::new(crate::exit::Code::Failure, e))?;
-    let peer = |e: rmem_memserver::ClientError| Failed::new(crate::exit::Code::Peer, e);
+    let context = format!("donor {}", a.donor);
+    let peer = |e: rmem_memserver::ClientError| crate::exit::client_failed(&context, &e);
+    let mut cc = ClientConfig::new(a.donor, secret);
+    cc.connect_timeout = std::time::Duration::from_secs(a.connect_timeout);
     rt.block_on(async {
-        let c = Client::connect(ClientConfig::new(a.donor, secret))
-            .await
-            .map_err(peer)?;
+        let c = Client::connect(cc).await.map_err(peer)?;
         let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
             .expect("valid histogram bounds");
         for i in 0..a.iters + a.iters / 10 {

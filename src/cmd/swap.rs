@@ -68,6 +68,10 @@ pub struct UpArgs {
     /// (a host short of memory drops packets) beats failing the swap; the kernel waits 60].
     #[arg(long)]
     op_timeout: Option<u64>,
+    /// Seconds a donor may take to accept the connection, authenticate and connect the data
+    /// path before `swap up` gives up on it (exit status 5).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    connect_timeout: u64,
     /// Serve Prometheus metrics (I/O, replica health, per-donor traffic) at
     /// http://ADDR/metrics, e.g. 127.0.0.1:9472.
     #[arg(long)]
@@ -134,6 +138,7 @@ fn up(a: UpArgs) -> Result<(), Failed> {
             } else {
                 30
             })),
+            connect_timeout: Duration::from_secs(a.connect_timeout),
         },
         backend: a.backend,
         device: a.nbd.clone(),
@@ -163,9 +168,11 @@ fn up(a: UpArgs) -> Result<(), Failed> {
     .map_err(|e| {
         use rmem_swapclient::daemon::SwapError;
         use rmem_swapclient::StoreError;
+        if let SwapError::Store(StoreError::Donor { addr, source }) = &e {
+            return crate::exit::client_failed(&format!("donor {addr}"), source);
+        }
         let code = match &e {
             SwapError::Store(StoreError::Config(_)) => Code::Usage,
-            SwapError::Store(StoreError::Donor { .. }) => Code::Peer,
             SwapError::Ublk(rmem_swapclient::kernel_ublk::UblkFailure::Unavailable) => {
                 Code::Usage
             }

@@ -77,6 +77,8 @@ pub struct StoreConfig {
     pub name: String,
     /// A one-sided operation taking longer marks its donor failed.
     pub op_timeout: Duration,
+    /// Bounds connecting to each donor (handshake and data path).
+    pub connect_timeout: Duration,
 }
 
 struct Donor {
@@ -172,6 +174,7 @@ impl Store {
             cc.provider = cfg.provider;
             cc.device = cfg.device.clone();
             cc.op_timeout = cfg.op_timeout;
+            cc.connect_timeout = cfg.connect_timeout;
             let client = Client::connect(cc)
                 .await
                 .map_err(|source| StoreError::Donor {

@@ -71,6 +71,7 @@ fn config(size: u64, replicas: usize, donors: &[&Donor]) -> StoreConfig {
         device: None,
         name: "store-test".into(),
         op_timeout: Duration::from_secs(2),
+        connect_timeout: Duration::from_secs(10),
     }
 }
 
