@@ -61,8 +61,9 @@ pub fn start(control: SocketAddr, data: SocketAddr, nbd: SocketAddr, secret: &[u
                 .unwrap(),
         );
     };
-    // Idle sockets that never say anything, on every port.
-    for target in [control, data, nbd] {
+    // Idle sockets that never say anything, on every port (fewer on NBD, whose per-address
+    // limit would otherwise refuse the unread-replies clients below).
+    for (target, n) in [(control, 20), (data, 20), (nbd, 8)] {
         spawn(
             "idle",
             Box::new(move |stop, tally| {
@@ -72,7 +73,7 @@ pub fn start(control: SocketAddr, data: SocketAddr, nbd: SocketAddr, secret: &[u
                         s.set_nonblocking(true).is_ok()
                             && !matches!((&*s).read(&mut [0u8; 1]), Ok(0))
                     });
-                    while held.len() < 20 {
+                    while held.len() < n {
                         match TcpStream::connect(target) {
                             Ok(s) => {
                                 tally.connections.fetch_add(1, Ordering::Relaxed);
