@@ -115,6 +115,42 @@ fn a_wrong_secret_is_reported_once_with_what_to_check() {
     assert!(err.contains("same shared secret"), "{err}");
 }
 
+/// A field of /proc/meminfo.
+fn meminfo(field: &str) -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/meminfo"))
+}
+
+#[test]
+fn memory_the_host_cannot_give_is_explained() {
+    let server = |size: &str, huge: &str| {
+        Command::new(env!("CARGO_BIN_EXE_rmem"))
+            .args(["server", "--listen", "127.0.0.1:0", "--no-admin", "--size"])
+            .args([size, "--slab-size", "2M", "--hugepages", huge])
+            .env("RMEM_SECRET", SECRET)
+            .output()
+            .unwrap()
+    };
+    let o = server("1000T", "never");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("MemAvailable"), "{err}");
+    assert!(err.contains("asked for 1048576000 MiB"), "{err}");
+    // One huge page more than the host has free, whatever it has reserved.
+    let free = meminfo("HugePages_Free");
+    let o = server(&format!("{}M", (free + 1) * 2), "require");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("/proc/sys/vm/nr_hugepages"), "{err}");
+    assert!(
+        err.contains(&format!("{free} free (HugePages_Free")),
+        "{err}"
+    );
+}
+
 #[test]
 fn serves_a_client_from_a_config_file_and_shuts_down_on_sigterm() {
     let dir = std::env::temp_dir().join(format!("rmem-srv-{}", std::process::id()));
