@@ -102,6 +102,21 @@ fn a_signed_admin_request_is_carried_out_once() {
 }
 
 #[test]
+fn shrink_by_nothing_is_a_usage_error_found_before_any_request() {
+    // Nothing listens at the admin address: a request would fail with another status.
+    let o = Command::new(env!("CARGO_BIN_EXE_rmem"))
+        .args(["server", "shrink", "--by", "0", "--admin", "127.0.0.1:1"])
+        .env("RMEM_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("more than 0"),
+        "{o:?}"
+    );
+}
+
+#[test]
 fn a_wrong_secret_is_reported_once_with_what_to_check() {
     let (_d, v) = donor();
     let o = Command::new(env!("CARGO_BIN_EXE_rmem"))
