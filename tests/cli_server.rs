@@ -36,7 +36,13 @@ fn refuses_to_start_without_a_secret_or_with_a_bad_config() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("bad.toml"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    // One line: file, line and column, what is wrong.
+    assert!(
+        err.contains("bad.toml:2:1: unknown field `slab_sise`"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
 
 /// A donor process, killed when dropped.
