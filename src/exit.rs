@@ -69,9 +69,55 @@ fn peer_kind(k: ErrorKind) -> Option<&'static str> {
 const CHECK_PEER: &str =
     "check the address and port, that the peer runs there, and that no firewall drops the traffic";
 
+/// A field of /proc/meminfo, in kB (or a count, for the HugePages_ lines).
+fn meminfo(field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    text.lines().find_map(|l| {
+        let rest = l.strip_prefix(field)?.strip_prefix(':')?;
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// What to do when the host could not back `bytes`.
+fn no_memory_hint(bytes: usize, huge: bool) -> String {
+    const MIB: u64 = 1 << 20;
+    let bytes = bytes as u64;
+    if huge {
+        let page = meminfo("Hugepagesize").map_or(2 * MIB, |kb| kb << 10);
+        let need = bytes.div_ceil(page);
+        match (meminfo("HugePages_Free"), meminfo("HugePages_Total")) {
+            (Some(free), Some(total)) => format!(
+                "{need} huge pages of {} MiB needed, {free} free (HugePages_Free in /proc/meminfo): \
+                 reserve them with `echo {} > /proc/sys/vm/nr_hugepages` as root, or use \
+                 --hugepages try",
+                page / MIB,
+                total + need.saturating_sub(free)
+            ),
+            _ => format!(
+                "{need} huge pages of {} MiB needed: reserve them in /proc/sys/vm/nr_hugepages, or \
+                 use --hugepages try",
+                page / MIB
+            ),
+        }
+    } else {
+        match meminfo("MemAvailable") {
+            Some(kb) => format!(
+                "asked for {} MiB, the host has {} MiB available (MemAvailable in /proc/meminfo): \
+                 ask for less with --size",
+                bytes / MIB,
+                (kb << 10) / MIB
+            ),
+            None => format!("asked for {} MiB: ask for less with --size", bytes / MIB),
+        }
+    }
+}
+
 impl From<TError> for Failed {
     fn from(e: TError) -> Self {
         let code = transport_code(&e);
+        if let TError::NoMemory { bytes, huge, .. } = &e {
+            return Failed::new(code, format!("{e}; {}", no_memory_hint(*bytes, *huge)));
+        }
         if let TError::Os { op, source } = &e {
             if let Some(what) = peer_kind(source.kind()) {
                 // The OS text ("Resource temporarily unavailable") would mislead.

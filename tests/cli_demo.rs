@@ -125,3 +125,26 @@ fn unreachable_peer_exits_5() {
     );
     assert!(String::from_utf8_lossy(&o.stderr).contains("connect"));
 }
+
+#[test]
+fn a_demo_larger_than_the_host_says_how_much_memory_there_is() {
+    // 200000 GiB: more than any host has, and more than a 47-bit address space.
+    let o = rmem(&["demo", "--size", "200000G"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("asked for 204800000 MiB"), "{err}");
+    assert!(err.contains("MemAvailable"), "{err}");
+}
+
+#[test]
+fn perf_refuses_zero_byte_messages_before_connecting() {
+    for args in [
+        &["perf", "client", "127.0.0.1:1", "-s", "0"][..],
+        &["perf", "loopback", "--size", "4K", "--size", "0"],
+    ] {
+        let o = rmem(args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("at least 1 byte"), "{args:?}: {err}");
+    }
+}

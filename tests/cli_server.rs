@@ -36,7 +36,13 @@ fn refuses_to_start_without_a_secret_or_with_a_bad_config() {
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("bad.toml"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    // One line: file, line and column, what is wrong.
+    assert!(
+        err.contains("bad.toml:2:1: unknown field `slab_sise`"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
 
 /// A donor process, killed when dropped.
@@ -102,6 +108,21 @@ fn a_signed_admin_request_is_carried_out_once() {
 }
 
 #[test]
+fn shrink_by_nothing_is_a_usage_error_found_before_any_request() {
+    // Nothing listens at the admin address: a request would fail with another status.
+    let o = Command::new(env!("CARGO_BIN_EXE_rmem"))
+        .args(["server", "shrink", "--by", "0", "--admin", "127.0.0.1:1"])
+        .env("RMEM_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("more than 0"),
+        "{o:?}"
+    );
+}
+
+#[test]
 fn a_wrong_secret_is_reported_once_with_what_to_check() {
     let (_d, v) = donor();
     let o = Command::new(env!("CARGO_BIN_EXE_rmem"))
@@ -113,6 +134,42 @@ fn a_wrong_secret_is_reported_once_with_what_to_check() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert_eq!(err.matches("authentication failed").count(), 1, "{err}");
     assert!(err.contains("same shared secret"), "{err}");
+}
+
+/// A field of /proc/meminfo.
+fn meminfo(field: &str) -> u64 {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/meminfo"))
+}
+
+#[test]
+fn memory_the_host_cannot_give_is_explained() {
+    let server = |size: &str, huge: &str| {
+        Command::new(env!("CARGO_BIN_EXE_rmem"))
+            .args(["server", "--listen", "127.0.0.1:0", "--no-admin", "--size"])
+            .args([size, "--slab-size", "2M", "--hugepages", huge])
+            .env("RMEM_SECRET", SECRET)
+            .output()
+            .unwrap()
+    };
+    let o = server("1000T", "never");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("MemAvailable"), "{err}");
+    assert!(err.contains("asked for 1048576000 MiB"), "{err}");
+    // One huge page more than the host has free, whatever it has reserved.
+    let free = meminfo("HugePages_Free");
+    let o = server(&format!("{}M", (free + 1) * 2), "require");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("/proc/sys/vm/nr_hugepages"), "{err}");
+    assert!(
+        err.contains(&format!("{free} free (HugePages_Free")),
+        "{err}"
+    );
 }
 
 #[test]

@@ -243,11 +243,13 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("invalid configuration in {path}")]
+    /// Where and what, on one line (toml's own text is a multi-line excerpt).
+    #[error("{}:{line}:{column}: {message}", path.display())]
     Parse {
         path: PathBuf,
-        #[source]
-        source: toml::de::Error,
+        line: usize,
+        column: usize,
+        message: String,
     },
     #[error("{0}")]
     Invalid(String),
@@ -259,9 +261,18 @@ impl ServerConfig {
             path: path.into(),
             source,
         })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.into(),
-            source,
+        toml::from_str(&text).map_err(|e| {
+            // 1-based line and column of where the error starts (1:1 when toml gives none).
+            let at = e.span().map_or(0, |s| s.start).min(text.len());
+            let before = text.get(..at).unwrap_or("");
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            ConfigError::Parse {
+                path: path.into(),
+                line,
+                column,
+                message: e.message().trim().to_string(),
+            }
         })
     }
 
@@ -409,5 +420,20 @@ mod tests {
             let c: ServerConfig = toml::from_str(&format!("[nbd]\n{bad}\n")).unwrap();
             assert!(c.validate().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_file_error_names_file_line_and_column_on_one_line() {
+        let dir = std::env::temp_dir().join(format!("rmem-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("bad.toml");
+        std::fs::write(&p, "size = \"4M\"\n  slab_sise = \"1M\"\n").unwrap();
+        let e = ServerConfig::from_file(&p).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("{}:2:3: unknown field `slab_sise`", p.display())),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

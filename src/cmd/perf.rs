@@ -58,7 +58,7 @@ pub struct ServerArgs {
     #[arg(long, default_value = "0.0.0.0:18515")]
     listen: SocketAddr,
     /// Size of the served buffer (largest message a client may use).
-    #[arg(long, default_value = "16M", value_parser = parse_size)]
+    #[arg(long, default_value = "16M", value_parser = message_size)]
     max_size: usize,
     /// Keep the target side spinning between requests (lowest latency, one core busy).
     #[arg(long)]
@@ -77,7 +77,7 @@ pub struct RunArgs {
     #[arg(long)]
     bw: bool,
     /// Message size (4096, 64K, 1M...). Repeat for several sizes.
-    #[arg(long = "size", short = 's', value_parser = parse_size, default_value = "4096")]
+    #[arg(long = "size", short = 's', value_parser = message_size, default_value = "4096")]
     sizes: Vec<usize>,
     /// Every power of two from 2 B to 8 MiB, like perftest's -a.
     #[arg(long, short = 'a')]
@@ -107,6 +107,14 @@ pub struct RunArgs {
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
+}
+
+/// A size of at least one byte: a zero-byte operation measures nothing.
+fn message_size(s: &str) -> Result<usize, String> {
+    match parse_size(s)? {
+        0 => Err("a message size must be at least 1 byte".into()),
+        n => Ok(n),
+    }
 }
 
 impl RunArgs {

@@ -32,7 +32,7 @@ enum ServerAction {
 #[derive(Args, Debug)]
 struct AdminArgs {
     /// How much (e.g. 512M, 2G; rounded up to whole slabs).
-    #[arg(long)]
+    #[arg(long, value_parser = amount)]
     by: ByteSize,
     /// The donor's admin endpoint.
     #[arg(long, default_value = "127.0.0.1:7471")]
@@ -94,6 +94,14 @@ struct RunArgs {
     /// Print the start-up line as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// A positive amount of memory.
+fn amount(s: &str) -> Result<ByteSize, String> {
+    match s.parse::<ByteSize>()? {
+        ByteSize(0) => Err("the amount must be more than 0 (e.g. 512M, 2G)".into()),
+        b => Ok(b),
+    }
 }
 
 fn parse_export(s: &str) -> Result<rmem_memserver::ExportConfig, String> {

@@ -35,6 +35,15 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The host could not back an allocation (mmap's ENOMEM): too little memory, or too few
+    /// huge pages reserved.
+    #[error("cannot allocate {bytes} bytes{}", if *huge { " of 2 MiB huge pages" } else { "" })]
+    NoMemory {
+        bytes: usize,
+        huge: bool,
+        #[source]
+        source: io::Error,
+    },
     /// An argument is out of range or inconsistent.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

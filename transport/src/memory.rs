@@ -83,7 +83,15 @@ impl Region {
             )
         };
         if p == libc::MAP_FAILED {
-            return Err(Error::last_os("mmap"));
+            let source = std::io::Error::last_os_error();
+            if source.raw_os_error() == Some(libc::ENOMEM) {
+                return Err(Error::NoMemory {
+                    bytes: len,
+                    huge: extra & libc::MAP_HUGETLB != 0,
+                    source,
+                });
+            }
+            return Err(Error::os("mmap", source));
         }
         NonNull::new(p.cast()).ok_or_else(|| Error::last_os("mmap"))
     }
@@ -300,5 +308,20 @@ mod tests {
         b.read_at(0, &mut three).unwrap();
         assert_eq!(three, [1, 0, 3]);
         assert!(b.zero(5 * 4096 - 1, 2).is_err());
+    }
+
+    #[test]
+    fn a_mapping_the_host_cannot_back_says_so() {
+        // 1 PiB: beyond any host's memory and a 47-bit address space.
+        for (huge, want) in [(HugePages::Never, false), (HugePages::Require, true)] {
+            match Buffer::alloc(1 << 50, huge) {
+                Err(Error::NoMemory { bytes, huge, .. }) => {
+                    assert!(bytes >= 1 << 50);
+                    assert_eq!(huge, want);
+                }
+                Err(e) => panic!("expected NoMemory, got {e}"),
+                Ok(_) => panic!("mapped 1 PiB"),
+            }
+        }
     }
 }
