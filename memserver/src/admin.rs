@@ -182,6 +182,25 @@ async fn metrics(State(inner): State<Arc<Inner>>) -> impl IntoResponse {
         "Control connections closed at once for being over a limit.",
         c.connections_refused.load(Ordering::Relaxed),
     );
+    let nbd = &inner.nbd_stats;
+    m(
+        "rmem_donor_nbd_connections",
+        "gauge",
+        "NBD connections being served.",
+        nbd.connections.load(Ordering::Relaxed) as u64,
+    );
+    m(
+        "rmem_donor_nbd_refused_total",
+        "counter",
+        "NBD connections closed at once for being over a limit.",
+        nbd.refused.load(Ordering::Relaxed),
+    );
+    m(
+        "rmem_donor_nbd_handshake_timeouts_total",
+        "counter",
+        "NBD connections closed for not finishing the handshake in time.",
+        nbd.handshake_timeouts.load(Ordering::Relaxed),
+    );
     m(
         "rmem_donor_bad_requests_total",
         "counter",

@@ -59,6 +59,14 @@ impl std::str::FromStr for ByteSize {
     }
 }
 
+/// A block device served over NBD, carved from the pool at start-up.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ExportConfig {
+    pub name: String,
+    pub size: ByteSize,
+}
+
 /// Everything a donor needs. Every field has a default, so a file names only what it changes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -82,7 +90,7 @@ pub struct ServerConfig {
     /// Where the NBD export listens (loopback by default: NBD has no authentication).
     pub nbd_listen: SocketAddr,
     /// Block devices served over NBD, each carved from the pool at start-up.
-    pub exports: Vec<crate::nbd::ExportConfig>,
+    pub exports: Vec<ExportConfig>,
     /// Limits on NBD clients (the protocol has no authentication).
     pub nbd: NbdConfig,
     /// Taking memory back from clients.
@@ -184,7 +192,7 @@ impl NbdConfig {
                     .into(),
             ));
         }
-        let one = u64::from(crate::nbd::MAX_REQUEST) + crate::nbd::REPLY_HEADER as u64;
+        let one = u64::from(crate::nbd_wire::MAX_REQUEST) + crate::nbd_wire::REPLY_HEADER as u64;
         if self.max_queued_replies.0 < one {
             return Err(ConfigError::Invalid(format!(
                 "nbd: max_queued_replies ({}) must hold one largest READ reply ({one} bytes)",

@@ -4,12 +4,15 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 #[derive(Default)]
 struct Counts {
     total: usize,
     by_source: HashMap<IpAddr, usize>,
+    /// Kept equal to `total` for whoever reports it (metrics).
+    gauge: Option<Arc<AtomicUsize>>,
 }
 
 /// Counts the connections of one listener.
@@ -51,6 +54,17 @@ impl ConnLimit {
         }
     }
 
+    /// Like [`ConnLimit::new`], keeping `gauge` equal to the connections open.
+    pub(crate) fn with_gauge(
+        max_total: usize,
+        max_per_source: usize,
+        gauge: Arc<AtomicUsize>,
+    ) -> ConnLimit {
+        let l = ConnLimit::new(max_total, max_per_source);
+        l.counts.lock().unwrap_or_else(|e| e.into_inner()).gauge = Some(gauge);
+        l
+    }
+
     pub(crate) fn admit(&self, ip: IpAddr) -> Result<Permit, Full> {
         let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         if c.total >= self.max_total {
@@ -62,6 +76,9 @@ impl ConnLimit {
         }
         *n += 1;
         c.total += 1;
+        if let Some(g) = &c.gauge {
+            g.store(c.total, Ordering::Relaxed);
+        }
         Ok(Permit {
             ip,
             counts: self.counts.clone(),
@@ -73,6 +90,9 @@ impl Drop for Permit {
     fn drop(&mut self) {
         let mut c = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         c.total -= 1;
+        if let Some(g) = &c.gauge {
+            g.store(c.total, Ordering::Relaxed);
+        }
         if let Some(n) = c.by_source.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {

@@ -101,6 +101,8 @@ pub(crate) struct Inner {
     /// Slabs retired because of memory pressure (what growing back may return).
     pub(crate) pressure_retired: AtomicU64,
     pub(crate) counters: Counters,
+    /// What the NBD export served and refused.
+    pub(crate) nbd_stats: Arc<crate::nbd::NbdStats>,
 }
 
 /// Ends sessions whose lease ran out; takes reclaimed slabs whose deadline passed.

@@ -26,8 +26,7 @@ pub use auth::admin_authorization;
 /// For tools that speak the control protocol ([`protocol`]) themselves.
 pub use auth::{client_proof, nonce};
 pub use client::{Client, ClientConfig, ClientError, Notice};
-pub use config::{ByteSize, ServerConfig};
+pub use config::{ByteSize, ExportConfig, ServerConfig};
 pub use donor::{Control, ShrinkReport};
-pub use nbd::ExportConfig;
 pub use protocol::{DonorStats, ErrorCode, SlabGrant};
 pub use server::{Server, ServerError};

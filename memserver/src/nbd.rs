@@ -16,18 +16,18 @@
 //! buffers of up to 2 MiB + socket buffers).
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rmem_transport::Buffer;
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::NbdConfig;
+use crate::conn_limit::{ConnLimit, Full};
 use crate::nbd_wire::*;
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
@@ -62,24 +62,12 @@ const TRANSMISSION_FLAGS: u16 = TF_HAS_FLAGS
     | TF_SEND_WRITE_ZEROES
     | TF_CAN_MULTI_CONN;
 
-/// Largest READ or WRITE one request may move.
-pub const MAX_REQUEST: u32 = 32 << 20;
-/// Bytes of a simple reply's header.
-pub const REPLY_HEADER: usize = 16;
 /// Reply buffers up to this capacity (1 MiB READs and their header, with room for how a `Vec`
 /// grows) go back to the reader for reuse, at most 16 of them; larger ones are freed, so idle
 /// buffers stay small however large the requests were.
 const REUSE_MAX: usize = 2 << 20;
 /// Longest option payload accepted during the handshake.
 const MAX_OPTION: u32 = 64 * 1024;
-
-/// An export in the configuration.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct ExportConfig {
-    pub name: String,
-    pub size: crate::ByteSize,
-}
 
 /// Every export, by name.
 pub(crate) type Exports = Arc<HashMap<String, Arc<Export>>>;
@@ -158,7 +146,7 @@ impl Export {
 #[derive(Debug, Default)]
 pub(crate) struct NbdStats {
     /// Connections being served.
-    pub(crate) connections: AtomicUsize,
+    pub(crate) connections: Arc<AtomicUsize>,
     /// Connections closed when accepted, over a limit.
     pub(crate) refused: AtomicU64,
     /// Connections closed for not finishing the handshake in time.
@@ -167,21 +155,10 @@ pub(crate) struct NbdStats {
     pub(crate) queued_peak: AtomicUsize,
 }
 
-/// Serves the exports on `listener` for ever, with the default limits.
-pub(crate) async fn serve(listener: TcpListener, exports: Exports) {
-    serve_with(
-        listener,
-        exports,
-        NbdConfig::default(),
-        Arc::new(NbdStats::default()),
-    )
-    .await
-}
-
 /// Connections being served, in all and per source address.
 struct Admission {
     limits: NbdConfig,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    places: ConnLimit,
     stats: Arc<NbdStats>,
     /// When a refusal was last logged, and how many went unlogged since: a flood of
     /// connections must not become a flood of log lines.
@@ -191,15 +168,9 @@ struct Admission {
 /// At most one log line per this about refused connections.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// A connection's place under the limits, given back when it ends.
-struct Admitted {
-    admission: Arc<Admission>,
-    ip: IpAddr,
-}
-
 impl Admission {
     /// Counts a connection closed over a limit; logs it unless one was logged lately.
-    fn refused(&self, peer: SocketAddr, why: &str) {
+    fn refused(&self, peer: SocketAddr, why: Full) {
         self.stats.refused.fetch_add(1, Ordering::Relaxed);
         let mut log = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
@@ -210,43 +181,12 @@ impl Admission {
             log.1 += 1;
             return;
         }
-        tracing::warn!(%peer, refused_unlogged = log.1, "{why}: connection closed");
+        let limit = match why {
+            Full::Total(_) => "nbd.max_connections",
+            Full::Source(_) => "nbd.max_connections_per_ip",
+        };
+        tracing::warn!(%peer, refused_unlogged = log.1, "NBD connection closed: {why} ({limit})");
         *log = (Some(now), 0);
-    }
-
-    /// A place for a connection from `ip`, or why there is none.
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admitted, &'static str> {
-        let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        let total: usize = per_ip.values().sum();
-        if total >= self.limits.max_connections {
-            return Err("too many NBD connections (nbd.max_connections)");
-        }
-        let n = per_ip.entry(ip).or_insert(0);
-        if *n >= self.limits.max_connections_per_ip {
-            return Err("too many NBD connections from this address (nbd.max_connections_per_ip)");
-        }
-        *n += 1;
-        self.stats.connections.store(total + 1, Ordering::Relaxed);
-        Ok(Admitted {
-            admission: self.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for Admitted {
-    fn drop(&mut self) {
-        let a = &self.admission;
-        let mut per_ip = a.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = per_ip.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                per_ip.remove(&self.ip);
-            }
-        }
-        a.stats
-            .connections
-            .store(per_ip.values().sum(), Ordering::Relaxed);
     }
 }
 
@@ -258,15 +198,19 @@ pub(crate) async fn serve_with(
     stats: Arc<NbdStats>,
 ) {
     let admission = Arc::new(Admission {
+        places: ConnLimit::with_gauge(
+            limits.max_connections,
+            limits.max_connections_per_ip,
+            stats.connections.clone(),
+        ),
         limits,
-        per_ip: Mutex::new(HashMap::new()),
         stats,
         refusals: Mutex::new((None, 0)),
     });
     loop {
         match listener.accept().await {
             Ok((s, peer)) => {
-                let place = match admission.admit(peer.ip()) {
+                let place = match admission.places.admit(peer.ip()) {
                     Ok(p) => p,
                     Err(why) => {
                         drop(s);

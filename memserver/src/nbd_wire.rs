@@ -22,3 +22,8 @@ pub const EIO: u32 = 5;
 pub const EINVAL: u32 = 22;
 pub const ENOSPC: u32 = 28;
 pub const ENOTSUP: u32 = 95;
+
+/// Largest READ or WRITE one request may move.
+pub const MAX_REQUEST: u32 = 32 << 20;
+/// Bytes of a simple reply's header.
+pub const REPLY_HEADER: usize = 16;

@@ -115,6 +115,7 @@ impl Server {
                 reclaims: Mutex::new(HashMap::new()),
                 pressure_retired: AtomicU64::new(0),
                 counters: Counters::default(),
+                nbd_stats: Arc::default(),
             }),
             listener,
             nbd,
@@ -156,10 +157,10 @@ impl Server {
             .reclaim
             .pressure
             .then(|| tokio::spawn(crate::pressure::watch(Control(self.inner.clone()))));
-        let nbd = self
-            .nbd
-            .take()
-            .map(|(l, e)| tokio::spawn(crate::nbd::serve(l, e)));
+        let nbd = self.nbd.take().map(|(l, e)| {
+            let (limits, stats) = (self.inner.cfg.nbd.clone(), self.inner.nbd_stats.clone());
+            tokio::spawn(crate::nbd::serve_with(l, e, limits, stats))
+        });
         let admin = self
             .admin
             .take()
