@@ -18,7 +18,8 @@ use crate::blockio::IoCounters;
 use crate::kernel_nbd;
 use crate::kernel_ublk::{self, UblkConfig};
 use crate::reserve;
-use crate::store::{Store, StoreConfig, StoreStatus};
+use crate::status::status;
+use crate::store::{Store, StoreConfig};
 use crate::swapfile;
 
 /// Where daemons put their control sockets.
@@ -95,24 +96,6 @@ pub struct Ready {
     pub swapon: bool,
     pub socket: String,
     pub pid: u32,
-}
-
-/// What `status` shows.
-#[derive(Debug, Clone, Serialize)]
-pub struct DeviceStatus {
-    pub device: String,
-    /// "ublk" or "nbd".
-    pub backend: &'static str,
-    pub pid: u32,
-    pub swapon: bool,
-    pub reads: u64,
-    pub writes: u64,
-    /// Bytes paged in from the device (swap-in).
-    pub bytes_in: u64,
-    /// Bytes paged out to the device (swap-out).
-    pub bytes_out: u64,
-    pub io_errors: u64,
-    pub store: StoreStatus,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -558,27 +541,6 @@ impl Repair {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-    }
-}
-
-fn status(
-    store: &Store,
-    device: &str,
-    backend: &'static str,
-    swapon: bool,
-    io: &IoCounters,
-) -> DeviceStatus {
-    DeviceStatus {
-        device: device.to_string(),
-        backend,
-        pid: std::process::id(),
-        swapon,
-        reads: io.reads.load(Ordering::Relaxed),
-        writes: io.writes.load(Ordering::Relaxed),
-        bytes_in: io.bytes_read.load(Ordering::Relaxed),
-        bytes_out: io.bytes_written.load(Ordering::Relaxed),
-        io_errors: io.errors.load(Ordering::Relaxed),
-        store: store.status(),
     }
 }
 

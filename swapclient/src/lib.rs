@@ -15,6 +15,7 @@ pub mod kernel_ublk;
 pub mod metrics;
 pub mod region;
 pub mod reserve;
+pub mod status;
 pub mod store;
 pub mod swapfile;
 

@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use crate::daemon::DeviceStatus;
+use crate::status::DeviceStatus;
 use crate::store::DonorStatus;
 
 /// A per-donor family: name, type, help, and how to read it off a donor.
