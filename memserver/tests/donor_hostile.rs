@@ -22,6 +22,19 @@ async fn donor_with(
     slabs: u64,
     tune: impl FnOnce(&mut ServerConfig),
 ) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let (addr, _, stop) = donor_nbd(slabs, tune).await;
+    (addr, stop)
+}
+
+/// A donor, with its NBD address when it has exports.
+async fn donor_nbd(
+    slabs: u64,
+    tune: impl FnOnce(&mut ServerConfig),
+) -> (
+    SocketAddr,
+    Option<SocketAddr>,
+    tokio::sync::oneshot::Sender<()>,
+) {
     let mut cfg = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         size: ByteSize(slabs << 20),
@@ -33,11 +46,12 @@ async fn donor_with(
     tune(&mut cfg);
     let server = Server::bind(cfg, SECRET.to_vec()).await.unwrap();
     let addr = server.local_addr();
+    let nbd = server.nbd_addr();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(server.run(async {
         let _ = rx.await;
     }));
-    (addr, tx)
+    (addr, nbd, tx)
 }
 
 async fn client(addr: SocketAddr, name: &str) -> Client {
@@ -241,4 +255,37 @@ async fn control_connections_are_bounded_per_address_and_idle_ones_time_out() {
     // The places are free again.
     let c = client(addr, "after").await;
     assert_eq!(c.alloc(1).await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_donor_applies_its_nbd_limits_from_the_config() {
+    let (_, nbd, _stop) = donor_nbd(4, |c| {
+        c.nbd_listen = "127.0.0.1:0".parse().unwrap();
+        c.exports = vec![rmem_memserver::ExportConfig {
+            name: "x".into(),
+            size: ByteSize(1 << 20),
+        }];
+        c.nbd.max_connections_per_ip = 1;
+    })
+    .await;
+    let nbd = nbd.expect("an NBD listener");
+    let greeted = |mut s: TcpStream| {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut b = [0u8; 18];
+        s.read_exact(&mut b).is_ok()
+    };
+    let first = TcpStream::connect(nbd).unwrap();
+    let second = TcpStream::connect(nbd).unwrap();
+    let (a, b) = tokio::task::spawn_blocking(move || {
+        let keep = first.try_clone().unwrap();
+        (greeted(first), greeted(second), keep)
+    })
+    .await
+    .map(|(a, b, _keep)| (a, b))
+    .unwrap();
+    assert!(a, "the first connection is served");
+    assert!(
+        !b,
+        "a second one from the same address is closed (nbd.max_connections_per_ip = 1)"
+    );
 }
