@@ -1,49 +1,34 @@
 //! The donor's NBD export through real NBD clients (libnbd's nbdinfo and nbdcopy, qemu-io).
 //! scripts/test.sh installs them; a missing tool fails the test rather than skipping it.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
-struct Donor(Child, String);
+mod support;
 
-impl Drop for Donor {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// A donor with these NBD exports (NAME=SIZE), and its NBD address.
+struct Donor {
+    _process: support::Donor,
+    nbd: String,
 }
 
 fn donor(exports: &[&str]) -> Donor {
     let mut args = vec![
-        "server",
-        "--listen",
-        "127.0.0.1:0",
         "--size",
         "16M",
         "--slab-size",
         "1M",
-        "--hugepages",
-        "never",
         "--no-admin",
         "--nbd-listen",
         "127.0.0.1:0",
-        "--json",
     ];
     for e in exports {
         args.extend(["--export", e]);
     }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rmem"))
-        .args(&args)
-        .env("RMEM_SECRET", "nbd test secret, long enough")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_str(&line).expect("start-up line");
-    Donor(child, v["nbd"].as_str().expect("nbd address").to_string())
+    let d = support::donor("nbd test secret, long enough", &args);
+    Donor {
+        nbd: d.addr("nbd").to_string(),
+        _process: d,
+    }
 }
 
 fn run(cmd: &str, args: &[&str]) -> String {
@@ -62,12 +47,12 @@ fn run(cmd: &str, args: &[&str]) -> String {
 #[test]
 fn nbdinfo_lists_exports_with_size_and_block_sizes() {
     let d = donor(&["swap0=5M", "small=4096"]);
-    let list = run("nbdinfo", &["--list", &format!("nbd://{}", d.1)]);
+    let list = run("nbdinfo", &["--list", &format!("nbd://{}", d.nbd)]);
     assert!(
         list.contains("export=\"swap0\"") && list.contains("export=\"small\""),
         "{list}"
     );
-    let info = run("nbdinfo", &["--json", &format!("nbd://{}/swap0", d.1)]);
+    let info = run("nbdinfo", &["--json", &format!("nbd://{}/swap0", d.nbd)]);
     let v: serde_json::Value = serde_json::from_str(&info).unwrap();
     let e = &v["exports"][0];
     assert_eq!(e["export-size"], 5 << 20);
@@ -75,7 +60,7 @@ fn nbdinfo_lists_exports_with_size_and_block_sizes() {
     assert_eq!(e["can_trim"], true);
     assert_eq!(e["can_zero"], true);
     let o = Command::new("nbdinfo")
-        .arg(format!("nbd://{}/nosuch", d.1))
+        .arg(format!("nbd://{}/nosuch", d.nbd))
         .output()
         .unwrap();
     assert!(!o.status.success(), "an unknown export was served");
@@ -91,7 +76,7 @@ fn nbdcopy_round_trip_is_exact() {
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     std::fs::write(&src, &data).unwrap();
-    let uri = format!("nbd://{}/disk", d.1);
+    let uri = format!("nbd://{}/disk", d.nbd);
     run("nbdcopy", &[src.to_str().unwrap(), &uri]);
     run("nbdcopy", &[&uri, dst.to_str().unwrap()]);
     assert!(
@@ -103,7 +88,7 @@ fn nbdcopy_round_trip_is_exact() {
 #[test]
 fn qemu_io_patterns_zeroes_and_bounds() {
     let d = donor(&["vm=2M"]);
-    let uri = format!("nbd://{}/vm", d.1);
+    let uri = format!("nbd://{}/vm", d.nbd);
     // qemu-io verifies -P patterns itself and reports a mismatch.
     let out = run(
         "qemu-io",

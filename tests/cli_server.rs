@@ -45,44 +45,25 @@ fn refuses_to_start_without_a_secret_or_with_a_bad_config() {
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
 
-/// A donor process, killed when dropped.
-struct Donor(std::process::Child);
+mod support;
 
-impl Drop for Donor {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use support::Donor;
 
 /// `rmem server` on loopback with 4 slabs of 1 MiB and an admin endpoint; its start-up line.
 fn donor() -> (Donor, serde_json::Value) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rmem"))
-        .args([
-            "server",
-            "--listen",
-            "127.0.0.1:0",
+    let d = support::donor(
+        SECRET,
+        &[
             "--size",
             "4M",
             "--slab-size",
             "1M",
-            "--hugepages",
-            "never",
-            "--no-pressure",
             "--admin-listen",
             "127.0.0.1:0",
-            "--json",
-        ])
-        .env("RMEM_SECRET", SECRET)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let v = serde_json::from_str(&line).expect("start-up line");
-    (Donor(child), v)
+        ],
+    );
+    let v = d.info.clone();
+    (d, v)
 }
 
 #[test]

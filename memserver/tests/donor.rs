@@ -6,48 +6,26 @@ use std::time::Duration;
 
 use rmem_memserver::protocol::{read_frame, write_msg, ClientMsg, ServerMsg};
 use rmem_memserver::{
-    ByteSize, Client, ClientConfig, ClientError, Control, ErrorCode, Notice, Server, ServerConfig,
+    ByteSize, Client, ClientConfig, ClientError, Control, ErrorCode, Notice, ServerConfig,
 };
-use rmem_transport::{HugePages, WcStatus};
+use rmem_transport::WcStatus;
 use tokio::io::AsyncWriteExt;
 
-const SECRET: &[u8] = b"a shared secret for tests";
+mod support;
+
+use support::{client, SECRET};
 
 async fn donor(slabs: u64, lease_secs: u64) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let (addr, stop, _) = donor_with(slabs, |c| c.lease_secs = lease_secs).await;
     (addr, stop)
 }
 
-/// A donor of `slabs` 1 MiB slabs; pressure reclaim off unless `tune` turns it on (the test
-/// host's own pressure must not shrink it).
 async fn donor_with(
     slabs: u64,
     tune: impl FnOnce(&mut ServerConfig),
 ) -> (SocketAddr, tokio::sync::oneshot::Sender<()>, Control) {
-    let mut cfg = ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        size: ByteSize(slabs << 20),
-        slab_size: ByteSize(1 << 20),
-        lease_secs: 30,
-        hugepages: HugePages::Never,
-        ..Default::default()
-    };
-    cfg.reclaim.pressure = false;
-    tune(&mut cfg);
-    let server = Server::bind(cfg, SECRET.to_vec()).await.unwrap();
-    let addr = server.local_addr();
-    let ctl = server.control();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(server.run(async {
-        let _ = rx.await;
-    }));
-    (addr, tx, ctl)
-}
-
-async fn client(addr: SocketAddr, name: &str) -> Client {
-    let mut c = ClientConfig::new(addr, SECRET.to_vec());
-    c.name = name.into();
-    Client::connect(c).await.unwrap()
+    let d = support::donor_with(slabs, tune).await;
+    (d.addr, d.stop, d.control)
 }
 
 /// Runs blocking data-path calls off the runtime's threads.
@@ -465,7 +443,7 @@ async fn memory_pressure_shrinks_the_donor_and_calm_grows_it_back() {
     assert_eq!(ctl.stats().slabs_retired, 4, "a second step after settling");
     write("0.10");
     while ctl.stats().slabs_retired > 0 {
-        assert!(t0.elapsed() < Duration::from_secs(10), "never grew back");
+        assert!(t0.elapsed() < Duration::from_secs(20), "never grew back");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(ctl.stats().slabs_free, 8);

@@ -8,11 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rmem_memserver::protocol::{read_frame, write_msg, ClientMsg, ServerMsg, VERSION};
-use rmem_memserver::{ByteSize, Client, ClientConfig, Server, ServerConfig};
+use rmem_memserver::{ByteSize, ClientConfig, ServerConfig};
 use rmem_transport::tcp::wire::{Hello, HelloKind, ReqOp, Request, HELLO_LEN};
-use rmem_transport::HugePages;
 
-const SECRET: &[u8] = b"a shared secret for tests";
+mod support;
+
+use support::{client, SECRET};
 
 async fn donor(slabs: u64) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
     donor_with(slabs, |_| {}).await
@@ -22,42 +23,8 @@ async fn donor_with(
     slabs: u64,
     tune: impl FnOnce(&mut ServerConfig),
 ) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
-    let (addr, _, stop) = donor_nbd(slabs, tune).await;
-    (addr, stop)
-}
-
-/// A donor, with its NBD address when it has exports.
-async fn donor_nbd(
-    slabs: u64,
-    tune: impl FnOnce(&mut ServerConfig),
-) -> (
-    SocketAddr,
-    Option<SocketAddr>,
-    tokio::sync::oneshot::Sender<()>,
-) {
-    let mut cfg = ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        size: ByteSize(slabs << 20),
-        slab_size: ByteSize(1 << 20),
-        hugepages: HugePages::Never,
-        ..Default::default()
-    };
-    cfg.reclaim.pressure = false;
-    tune(&mut cfg);
-    let server = Server::bind(cfg, SECRET.to_vec()).await.unwrap();
-    let addr = server.local_addr();
-    let nbd = server.nbd_addr();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(server.run(async {
-        let _ = rx.await;
-    }));
-    (addr, nbd, tx)
-}
-
-async fn client(addr: SocketAddr, name: &str) -> Client {
-    let mut c = ClientConfig::new(addr, SECRET.to_vec());
-    c.name = name.into();
-    Client::connect(c).await.unwrap()
+    let d = support::donor_with(slabs, tune).await;
+    (d.addr, d.stop)
 }
 
 fn hello(kind: HelloKind, private: &[u8]) -> Vec<u8> {
@@ -259,7 +226,7 @@ async fn control_connections_are_bounded_per_address_and_idle_ones_time_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_donor_applies_its_nbd_limits_from_the_config() {
-    let (_, nbd, _stop) = donor_nbd(4, |c| {
+    let d = support::donor_with(4, |c| {
         c.nbd_listen = "127.0.0.1:0".parse().unwrap();
         c.exports = vec![rmem_memserver::ExportConfig {
             name: "x".into(),
@@ -268,7 +235,7 @@ async fn the_donor_applies_its_nbd_limits_from_the_config() {
         c.nbd.max_connections_per_ip = 1;
     })
     .await;
-    let nbd = nbd.expect("an NBD listener");
+    let nbd = d.nbd.expect("an NBD listener");
     let greeted = |mut s: TcpStream| {
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut b = [0u8; 18];

@@ -9,10 +9,10 @@
 //! `benches/soak.sh` runs a long one in release and keeps the table.
 
 mod hostile;
+#[path = "../support/mod.rs"]
+mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,54 +22,22 @@ use rmem_memserver::{Client, ClientConfig};
 
 const SECRET: &str = "soak test secret, long enough";
 
-struct Donor {
-    child: Child,
-    control: SocketAddr,
-    nbd: SocketAddr,
-}
-
-impl Drop for Donor {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn donor() -> Donor {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rmem"))
-        .args([
-            "server",
-            "--listen",
-            "127.0.0.1:0",
+/// The donor under test: 192 slabs of 1 MiB and a 64 MiB NBD export.
+fn donor() -> support::Donor {
+    support::donor(
+        SECRET,
+        &[
             "--size",
             "192M",
             "--slab-size",
             "1M",
-            "--hugepages",
-            "never",
             "--no-admin",
-            "--no-pressure",
             "--nbd-listen",
             "127.0.0.1:0",
             "--export",
             "soak=64M",
-            "--json",
-        ])
-        .env("RMEM_SECRET", SECRET)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_str(&line).expect("start-up line");
-    let addr = |k: &str| v[k].as_str().expect(k).parse().unwrap();
-    Donor {
-        control: addr("listening"),
-        nbd: addr("nbd"),
-        child,
-    }
+        ],
+    )
 }
 
 /// (RSS bytes, open descriptors) of a process.
@@ -179,12 +147,13 @@ fn donor_serves_legitimate_clients_through_an_attack_and_recovers() {
     let clients = env_u64("RMEM_SOAK_CLIENTS", 4) as usize;
     let d = donor();
     let pid = d.child.id();
+    let (control, nbd) = (d.addr("listening"), d.addr("nbd"));
     let rec = Arc::new(Record::new());
     let stop = Arc::new(AtomicBool::new(false));
     let workers: Vec<_> = (0..clients)
         .map(|n| {
             let (r, s) = (rec.clone(), stop.clone());
-            let addr = d.control;
+            let addr = control;
             std::thread::spawn(move || legit(addr, n, r, s))
         })
         .collect();
@@ -196,7 +165,7 @@ fn donor_serves_legitimate_clients_through_an_attack_and_recovers() {
             .unwrap();
         let c = rt
             .block_on(Client::connect(ClientConfig::new(
-                d.control,
+                control,
                 SECRET.as_bytes().to_vec(),
             )))
             .unwrap();
@@ -206,7 +175,7 @@ fn donor_serves_legitimate_clients_through_an_attack_and_recovers() {
     std::thread::sleep(phase);
     let start = footprint(pid);
     rec.phase.store(1, Ordering::Relaxed);
-    let attack = hostile::start(d.control, data, d.nbd, SECRET.as_bytes());
+    let attack = hostile::start(control, data, nbd, SECRET.as_bytes());
     let mut peak = start;
     let t = Instant::now();
     while t.elapsed() < phase {

@@ -1,0 +1,50 @@
+//! What the donor's integration tests share: an in-process donor on loopback and a client.
+#![allow(dead_code)] // each test file uses what it needs
+
+use std::net::SocketAddr;
+
+use rmem_memserver::{ByteSize, Client, ClientConfig, Control, Server, ServerConfig};
+use rmem_transport::HugePages;
+
+pub const SECRET: &[u8] = b"a shared secret for tests";
+
+/// A running donor; it stops when `stop` is dropped or sent.
+pub struct TestDonor {
+    pub addr: SocketAddr,
+    pub nbd: Option<SocketAddr>,
+    pub control: Control,
+    pub stop: tokio::sync::oneshot::Sender<()>,
+}
+
+/// A donor of `slabs` 1 MiB slabs, lease 30 s; pressure reclaim off (the test host's own
+/// pressure must not shrink it) unless `tune` turns it on.
+pub async fn donor_with(slabs: u64, tune: impl FnOnce(&mut ServerConfig)) -> TestDonor {
+    let mut cfg = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        size: ByteSize(slabs << 20),
+        slab_size: ByteSize(1 << 20),
+        lease_secs: 30,
+        hugepages: HugePages::Never,
+        ..Default::default()
+    };
+    cfg.reclaim.pressure = false;
+    tune(&mut cfg);
+    let server = Server::bind(cfg, SECRET.to_vec()).await.unwrap();
+    let (addr, nbd, control) = (server.local_addr(), server.nbd_addr(), server.control());
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(server.run(async {
+        let _ = rx.await;
+    }));
+    TestDonor {
+        addr,
+        nbd,
+        control,
+        stop,
+    }
+}
+
+pub async fn client(addr: SocketAddr, name: &str) -> Client {
+    let mut c = ClientConfig::new(addr, SECRET.to_vec());
+    c.name = name.into();
+    Client::connect(c).await.unwrap()
+}
