@@ -6,8 +6,8 @@
 //! hands a connection on only when its whole hello has arrived. Each connection has a deadline
 //! for its whole hello (not per read), and the gate holds at most
 //! [`ListenLimits::max_pending`] connections, at most [`ListenLimits::max_per_source`] of them
-//! from one IP address; past the total the oldest one is dropped, so a slow flood ages out while
-//! new peers keep getting in.
+//! from one IP address; past either bound the oldest unfinished hello (from that address, for
+//! the second) is dropped, so a slow flood ages out while new peers keep getting in.
 //!
 //! The gate only reads: what the hello means, and whether the connection is accepted, is the
 //! provider's business (its [`Framing`]) and then the application's ([`crate::Incoming`]).
@@ -259,9 +259,28 @@ impl Gate {
             };
             let from_source = self.held_from(peer.ip()) + also_held(peer.ip());
             if from_source >= self.limits.max_per_source {
-                self.log
-                    .note(dropped, peer, "too many connections from its address");
-                continue;
+                // Peers behind one address (a NAT, a shared host) share its places: the oldest
+                // unfinished hello from there makes room, so a stalling peer cannot keep a
+                // prompt one from the same address out. Only when none is ours to drop (all
+                // are the provider's half-open pairs) is the newcomer refused.
+                let oldest = (0..self.pending.len())
+                    .filter(|&i| self.pending[i].peer.ip() == peer.ip())
+                    .min_by_key(|&i| self.pending[i].deadline);
+                match oldest {
+                    Some(i) => {
+                        let p = self.pending.swap_remove(i);
+                        self.log.note(
+                            dropped,
+                            p.peer,
+                            "the oldest pending one from an address over its limit",
+                        );
+                    }
+                    None => {
+                        self.log
+                            .note(dropped, peer, "too many connections from its address");
+                        continue;
+                    }
+                }
             }
             if self.pending.len() >= self.limits.max_pending {
                 // The oldest is the likeliest to be stalling on purpose.

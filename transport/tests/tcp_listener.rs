@@ -326,3 +326,50 @@ fn a_peer_that_dies_before_its_answer_fails_alone() {
     assert_eq!(c.private, b"next");
     ok.join().unwrap().unwrap();
 }
+
+#[test]
+fn a_stalling_peer_cannot_keep_a_prompt_one_from_its_own_address_out() {
+    let limits = ListenLimits {
+        max_per_source: 8,
+        ..ListenLimits::default()
+    };
+    let t = side(limits);
+    let addr = t.listener.local_addr();
+    // Eight half-sent hellos from 127.0.0.1 fill that address's places...
+    let stalled: Vec<TcpStream> = (0..8)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(b"RMQP").unwrap();
+            s
+        })
+        .collect();
+    let _ = t.listener.incoming(Some(Duration::from_millis(200)));
+    // ...and a prompt peer from the same address still gets in, at the oldest one's expense.
+    let peer = ctx();
+    let (ppd, pcq) = (peer.alloc_pd().unwrap(), peer.create_cq(16).unwrap());
+    let cfg = QpConfig::new(&ppd, &pcq).connect_timeout(Duration::from_secs(5));
+    let client = std::thread::spawn(move || peer.connect(addr, &cfg, b"prompt").map(|_| ()));
+    let cq = t.ctx.create_cq(16).unwrap();
+    let c = t
+        .listener
+        .accept(
+            &QpConfig::new(&t.pd, &cq),
+            b"",
+            Some(Duration::from_secs(5)),
+        )
+        .expect("the prompt peer is accepted");
+    assert_eq!(c.private, b"prompt");
+    client.join().unwrap().expect("the prompt peer's connect");
+    let closed = stalled
+        .iter()
+        .filter(|s| {
+            s.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            matches!((&**s).read(&mut [0u8; 1]), Ok(0))
+        })
+        .count();
+    assert_eq!(
+        closed, 2,
+        "the two oldest stalled hellos made room for the pair"
+    );
+}
