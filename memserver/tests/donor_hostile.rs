@@ -182,7 +182,7 @@ async fn a_reconnect_flood_costs_no_threads_descriptors_or_other_clients_time() 
 async fn control_connections_are_bounded_per_address_and_idle_ones_time_out() {
     let (addr, _stop) = donor_with(2, |c| {
         c.control.max_per_source = 4;
-        c.control.handshake_timeout_ms = 500;
+        c.control.handshake_timeout_ms = 2000;
     })
     .await;
     let start = Instant::now();
@@ -192,7 +192,7 @@ async fn control_connections_are_bounded_per_address_and_idle_ones_time_out() {
         .into_iter()
         .map(|mut s| {
             std::thread::spawn(move || {
-                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
                 let mut b = [0u8; 1];
                 let _ = s.read(&mut b);
                 start.elapsed()
@@ -209,14 +209,14 @@ async fn control_connections_are_bounded_per_address_and_idle_ones_time_out() {
     .unwrap();
     let at_once = ended
         .iter()
-        .filter(|t| **t < Duration::from_millis(400))
+        .filter(|t| **t < Duration::from_millis(1500))
         .count();
     assert_eq!(
         at_once, 6,
         "beyond 4 per address, closed at once: {ended:?}"
     );
     assert!(
-        ended.iter().all(|t| *t < Duration::from_secs(3)),
+        ended.iter().all(|t| *t < Duration::from_secs(6)),
         "idle connections outlived the handshake deadline: {ended:?}"
     );
     // The places are free again.
