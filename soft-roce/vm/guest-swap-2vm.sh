@@ -63,7 +63,7 @@ ctl() {
 }
 fail() {
   echo "FAIL: $*"
-  for f in /tmp/*.log; do echo "--- $f"; tail -20 "$f"; done
+  for f in /tmp/*.log /run/rmem-log/*.log; do [ -e "$f" ] && { echo "--- $f"; tail -20 "$f"; }; done
   ctl done
   exit "${2:-80}"
 }
@@ -85,12 +85,17 @@ excess=$(( (size_mib * 1024 - mem_kib) / 4 ))
 echo "== b: MemTotal $((mem_kib / 1024)) MiB; memcheck ${size_mib}M; swap ${swap_mib}M; no memory cgroup;" \
   "vm.min_free_kbytes $(cat /proc/sys/vm/min_free_kbytes)"
 
+# The swap daemon's log lives on ramfs, which is never swapped: on tmpfs (the initramfs's /tmp)
+# a page of the log file can be swapped out to the very device the daemon serves, and the
+# daemon's next log line would then wait for a swap-in only it can serve.
+mkdir -p /run/rmem-log && mount -t ramfs ramfs /run/rmem-log
+
 # up ARGS...: `rmem swap up` against a's donors, waiting until swap is on; restarted while the
 # donors are still starting.
 up() {
   tries=0
   while :; do
-    rmem swap up --size "${swap_mib}M" "$@" > /tmp/swap.log 2>&1 &
+    rmem swap up --size "${swap_mib}M" "$@" > /run/rmem-log/swap.log 2>&1 &
     echo $! > /tmp/swapd.pid
     n=0
     while ! grep -Eq 'nbd|ublkb' /proc/swaps; do
