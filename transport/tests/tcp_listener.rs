@@ -98,6 +98,21 @@ fn side(limits: ListenLimits) -> Side {
     }
 }
 
+/// A peer connecting to `addr` with `private` from its own thread (5 s connect timeout); the
+/// thread returns how long the connect took.
+fn connect_in_thread(
+    addr: SocketAddr,
+    private: &'static [u8],
+) -> std::thread::JoinHandle<Result<Duration, Error>> {
+    std::thread::spawn(move || {
+        let peer = ctx();
+        let (ppd, pcq) = (peer.alloc_pd().unwrap(), peer.create_cq(16).unwrap());
+        let cfg = QpConfig::new(&ppd, &pcq).connect_timeout(Duration::from_secs(5));
+        let start = Instant::now();
+        peer.connect(addr, &cfg, private).map(|_| start.elapsed())
+    })
+}
+
 fn next(l: &Listener) -> Incoming {
     l.incoming(Some(Duration::from_secs(10)))
         .expect("a request")
@@ -201,13 +216,7 @@ fn slow_and_idle_peers_do_not_hold_up_a_legitimate_one() {
         .map(|_| trickler(addr, Duration::from_millis(200)))
         .collect();
     std::thread::sleep(Duration::from_millis(100));
-    let peer = ctx();
-    let (ppd, pcq) = (peer.alloc_pd().unwrap(), peer.create_cq(16).unwrap());
-    let cfg = QpConfig::new(&ppd, &pcq).connect_timeout(Duration::from_secs(5));
-    let client = std::thread::spawn(move || {
-        let start = Instant::now();
-        peer.connect(addr, &cfg, b"legit").map(|_| start.elapsed())
-    });
+    let client = connect_in_thread(addr, b"legit");
     let cq = t.ctx.create_cq(16).unwrap();
     let accepted = t
         .listener
@@ -315,10 +324,7 @@ fn a_peer_that_dies_before_its_answer_fails_alone() {
         }
     }
     // The listener serves the next peer.
-    let peer = ctx();
-    let (ppd, pcq) = (peer.alloc_pd().unwrap(), peer.create_cq(16).unwrap());
-    let pcfg = QpConfig::new(&ppd, &pcq);
-    let ok = std::thread::spawn(move || peer.connect(addr, &pcfg, b"next").map(|_| ()));
+    let ok = connect_in_thread(addr, b"next");
     let c = t
         .listener
         .accept(&cfg, b"", Some(Duration::from_secs(10)))
@@ -345,10 +351,7 @@ fn a_stalling_peer_cannot_keep_a_prompt_one_from_its_own_address_out() {
         .collect();
     let _ = t.listener.incoming(Some(Duration::from_millis(200)));
     // ...and a prompt peer from the same address still gets in, at the oldest one's expense.
-    let peer = ctx();
-    let (ppd, pcq) = (peer.alloc_pd().unwrap(), peer.create_cq(16).unwrap());
-    let cfg = QpConfig::new(&ppd, &pcq).connect_timeout(Duration::from_secs(5));
-    let client = std::thread::spawn(move || peer.connect(addr, &cfg, b"prompt").map(|_| ()));
+    let client = connect_in_thread(addr, b"prompt");
     let cq = t.ctx.create_cq(16).unwrap();
     let c = t
         .listener
