@@ -266,18 +266,23 @@ def ms(x):
 
 
 # --------------------------------------------------------------------------------------------
-# The tcp provider's wire format (transport/src/tcp/wire.rs): little-endian; 32-byte hello,
-# 40-byte request, 24-byte response.
+# The connection exchange (transport/src/exchange.rs: 16-byte header, provider payload, private
+# data) and the tcp provider's wire format (transport/src/tcp/wire.rs: 17-byte payload of
+# connection id and role; 40-byte request, 24-byte response). Little-endian.
 # --------------------------------------------------------------------------------------------
 
-HELLO_PRIMARY, HELLO_SECONDARY, HELLO_ACCEPT, HELLO_REJECT = 1, 2, 3, 4
+HELLO_PRIMARY, HELLO_SECONDARY = 1, 2          # roles in a request's tcp payload
+KIND_REQUEST, HELLO_ACCEPT, HELLO_REJECT = 1, 2, 3  # exchange hello kinds
+PROVIDER_TCP = 1
+HEADER_LEN = 16
 OP_WRITE, OP_READ = 1, 3
 RESP_ACK, RESP_READ_DATA, RESP_ATOMIC, RESP_NAK = 1, 2, 3, 4
 
 
-def hello(kind, conn_id, private_len=0, status=0):
-    return (b"RMQP" + struct.pack("<HBB", 1, kind, 0) + conn_id
-            + struct.pack("<HH", private_len, status) + b"\0" * 4)
+def hello(role, conn_id, private_len=0):
+    """A tcp request hello for one half (`private_len` bytes of private data must follow)."""
+    return (b"RMEX" + struct.pack("<HBBHHHH", 1, KIND_REQUEST, PROVIDER_TCP, 0, 17, private_len, 0)
+            + conn_id + bytes([role]))
 
 
 def request(op, length, seq, rkey, addr):
@@ -288,13 +293,13 @@ def parse_stream(buf):
     """Hellos and responses in the order they came (a target may answer before the hello)."""
     items, i = [], 0
     while i < len(buf):
-        if buf[i:i + 4] == b"RMQP":
-            if len(buf) - i < 32:
+        if buf[i:i + 4] == b"RMEX":
+            if len(buf) - i < HEADER_LEN:
                 break
             kind = buf[i + 6]
-            plen, status = struct.unpack_from("<HH", buf, i + 24)
+            status, paylen, plen = struct.unpack_from("<HHH", buf, i + 8)
             items.append({"hello": kind, "status": status})
-            i += 32 + plen
+            i += HEADER_LEN + paylen + plen
         else:
             if len(buf) - i < 24:
                 break
@@ -314,13 +319,14 @@ class DataQp:
         self.primary.sendall(hello(HELLO_PRIMARY, self.conn_id, len(private)) + private)
         self.secondary = dial(addr, src_ip, timeout)
         self.secondary.sendall(hello(HELLO_SECONDARY, self.conn_id))
-        h = recv_exact(self.primary, 32)
-        if h[:4] != b"RMQP":
+        h = recv_exact(self.primary, HEADER_LEN)
+        if h[:4] != b"RMEX":
             raise ConnectionError("reply is not a hello")
-        self.kind, (plen, self.status) = h[6], struct.unpack_from("<HH", h, 24)
+        self.kind, (self.status, paylen, plen) = h[6], struct.unpack_from("<HHH", h, 8)
+        payload = recv_exact(self.primary, paylen)
         self.private = recv_exact(self.primary, plen)
         self.seq = 0
-        if self.kind != HELLO_ACCEPT or h[8:24] != self.conn_id:
+        if self.kind != HELLO_ACCEPT or payload[:16] != self.conn_id:
             self.close()
             raise ConnectionRefusedError(f"hello kind {self.kind} status {self.status}")
 

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use rmem_memserver::protocol::{read_frame, write_msg, ClientMsg, ServerMsg, VERSION};
 use rmem_memserver::{ByteSize, ClientConfig, ServerConfig};
-use rmem_transport::tcp::wire::{Hello, HelloKind, ReqOp, Request, HELLO_LEN};
+use rmem_transport::exchange::{Hello, Kind};
+use rmem_transport::tcp::wire::{request_hello, ReqOp, Request, Role};
 
 mod support;
 
@@ -27,17 +28,8 @@ async fn donor_with(
     (d.addr, d.stop)
 }
 
-fn hello(kind: HelloKind, private: &[u8]) -> Vec<u8> {
-    let mut v = Hello {
-        kind,
-        conn_id: [0x77; 16],
-        private_len: private.len() as u16,
-        status: 0,
-    }
-    .encode()
-    .to_vec();
-    v.extend_from_slice(private);
-    v
+fn hello(role: Role, private: &[u8]) -> Vec<u8> {
+    request_hello(&[0x77; 16], role, private)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,7 +46,7 @@ async fn a_data_connection_with_a_wrong_token_reaches_nothing() {
     // and a READ pipelined behind a hello with a made-up token.
     let reply = tokio::task::spawn_blocking(move || {
         let mut p = TcpStream::connect(data_addr).unwrap();
-        let mut bytes = hello(HelloKind::Primary, "00".repeat(16).as_bytes());
+        let mut bytes = hello(Role::Primary, "00".repeat(16).as_bytes());
         for (seq, op, len) in [(0, ReqOp::Write, 12u32), (1, ReqOp::Read, 12)] {
             bytes.extend(
                 Request {
@@ -74,7 +66,7 @@ async fn a_data_connection_with_a_wrong_token_reaches_nothing() {
         }
         p.write_all(&bytes).unwrap();
         let mut s = TcpStream::connect(data_addr).unwrap();
-        s.write_all(&hello(HelloKind::Secondary, b"")).unwrap();
+        s.write_all(&hello(Role::Secondary, b"")).unwrap();
         p.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut all = Vec::new();
         let _ = p.read_to_end(&mut all);
@@ -82,10 +74,9 @@ async fn a_data_connection_with_a_wrong_token_reaches_nothing() {
     })
     .await
     .unwrap();
-    assert!(reply.len() >= HELLO_LEN, "no answer: {reply:?}");
-    let h = Hello::decode(reply[..HELLO_LEN].try_into().unwrap()).unwrap();
-    assert_eq!(h.kind, HelloKind::Reject);
-    assert_eq!(reply.len(), HELLO_LEN, "data followed the refusal");
+    let h = Hello::read_from(reply.as_slice()).expect("an answer");
+    assert_eq!(h.kind, Kind::Reject);
+    assert_eq!(reply.len(), h.encode().len(), "data followed the refusal");
     let a = alice.clone();
     let back = tokio::task::spawn_blocking(move || {
         let mut b = [0u8; 12];

@@ -99,7 +99,7 @@ pub fn start(control: SocketAddr, data: SocketAddr, nbd: SocketAddr, secret: &[u
                             continue;
                         };
                         tally.connections.fetch_add(1, Ordering::Relaxed);
-                        for b in b"RMQP\x01\x00\x01\x00".iter().cycle() {
+                        for b in b"RMEX\x01\x00\x01\x01".iter().cycle() {
                             if s.write_all(&[*b]).is_err() || !pause(&stop, Duration::from_secs(1))
                             {
                                 break;

@@ -63,6 +63,7 @@ pub(crate) trait Framing {
 }
 
 /// A hello the provider will not take: what to tell the peer (if anything) and why.
+#[derive(Debug)]
 pub(crate) struct Refusal {
     pub(crate) reply: Option<Vec<u8>>,
     pub(crate) reason: String,

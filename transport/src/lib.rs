@@ -37,6 +37,7 @@ mod api;
 mod backend;
 pub mod conformance;
 mod error;
+pub mod exchange;
 mod gate;
 mod memory;
 mod mr;

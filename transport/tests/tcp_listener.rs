@@ -6,9 +6,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use rmem_transport::tcp::wire::{
-    Hello, HelloKind, ReqOp, Request, HELLO_LEN, REJECT_REFUSED, REQUEST_LEN,
-};
+use rmem_transport::exchange::{Hello, Kind, REJECT_REFUSED};
+use rmem_transport::tcp::wire::{request_hello, ReqOp, Request, Role, REQUEST_LEN};
 use rmem_transport::{
     open, Access, Context, Error, Incoming, ListenLimits, Listener, Mr, OpenOptions, Pd, Provider,
     QpConfig,
@@ -18,17 +17,8 @@ fn ctx() -> Context {
     open(&OpenOptions::new(Provider::Tcp)).unwrap()
 }
 
-fn hello(kind: HelloKind, id: [u8; 16], private: &[u8]) -> Vec<u8> {
-    let mut v = Hello {
-        kind,
-        conn_id: id,
-        private_len: private.len() as u16,
-        status: 0,
-    }
-    .encode()
-    .to_vec();
-    v.extend_from_slice(private);
-    v
+fn hello(role: Role, id: [u8; 16], private: &[u8]) -> Vec<u8> {
+    request_hello(&id, role, private)
 }
 
 fn write_req(mr: &Mr, seq: u32, data: &[u8]) -> Vec<u8> {
@@ -53,11 +43,11 @@ fn write_req(mr: &Mr, seq: u32, data: &[u8]) -> Vec<u8> {
 fn pipelined_write(addr: SocketAddr, token: &[u8], mr: &Mr, data: &[u8]) -> TcpStream {
     let id = [0x5a; 16];
     let mut p = TcpStream::connect(addr).unwrap();
-    let mut bytes = hello(HelloKind::Primary, id, token);
+    let mut bytes = hello(Role::Primary, id, token);
     bytes.extend(write_req(mr, 0, data));
     p.write_all(&bytes).unwrap();
     let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(&hello(HelloKind::Secondary, id, b"")).unwrap();
+    s.write_all(&hello(Role::Secondary, id, b"")).unwrap();
     // The secondary stays open for as long as the test runs.
     std::mem::forget(s);
     p.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -71,9 +61,7 @@ fn contents(mr: &Mr) -> Vec<u8> {
 }
 
 fn first_reply(p: &mut TcpStream) -> Hello {
-    let mut b = [0u8; HELLO_LEN];
-    p.read_exact(&mut b).expect("a reply hello");
-    Hello::decode(&b).expect("a well-formed reply")
+    Hello::read_from(p).expect("a well-formed reply hello")
 }
 
 struct Side {
@@ -128,10 +116,7 @@ fn a_refused_request_never_runs_even_pipelined_behind_its_hello() {
     std::thread::sleep(Duration::from_millis(300));
     req.reject();
     let reply = first_reply(&mut p);
-    assert_eq!(
-        (reply.kind, reply.status),
-        (HelloKind::Reject, REJECT_REFUSED)
-    );
+    assert_eq!((reply.kind, reply.reason), (Kind::Reject, REJECT_REFUSED));
     // Nothing follows the refusal: no response to the WRITE, just the end of the stream.
     let mut rest = Vec::new();
     let _ = p.read_to_end(&mut rest);
@@ -149,7 +134,7 @@ fn pipelined_requests_wait_for_the_accept_and_the_answer_comes_first() {
     assert_eq!(contents(&t.mr)[..8], [0u8; 8], "ran before the accept");
     let cq = t.ctx.create_cq(16).unwrap();
     let _qp = req.accept(&QpConfig::new(&t.pd, &cq), b"").unwrap();
-    assert_eq!(first_reply(&mut p).kind, HelloKind::Accept);
+    assert_eq!(first_reply(&mut p).kind, Kind::Accept);
     let start = Instant::now();
     while &contents(&t.mr)[..8] != b"in order" {
         assert!(
@@ -189,7 +174,7 @@ fn trickler(addr: SocketAddr, every: Duration) -> std::thread::JoinHandle<Durati
     std::thread::spawn(move || {
         let start = Instant::now();
         let mut s = TcpStream::connect(addr).unwrap();
-        let bytes = hello(HelloKind::Primary, [7; 16], b"");
+        let bytes = hello(Role::Primary, [7; 16], b"");
         for b in bytes.iter().cycle() {
             if s.write_all(&[*b]).is_err() {
                 break;
@@ -278,15 +263,14 @@ fn one_address_cannot_take_every_place() {
         .unwrap();
     from.connect(&addr.into()).unwrap();
     let mut p: TcpStream = from.into();
-    p.write_all(&hello(HelloKind::Primary, [9; 16], b"other"))
+    p.write_all(&hello(Role::Primary, [9; 16], b"other"))
         .unwrap();
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     s.bind(&"127.0.0.2:0".parse::<SocketAddr>().unwrap().into())
         .unwrap();
     s.connect(&addr.into()).unwrap();
     let mut s: TcpStream = s.into();
-    s.write_all(&hello(HelloKind::Secondary, [9; 16], b""))
-        .unwrap();
+    s.write_all(&hello(Role::Secondary, [9; 16], b"")).unwrap();
     let req = next(&t.listener);
     assert_eq!(req.private(), b"other");
     assert_eq!(req.peer_addr().ip().to_string(), "127.0.0.2");
@@ -298,10 +282,9 @@ fn a_peer_that_dies_before_its_answer_fails_alone() {
     let addr = t.listener.local_addr();
     let id = [3; 16];
     let mut p = TcpStream::connect(addr).unwrap();
-    p.write_all(&hello(HelloKind::Primary, id, b"gone"))
-        .unwrap();
+    p.write_all(&hello(Role::Primary, id, b"gone")).unwrap();
     let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(&hello(HelloKind::Secondary, id, b"")).unwrap();
+    s.write_all(&hello(Role::Secondary, id, b"")).unwrap();
     let req = next(&t.listener);
     // Reset both halves before the answer goes out.
     for sock in [p, s] {
@@ -345,7 +328,7 @@ fn a_stalling_peer_cannot_keep_a_prompt_one_from_its_own_address_out() {
     let stalled: Vec<TcpStream> = (0..8)
         .map(|_| {
             let mut s = TcpStream::connect(addr).unwrap();
-            s.write_all(b"RMQP").unwrap();
+            s.write_all(b"RMEX").unwrap();
             s
         })
         .collect();

@@ -5,8 +5,9 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+use rmem_transport::exchange::{Hello, Kind, HEADER_LEN, REJECT_PROVIDER, REJECT_VERSION, VERSION};
 use rmem_transport::tcp::wire::{
-    Hello, HelloKind, NakCode, ReqOp, Request, RespKind, Response, HELLO_LEN, REJECT_VERSION,
+    parse_payload, payload, request_hello, NakCode, ReqOp, Request, RespKind, Response, Role,
     REQUEST_LEN, RESPONSE_LEN,
 };
 use rmem_transport::{
@@ -17,14 +18,16 @@ fn ctx() -> Context {
     open(&OpenOptions::new(Provider::Tcp)).unwrap()
 }
 
-fn hello(kind: HelloKind, id: [u8; 16]) -> [u8; HELLO_LEN] {
-    Hello {
-        kind,
-        conn_id: id,
-        private_len: 0,
-        status: 0,
-    }
-    .encode()
+fn hello(role: Role, id: [u8; 16]) -> Vec<u8> {
+    request_hello(&id, role, b"")
+}
+
+/// Sends `bytes` as the first thing on a new connection and reads the answer.
+fn answer_to(addr: SocketAddr, bytes: &[u8]) -> Hello {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.write_all(bytes).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    Hello::read_from(&mut s).unwrap()
 }
 
 /// A target context with one region, accepting in the background.
@@ -60,13 +63,13 @@ fn target() -> Target {
 fn raw_connect(addr: SocketAddr) -> (TcpStream, TcpStream) {
     let id = [0x42; 16];
     let mut p = TcpStream::connect(addr).unwrap();
-    p.write_all(&hello(HelloKind::Primary, id)).unwrap();
+    p.write_all(&hello(Role::Primary, id)).unwrap();
     let mut s = TcpStream::connect(addr).unwrap();
-    s.write_all(&hello(HelloKind::Secondary, id)).unwrap();
-    let mut b = [0u8; HELLO_LEN];
+    s.write_all(&hello(Role::Secondary, id)).unwrap();
     p.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    p.read_exact(&mut b).unwrap();
-    assert_eq!(Hello::decode(&b).unwrap().kind, HelloKind::Accept);
+    let answer = Hello::read_from(&mut p).unwrap();
+    assert_eq!(answer.kind, Kind::Accept);
+    assert_eq!(parse_payload(&answer.payload), Some((id, None)));
     (p, s)
 }
 
@@ -91,9 +94,9 @@ fn wait_until(what: &str, f: impl Fn() -> bool) {
 fn garbage_hello_is_counted_and_the_listener_keeps_serving() {
     let t = target();
     let mut junk = TcpStream::connect(t.addr).unwrap();
-    junk.write_all(&[0xee; HELLO_LEN]).unwrap();
+    junk.write_all(&[0xee; HEADER_LEN]).unwrap();
     let mut short = TcpStream::connect(t.addr).unwrap();
-    short.write_all(b"RMQP").unwrap();
+    short.write_all(b"RMEX").unwrap();
     drop(short);
     // The listener reads every hello as it comes, while it waits for a good one.
     wait_until("both bad hellos counted", || {
@@ -124,15 +127,23 @@ fn garbage_hello_is_counted_and_the_listener_keeps_serving() {
 #[test]
 fn another_protocol_version_is_rejected_with_a_reason() {
     let t = target();
-    let mut b = hello(HelloKind::Primary, [1; 16]);
+    let mut b = hello(Role::Primary, [1; 16]);
     b[4] = 2;
-    let mut s = TcpStream::connect(t.addr).unwrap();
-    s.write_all(&b).unwrap();
-    let mut r = [0u8; HELLO_LEN];
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.read_exact(&mut r).unwrap();
-    let h = Hello::decode(&r).unwrap();
-    assert_eq!((h.kind, h.status), (HelloKind::Reject, REJECT_VERSION));
+    let h = answer_to(t.addr, &b);
+    // The refusal carries the listener's own version, so the peer can say which it needs.
+    assert_eq!(
+        (h.kind, h.reason, h.version),
+        (Kind::Reject, REJECT_VERSION, VERSION)
+    );
+}
+
+#[test]
+fn a_request_for_another_provider_is_rejected_with_a_reason() {
+    let t = target();
+    let verbs = Hello::request(Provider::Verbs, &[1; 28], b"");
+    let h = answer_to(t.addr, &verbs.encode());
+    assert_eq!((h.kind, h.reason), (Kind::Reject, REJECT_PROVIDER));
+    assert_eq!(h.provider, Provider::Tcp);
 }
 
 #[test]
@@ -237,11 +248,11 @@ fn fake_target(behave: impl FnOnce(TcpStream) + Send + 'static) -> SocketAddr {
     std::thread::spawn(move || {
         let (mut p, _) = l.accept().unwrap();
         let (mut s, _) = l.accept().unwrap();
-        let mut b = [0u8; HELLO_LEN];
-        p.read_exact(&mut b).unwrap();
-        let id = Hello::decode(&b).unwrap().conn_id;
-        s.read_exact(&mut b).unwrap();
-        p.write_all(&hello(HelloKind::Accept, id)).unwrap();
+        let first = Hello::read_from(&mut p).unwrap();
+        let (id, _) = parse_payload(&first.payload).unwrap();
+        Hello::read_from(&mut s).unwrap();
+        let accept = Hello::accept(Provider::Tcp, &payload(&id, None), b"");
+        p.write_all(&accept.encode()).unwrap();
         behave(p);
         drop(s);
     });

@@ -1,17 +1,18 @@
-//! The out-of-band exchange that turns two TCP connections into a queue pair (see [`super::wire`]).
+//! The `tcp` provider's side of the connection exchange ([`crate::exchange`]): two connections
+//! per queue pair, paired by the id in their payloads (see [`super::wire`]).
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-use super::wire::{Hello, HelloKind, WireError, HELLO_LEN, REJECT_REFUSED, REJECT_VERSION};
+use super::wire::{parse_payload, payload, Role};
 use super::Counters;
-use crate::gate::{Framing, Gate, Refusal};
-use crate::{Error, Result};
+use crate::exchange::{self, Hello, RequestFraming};
+use crate::gate::Gate;
+use crate::{Error, Provider, Result};
 
 /// Half-open pairs older than this are dropped.
 const PAIR_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,36 +35,6 @@ pub(super) fn tune(s: &TcpStream, op_timeout: Duration) -> Result<()> {
     Ok(())
 }
 
-fn write_hello(mut s: impl Write, h: &Hello, private: &[u8]) -> Result<()> {
-    let mut buf = Vec::with_capacity(HELLO_LEN + private.len());
-    buf.extend_from_slice(&h.encode());
-    buf.extend_from_slice(private);
-    s.write_all(&buf).map_err(|e| Error::os("send hello", e))
-}
-
-fn read_hello(s: &mut TcpStream) -> std::result::Result<(Hello, Vec<u8>), HelloError> {
-    let mut b = [0u8; HELLO_LEN];
-    s.read_exact(&mut b).map_err(HelloError::Io)?;
-    let h = Hello::decode(&b).map_err(HelloError::Wire)?;
-    let mut private = vec![0u8; usize::from(h.private_len)];
-    s.read_exact(&mut private).map_err(HelloError::Io)?;
-    Ok((h, private))
-}
-
-enum HelloError {
-    Io(std::io::Error),
-    Wire(WireError),
-}
-
-impl From<HelloError> for Error {
-    fn from(e: HelloError) -> Error {
-        match e {
-            HelloError::Io(e) => Error::os("receive hello", e),
-            HelloError::Wire(e) => e.into(),
-        }
-    }
-}
-
 /// Opens both connections to a listener and waits for its answer.
 pub(super) fn connect(
     addr: SocketAddr,
@@ -71,48 +42,33 @@ pub(super) fn connect(
     timeout: Duration,
 ) -> Result<(TcpStream, TcpStream, Vec<u8>)> {
     let conn_id: [u8; 16] = rand::rng().random();
-    let dial = || TcpStream::connect_timeout(&addr, timeout).map_err(|e| Error::os("connect", e));
-    let mut primary = dial()?;
-    let hello = |kind, len| Hello {
-        kind,
-        conn_id,
-        private_len: len,
-        status: 0,
+    let request = |role, private: &[u8]| {
+        Hello::request(Provider::Tcp, &payload(&conn_id, Some(role)), private)
     };
-    write_hello(
-        &mut primary,
-        &hello(HelloKind::Primary, private.len() as u16),
-        private,
-    )?;
-    let mut secondary = dial()?;
-    write_hello(&mut secondary, &hello(HelloKind::Secondary, 0), &[])?;
-    primary
-        .set_read_timeout(Some(timeout))
-        .map_err(|e| Error::os("SO_RCVTIMEO", e))?;
-    let (reply, reply_private) = read_hello(&mut primary).map_err(Error::from)?;
-    match reply.kind {
-        HelloKind::Accept if reply.conn_id == conn_id => Ok((primary, secondary, reply_private)),
-        HelloKind::Reject => Err(Error::Handshake(match reply.status {
-            REJECT_VERSION => "the peer speaks another protocol version".into(),
-            REJECT_REFUSED => "the peer refused the connection".into(),
-            s => format!("the peer refused the connection (reason {s})"),
-        })),
-        _ => Err(Error::Handshake("unexpected reply to hello".into())),
+    let primary = exchange::dial(addr, timeout)?;
+    exchange::send(&primary, &request(Role::Primary, private), timeout)?;
+    let secondary = exchange::dial(addr, timeout)?;
+    exchange::send(&secondary, &request(Role::Secondary, &[]), timeout)?;
+    let reply = exchange::read_answer(&primary, Provider::Tcp, timeout)?;
+    match parse_payload(&reply.payload) {
+        Some((id, None)) if id == conn_id => Ok((primary, secondary, reply.private)),
+        _ => Err(Error::Handshake(
+            "the listener answered another connection".into(),
+        )),
     }
 }
 
 pub(super) fn send_accept(primary: &TcpStream, conn_id: &[u8; 16], private: &[u8]) -> Result<()> {
     // A peer that stopped reading cannot hold the accepting thread.
-    primary
-        .set_write_timeout(Some(PAIR_TIMEOUT))
-        .map_err(|e| Error::os("SO_SNDTIMEO", e))?;
-    let h = Hello {
-        kind: HelloKind::Accept,
-        conn_id: *conn_id,
-        private_len: private.len() as u16,
-        status: 0,
-    };
-    write_hello(primary, &h, private)
+    exchange::tune(primary, PAIR_TIMEOUT)?;
+    let h = Hello::accept(Provider::Tcp, &payload(conn_id, None), private);
+    exchange::send(primary, &h, PAIR_TIMEOUT)
+}
+
+/// Refuses a request (best effort: the peer may be gone).
+pub(super) fn send_reject(primary: &TcpStream, reason: u16) {
+    let _ = exchange::tune(primary, PAIR_TIMEOUT);
+    let _ = exchange::send(primary, &Hello::reject(Provider::Tcp, reason), PAIR_TIMEOUT);
 }
 
 /// Both halves of a queue pair whose hellos have arrived.
@@ -122,50 +78,6 @@ pub(super) struct Pair {
     pub(super) primary: TcpStream,
     pub(super) secondary: TcpStream,
     pub(super) private: Vec<u8>,
-}
-
-/// How the gate reads a `tcp` hello: a fixed header, then the private data it announces.
-struct TcpFraming;
-
-impl Framing for TcpFraming {
-    fn header_len(&self) -> usize {
-        HELLO_LEN
-    }
-
-    fn body_len(&self, header: &[u8]) -> std::result::Result<usize, Refusal> {
-        let b: &[u8; HELLO_LEN] = header.try_into().map_err(|_| Refusal {
-            reply: None,
-            reason: "short hello".into(),
-        })?;
-        match Hello::decode(b) {
-            Ok(h) if matches!(h.kind, HelloKind::Primary | HelloKind::Secondary) => {
-                Ok(usize::from(h.private_len))
-            }
-            Ok(_) => Err(Refusal {
-                reply: None,
-                reason: "the connection opened with a reply".into(),
-            }),
-            Err(WireError::Version(v)) => Err(Refusal {
-                reply: Some(reject(&[0; 16], REJECT_VERSION).to_vec()),
-                reason: format!("protocol version {v}"),
-            }),
-            Err(e) => Err(Refusal {
-                reply: None,
-                reason: format!("bad hello: {e}"),
-            }),
-        }
-    }
-}
-
-/// A `Reject` hello with its reason.
-pub(super) fn reject(conn_id: &[u8; 16], status: u16) -> [u8; HELLO_LEN] {
-    Hello {
-        kind: HelloKind::Reject,
-        conn_id: *conn_id,
-        private_len: 0,
-        status,
-    }
-    .encode()
 }
 
 /// One half of a queue pair waiting for the other.
@@ -264,24 +176,28 @@ impl Pairing {
                     .count()
             };
             let a = self.gate.next(
-                &TcpFraming,
+                &RequestFraming(Provider::Tcp),
                 deadline.remaining()?,
                 &held,
                 &stats.protocol_errors,
             )?;
-            let (hello, private) = a.hello.split_at(HELLO_LEN);
-            let hello = Hello::decode(hello.try_into().expect("the gate read a whole header"))
-                .map_err(Error::from)?;
+            // The gate checked the header; the payload is ours to check.
+            let hello = Hello::decode(&a.hello)?;
+            let Some((conn_id, Some(role))) = parse_payload(&hello.payload) else {
+                stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(peer = %a.peer, "bad tcp payload in a connection request");
+                continue;
+            };
             self.make_room(&stats.protocol_errors);
             let half = Half {
                 stream: a.stream,
                 peer: a.peer,
-                private: private.to_vec(),
+                private: hello.private,
                 since: Instant::now(),
             };
-            match hello.kind {
-                HelloKind::Primary => self.primaries.insert(hello.conn_id, half),
-                _ => self.secondaries.insert(hello.conn_id, half),
+            match role {
+                Role::Primary => self.primaries.insert(conn_id, half),
+                Role::Secondary => self.secondaries.insert(conn_id, half),
             };
         }
     }

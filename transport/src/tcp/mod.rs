@@ -229,11 +229,7 @@ impl IncomingOps for TcpIncoming {
     }
 
     fn reject(self: Box<Self>) {
-        let mut s = &self.pair.primary;
-        let _ = std::io::Write::write_all(
-            &mut s,
-            &handshake::reject(&self.pair.conn_id, wire::REJECT_REFUSED),
-        );
+        handshake::send_reject(&self.pair.primary, crate::exchange::REJECT_REFUSED);
         tracing::debug!(peer = %self.pair.peer, "connection request refused");
     }
 }

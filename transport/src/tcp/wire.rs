@@ -2,31 +2,28 @@
 //!
 //! A queue pair is two TCP connections opened by the connecting side: the *primary* carries its
 //! requests to the listener (and their responses back), the *secondary* the listener's requests.
-//! Each connection starts with a [`Hello`]; the listener answers on the primary once both halves
-//! have arrived. After that each connection carries fixed-size [`Request`] headers one way
-//! (followed by the payload of WRITE and SEND) and [`Response`] headers the other way (followed by
-//! the data of a READ). Requests are executed in order; each gets exactly one response, echoing
-//! its sequence number.
+//! Each connection starts with a request hello of the connection exchange ([`crate::exchange`])
+//! whose provider payload ([`payload`], [`PAYLOAD_LEN`] bytes) is the connection id both halves
+//! share and the half's [`Role`]; the listener answers on the primary once both halves have
+//! arrived, with the same id and role 0. After that each connection carries fixed-size
+//! [`Request`] headers one way (followed by the payload of WRITE and SEND) and [`Response`]
+//! headers the other way (followed by the data of a READ). Requests are executed in order; each
+//! gets exactly one response, echoing its sequence number.
 //!
 //! ```text
 //!  initiator                                        listener
-//!     |-- primary:   Hello{Primary, id, private} ------>|
-//!     |-- secondary: Hello{Secondary, id} ------------->|
-//!     |<-- primary:  Hello{Accept, id, private} --------|   (or Hello{Reject, status})
+//!     |-- primary:   request{id, Primary, private} ---->|
+//!     |-- secondary: request{id, Secondary} ----------->|
+//!     |<-- primary:  accept{id, private} ---------------|   (or reject{reason})
 //!     |== primary:   Request -> / <- Response =========|   initiator's work
 //!     |== secondary: <- Request / Response -> =========|   listener's work
 //! ```
 //! Any decoding failure ends the connection (a byte stream cannot resynchronise); the target
 //! counts it and answers with a `Nak(InvalidRequest)` where it still can.
 
-/// Protocol version spoken by this build.
-pub const VERSION: u16 = 1;
-/// First bytes of every hello.
-pub const MAGIC: [u8; 4] = *b"RMQP";
 /// Largest single message (READ, WRITE or SEND payload).
 pub const MAX_MSG: u64 = 1 << 30;
 
-pub const HELLO_LEN: usize = 32;
 pub const REQUEST_LEN: usize = 40;
 pub const RESPONSE_LEN: usize = 24;
 
@@ -34,10 +31,6 @@ pub const RESPONSE_LEN: usize = 24;
 #[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
-    #[error("bad magic {0:02x?}")]
-    BadMagic([u8; 4]),
-    #[error("unsupported protocol version {0} (this build speaks {VERSION})")]
-    Version(u16),
     #[error("unknown {what} code {code}")]
     UnknownCode { what: &'static str, code: u8 },
     #[error("reserved field is not zero")]
@@ -60,82 +53,44 @@ impl From<WireError> for crate::Error {
     }
 }
 
-/// What a hello says.
+/// Which of the connector's two connections a request opens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
-pub enum HelloKind {
+pub enum Role {
+    /// Carries the connector's requests (and the listener's answer to the exchange).
     Primary = 1,
+    /// Carries the listener's requests.
     Secondary = 2,
-    Accept = 3,
-    Reject = 4,
 }
 
-/// Connection hello: the first message on each socket, and the listener's answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Hello {
-    pub kind: HelloKind,
-    pub conn_id: [u8; 16],
-    /// Bytes of private data that follow the hello.
-    pub private_len: u16,
-    /// Reason for a `Reject`, 0 otherwise.
-    pub status: u16,
+/// The `tcp` provider's payload in the exchange: the connection id both halves share, and
+/// which half this is (0 in the accept).
+pub const PAYLOAD_LEN: usize = 17;
+
+/// Encodes the payload of a request (or, with `role` `None`, of the accept).
+pub fn payload(conn_id: &[u8; 16], role: Option<Role>) -> [u8; PAYLOAD_LEN] {
+    let mut b = [0u8; PAYLOAD_LEN];
+    b[..16].copy_from_slice(conn_id);
+    b[16] = role.map_or(0, |r| r as u8);
+    b
 }
 
-/// Reject reasons.
-pub const REJECT_VERSION: u16 = 1;
-pub const REJECT_REFUSED: u16 = 2;
+/// A whole request hello of one half, as a connector sends it.
+pub fn request_hello(conn_id: &[u8; 16], role: Role, private: &[u8]) -> Vec<u8> {
+    let p = payload(conn_id, Some(role));
+    crate::exchange::Hello::request(crate::Provider::Tcp, &p, private).encode()
+}
 
-impl Hello {
-    pub fn encode(&self) -> [u8; HELLO_LEN] {
-        let mut b = [0u8; HELLO_LEN];
-        b[0..4].copy_from_slice(&MAGIC);
-        b[4..6].copy_from_slice(&VERSION.to_le_bytes());
-        b[6] = self.kind as u8;
-        b[8..24].copy_from_slice(&self.conn_id);
-        b[24..26].copy_from_slice(&self.private_len.to_le_bytes());
-        b[26..28].copy_from_slice(&self.status.to_le_bytes());
-        b
-    }
-
-    pub fn decode(b: &[u8; HELLO_LEN]) -> Result<Hello, WireError> {
-        let magic: [u8; 4] = b[0..4].try_into().expect("4 bytes");
-        if magic != MAGIC {
-            return Err(WireError::BadMagic(magic));
-        }
-        let version = u16::from_le_bytes([b[4], b[5]]);
-        if version != VERSION {
-            return Err(WireError::Version(version));
-        }
-        let kind = match b[6] {
-            1 => HelloKind::Primary,
-            2 => HelloKind::Secondary,
-            3 => HelloKind::Accept,
-            4 => HelloKind::Reject,
-            code => {
-                return Err(WireError::UnknownCode {
-                    what: "hello",
-                    code,
-                })
-            }
-        };
-        if b[7] != 0 || b[28..32] != [0; 4] {
-            return Err(WireError::Reserved);
-        }
-        let private_len = u16::from_le_bytes([b[24], b[25]]);
-        if usize::from(private_len) > crate::types::MAX_PRIVATE_DATA {
-            return Err(WireError::TooLong {
-                what: "private data",
-                len: private_len.into(),
-                max: crate::types::MAX_PRIVATE_DATA as u64,
-            });
-        }
-        Ok(Hello {
-            kind,
-            conn_id: b[8..24].try_into().expect("16 bytes"),
-            private_len,
-            status: u16::from_le_bytes([b[26], b[27]]),
-        })
-    }
+/// Decodes a payload; `None` if it is not one.
+pub fn parse_payload(b: &[u8]) -> Option<([u8; 16], Option<Role>)> {
+    let b: &[u8; PAYLOAD_LEN] = b.try_into().ok()?;
+    let role = match b[16] {
+        0 => None,
+        1 => Some(Role::Primary),
+        2 => Some(Role::Secondary),
+        _ => return None,
+    };
+    Some((b[..16].try_into().ok()?, role))
 }
 
 /// Request opcodes. 0 is never valid, so a zeroed buffer does not decode.
@@ -426,10 +381,9 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_hello_bytes_never_panic_and_reencode_exactly(b in any::<[u8; HELLO_LEN]>()) {
-            if let Ok(h) = Hello::decode(&b) {
-                prop_assert_eq!(h.encode(), b);
-            }
+        fn payloads_round_trip(id: [u8; 16], r in 0u8..3) {
+            let role = [None, Some(Role::Primary), Some(Role::Secondary)][usize::from(r)];
+            prop_assert_eq!(parse_payload(&payload(&id, role)), Some((id, role)));
         }
 
         #[test]
@@ -489,17 +443,10 @@ mod tests {
             Err(WireError::TooLong { .. })
         ));
 
-        let mut h = Hello {
-            kind: HelloKind::Primary,
-            conn_id: [7; 16],
-            private_len: 0,
-            status: 0,
-        }
-        .encode();
-        h[4] = 9;
-        assert_eq!(Hello::decode(&h), Err(WireError::Version(9)));
-        h[0] = b'X';
-        assert!(matches!(Hello::decode(&h), Err(WireError::BadMagic(_))));
+        let mut p = payload(&[7; 16], Some(Role::Primary));
+        p[16] = 3;
+        assert_eq!(parse_payload(&p), None);
+        assert_eq!(parse_payload(&p[..16]), None);
 
         let mut r = Response::ack(3).encode();
         r[4] = 1;
