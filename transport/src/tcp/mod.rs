@@ -7,8 +7,11 @@
 
 mod cq;
 mod handshake;
+mod initiator;
 mod qp;
+mod responder;
 mod sock;
+mod state;
 mod target;
 pub mod wire;
 

@@ -1,7 +1,6 @@
 //! The responder: one thread per queue pair executes the peer's requests directly against
 //! registered memory, after checking key, bounds and rights. The application never sees them.
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -20,7 +19,7 @@ enum Stop {
 
 pub(crate) fn serve(q: Arc<QpShared>) {
     let mut t = Target {
-        fd: q.inn.as_raw_fd(),
+        fd: q.responder.fd(),
         q,
         scratch: Vec::new(),
     };
