@@ -1,4 +1,4 @@
-//! The donor's state: sessions, the slab pool, reclaim. Every change of who holds which slab
+//! The donor's state: sessions, the slab ledger, reclaim. Every change of who holds which slab
 //! goes through [`Inner`]'s methods; the control protocol (`control`), the admin endpoint and
 //! the pressure monitor act on it, never on each other.
 //!
@@ -18,7 +18,7 @@ use rmem_transport::{Access, Context, Mr, Pd, Qp};
 use tokio::sync::{mpsc, Notify};
 
 use crate::config::ServerConfig;
-use crate::pool::Pool;
+use crate::ledger::Ledger;
 use crate::protocol::{
     ClientMsg, DonorStats, ErrorCode, ServerMsg, SlabGrant, MAX_SLABS_PER_REQUEST,
 };
@@ -93,11 +93,10 @@ pub(crate) struct Inner {
     pub(crate) ctx: Context,
     /// Where every session's data queue pair connects.
     pub(crate) data: crate::data::DataPlane,
-    pub(crate) pool: Mutex<Pool>,
+    /// Every slab's state; the only place it changes.
+    pub(crate) ledger: Mutex<Ledger>,
     pub(crate) sessions: Mutex<HashMap<u64, Arc<Session>>>,
     pub(crate) next_session: AtomicU64,
-    /// Lent slabs asked back, with their deadlines.
-    pub(crate) reclaims: Mutex<HashMap<u32, Instant>>,
     /// Slabs retired because of memory pressure (what growing back may return).
     pub(crate) pressure_retired: AtomicU64,
     pub(crate) counters: Counters,
@@ -186,15 +185,15 @@ impl Inner {
     }
 
     pub(crate) fn stats(&self, session: Option<&Session>) -> DonorStats {
-        // One lock at a time: the pool is never held while a session's lock is taken.
+        // One lock at a time: the ledger is never held while a session's lock is taken.
         let (slab_size, slabs_total, slabs_free, slabs_retired, slabs_reclaiming) = {
-            let pool = lock(&self.pool);
+            let l = lock(&self.ledger);
             (
-                pool.slab_size() as u64,
-                pool.total(),
-                pool.free_count(),
-                pool.retired_count(),
-                pool.doomed_count(),
+                l.slab_size() as u64,
+                l.total(),
+                l.free_count(),
+                l.retired_count(),
+                l.reclaiming_count(),
             )
         };
         DonorStats {
@@ -270,9 +269,11 @@ impl Inner {
             .slabs_freed
             .fetch_add(ids.len() as u64, Ordering::Relaxed);
         let _ = tokio::task::spawn_blocking(move || drop(slabs)).await;
-        let mut pool = lock(&self.pool);
+        let mut ledger = lock(&self.ledger);
         for id in ids {
-            pool.give_back(id);
+            if let Err(e) = ledger.give_back(id) {
+                tracing::error!(error = %e, "slab not taken back");
+            }
         }
     }
 
@@ -285,11 +286,11 @@ impl Inner {
             ..Default::default()
         };
         let mut left = {
-            let mut pool = lock(&self.pool);
-            let lendable = pool.total() - pool.retired_count() - pool.doomed_count();
+            let mut ledger = lock(&self.ledger);
+            let lendable = ledger.total() - ledger.retired_count() - ledger.reclaiming_count();
             let allowed = want.min(lendable.saturating_sub(min_slabs));
             report.short = want - allowed;
-            report.retired = pool.retire_free(allowed);
+            report.retired = ledger.retire_free(allowed);
             allowed - report.retired
         };
         // Lent slabs come from the biggest holders first.
@@ -304,12 +305,13 @@ impl Inner {
             held.sort_unstable_by(|a, b| b.cmp(a));
             let mut asked = Vec::new();
             {
-                let mut pool = lock(&self.pool);
+                let mut ledger = lock(&self.ledger);
                 for slab in held {
                     if asked.len() as u32 == left {
                         break;
                     }
-                    if !pool.is_doomed(slab) && pool.owner(slab) == Some(s.id) && pool.doom(slab) {
+                    // Refused for a slab already being reclaimed: it is not asked twice.
+                    if ledger.reclaim(slab, s.id, deadline).is_ok() {
                         asked.push(slab);
                     }
                 }
@@ -319,12 +321,6 @@ impl Inner {
             }
             left -= asked.len() as u32;
             report.reclaiming += asked.len() as u32;
-            {
-                let mut r = lock(&self.reclaims);
-                for &slab in &asked {
-                    r.insert(slab, deadline);
-                }
-            }
             tracing::info!(session = s.id, client = %s.client, slabs = ?asked, "asking slabs back");
             s.notify(ServerMsg::Reclaim {
                 slabs: asked,
@@ -338,38 +334,29 @@ impl Inner {
 
     /// Lends up to `n` retired slabs again; returns how many.
     pub(crate) fn grow(&self, n: u32) -> u32 {
-        let done = lock(&self.pool).grow(n);
+        let done = lock(&self.ledger).grow(n);
         tracing::info!(slabs = done, "grow");
         done
     }
 
     /// Takes reclaimed slabs whose deadline passed from whoever still holds them.
     pub(crate) async fn take_overdue(&self, now: Instant) {
-        let due: Vec<u32> = {
-            let pool = lock(&self.pool);
-            let mut r = lock(&self.reclaims);
-            // Forget slabs that came back or were un-doomed by a grow.
-            r.retain(|slab, _| pool.is_doomed(*slab));
-            r.iter()
-                .filter(|(_, d)| **d <= now)
-                .map(|(s, _)| *s)
-                .collect()
-        };
+        let due = lock(&self.ledger).overdue(now);
         if due.is_empty() {
             return;
         }
-        let sessions: Vec<_> = lock(&self.sessions).values().cloned().collect();
         let mut taken = Vec::new();
-        for s in sessions {
-            let mut held = lock(&s.slabs);
-            for slab in &due {
-                if let Some(mr) = held.remove(slab) {
-                    tracing::info!(session = s.id, slab, "reclaim deadline passed; slab taken");
-                    taken.push((*slab, mr));
-                }
+        for (slab, holder) in due {
+            let s = lock(&self.sessions).get(&holder).cloned();
+            if let Some(mr) = s.and_then(|s| lock(&s.slabs).remove(&slab)) {
+                tracing::info!(
+                    session = holder,
+                    slab,
+                    "reclaim deadline passed; slab taken"
+                );
+                taken.push((slab, mr));
             }
         }
-        lock(&self.reclaims).retain(|slab, _| !due.contains(slab));
         self.counters
             .slabs_reclaimed
             .fetch_add(taken.len() as u64, Ordering::Relaxed);
@@ -434,9 +421,9 @@ impl Inner {
             );
         }
         let (ids, buf, slab_size) = {
-            let mut pool = lock(&self.pool);
-            match pool.take(s.id, count) {
-                Ok(ids) => (ids, pool.buffer().clone(), pool.slab_size()),
+            let mut ledger = lock(&self.ledger);
+            match ledger.take(s.id, count) {
+                Ok(ids) => (ids, ledger.buffer().clone(), ledger.slab_size()),
                 Err((code, m)) => return error(Some(id), code, m),
             }
         };
@@ -476,9 +463,11 @@ impl Inner {
                 }
             }
             other => {
-                let mut pool = lock(&self.pool);
+                let mut ledger = lock(&self.ledger);
                 for slab in ids {
-                    pool.give_back(slab);
+                    if let Err(e) = ledger.give_back(slab) {
+                        tracing::error!(error = %e, "slab not taken back");
+                    }
                 }
                 let m = match other {
                     Ok(Err(e)) => e.to_string(),
@@ -514,7 +503,7 @@ impl Inner {
                     );
                 }
                 if !held.contains_key(&slab) {
-                    let code = match lock(&self.pool).owner(slab) {
+                    let code = match lock(&self.ledger).holder(slab) {
                         Some(_) => ErrorCode::NotOwner,
                         None => ErrorCode::UnknownSlab,
                     };

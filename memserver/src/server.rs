@@ -15,7 +15,7 @@ use crate::config::ServerConfig;
 use crate::conn_limit::ConnLimit;
 use crate::control::serve;
 use crate::donor::{reap, Control, Counters, Inner};
-use crate::pool::Pool;
+use crate::ledger::Ledger;
 use crate::protocol::DonorStats;
 
 /// Start-up failures.
@@ -41,7 +41,7 @@ pub struct Server {
     admin: Option<TcpListener>,
 }
 
-/// Pool owner id of the NBD exports' slabs (sessions start at 1).
+/// Ledger holder of the NBD exports' slabs (sessions start at 1).
 const EXPORTS_OWNER: u64 = 0;
 
 impl Server {
@@ -51,7 +51,7 @@ impl Server {
         let mut o = OpenOptions::new(cfg.provider);
         o.device = cfg.device.clone();
         let ctx = open(&o)?;
-        let mut pool = Pool::new(cfg.size.0 as usize, cfg.slab_size.0 as usize, cfg.hugepages)?;
+        let mut pool = Ledger::new(cfg.size.0 as usize, cfg.slab_size.0 as usize, cfg.hugepages)?;
         let mut exports = HashMap::new();
         for e in &cfg.exports {
             let n = e.size.0.div_ceil(cfg.slab_size.0) as u32;
@@ -109,10 +109,9 @@ impl Server {
                 secret,
                 ctx,
                 data,
-                pool: Mutex::new(pool),
+                ledger: Mutex::new(pool),
                 sessions: Mutex::new(HashMap::new()),
                 next_session: AtomicU64::new(1),
-                reclaims: Mutex::new(HashMap::new()),
                 pressure_retired: AtomicU64::new(0),
                 counters: Counters::default(),
                 nbd_stats: Arc::default(),
