@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
 use crate::blockio::IoCounters;
+use crate::front::Device;
 use crate::kernel_nbd;
 use crate::kernel_ublk::{self, UblkConfig};
 use crate::reserve;
@@ -138,7 +139,7 @@ pub fn run(opts: SwapOptions, ready: impl FnOnce(&Ready)) -> Result<(), SwapErro
             return Err(e);
         }
     };
-    let dev = front.path().to_path_buf();
+    let dev = front.path.clone();
     let name = dev
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -174,7 +175,7 @@ pub fn run(opts: SwapOptions, ready: impl FnOnce(&Ready)) -> Result<(), SwapErro
             });
         }
     }
-    front.detach();
+    front.stop();
     rt.block_on(store.release());
     let _ = std::fs::remove_file(socket_path(&opts.run_dir, &name));
     result.map(|_| ())
@@ -203,47 +204,6 @@ fn raise_reserve(want: reserve::MinFree) -> Option<reserve::Raised> {
     }
 }
 
-/// The kernel side of the device.
-enum Front {
-    Ublk(kernel_ublk::Started),
-    Nbd {
-        dev: PathBuf,
-        kernel: std::thread::JoinHandle<Result<(), kernel_nbd::NbdError>>,
-        server: std::thread::JoinHandle<()>,
-    },
-}
-
-impl Front {
-    fn path(&self) -> &Path {
-        match self {
-            Front::Ublk(s) => &s.path,
-            Front::Nbd { dev, .. } => dev,
-        }
-    }
-
-    fn backend(&self) -> &'static str {
-        match self {
-            Front::Ublk(_) => "ublk",
-            Front::Nbd { .. } => "nbd",
-        }
-    }
-
-    fn detach(self) {
-        match self {
-            Front::Ublk(s) => s.stop(),
-            Front::Nbd {
-                dev,
-                kernel,
-                server,
-            } => {
-                let _ = kernel_nbd::disconnect(&dev);
-                let _ = kernel.join();
-                let _ = server.join();
-            }
-        }
-    }
-}
-
 type KernelDone = tokio::sync::oneshot::Receiver<()>;
 
 /// Creates the block device on the chosen (or best available) driver.
@@ -251,83 +211,42 @@ fn attach(
     opts: &SwapOptions,
     store: &Arc<Store>,
     io: &Arc<IoCounters>,
-) -> Result<(Front, KernelDone), SwapError> {
+) -> Result<(Device, KernelDone), SwapError> {
     let ublk = match opts.backend {
         Backend::Ublk => true,
         Backend::Nbd => false,
         // An explicit NBD device means NBD.
         Backend::Auto => opts.device.is_none() && kernel_ublk::available(),
     };
-    if ublk {
+    // Each front end tells the daemon when its device has gone (stopped, or removed outside).
+    let notifier = || {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        match kernel_ublk::start(
-            store.clone(),
-            io.clone(),
-            UblkConfig::default(),
+        (
             move || {
                 let _ = tx.send(());
             },
-        ) {
-            Ok(s) => {
-                tracing::info!(device = %s.path.display(), "ublk device started");
-                return Ok((Front::Ublk(s), rx));
-            }
+            rx,
+        )
+    };
+    if ublk {
+        let (on_exit, gone) = notifier();
+        match kernel_ublk::start(store.clone(), io.clone(), UblkConfig::default(), on_exit) {
+            Ok(d) => return Ok((d, gone)),
             Err(e) if opts.backend == Backend::Auto => {
                 tracing::warn!(error = %e, "ublk failed; using NBD");
             }
             Err(e) => return Err(e.into()),
         }
     }
-    attach_nbd(opts, store, io)
-}
-
-fn attach_nbd(
-    opts: &SwapOptions,
-    store: &Arc<Store>,
-    io: &Arc<IoCounters>,
-) -> Result<(Front, KernelDone), SwapError> {
-    let dev = match &opts.device {
-        Some(d) => d.clone(),
-        None => kernel_nbd::free_device()?,
-    };
-    let (attached, sock) = kernel_nbd::attach(&dev, store.size(), opts.nbd_timeout)?;
-    let name = dev
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "nbd".into());
-    // Requests no larger than our buffers.
-    let _ = std::fs::write(
-        format!("/sys/block/{name}/queue/max_sectors_kb"),
-        (kernel_nbd::MAX_REQUEST / 1024).to_string(),
-    );
-    let server = {
-        let (store, io) = (store.clone(), io.clone());
-        std::thread::Builder::new()
-            .name("nbd-serve".into())
-            .spawn(move || {
-                if let Err(e) = kernel_nbd::serve(sock, &store, &io) {
-                    tracing::error!(error = %e, "NBD socket failed");
-                }
-            })
-            .map_err(io_err("thread"))?
-    };
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let kernel = std::thread::Builder::new()
-        .name("nbd-kernel".into())
-        .spawn(move || {
-            let r = attached.run();
-            let _ = tx.send(());
-            r
-        })
-        .map_err(io_err("thread"))?;
-    Ok((
-        Front::Nbd {
-            dev,
-            kernel,
-            server,
-        },
-        rx,
-    ))
+    let (on_exit, gone) = notifier();
+    let d = kernel_nbd::start(
+        opts.device.as_deref(),
+        store.clone(),
+        io.clone(),
+        opts.nbd_timeout,
+        on_exit,
+    )?;
+    Ok((d, gone))
 }
 
 fn wait_for_size(name: &str, size: u64) {
@@ -353,7 +272,7 @@ pub fn socket_path(run_dir: &Path, name: &str) -> PathBuf {
 async fn serve_device(
     opts: &SwapOptions,
     store: &Arc<Store>,
-    front: &Front,
+    front: &Device,
     name: &str,
     io: &Arc<IoCounters>,
     mut kernel_done: KernelDone,
@@ -361,7 +280,7 @@ async fn serve_device(
 ) -> Result<bool, SwapError> {
     std::fs::create_dir_all(&opts.run_dir)
         .map_err(io_err(format!("{}", opts.run_dir.display())))?;
-    let dev = front.path();
+    let dev = &front.path;
     let sock_path = socket_path(&opts.run_dir, name);
     let _ = std::fs::remove_file(&sock_path);
     let listener = tokio::net::UnixListener::bind(&sock_path)
@@ -372,8 +291,7 @@ async fn serve_device(
                 .await
                 .map_err(io_err(format!("metrics listener {addr}")))?;
             let (store, io) = (store.clone(), io.clone());
-            let (device, backend, swapon) =
-                (dev.display().to_string(), front.backend(), opts.swapon);
+            let (device, backend, swapon) = (dev.display().to_string(), front.kind, opts.swapon);
             let app = axum::Router::new().route(
                 "/metrics",
                 axum::routing::get(move || {
@@ -447,7 +365,7 @@ async fn serve_device(
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = &mut kernel_done => {
-                tracing::warn!(backend = front.backend(), "the kernel dropped the device");
+                tracing::warn!(backend = front.kind, "the kernel dropped the device");
                 repair.stop();
                 if let Some(m) = &metrics {
                     m.abort();
@@ -464,7 +382,7 @@ async fn serve_device(
                 }
                 match serde_json::from_str::<Request>(&line) {
                     Ok(Request::Status) => {
-                        let st = status(store, &dev.display().to_string(), front.backend(), opts.swapon, io);
+                        let st = status(store, &dev.display().to_string(), front.kind, opts.swapon, io);
                         let mut j = serde_json::to_vec(&st).unwrap_or_default();
                         j.push(b'\n');
                         let _ = w.write_all(&j).await;

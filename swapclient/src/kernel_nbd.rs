@@ -15,6 +15,7 @@ use rmem_memserver::nbd_wire::{
 };
 
 use crate::blockio::{self, IoCounters};
+use crate::front::Device;
 use crate::store::Store;
 
 // <linux/nbd.h>: _IO(0xab, n).
@@ -51,6 +52,56 @@ pub enum NbdError {
     },
     #[error("socket pair")]
     Socket(#[source] std::io::Error),
+    #[error("starting a thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Attaches `path` (or the first free `/dev/nbdN`) as a device of `store.size()` bytes and
+/// serves it: one thread answers the kernel's requests, one sits in the kernel until the device
+/// is disconnected, then runs `on_exit`.
+pub fn start(
+    path: Option<&Path>,
+    store: Arc<Store>,
+    io: Arc<IoCounters>,
+    timeout_secs: u64,
+    on_exit: impl FnOnce() + Send + 'static,
+) -> Result<Device, NbdError> {
+    let dev = match path {
+        Some(d) => d.to_path_buf(),
+        None => free_device()?,
+    };
+    let (attached, sock) = attach(&dev, store.size(), timeout_secs)?;
+    if let Some(name) = dev.file_name() {
+        // Requests no larger than our buffers.
+        let _ = std::fs::write(
+            format!("/sys/block/{}/queue/max_sectors_kb", name.to_string_lossy()),
+            (MAX_REQUEST / 1024).to_string(),
+        );
+    }
+    let server = std::thread::Builder::new()
+        .name("nbd-serve".into())
+        .spawn(move || {
+            if let Err(e) = serve(sock, &store, &io) {
+                tracing::error!(error = %e, "NBD socket failed");
+            }
+        })
+        .map_err(NbdError::Thread)?;
+    let kernel = std::thread::Builder::new()
+        .name("nbd-kernel".into())
+        .spawn(move || {
+            let r = attached.run();
+            on_exit();
+            r
+        })
+        .map_err(NbdError::Thread)?;
+    let path = dev.clone();
+    Ok(Device::new(dev, "nbd", move || {
+        let _ = disconnect(&path);
+        if let Ok(Err(e)) = kernel.join() {
+            tracing::warn!(error = %e, "NBD device ended with an error");
+        }
+        let _ = server.join();
+    }))
 }
 
 /// The first `/dev/nbdN` with no connection.

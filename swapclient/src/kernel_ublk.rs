@@ -19,6 +19,7 @@ use libublk::sys;
 use libublk::{BufDesc, UblkFlags, UblkIORes};
 
 use crate::blockio::{self, IoCounters};
+use crate::front::Device;
 use crate::store::Store;
 
 /// The driver's control node; present once `ublk_drv` is loaded.
@@ -71,10 +72,8 @@ impl Default for UblkConfig {
     }
 }
 
-/// A running device.
-pub struct Started {
-    pub path: PathBuf,
-    pub id: u32,
+/// A running device; [`start`] wraps it in a [`Device`] whose stop is [`Started::stop`].
+struct Started {
     ctrl: Arc<UblkCtrl>,
     thread: Option<JoinHandle<()>>,
 }
@@ -108,7 +107,7 @@ pub fn start(
     io: Arc<IoCounters>,
     cfg: UblkConfig,
     on_exit: impl FnOnce() + Send + 'static,
-) -> Result<Started, UblkFailure> {
+) -> Result<Device, UblkFailure> {
     if !available() {
         return Err(UblkFailure::Unavailable);
     }
@@ -133,12 +132,14 @@ pub fn start(
             Ok(Event::Built(c)) => ctrl = Some(c),
             Ok(Event::Running(id, path)) => {
                 let ctrl = ctrl.ok_or(UblkFailure::StartTimeout(wait))?;
-                return Ok(Started {
-                    path: PathBuf::from(path),
-                    id,
+                let started = Started {
                     ctrl,
                     thread: Some(thread),
-                });
+                };
+                tracing::info!(device = %path, id, "ublk device started");
+                return Ok(Device::new(PathBuf::from(path), "ublk", move || {
+                    started.stop()
+                }));
             }
             Ok(Event::Failed(e)) => {
                 let _ = thread.join();
@@ -286,7 +287,7 @@ pub fn serve_request(
 impl Started {
     /// Stops the device (the kernel fails what is still queued), waits for its threads and
     /// deletes it. Swap must be off first.
-    pub fn stop(mut self) {
+    fn stop(mut self) {
         self.shutdown();
     }
 

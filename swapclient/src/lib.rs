@@ -10,6 +10,7 @@
 
 pub mod blockio;
 pub mod daemon;
+pub mod front;
 pub mod kernel_nbd;
 pub mod kernel_ublk;
 pub mod metrics;
