@@ -48,3 +48,26 @@ pub async fn client(addr: SocketAddr, name: &str) -> Client {
     c.name = name.into();
     Client::connect(c).await.unwrap()
 }
+
+/// A donor with `lease_secs` leases: its address and its stop handle.
+pub async fn donor_leased(
+    slabs: u64,
+    lease_secs: u64,
+) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let d = donor_with(slabs, |c| c.lease_secs = lease_secs).await;
+    (d.addr, d.stop)
+}
+
+/// [`donor_with`] as a tuple: address, stop handle, control handle.
+pub async fn donor_parts(
+    slabs: u64,
+    tune: impl FnOnce(&mut ServerConfig),
+) -> (SocketAddr, tokio::sync::oneshot::Sender<()>, Control) {
+    let d = donor_with(slabs, tune).await;
+    (d.addr, d.stop, d.control)
+}
+
+/// Runs blocking data-path calls off the runtime's threads.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
