@@ -14,6 +14,7 @@ mod conn_limit;
 mod control;
 mod data;
 mod donor;
+mod metrics;
 mod nbd;
 pub mod nbd_wire;
 mod pool;

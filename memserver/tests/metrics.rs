@@ -60,7 +60,13 @@ async fn scrape_matches_the_recorded_exposition() {
     s.read_to_string(&mut reply).await.unwrap();
     assert!(reply.starts_with("HTTP/1.1 401"), "{reply}");
 
-    let (_head, text) = get(admin, "/metrics").await;
+    let (head, text) = get(admin, "/metrics").await;
+    // Prometheus' text format 0.0.4, as before; only the charset is now said.
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("\r\ncontent-type: text/plain; version=0.0.4; charset=utf-8\r\n"),
+        "{head}"
+    );
     let recorded = Exposition::parse(include_str!("fixtures/donor_metrics.prom"));
     assert_same(&recorded, &Exposition::parse(&text));
 }
