@@ -3,6 +3,7 @@
 //! and TYPE, every sample its name, labels (per device, per donor) and value. The swap guest
 //! script greps these lines, so any difference fails here first.
 
+use rmem_swapclient::metrics;
 use rmem_swapclient::status::DeviceStatus;
 use rmem_swapclient::store::{DonorStatus, StoreStatus};
 
@@ -55,7 +56,7 @@ fn device() -> DeviceStatus {
 
 #[test]
 fn exposition_matches_the_recorded_one() {
-    let text = rmem_swapclient::metrics::render(&device());
+    let text = metrics::encode(&metrics::registry(device)).unwrap();
     let recorded = Exposition::parse(include_str!("fixtures/swap_metrics.prom"));
     assert_same(&recorded, &Exposition::parse(&text));
 }
