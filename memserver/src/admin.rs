@@ -3,7 +3,6 @@
 //! with the shared secret (`auth::admin_authorization`), and each signed request is carried
 //! out once: a replay within its minute of validity gets 409. Reading figures needs no secret.
 
-use std::fmt::Write;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -34,8 +33,9 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, inner: Arc<Inner>) 
         .route("/shrink", post(shrink))
         .route("/grow", post(grow))
         .with_state(signed);
+    let registry = Arc::new(crate::metrics::registry(inner.clone()));
     let app = Router::new()
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(crate::metrics::scrape).with_state(registry))
         .route("/status", get(status))
         .with_state(inner)
         .merge(posts);
@@ -112,150 +112,6 @@ async fn grow(State(s): State<Arc<Signed>>, h: HeaderMap, body: Bytes) -> impl I
         "grown": grown,
         "donor": inner.stats(None),
     })))
-}
-
-async fn metrics(State(inner): State<Arc<Inner>>) -> impl IntoResponse {
-    let st = inner.stats(None);
-    let t = inner.ctx.stats();
-    let c = &inner.counters;
-    let mut s = String::new();
-    let mut m = |name: &str, kind: &str, help: &str, v: u64| {
-        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-    };
-    m(
-        "rmem_donor_slab_bytes",
-        "gauge",
-        "Size of one slab.",
-        st.slab_size,
-    );
-    m(
-        "rmem_donor_slabs",
-        "gauge",
-        "Slabs in the pool.",
-        u64::from(st.slabs_total),
-    );
-    m(
-        "rmem_donor_slabs_free",
-        "gauge",
-        "Slabs free to lend.",
-        u64::from(st.slabs_free),
-    );
-    m(
-        "rmem_donor_clients",
-        "gauge",
-        "Authenticated client sessions.",
-        u64::from(st.clients),
-    );
-    m(
-        "rmem_donor_bytes_lent",
-        "gauge",
-        "Bytes lent to clients and NBD exports.",
-        u64::from(st.slabs_total - st.slabs_free - st.slabs_retired) * st.slab_size,
-    );
-    m(
-        "rmem_donor_slabs_retired",
-        "gauge",
-        "Slabs taken back from lending (memory returned to the host).",
-        u64::from(st.slabs_retired),
-    );
-    m(
-        "rmem_donor_slabs_reclaiming",
-        "gauge",
-        "Lent slabs asked back and not yet returned.",
-        u64::from(st.slabs_reclaiming),
-    );
-    m(
-        "rmem_donor_slabs_reclaimed_total",
-        "counter",
-        "Slabs taken from clients at a reclaim deadline.",
-        c.slabs_reclaimed.load(Ordering::Relaxed),
-    );
-    m(
-        "rmem_donor_auth_failures_total",
-        "counter",
-        "Failed authentications.",
-        c.auth_failures.load(Ordering::Relaxed),
-    );
-    m(
-        "rmem_donor_connections_refused_total",
-        "counter",
-        "Control connections closed at once for being over a limit.",
-        c.connections_refused.load(Ordering::Relaxed),
-    );
-    let nbd = &inner.nbd_stats;
-    m(
-        "rmem_donor_nbd_connections",
-        "gauge",
-        "NBD connections being served.",
-        nbd.connections.load(Ordering::Relaxed) as u64,
-    );
-    m(
-        "rmem_donor_nbd_refused_total",
-        "counter",
-        "NBD connections closed at once for being over a limit.",
-        nbd.refused.load(Ordering::Relaxed),
-    );
-    m(
-        "rmem_donor_nbd_handshake_timeouts_total",
-        "counter",
-        "NBD connections closed for not finishing the handshake in time.",
-        nbd.handshake_timeouts.load(Ordering::Relaxed),
-    );
-    m(
-        "rmem_donor_bad_requests_total",
-        "counter",
-        "Malformed or refused requests.",
-        c.bad_requests.load(Ordering::Relaxed),
-    );
-    m(
-        "rmem_donor_slabs_allocated_total",
-        "counter",
-        "Slabs lent.",
-        c.slabs_allocated.load(Ordering::Relaxed),
-    );
-    m(
-        "rmem_donor_slabs_freed_total",
-        "counter",
-        "Slabs taken back and zeroed.",
-        c.slabs_freed.load(Ordering::Relaxed),
-    );
-    m(
-        "rmem_donor_leases_expired_total",
-        "counter",
-        "Sessions ended by lease expiry.",
-        c.leases_expired.load(Ordering::Relaxed),
-    );
-    m(
-        "rmem_target_requests_total",
-        "counter",
-        "One-sided requests served (tcp provider).",
-        t.requests,
-    );
-    m(
-        "rmem_target_bytes_read_total",
-        "counter",
-        "Bytes READ by peers (tcp provider).",
-        t.bytes_read,
-    );
-    m(
-        "rmem_target_bytes_written_total",
-        "counter",
-        "Bytes written by peers (tcp provider).",
-        t.bytes_written,
-    );
-    m(
-        "rmem_target_access_errors_total",
-        "counter",
-        "Requests refused for key, bounds or rights.",
-        t.access_errors,
-    );
-    m(
-        "rmem_target_protocol_errors_total",
-        "counter",
-        "Malformed or truncated transport frames.",
-        t.protocol_errors,
-    );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s)
 }
 
 #[derive(Serialize)]

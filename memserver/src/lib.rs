@@ -15,6 +15,7 @@ mod control;
 mod data;
 mod donor;
 mod ledger;
+mod metrics;
 mod nbd;
 pub mod nbd_wire;
 pub mod pressure;

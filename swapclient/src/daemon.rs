@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
@@ -292,15 +293,22 @@ async fn serve_device(
                 .map_err(io_err(format!("metrics listener {addr}")))?;
             let (store, io) = (store.clone(), io.clone());
             let (device, backend, swapon) = (dev.display().to_string(), front.kind, opts.swapon);
+            let registry = Arc::new(crate::metrics::registry(move || {
+                status(&store, &device, backend, swapon, &io)
+            }));
             let app = axum::Router::new().route(
                 "/metrics",
                 axum::routing::get(move || {
-                    let st = status(&store, &device, backend, swapon, &io);
+                    let text = crate::metrics::encode(&registry);
                     async move {
-                        (
-                            [("content-type", "text/plain; version=0.0.4")],
-                            crate::metrics::render(&st),
-                        )
+                        match text {
+                            Ok(text) => ([("content-type", crate::metrics::CONTENT_TYPE)], text)
+                                .into_response(),
+                            Err(e) => {
+                                tracing::error!(error = %e, "metrics scrape failed");
+                                axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response()
+                            }
+                        }
                     }
                 }),
             );

@@ -1,155 +1,204 @@
 //! Prometheus text for `rmem swap up --metrics ADDR`: the device's I/O, the store's replica
-//! health and each donor's traffic.
+//! health and each donor's traffic. A collector reads the device's status at each scrape, so
+//! nothing is copied into registered metrics between scrapes. The text is Prometheus' format
+//! 0.0.4, whose counter families keep their `_total` name on HELP and TYPE.
 
-use std::fmt::Write;
+use std::fmt;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    prometheus_text, DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder,
+};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
 use crate::status::DeviceStatus;
 use crate::store::DonorStatus;
 
-/// A per-donor family: name, type, help, and how to read it off a donor.
+/// The `Content-Type` of what [`encode`] writes.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+/// A scrape that could not be written out.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot encode metrics")]
+pub struct EncodeError(#[from] fmt::Error);
+
+/// A registry whose one collector calls `read` at each scrape for the device's status.
+pub fn registry(read: impl Fn() -> DeviceStatus + Send + Sync + 'static) -> Registry {
+    let mut r = Registry::default();
+    r.register_collector(Box::new(DeviceCollector(Box::new(read))));
+    r
+}
+
+/// The exposition of everything `registry` holds.
+pub fn encode(registry: &Registry) -> Result<String, EncodeError> {
+    let mut s = String::new();
+    prometheus_text::encode(&mut s, registry)?;
+    Ok(s)
+}
+
+type ReadStatus = Box<dyn Fn() -> DeviceStatus + Send + Sync>;
+
+struct DeviceCollector(ReadStatus);
+
+impl fmt::Debug for DeviceCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DeviceCollector")
+    }
+}
+
+/// A per-donor family: name (counters without the `_total` the encoder appends), type, help,
+/// and how to read it off a donor.
 type DonorFamily = (
     &'static str,
-    &'static str,
+    MetricType,
     &'static str,
     fn(&DonorStatus) -> u64,
 );
 
-/// Escapes a label value (backslash, quote, newline).
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// One sample of a family with `labels`; every family here is a counter or a gauge.
+fn sample(
+    e: &mut MetricEncoder,
+    kind: MetricType,
+    labels: &impl EncodeLabelSet,
+    v: u64,
+) -> fmt::Result {
+    let m = e.encode_family(labels)?;
+    match kind {
+        MetricType::Counter => ConstCounter::new(v).encode(m),
+        _ => ConstGauge::new(v).encode(m),
+    }
 }
 
-/// The exposition of one device's status.
-pub fn render(st: &DeviceStatus) -> String {
-    let mut s = String::new();
-    let dev = format!(
-        "device=\"{}\",backend=\"{}\"",
-        label(&st.device),
-        st.backend
-    );
-    let mut m = |name: &str, kind: &str, help: &str, v: u64| {
-        let _ = writeln!(
-            s,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{dev}}} {v}"
-        );
-    };
-    let c = "counter";
-    m(
-        "rmem_swap_reads_total",
-        c,
-        "Read requests served (swap-in).",
-        st.reads,
-    );
-    m(
-        "rmem_swap_writes_total",
-        c,
-        "Write requests served (swap-out).",
-        st.writes,
-    );
-    m(
-        "rmem_swap_read_bytes_total",
-        c,
-        "Bytes paged in from donors.",
-        st.bytes_in,
-    );
-    m(
-        "rmem_swap_written_bytes_total",
-        c,
-        "Bytes paged out to donors.",
-        st.bytes_out,
-    );
-    m(
-        "rmem_swap_io_errors_total",
-        c,
-        "Requests failed back to the kernel.",
-        st.io_errors,
-    );
-    let g = "gauge";
-    let store = &st.store;
-    m("rmem_swap_size_bytes", g, "Device size.", store.size);
-    m(
-        "rmem_swap_replicas",
-        g,
-        "Copies kept of every chunk.",
-        store.replicas as u64,
-    );
-    m(
-        "rmem_swap_chunks",
-        g,
-        "Chunks (one slab each).",
-        store.chunks as u64,
-    );
-    m(
-        "rmem_swap_chunks_degraded",
-        g,
-        "Chunks with fewer live copies than asked for.",
-        store.degraded as u64,
-    );
-    m(
-        "rmem_swap_chunks_lost",
-        g,
-        "Chunks with no live copy (their blocks give I/O errors).",
-        store.lost as u64,
-    );
-    m(
-        "rmem_swap_chunks_rebuilt_total",
-        c,
-        "Chunk copies rebuilt on another donor.",
-        store.rebuilt,
-    );
-    m(
-        "rmem_swap_chunks_moved_total",
-        c,
-        "Chunks moved off a reclaiming donor.",
-        store.moved,
-    );
-    let donors: [DonorFamily; 5] = [
-        (
-            "rmem_swap_donor_up",
+impl Collector for DeviceCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> fmt::Result {
+        let st = (self.0)();
+        let dev = [("device", st.device.as_str()), ("backend", st.backend)];
+        let mut one = |name: &str, kind: MetricType, help: &str, v: u64| {
+            sample(
+                &mut e.encode_descriptor(name, help, None, kind)?,
+                kind,
+                &dev,
+                v,
+            )
+        };
+        let (c, g) = (MetricType::Counter, MetricType::Gauge);
+        one(
+            "rmem_swap_reads",
+            c,
+            "Read requests served (swap-in).",
+            st.reads,
+        )?;
+        one(
+            "rmem_swap_writes",
+            c,
+            "Write requests served (swap-out).",
+            st.writes,
+        )?;
+        one(
+            "rmem_swap_read_bytes",
+            c,
+            "Bytes paged in from donors.",
+            st.bytes_in,
+        )?;
+        one(
+            "rmem_swap_written_bytes",
+            c,
+            "Bytes paged out to donors.",
+            st.bytes_out,
+        )?;
+        one(
+            "rmem_swap_io_errors",
+            c,
+            "Requests failed back to the kernel.",
+            st.io_errors,
+        )?;
+        let store = &st.store;
+        one("rmem_swap_size_bytes", g, "Device size.", store.size)?;
+        one(
+            "rmem_swap_replicas",
             g,
-            "1 while the donor is healthy.",
-            |d| u64::from(d.healthy),
-        ),
-        (
-            "rmem_swap_donor_slabs",
+            "Copies kept of every chunk.",
+            store.replicas as u64,
+        )?;
+        one(
+            "rmem_swap_chunks",
             g,
-            "Slabs held on the donor.",
-            |d| d.slabs as u64,
-        ),
-        (
-            "rmem_swap_donor_read_bytes_total",
+            "Chunks (one slab each).",
+            store.chunks as u64,
+        )?;
+        one(
+            "rmem_swap_chunks_degraded",
+            g,
+            "Chunks with fewer live copies than asked for.",
+            store.degraded as u64,
+        )?;
+        one(
+            "rmem_swap_chunks_lost",
+            g,
+            "Chunks with no live copy (their blocks give I/O errors).",
+            store.lost as u64,
+        )?;
+        one(
+            "rmem_swap_chunks_rebuilt",
             c,
-            "Bytes read from the donor.",
-            |d| d.bytes_read,
-        ),
-        (
-            "rmem_swap_donor_written_bytes_total",
+            "Chunk copies rebuilt on another donor.",
+            store.rebuilt,
+        )?;
+        one(
+            "rmem_swap_chunks_moved",
             c,
-            "Bytes written to the donor.",
-            |d| d.bytes_written,
-        ),
-        (
-            "rmem_swap_donor_errors_total",
-            c,
-            "Failed operations on the donor.",
-            |d| d.errors,
-        ),
-    ];
-    for (name, kind, help, f) in donors {
-        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for d in &store.donors {
-            let _ = writeln!(
-                s,
-                "{name}{{{dev},donor=\"{}\",domain=\"{}\"}} {}",
-                label(&d.addr),
-                label(&d.domain),
-                f(d)
-            );
+            "Chunks moved off a reclaiming donor.",
+            store.moved,
+        )?;
+        let donors: [DonorFamily; 5] = [
+            (
+                "rmem_swap_donor_up",
+                g,
+                "1 while the donor is healthy.",
+                |d| u64::from(d.healthy),
+            ),
+            (
+                "rmem_swap_donor_slabs",
+                g,
+                "Slabs held on the donor.",
+                |d| d.slabs as u64,
+            ),
+            (
+                "rmem_swap_donor_read_bytes",
+                c,
+                "Bytes read from the donor.",
+                |d| d.bytes_read,
+            ),
+            (
+                "rmem_swap_donor_written_bytes",
+                c,
+                "Bytes written to the donor.",
+                |d| d.bytes_written,
+            ),
+            (
+                "rmem_swap_donor_errors",
+                c,
+                "Failed operations on the donor.",
+                |d| d.errors,
+            ),
+        ];
+        for (name, kind, help, f) in donors {
+            let mut m = e.encode_descriptor(name, help, None, kind)?;
+            for d in &store.donors {
+                let labels = [
+                    dev[0],
+                    dev[1],
+                    ("donor", d.addr.as_str()),
+                    ("domain", d.domain.as_str()),
+                ];
+                sample(&mut m, kind, &labels, f(d))?;
+            }
         }
+        Ok(())
     }
-    s
 }
 
 #[cfg(test)]
@@ -196,7 +245,7 @@ mod tests {
                 ],
             },
         };
-        let text = render(&st);
+        let text = encode(&registry(move || st.clone())).unwrap();
         let dev = r#"device="/dev/ublkb0",backend="ublk""#;
         for line in [
             format!("rmem_swap_reads_total{{{dev}}} 11"),

@@ -6,12 +6,16 @@ use std::net::SocketAddr;
 use rmem_memserver::{ByteSize, Client, ClientConfig, Control, Server, ServerConfig};
 use rmem_transport::HugePages;
 
+pub mod exposition;
+
 pub const SECRET: &[u8] = b"a shared secret for tests";
 
 /// A running donor; it stops when `stop` is dropped or sent.
 pub struct TestDonor {
     pub addr: SocketAddr,
     pub nbd: Option<SocketAddr>,
+    /// The HTTP admin endpoint, when `tune` set `admin_listen`.
+    pub admin: Option<SocketAddr>,
     pub control: Control,
     pub stop: tokio::sync::oneshot::Sender<()>,
 }
@@ -30,7 +34,12 @@ pub async fn donor_with(slabs: u64, tune: impl FnOnce(&mut ServerConfig)) -> Tes
     cfg.reclaim.pressure = false;
     tune(&mut cfg);
     let server = Server::bind(cfg, SECRET.to_vec()).await.unwrap();
-    let (addr, nbd, control) = (server.local_addr(), server.nbd_addr(), server.control());
+    let (addr, nbd, admin, control) = (
+        server.local_addr(),
+        server.nbd_addr(),
+        server.admin_addr(),
+        server.control(),
+    );
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(server.run(async {
         let _ = rx.await;
@@ -38,6 +47,7 @@ pub async fn donor_with(slabs: u64, tune: impl FnOnce(&mut ServerConfig)) -> Tes
     TestDonor {
         addr,
         nbd,
+        admin,
         control,
         stop,
     }
