@@ -81,15 +81,23 @@ pub(crate) async fn watch(ctl: Control) {
         Duration::from_secs(r.settle_secs),
     );
     let mut tick = tokio::time::interval(Duration::from_millis(r.interval_ms));
+    let mut unreadable = false;
     loop {
         tick.tick().await;
         // A procfs (or test) file: reading it does not block.
         let avg10 = match std::fs::read_to_string(&r.pressure_file) {
             Ok(t) => match some_avg10(&t) {
-                Some(v) => v,
+                Some(v) => {
+                    unreadable = false;
+                    v
+                }
                 None => {
-                    tracing::warn!(file = %r.pressure_file.display(), "no `some avg10` in the pressure file; pressure reclaim off");
-                    return;
+                    // One odd reading (a file being rewritten) is skipped, not the end of reclaim.
+                    if !unreadable {
+                        tracing::warn!(file = %r.pressure_file.display(), "no `some avg10` in the pressure file; skipping readings until there is");
+                    }
+                    unreadable = true;
+                    continue;
                 }
             },
             Err(e) => {

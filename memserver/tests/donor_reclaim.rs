@@ -154,12 +154,15 @@ async fn memory_pressure_shrinks_the_donor_and_calm_grows_it_back() {
     let dir = std::env::temp_dir().join(format!("rmem-psi-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let psi = dir.join("memory");
+    // Written aside and renamed, as procfs would never show a half-written file.
     let write = |avg10: &str| {
+        let tmp = dir.join("memory.new");
         std::fs::write(
-            &psi,
+            &tmp,
             format!("some avg10={avg10} avg60=0.00 avg300=0.00 total=1\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n"),
         )
-        .unwrap()
+        .unwrap();
+        std::fs::rename(&tmp, &psi).unwrap();
     };
     write("0.00");
     let (_, _s, ctl) = donor_with(8, |c| {
@@ -172,6 +175,9 @@ async fn memory_pressure_shrinks_the_donor_and_calm_grows_it_back() {
     .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(ctl.stats().slabs_retired, 0, "no pressure, no shrink");
+    // A reading without `some avg10` (a file caught mid-rewrite) is skipped, not fatal.
+    std::fs::write(&psi, "").unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
     write("42.00");
     let t0 = std::time::Instant::now();
     while ctl.stats().slabs_retired < 2 {
