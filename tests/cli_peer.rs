@@ -89,5 +89,5 @@ fn perf_client_gives_up_on_a_silent_server() {
     let addr = silent_peer().to_string();
     let args = ["perf", "client", &addr, "--iters", "10", "--warmup", "0"];
     let (out, _) = rmem_within(&args, Duration::from_secs(40));
-    assert_timed_out(&out, "receive hello");
+    assert_timed_out(&out, "receive connection hello");
 }

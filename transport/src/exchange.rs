@@ -314,10 +314,10 @@ impl Framing for RequestFraming {
     }
 }
 
-/// Maps a socket error during the exchange to what the caller should see.
-fn io_error(what: &'static str, timeout: Duration) -> impl Fn(io::Error) -> Error {
+/// Maps a socket error during the exchange to what the caller should see. A timeout stays an
+/// OS error naming the step, so the message says what the peer did not answer.
+fn io_error(what: &'static str) -> impl Fn(io::Error) -> Error {
     move |e| match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Error::Timeout(timeout),
         io::ErrorKind::UnexpectedEof => Error::Handshake(format!("the peer closed during {what}")),
         _ => Error::os(what, e),
     }
@@ -345,18 +345,18 @@ pub(crate) fn dial(addr: SocketAddr, timeout: Duration) -> Result<TcpStream> {
     Ok(s)
 }
 
-/// Writes one hello (the socket's timeouts bound it).
-pub(crate) fn send(mut s: &TcpStream, hello: &Hello, timeout: Duration) -> Result<()> {
+/// Writes one hello (the socket's timeouts, set by [`tune`], bound it).
+pub(crate) fn send(mut s: &TcpStream, hello: &Hello) -> Result<()> {
     s.write_all(&hello.encode())
-        .map_err(io_error("send connection hello", timeout))
+        .map_err(io_error("send connection hello"))
 }
 
 /// Reads the listener's answer to a request. A reject becomes an error saying why; an accept
 /// from another provider is a protocol error.
-pub(crate) fn read_answer(s: &TcpStream, ours: Provider, timeout: Duration) -> Result<Hello> {
+pub(crate) fn read_answer(s: &TcpStream, ours: Provider) -> Result<Hello> {
     let hello = Hello::read_from(s).map_err(|e| match e.kind() {
         io::ErrorKind::InvalidData => Error::Handshake(e.to_string()),
-        _ => io_error("receive connection hello", timeout)(e),
+        _ => io_error("receive connection hello")(e),
     })?;
     match hello.kind {
         Kind::Accept if hello.provider == ours => Ok(hello),

@@ -46,10 +46,10 @@ pub(super) fn connect(
         Hello::request(Provider::Tcp, &payload(&conn_id, Some(role)), private)
     };
     let primary = exchange::dial(addr, timeout)?;
-    exchange::send(&primary, &request(Role::Primary, private), timeout)?;
+    exchange::send(&primary, &request(Role::Primary, private))?;
     let secondary = exchange::dial(addr, timeout)?;
-    exchange::send(&secondary, &request(Role::Secondary, &[]), timeout)?;
-    let reply = exchange::read_answer(&primary, Provider::Tcp, timeout)?;
+    exchange::send(&secondary, &request(Role::Secondary, &[]))?;
+    let reply = exchange::read_answer(&primary, Provider::Tcp)?;
     match parse_payload(&reply.payload) {
         Some((id, None)) if id == conn_id => Ok((primary, secondary, reply.private)),
         _ => Err(Error::Handshake(
@@ -62,13 +62,13 @@ pub(super) fn send_accept(primary: &TcpStream, conn_id: &[u8; 16], private: &[u8
     // A peer that stopped reading cannot hold the accepting thread.
     exchange::tune(primary, PAIR_TIMEOUT)?;
     let h = Hello::accept(Provider::Tcp, &payload(conn_id, None), private);
-    exchange::send(primary, &h, PAIR_TIMEOUT)
+    exchange::send(primary, &h)
 }
 
 /// Refuses a request (best effort: the peer may be gone).
 pub(super) fn send_reject(primary: &TcpStream, reason: u16) {
     let _ = exchange::tune(primary, PAIR_TIMEOUT);
-    let _ = exchange::send(primary, &Hello::reject(Provider::Tcp, reason), PAIR_TIMEOUT);
+    let _ = exchange::send(primary, &Hello::reject(Provider::Tcp, reason));
 }
 
 /// Both halves of a queue pair whose hellos have arrived.

@@ -153,8 +153,8 @@ pub(crate) fn connect(
     let psn = random_psn();
     let mut s = exchange::dial(addr, timeout)?;
     let request = Hello::request(Provider::Verbs, &qp.endpoint(psn).encode(), private);
-    exchange::send(&s, &request, timeout)?;
-    let answer = exchange::read_answer(&s, Provider::Verbs, timeout)?;
+    exchange::send(&s, &request)?;
+    let answer = exchange::read_answer(&s, Provider::Verbs)?;
     let peer = Endpoint::decode(&answer.payload)?;
     qp.connect_to(psn, &peer)?;
     exchange_ready(&mut s, true, timeout)?;
@@ -232,7 +232,7 @@ impl IncomingOps for VerbsIncoming {
         exchange::tune(&self.stream, PEER_TIMEOUT)?;
         let refuse = || {
             let no = Hello::reject(Provider::Verbs, REJECT_REFUSED);
-            let _ = exchange::send(&self.stream, &no, PEER_TIMEOUT);
+            let _ = exchange::send(&self.stream, &no);
         };
         let qp = VerbsQp::create(spec).inspect_err(|_| refuse())?;
         let psn = random_psn();
@@ -240,7 +240,7 @@ impl IncomingOps for VerbsIncoming {
         qp.connect_to(psn, &self.peer_ep)
             .inspect_err(|_| refuse())?;
         let answer = Hello::accept(Provider::Verbs, &qp.endpoint(psn).encode(), private);
-        exchange::send(&self.stream, &answer, PEER_TIMEOUT)?;
+        exchange::send(&self.stream, &answer)?;
         let mut stream = self.stream;
         exchange_ready(&mut stream, false, PEER_TIMEOUT)?;
         tracing::debug!(qp = qp.num(), peer = %self.peer, "verbs queue pair accepted");
@@ -252,7 +252,6 @@ impl IncomingOps for VerbsIncoming {
         let _ = exchange::send(
             &self.stream,
             &Hello::reject(Provider::Verbs, REJECT_REFUSED),
-            PEER_TIMEOUT,
         );
         tracing::debug!(peer = %self.peer, "connection request refused");
     }
