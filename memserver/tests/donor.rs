@@ -165,6 +165,8 @@ async fn leases_expire_unless_renewed() {
     let renewal = keen.spawn_renewal();
     let sl = lazy.alloc(1).await.unwrap()[0];
     keen.alloc(1).await.unwrap();
+    // Not a wait for readiness: the span under test, two and a half leases (lease_secs = 1),
+    // which the renewing client's slab must outlive.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let st = keen.stats().await.unwrap();
     assert_eq!(st.slabs_held, 1, "a renewing client keeps its slab");
@@ -317,7 +319,16 @@ async fn reclaim_tells_the_client_which_moves_its_data_and_the_rest_is_taken_at_
     assert!(back.iter().all(|&x| x == k as u8 + 1), "data moved intact");
     assert!(!a.held().iter().any(|g| g.slab == slabs[0].slab));
 
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // The overdue slab is taken at the deadline (grace_secs = 2), on the reaper's next round.
+    support::wait_until(
+        "the overdue slab taken at the deadline",
+        Duration::from_secs(10),
+        || {
+            let a = a.clone();
+            async move { a.stats().await.unwrap().slabs_retired == 3 }
+        },
+    )
+    .await;
     let st = a.stats().await.unwrap();
     assert_eq!(
         (st.slabs_retired, st.slabs_reclaiming, st.slabs_held),
@@ -426,6 +437,8 @@ async fn memory_pressure_shrinks_the_donor_and_calm_grows_it_back() {
         c.reclaim.step = Some(ByteSize(2 << 20));
     })
     .await;
+    // Not a wait for readiness: a window of ten readings (20 ms apart) in which nothing may
+    // happen; there is no event to poll for.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(ctl.stats().slabs_retired, 0, "no pressure, no shrink");
     write("42.00");
@@ -439,8 +452,13 @@ async fn memory_pressure_shrinks_the_donor_and_calm_grows_it_back() {
     }
     // One step per settle period, not one per reading.
     assert_eq!(ctl.stats().slabs_retired, 2);
-    tokio::time::sleep(Duration::from_millis(1300)).await;
-    assert_eq!(ctl.stats().slabs_retired, 4, "a second step after settling");
+    support::wait_until(
+        "a second step after settling (settle_secs = 1)",
+        Duration::from_secs(10),
+        || std::future::ready(ctl.stats().slabs_retired >= 4),
+    )
+    .await;
+    assert_eq!(ctl.stats().slabs_retired, 4, "one step per settle period");
     write("0.10");
     while ctl.stats().slabs_retired > 0 {
         assert!(t0.elapsed() < Duration::from_secs(20), "never grew back");
