@@ -5,11 +5,16 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod support;
+
 #[test]
 fn client_fails_promptly_when_the_server_process_is_killed() {
+    // -v: the server logs "client connected" once a client's queue pair is up.
     let mut server = Command::new(env!("CARGO_BIN_EXE_rmem"))
-        .args(["perf", "server", "--listen", "127.0.0.1:0", "--json"])
+        .args(["perf", "server", "--listen", "127.0.0.1:0", "--json", "-v"])
+        .env("RMEM_LOG", "info")
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("start server");
     let mut line = String::new();
@@ -38,7 +43,13 @@ fn client_fails_promptly_when_the_server_process_is_killed() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start client");
-    std::thread::sleep(Duration::from_millis(500));
+    // Killed only once the client is connected and running, however slow the host.
+    support::wait_for_line(
+        server.stderr.take().unwrap(),
+        "client connected",
+        "the client connected to the perf server",
+        Duration::from_secs(30),
+    );
     server.kill().unwrap();
     server.wait().unwrap();
     let killed = Instant::now();

@@ -61,7 +61,16 @@ async fn reclaim_tells_the_client_which_moves_its_data_and_the_rest_is_taken_at_
     assert!(back.iter().all(|&x| x == k as u8 + 1), "data moved intact");
     assert!(!a.held().iter().any(|g| g.slab == slabs[0].slab));
 
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // The overdue slab is taken at the deadline (grace_secs = 2), on the reaper's next round.
+    support::wait_until(
+        "the overdue slab taken at the deadline",
+        Duration::from_secs(10),
+        || {
+            let a = a.clone();
+            async move { a.stats().await.unwrap().slabs_retired == 3 }
+        },
+    )
+    .await;
     let st = a.stats().await.unwrap();
     assert_eq!(
         (st.slabs_retired, st.slabs_reclaiming, st.slabs_held),
@@ -173,6 +182,8 @@ async fn memory_pressure_shrinks_the_donor_and_calm_grows_it_back() {
         c.reclaim.step = Some(ByteSize(2 << 20));
     })
     .await;
+    // Not a wait for readiness: a window of ten readings (20 ms apart) in which nothing may
+    // happen; there is no event to poll for.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(ctl.stats().slabs_retired, 0, "no pressure, no shrink");
     // A reading without `some avg10` (a file caught mid-rewrite) is skipped, not fatal.
@@ -189,8 +200,13 @@ async fn memory_pressure_shrinks_the_donor_and_calm_grows_it_back() {
     }
     // One step per settle period, not one per reading.
     assert_eq!(ctl.stats().slabs_retired, 2);
-    tokio::time::sleep(Duration::from_millis(1300)).await;
-    assert_eq!(ctl.stats().slabs_retired, 4, "a second step after settling");
+    support::wait_until(
+        "a second step after settling (settle_secs = 1)",
+        Duration::from_secs(10),
+        || std::future::ready(ctl.stats().slabs_retired >= 4),
+    )
+    .await;
+    assert_eq!(ctl.stats().slabs_retired, 4, "one step per settle period");
     write("0.10");
     while ctl.stats().slabs_retired > 0 {
         assert!(t0.elapsed() < Duration::from_secs(20), "never grew back");

@@ -146,6 +146,8 @@ async fn leases_expire_unless_renewed() {
     let renewal = keen.spawn_renewal();
     let sl = lazy.alloc(1).await.unwrap()[0];
     keen.alloc(1).await.unwrap();
+    // Not a wait for readiness: the span under test, two and a half leases (lease_secs = 1),
+    // which the renewing client's slab must outlive.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let st = keen.stats().await.unwrap();
     assert_eq!(st.slabs_held, 1, "a renewing client keeps its slab");

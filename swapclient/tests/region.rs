@@ -1,49 +1,38 @@
 //! The userfaultfd region paged to a real donor (tcp provider, loopback, in this process).
 
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rmem_memserver::{ByteSize, Client, ClientConfig, Server, ServerConfig};
+use rmem_memserver::{Client, ClientConfig};
 use rmem_swapclient::region::PAGE;
 use rmem_swapclient::{PollMode, Region, RegionConfig, RegionError};
-use rmem_transport::HugePages;
 
-const SECRET: &[u8] = b"a shared secret for tests";
+// The donor's own test support: an in-process donor on loopback.
+#[path = "../../memserver/tests/support/mod.rs"]
+mod support;
+
+use support::{TestDonor, SECRET};
+
 const WORDS: usize = PAGE / 8;
 
-async fn donor(slabs: u64) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
-    let mut cfg = ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        size: ByteSize(slabs << 20),
-        slab_size: ByteSize(1 << 20),
-        hugepages: HugePages::Never,
-        ..Default::default()
-    };
-    cfg.reclaim.pressure = false;
-    // Stopping it is then like a dead host: sessions end, slabs deregistered at once.
-    cfg.reclaim.shutdown_grace_secs = 0;
-    let server = Server::bind(cfg, SECRET.to_vec()).await.unwrap();
-    let addr = server.local_addr();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(server.run(async {
-        let _ = rx.await;
-    }));
-    (addr, tx)
+/// A donor of `slabs` 1 MiB slabs. Killing it is like a dead host: no shutdown grace, sessions
+/// end and slabs are deregistered at once.
+async fn donor(slabs: u64) -> TestDonor {
+    support::donor_with(slabs, |c| c.reclaim.shutdown_grace_secs = 0).await
 }
 
 struct Setup {
     region: Region,
     client: Arc<Client>,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    _donor: TestDonor,
 }
 
 /// A region of `pages` pages on a fresh donor, `budget` of them resident at most.
 async fn setup(pages: usize, budget: usize, prefetch: usize, poll: PollMode) -> Setup {
-    let (addr, stop) = donor(8).await;
-    let mut c = ClientConfig::new(addr, SECRET.to_vec());
+    let d = donor(8).await;
+    let mut c = ClientConfig::new(d.addr, SECRET.to_vec());
     c.name = "region-test".into();
     let client = Arc::new(Client::connect(c).await.unwrap());
     let mut cfg = RegionConfig::new(pages * PAGE);
@@ -54,7 +43,7 @@ async fn setup(pages: usize, budget: usize, prefetch: usize, poll: PollMode) -> 
     Setup {
         region,
         client,
-        _stop: stop,
+        _donor: d,
     }
 }
 
@@ -277,9 +266,9 @@ async fn sequential_prefetch_saves_most_faults() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_size_that_is_not_whole_pages_is_refused() {
-    let (addr, _stop) = donor(1).await;
+    let d = donor(1).await;
     let client = Arc::new(
-        Client::connect(ClientConfig::new(addr, SECRET.to_vec()))
+        Client::connect(ClientConfig::new(d.addr, SECRET.to_vec()))
             .await
             .unwrap(),
     );
@@ -297,22 +286,22 @@ async fn a_size_that_is_not_whole_pages_is_refused() {
     assert_eq!(client.stats().await.unwrap().slabs_held, 0);
 }
 
-async fn mortal_region(pages: usize, budget: usize) -> (Region, tokio::sync::oneshot::Sender<()>) {
-    let (addr, stop) = donor(8).await;
-    let mut c = ClientConfig::new(addr, SECRET.to_vec());
+async fn mortal_region(pages: usize, budget: usize) -> (Region, TestDonor) {
+    let d = donor(8).await;
+    let mut c = ClientConfig::new(d.addr, SECRET.to_vec());
     c.op_timeout = std::time::Duration::from_secs(2);
     let client = Arc::new(Client::connect(c).await.unwrap());
     let mut cfg = RegionConfig::new(pages * PAGE);
     cfg.budget_pages = budget;
     cfg.prefetch = 0;
     cfg.remote_deadline = std::time::Duration::from_millis(300);
-    (Region::borrow(client, cfg).await.unwrap(), stop)
+    (Region::borrow(client, cfg).await.unwrap(), d)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_write_back_keeps_the_page_resident_and_intact() {
     let (pages, budget) = (64, 8);
-    let (r, stop) = mortal_region(pages, budget).await;
+    let (r, d) = mortal_region(pages, budget).await;
     // Exactly the budget, all dirty: nothing has gone out yet.
     let r = blocking(move || {
         for p in 0..budget {
@@ -322,8 +311,7 @@ async fn a_failed_write_back_keeps_the_page_resident_and_intact() {
     })
     .await;
     assert_eq!(r.stats().writebacks, 0);
-    let _ = stop.send(());
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    d.kill().await;
     // New pages are zero-filled locally; evicting the old dirty ones now fails.
     let r = blocking(move || {
         for p in budget..3 * budget {
@@ -354,7 +342,7 @@ async fn child_touches_a_page_lost_with_its_donor() {
         return;
     }
     let (pages, budget) = (64, 8);
-    let (r, stop) = mortal_region(pages, budget).await;
+    let (r, d) = mortal_region(pages, budget).await;
     if !r.poisons_lost_pages() {
         std::process::exit(3);
     }
@@ -368,8 +356,7 @@ async fn child_touches_a_page_lost_with_its_donor() {
     })
     .await;
     assert!(r.stats().writebacks > 0);
-    let _ = stop.send(());
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    d.kill().await;
     // Page 1 went out with the first evictions and is not resident.
     println!("CHILD: touching a lost page");
     blocking(move || check_page(&r, 2, 1)).await;

@@ -1,60 +1,37 @@
 //! The replicated store over real donors (tcp provider, loopback, in this process).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rmem_memserver::{ByteSize, Control, Server, ServerConfig};
+use rmem_memserver::ByteSize;
 use rmem_swapclient::{DonorSpec, Store, StoreConfig, StoreError};
-use rmem_transport::{HugePages, Provider};
+use rmem_transport::Provider;
 
-const SECRET: &[u8] = b"a shared secret for tests";
+// The donor's own test support: an in-process donor on loopback.
+#[path = "../../memserver/tests/support/mod.rs"]
+mod support;
+
+use support::{TestDonor, SECRET};
+
 const MIB: u64 = 1 << 20;
 
-struct Donor {
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    ctl: Control,
-}
-
-impl Donor {
-    /// Stops the donor at once: sessions end, slabs are deregistered (like a dead host, as far
-    /// as the borrower can tell).
-    async fn kill(&mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
-}
-
-async fn donor(slabs: u64) -> Donor {
+async fn donor(slabs: u64) -> TestDonor {
     donor_of(slabs, MIB).await
 }
 
-async fn donor_of(slabs: u64, slab_size: u64) -> Donor {
-    let mut cfg = ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        size: ByteSize(slabs * slab_size),
-        slab_size: ByteSize(slab_size),
-        hugepages: HugePages::Never,
-        ..Default::default()
-    };
-    cfg.reclaim.pressure = false;
-    cfg.reclaim.grace_secs = 2;
-    cfg.reclaim.shutdown_grace_secs = 0;
-    let s = Server::bind(cfg, SECRET.to_vec()).await.unwrap();
-    let (addr, ctl) = (s.local_addr(), s.control());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(s.run(async {
-        let _ = rx.await;
-    }));
-    Donor {
-        addr,
-        stop: Some(tx),
-        ctl,
-    }
+/// A donor of `slabs` slabs of `slab_size`, reclaim deadline 2 s. `kill` makes it a dead host
+/// as far as the borrower can tell: no shutdown grace, sessions end, slabs are deregistered.
+async fn donor_of(slabs: u64, slab_size: u64) -> TestDonor {
+    support::donor_with(slabs, |c| {
+        c.size = ByteSize(slabs * slab_size);
+        c.slab_size = ByteSize(slab_size);
+        c.reclaim.grace_secs = 2;
+        c.reclaim.shutdown_grace_secs = 0;
+    })
+    .await
 }
 
-fn config(size: u64, replicas: usize, donors: &[&Donor]) -> StoreConfig {
+fn config(size: u64, replicas: usize, donors: &[&TestDonor]) -> StoreConfig {
     StoreConfig {
         size,
         replicas,
@@ -116,8 +93,8 @@ async fn read_all(store: &Arc<Store>) -> Result<Vec<u8>, StoreError> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_during_a_rebuild_reach_the_new_copy() {
     // 4 MiB chunks: each is rebuilt in four 1 MiB pieces, with writes let in between them.
-    let mut a = donor_of(8, 4 * MIB).await;
-    let mut b = donor_of(8, 4 * MIB).await;
+    let a = donor_of(8, 4 * MIB).await;
+    let b = donor_of(8, 4 * MIB).await;
     let c = donor_of(8, 4 * MIB).await;
     let store = Store::create(&config(8 * MIB, 2, &[&a, &b, &c]))
         .await
@@ -150,9 +127,10 @@ async fn writes_during_a_rebuild_reach_the_new_copy() {
             shadow
         })
     };
-    while writes.load(SeqCst) == 0 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    support::wait_until("the writer's first write", Duration::from_secs(10), || {
+        std::future::ready(writes.load(SeqCst) > 0)
+    })
+    .await;
     let before = writes.load(SeqCst);
     assert_eq!(store.repair().await, 0);
     let after = writes.load(SeqCst);
@@ -170,8 +148,8 @@ async fn writes_during_a_rebuild_reach_the_new_copy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_survive_donor_deaths_and_are_rebuilt() {
-    let mut a = donor(16).await;
-    let mut b = donor(16).await;
+    let a = donor(16).await;
+    let b = donor(16).await;
     let c = donor(16).await;
     let store = Store::create(&config(8 * MIB, 2, &[&a, &b, &c]))
         .await
@@ -207,7 +185,7 @@ async fn replicas_survive_donor_deaths_and_are_rebuilt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_replicas_a_dead_donor_means_errors_not_wrong_data() {
-    let mut a = donor(8).await;
+    let a = donor(8).await;
     let store = Store::create(&config(4 * MIB, 1, &[&a])).await.unwrap();
     fill(&store, 3).await;
     a.kill().await;
@@ -268,21 +246,30 @@ async fn reclaimed_slabs_are_moved_before_the_deadline() {
     assert!(on_a > 0);
     let mut notices = store.notices();
     // Everything on A is asked back (its free slabs go first).
-    let r = a.ctl.shrink(8);
+    let r = a.control.shrink(8);
     assert_eq!(r.reclaiming, on_a);
     let (i, rx) = notices.iter_mut().find(|(i, _)| *i == 0).unwrap();
-    match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
-        Ok(Some(rmem_memserver::Notice::Reclaim { slabs, .. })) => store.mark_leaving(*i, &slabs),
+    let deadline = match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+        Ok(Some(rmem_memserver::Notice::Reclaim { slabs, deadline })) => {
+            store.mark_leaving(*i, &slabs);
+            deadline
+        }
         other => panic!("expected a reclaim notice, got {other:?}"),
-    }
+    };
     assert_eq!(store.repair().await, 0);
     let st = store.status();
     assert_eq!((st.donors[0].slabs, st.moved as u32), (0, on_a), "{st:?}");
     assert!(read_all(&store).await.unwrap() == data);
-    // A gets its memory back without waiting for the deadline.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let ds = a.ctl.stats();
-    assert_eq!((ds.slabs_retired, ds.slabs_reclaiming), (8, 0));
+    // A gets its memory back as the moved slabs are freed, before its deadline would take them.
+    support::wait_until(
+        "A's slabs back before the reclaim deadline",
+        deadline.saturating_duration_since(std::time::Instant::now()),
+        || {
+            let ds = a.control.stats();
+            std::future::ready((ds.slabs_retired, ds.slabs_reclaiming) == (8, 0))
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,7 +315,7 @@ async fn ublk_requests_read_write_discard_and_fail_cleanly() {
     use rmem_swapclient::kernel_ublk::serve_request;
     use std::sync::atomic::Ordering::Relaxed;
 
-    let mut a = donor(8).await;
+    let a = donor(8).await;
     let store = Store::create(&config(4 * MIB, 1, &[&a])).await.unwrap();
     let s = store.clone();
     let io = blocking(move || {

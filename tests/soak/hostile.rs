@@ -34,6 +34,7 @@ impl Attack {
     }
 }
 
+/// An attacker's pacing between its moves: sleeps `d` in steps, false as soon as it should stop.
 fn pause(stop: &AtomicBool, d: Duration) -> bool {
     let step = Duration::from_millis(20);
     let mut left = d;

@@ -171,6 +171,7 @@ fn donor_serves_legitimate_clients_through_an_attack_and_recovers() {
             .unwrap();
         c.data_addr()
     };
+    // Three phases of fixed length (pacing, not waits): clients alone, under attack, after it.
     let phase = Duration::from_secs(phase_secs);
     std::thread::sleep(phase);
     let start = footprint(pid);

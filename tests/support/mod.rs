@@ -1,9 +1,11 @@
 //! What the command's integration tests share: an `rmem server` process on loopback.
 #![allow(dead_code)] // each test file uses what it needs
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, RecvTimeoutError};
+use std::time::{Duration, Instant};
 
 /// A donor process, killed when dropped, with its JSON start-up line.
 pub struct Donor {
@@ -46,4 +48,65 @@ pub fn donor(secret: &str, args: &[&str]) -> Donor {
         .unwrap();
     let info = serde_json::from_str(&line).expect("start-up line");
     Donor { child, info }
+}
+
+/// Polls `ready` every 10 ms until it holds; panics naming `what` once `timeout` has passed.
+/// For readiness (a process listening, a figure reached), never a fixed sleep.
+pub fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ready() {
+        assert!(
+            start.elapsed() < timeout,
+            "not ready after {timeout:?}: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The first line of `from` (a child's stdout or stderr) that contains `needle`. A thread of its
+/// own reads `from`, and keeps draining it afterwards so the child never blocks on a full pipe.
+/// Panics naming `what` when no such line comes within `timeout`, or `from` ends first.
+pub fn wait_for_line(
+    from: impl Read + Send + 'static,
+    needle: &str,
+    what: &str,
+    timeout: Duration,
+) -> String {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(from).lines() {
+            let Ok(line) = line else { break };
+            // Once the line was found nobody listens: the rest is read and dropped.
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + timeout;
+    loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) if line.contains(needle) => return line,
+            Ok(_) => {}
+            Err(RecvTimeoutError::Timeout) => panic!("not ready after {timeout:?}: {what}"),
+            Err(RecvTimeoutError::Disconnected) => panic!("not ready: {what} (the output ended)"),
+        }
+    }
+}
+
+/// [`wait_until`] for a condition that is awaited (a request to a donor, say); each try is
+/// bounded by what is left of `timeout`.
+pub async fn wait_until_async<F: std::future::Future<Output = bool>>(
+    what: &str,
+    timeout: Duration,
+    mut ready: impl FnMut() -> F,
+) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Ok(true) = tokio::time::timeout_at(deadline, ready()).await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not ready after {timeout:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

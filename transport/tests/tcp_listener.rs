@@ -112,7 +112,8 @@ fn a_refused_request_never_runs_even_pipelined_behind_its_hello() {
     let mut p = pipelined_write(t.listener.local_addr(), b"wrong token", &t.mr, b"PWNED!!!");
     let req = next(&t.listener);
     assert_eq!(req.private(), b"wrong token");
-    // Give a target thread, if one were running, ample time to execute the WRITE.
+    // Give a target thread, if one were running, ample time to execute the WRITE (not a wait
+    // for readiness: a window in which nothing may happen).
     std::thread::sleep(Duration::from_millis(300));
     req.reject();
     let reply = first_reply(&mut p);
@@ -130,6 +131,7 @@ fn pipelined_requests_wait_for_the_accept_and_the_answer_comes_first() {
     let t = side(ListenLimits::default());
     let mut p = pipelined_write(t.listener.local_addr(), b"good token", &t.mr, b"in order");
     let req = next(&t.listener);
+    // A window in which the pipelined WRITE may not run (nothing to poll for).
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(contents(&t.mr)[..8], [0u8; 8], "ran before the accept");
     let cq = t.ctx.create_cq(16).unwrap();
@@ -169,11 +171,12 @@ fn a_refused_connect_reports_the_refusal_and_the_listener_goes_on() {
     assert_eq!(ok.join().unwrap().unwrap(), b"welcome");
 }
 
-/// Connects and sends one byte of a hello every `every`, until the socket breaks.
+/// Connects (before it returns: a peer connected after it comes after it), then sends one byte
+/// of a hello every `every` on a thread of its own, until the socket breaks.
 fn trickler(addr: SocketAddr, every: Duration) -> std::thread::JoinHandle<Duration> {
+    let start = Instant::now();
+    let mut s = TcpStream::connect(addr).unwrap();
     std::thread::spawn(move || {
-        let start = Instant::now();
-        let mut s = TcpStream::connect(addr).unwrap();
         let bytes = hello(Role::Primary, [7; 16], b"");
         for b in bytes.iter().cycle() {
             if s.write_all(&[*b]).is_err() {
@@ -200,7 +203,6 @@ fn slow_and_idle_peers_do_not_hold_up_a_legitimate_one() {
     let trickle: Vec<_> = (0..4)
         .map(|_| trickler(addr, Duration::from_millis(200)))
         .collect();
-    std::thread::sleep(Duration::from_millis(100));
     let client = connect_in_thread(addr, b"legit");
     let cq = t.ctx.create_cq(16).unwrap();
     let accepted = t
@@ -292,6 +294,8 @@ fn a_peer_that_dies_before_its_answer_fails_alone() {
             .set_linger(Some(Duration::ZERO))
             .unwrap();
     }
+    // Makes it likely that the resets arrive before the answer; both orders are checked below,
+    // so this is no readiness wait.
     std::thread::sleep(Duration::from_millis(100));
     let cq = t.ctx.create_cq(16).unwrap();
     let cfg = QpConfig::new(&t.pd, &cq);

@@ -348,6 +348,7 @@ fn response_for_another_request_is_a_bad_response() {
         p.read_exact(&mut b).unwrap();
         let req = Request::decode(&b).unwrap();
         p.write_all(&Response::ack(req.seq + 7).encode()).unwrap();
+        // Keeps the connection open a while, so the initiator fails on the response, not on EOF.
         std::thread::sleep(Duration::from_millis(500));
     });
     let (_ctx, cq, qp, mr) = initiator(addr, Duration::from_secs(5));

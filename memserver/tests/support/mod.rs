@@ -1,7 +1,9 @@
 //! What the donor's integration tests share: an in-process donor on loopback and a client.
 #![allow(dead_code)] // each test file uses what it needs
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use rmem_memserver::{ByteSize, Client, ClientConfig, Control, Server, ServerConfig};
 use rmem_transport::HugePages;
@@ -18,6 +20,21 @@ pub struct TestDonor {
     pub admin: Option<SocketAddr>,
     pub control: Control,
     pub stop: tokio::sync::oneshot::Sender<()>,
+    /// The task serving it: done once every session has ended.
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl TestDonor {
+    /// Stops the donor and returns once it has stopped: every session ended, its queue pair
+    /// shut down and its slabs deregistered. With `shutdown_grace_secs = 0` that is a dead host
+    /// as far as a borrower can tell.
+    pub async fn kill(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("the donor did not stop within 30 s")
+            .expect("the donor's task");
+    }
 }
 
 /// A donor of `slabs` 1 MiB slabs, lease 30 s; pressure reclaim off (the test host's own
@@ -41,7 +58,7 @@ pub async fn donor_with(slabs: u64, tune: impl FnOnce(&mut ServerConfig)) -> Tes
         server.control(),
     );
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(server.run(async {
+    let task = tokio::spawn(server.run(async {
         let _ = rx.await;
     }));
     TestDonor {
@@ -50,6 +67,27 @@ pub async fn donor_with(slabs: u64, tune: impl FnOnce(&mut ServerConfig)) -> Tes
         admin,
         control,
         stop,
+        task,
+    }
+}
+
+/// Polls `ready` every 10 ms until it holds; panics naming `what` once `timeout` has passed
+/// (each try is bounded by what is left of it). For readiness, never a fixed sleep.
+pub async fn wait_until<F: Future<Output = bool>>(
+    what: &str,
+    timeout: Duration,
+    mut ready: impl FnMut() -> F,
+) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Ok(true) = tokio::time::timeout_at(deadline, ready()).await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not ready after {timeout:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
