@@ -6,13 +6,15 @@
 #   soft-roce/vm/build-initramfs.sh -k <kernel version> -o <out.cpio.gz> -g <guest script> \
 #       [-t] [-e KEY=VALUE]... [-m MODULE]... [-M MODULE]... <program>...
 #
-# Each <program> is copied to /bin in the guest with the shared libraries `ldd` names; -t adds
-# the peers rmem is measured against (perftest's ib_* programs and qperf) and nbd-client.
-# -m adds a kernel module the run needs (the build fails when the kernel lacks it), -M one it
-# may use when the kernel has it (ublk_drv is always such a one: 6.12 has it, 6.1 does not).
-# /init mounts the usual filesystems, loads the modules, gives eth0 the address named on the
-# kernel command line (rmem.ip=A.B.C.D/N, default 10.0.2.15/24 for QEMU user networking),
-# creates rxe0 over eth0, waits for its RoCE v2 GID, raises the locked-memory limit, runs the
+# The guest script becomes /guest.sh, with guest-lib.sh (its shared functions) next to it as
+# /guest-lib.sh. Each <program> is copied to /bin in the guest with the shared libraries `ldd`
+# names; -t adds the peers rmem is measured against (perftest's ib_* programs and qperf) and
+# nbd-client. -m adds a kernel module the run needs (the build fails when the kernel lacks it),
+# -M one it may use when the kernel has it (ublk_drv is always such a one: 6.12 has it, 6.1 does
+# not). /init mounts the usual filesystems, prints "RMEM-GUEST-ALIVE" (run.sh watches for it),
+# loads the modules, gives eth0 the address named on the kernel command line (rmem.ip=A.B.C.D/N,
+# default 10.0.2.15/24 for QEMU user networking), creates rxe0 over eth0, waits (guest-lib.sh's
+# wait_for) for its port and its RoCE v2 GID, raises the locked-memory limit, runs the
 # guest script with the -e variables and RMEM_IP, RMEM_ROLE (rmem.role=) and RMEM_PEER
 # (rmem.peer=) set, prints "RMEM-GUEST-EXIT=<status>" and powers off (reboot -f; QEMU runs
 # with -no-reboot). One image serves every VM of a multi-VM run.
@@ -110,6 +112,9 @@ for m in "${mods[@]}"; do
 done
 
 cp "$guest" "$root/guest.sh"
+# The guest scripts' shared functions, next to the script (they source it from their directory);
+# /init uses its wait_for.
+cp "$(dirname "$0")/guest-lib.sh" "$root/guest-lib.sh"
 : > "$root/guest.env"
 for kv in "${envs[@]+"${envs[@]}"}"; do
   printf 'export %q\n' "$kv" >> "$root/guest.env"
@@ -124,17 +129,9 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
 echo "rmem-vm: kernel $(uname -r), $(nproc) cpus"
-# run.sh watches for this line to know the accelerator works.
+# run.sh watches for this line: the guest is alive (and the accelerator works).
 echo "RMEM-GUEST-ALIVE"
-
-# Waits up to $2 tenths of a second for a shell condition $1.
-wait_for() {
-  n=0
-  while ! eval "$1"; do
-    n=$((n + 1)); [ "$n" -gt "$2" ] && return 1
-    sleep 0.1
-  done
-}
+. /guest-lib.sh
 
 # rmem.ip=, rmem.role= and rmem.peer= on the kernel command line configure this VM.
 RMEM_IP=10.0.2.15/24 RMEM_ROLE=single RMEM_PEER=
@@ -150,17 +147,17 @@ ip4=${RMEM_IP%/*}
 # The RoCE v2 GID of an IPv4 address is ::ffff:a.b.c.d, as sysfs prints it.
 gid=$(echo "$ip4" | awk -F. '{printf "0000:0000:0000:0000:0000:ffff:%02x%02x:%02x%02x", $1, $2, $3, $4}')
 
+port_active() { grep -qi active /sys/class/infiniband/rxe0/ports/1/state 2>/dev/null; }
+has_gid() { grep -qx "$gid" /sys/class/infiniband/rxe0/ports/1/gids/* 2>/dev/null; }
 setup() {
   while read -r ko; do
     insmod "$ko" || { echo "rmem-vm: insmod $ko failed"; return 1; }
   done < /modules.list
-  wait_for '[ -e /sys/class/net/eth0 ]' 100 || { echo "rmem-vm: no eth0"; return 1; }
+  wait_for "eth0 (/sys/class/net/eth0)" 10 test -e /sys/class/net/eth0 || return 1
   ip link set lo up && ip link set eth0 up && ip addr add "$RMEM_IP" dev eth0 || return 1
   rdma link add rxe0 type rxe netdev eth0 || { echo "rmem-vm: rdma link add failed"; return 1; }
-  wait_for 'grep -qi active /sys/class/infiniband/rxe0/ports/1/state 2>/dev/null' 200 ||
-    { echo "rmem-vm: rxe0 port not active"; return 1; }
-  wait_for 'grep -qx "$gid" /sys/class/infiniband/rxe0/ports/1/gids/* 2>/dev/null' 200 ||
-    { echo "rmem-vm: no GID for $ip4"; return 1; }
+  wait_for "rxe0 port 1 active" 20 port_active || return 1
+  wait_for "the RoCE v2 GID of $ip4 on rxe0" 20 has_gid || return 1
   echo "rmem-vm: rxe0 ready at $(cut -d' ' -f1 /proc/uptime) s"
 }
 

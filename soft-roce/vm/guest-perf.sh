@@ -3,6 +3,10 @@
 # rxe0, server and client in this guest, each measurement run back to back for all three so they
 # share the guest's state. Output between "=== BEGIN <name>" and "=== END <name> rc=<status>"
 # markers; benches/compare-verbs.sh turns it into one table.
+# $verbs and $pt hold several arguments each; rmem_client runs through section:
+# shellcheck disable=SC2086,SC2317
+# shellcheck source=SCRIPTDIR/guest-lib.sh
+. "$(dirname "$0")/guest-lib.sh"
 ip=${RMEM_IP%/*}
 verbs="--provider verbs --device rxe0 --local-ip $ip"
 pt="-d rxe0 -x 1"      # perftest: device, and GID index 1 = the RoCE v2 GID of $ip
@@ -10,22 +14,19 @@ lat_n=${RMEM_LAT_ITERS:-3000}
 bw_n=${RMEM_BW_ITERS:-3000}
 status=0
 
-section() { # name command...
-  name=$1; shift
-  echo "=== BEGIN $name"
-  "$@"
-  rc=$?
-  echo "=== END $name rc=$rc"
-  [ "$rc" -eq 0 ] || status=1
-}
-
-# perftest pairs: the server is the same command without the peer address.
-perftest() { # name program args...
-  name=$1; prog=$2; shift 2
-  $prog $pt "$@" > /tmp/$name.srv 2>&1 &
+# perftest NAME PROGRAM ARGS...: a perftest pair; the server is the same command without the peer
+# address, and the client starts once the server listens on perftest's port (18515).
+perftest() {
+  name=$1 prog=$2
+  shift 2
+  $prog $pt "$@" > "/tmp/$name.srv" 2>&1 &
   spid=$!
-  sleep 1
-  section "$name" $prog $pt "$@" "$ip"
+  if wait_for -p $spid "$prog server listening on port 18515" 30 port_listening 18515; then
+    section "$name" "$prog" $pt "$@" "$ip"
+  else
+    echo "=== BEGIN $name"; cat "/tmp/$name.srv"; echo "=== END $name rc=1"; status=1
+    kill $spid 2>/dev/null
+  fi
   wait $spid
 }
 
@@ -37,7 +38,8 @@ qperf > /tmp/qperf.srv 2>&1 &
 qpid=$!
 rmem perf server $verbs --listen "$ip:18600" --busy-poll > /tmp/rmem.srv 2>&1 &
 rpid=$!
-sleep 1
+wait_for -p $qpid "qperf server listening on port 19765" 30 port_listening 19765 || status=1
+wait_for -p $rpid "rmem perf server listening on $ip:18600" 30 grep -q listening /tmp/rmem.srv || status=1
 rmem_client() { rmem perf client "$ip:18600" $verbs --busy-poll --json "$@"; }
 
 for size in 8 4096; do

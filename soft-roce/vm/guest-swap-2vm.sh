@@ -14,37 +14,27 @@
 # With `rmem swap up --min-free keep` (the kernel's 2.2 MiB reserve) phase 1 stalls within
 # seconds: the daemon's socket sends wait for memory that only the swap-out they carry would
 # free (see docs/swap.md); rmem's default reserve is what lets the whole guest swap.
+# shellcheck source=SCRIPTDIR/guest-lib.sh
+. "$(dirname "$0")/guest-lib.sh"
 export RMEM_SECRET="vm swap 2vm test secret"
-ip=${RMEM_IP%/*}
 peer=$RMEM_PEER
 CTL=18700
 
 # --- VM a: donors on demand ---
 if [ "$RMEM_ROLE" = server ]; then
-  # donor NAME PORT PROVIDER: a donor in the background, its pid in /tmp/NAME.pid.
-  donor() {
-    extra=""
-    [ "$3" = verbs ] && extra="--device rxe0"
-    rmem server --listen "$ip:$2" --size 1G --slab-size 8M --provider "$3" $extra \
-      --no-admin --no-pressure --hugepages never > "/tmp/donor-$1.log" 2>&1 &
-    echo $! > "/tmp/$1.pid"
-  }
-  stop_all() {
-    for p in /tmp/*.pid; do
-      [ -e "$p" ] || continue
-      kill "$(cat "$p")" 2>/dev/null; wait "$(cat "$p")" 2>/dev/null; rm -f "$p"
-    done
-  }
+  DONOR_ARGS="--size 1G --no-pressure"
+  # start NAME PORT PROVIDER: a donor (b's `rmem swap up` finds out whether it came up).
+  start() { donor "$@" || echo "== a: donor $1 did not start"; }
   # One command per connection: tcp, verbs, replicas, kill-a, done.
   while :; do
     cmd=$(nc -l -p "$CTL" < /dev/null)
     echo "== a: $cmd ($(cut -d' ' -f1 /proc/uptime) s)"
     case $cmd in
-      tcp) stop_all; donor a 7470 tcp ;;
-      verbs) stop_all; donor a 7470 verbs ;;
-      replicas) stop_all; donor a 7470 tcp; donor b 7471 tcp; donor c 7472 tcp ;;
+      tcp) stop_donors; start a 7470 tcp ;;
+      verbs) stop_donors; start a 7470 verbs ;;
+      replicas) stop_donors; start a 7470 tcp; start b 7471 tcp; start c 7472 tcp ;;
       kill-a) kill -9 "$(cat /tmp/a.pid)"; rm -f /tmp/a.pid ;;
-      done) stop_all; break ;;
+      done) stop_donors; break ;;
       *) echo "== a: unknown command" ;;
     esac
   done
@@ -53,20 +43,11 @@ if [ "$RMEM_ROLE" = server ]; then
 fi
 
 # --- VM b: the borrower ---
-# ctl CMD: asks VM a, retrying while a boots or is between two commands.
-ctl() {
-  n=0
-  until echo "$1" | nc "$peer" "$CTL" > /dev/null 2>&1; do
-    n=$((n + 1)); [ $n -gt 300 ] && return 1
-    sleep 0.5
-  done
-}
-fail() {
-  echo "FAIL: $*"
-  for f in /tmp/*.log /run/rmem-log/*.log; do [ -e "$f" ] && { echo "--- $f"; tail -20 "$f"; }; done
-  ctl done
-  exit "${2:-80}"
-}
+# ctl CMD: asks VM a, retrying while a boots or is between two commands (up to 150 s).
+ctl() { wait_for -i 0.5 "VM a's control port $peer:$CTL (to send $1)" 150 ctl_send "$1"; }
+ctl_send() { echo "$1" | nc "$peer" "$CTL" > /dev/null 2>&1; }
+FAIL_LOGS="/tmp/*.log /run/rmem-log/*.log"
+FAIL_HOOK="ctl done"
 
 mem_kib=$(awk '/^MemTotal/ {print $2}' /proc/meminfo)
 size_mib=$((mem_kib * 2 / 1024))
@@ -76,7 +57,7 @@ for a in $RMEM_TEST_ARGS; do
     size=*M) size_mib=${a#size=}; size_mib=${size_mib%M} ;;
     min_free_kbytes=*) echo "${a#*=}" > /proc/sys/vm/min_free_kbytes ;;
     phases=*) phases=$(echo "${a#phases=}" | tr , ' ') ;;
-    *) echo "unknown argument $a (size=NM, min_free_kbytes=N, phases=1,2,3)"; ctl done; exit 2 ;;
+    *) echo "unknown argument $a (size=NM, min_free_kbytes=N, phases=1,2,3)"; ctl "done"; exit 2 ;;
   esac
 done
 swap_mib=$((size_mib + 256))
@@ -90,33 +71,20 @@ echo "== b: MemTotal $((mem_kib / 1024)) MiB; memcheck ${size_mib}M; swap ${swap
 # daemon's next log line would then wait for a swap-in only it can serve.
 mkdir -p /run/rmem-log && mount -t ramfs ramfs /run/rmem-log
 
-# up ARGS...: `rmem swap up` against a's donors, waiting until swap is on; restarted while the
-# donors are still starting.
+# up ARGS...: `rmem swap up` against a's donors, waiting until swap is on. VM a starts its donors
+# when asked and cannot answer when they listen: a daemon that exits because a donor does not
+# answer yet is started again, a second later (at most 30 times).
 up() {
   tries=0
-  while :; do
-    rmem swap up --size "${swap_mib}M" "$@" > /run/rmem-log/swap.log 2>&1 &
-    echo $! > /tmp/swapd.pid
-    n=0
-    while ! grep -Eq 'nbd|ublkb' /proc/swaps; do
-      n=$((n + 1)); [ $n -gt 300 ] && fail "swap did not come up ($*)" 81
-      kill -0 "$(cat /tmp/swapd.pid)" 2>/dev/null || break
-      sleep 0.2
-    done
-    grep -Eq 'nbd|ublkb' /proc/swaps && break
+  until swap_up /run/rmem-log/swap.log 60 --size "${swap_mib}M" "$@"; do
+    kill -0 "$(cat /tmp/swapd.pid)" 2>/dev/null && fail "swap did not come up ($*)" 81
     tries=$((tries + 1)); [ $tries -gt 30 ] && fail "rmem swap up keeps exiting ($*)" 81
     sleep 1
   done
   echo "== rmem swap up $* ($(cut -d' ' -f1 /proc/uptime) s)"; cat /proc/swaps
 }
 
-down() {
-  rmem swap down > /dev/null || fail "rmem swap down" 86
-  grep -Eq 'nbd|ublkb' /proc/swaps && fail "still swapping after down" 86
-  wait "$(cat /tmp/swapd.pid)" 2>/dev/null
-}
-
-vmstat() { awk -v k="$1" '$1 == k {print $2}' /proc/vmstat; }
+down() { swap_down; }
 # watchdog: when swap traffic stops for 10 s (and every 30 s after), the kernel's view of who
 # is blocked (SysRq w) and of memory (SysRq m) goes to the console: what a failing run leaves to
 # read. It never forks (no sleep, awk or cat): with memory gone, a fork would wait like the rest.
@@ -129,6 +97,7 @@ watchdog() {
   exec 3<> /tmp/wd.fifo
   last=""; still=0
   while :; do
+    # shellcheck disable=SC3045 # busybox sh has read -t: a 2 s tick that needs no fork
     read -r -t 2 _ <&3
     cur=""
     while read -r k v; do
@@ -142,15 +111,12 @@ watchdog() {
     fi
   done
 }
-mark() { out0=$(vmstat pswpout); in0=$(vmstat pswpin); t0=$(cut -d' ' -f1 /proc/uptime); }
-swapped() {
-  out=$(( $(vmstat pswpout) - out0 )); in=$(( $(vmstat pswpin) - in0 ))
-  echo "== pages swapped out: $out, in: $in (at least $((excess / 2)) each required); $t0 -> $(cut -d' ' -f1 /proc/uptime) s"
-  [ "$out" -ge $((excess / 2)) ] && [ "$in" -ge $((excess / 2)) ] || fail "too little went through swap" 85
-}
+# check_swapped: at least half the pages that cannot stay resident went out and came back.
+check_swapped() { swapped $((excess / 2)) $((excess / 2)) || fail "too little went through swap" 85; }
+# work: memcheck of size_mib with the watchdog on.
 work() {
   watchdog & wd=$!
-  rmem memcheck --size "${size_mib}M" --passes 1 "$@" || { kill $wd; fail "memcheck $*" 84; }
+  rmem memcheck --size "${size_mib}M" --passes 1 || { kill $wd; fail "memcheck" 84; }
   kill $wd
 }
 
@@ -158,7 +124,7 @@ phase1() {
   echo "== 1: tcp, one replica"
   ctl tcp || fail "VM a does not answer" 5
   up --donor "$peer:7470"
-  mark; work; swapped
+  mark; work; check_swapped
   rmem swap status
   down
 }
@@ -167,7 +133,7 @@ phase2() {
   echo "== 2: verbs on rxe0, one replica"
   ctl verbs || fail "VM a does not answer" 5
   up --donor "$peer:7470" --provider verbs --device rxe0
-  mark; work; swapped
+  mark; work; check_swapped
   rmem swap status
   down
 }
@@ -178,23 +144,13 @@ phase3() {
   up --donor "$peer:7470@a" --donor "$peer:7471@b" --donor "$peer:7472@c" --replicas 2 --op-timeout 2
   mark
   # Asks a to kill donor a once a quarter of the excess went out: mid-run, whatever the speed.
-  (
-    while [ $(( $(vmstat pswpout) - out0 )) -lt $((excess / 4)) ]; do sleep 0.5; done
-    echo "== asking VM a to kill donor a ($(cut -d' ' -f1 /proc/uptime) s)"
-    ctl kill-a && touch /tmp/killed
-  ) &
-  killer=$!
+  inject_after $((excess / 4)) "asking VM a to kill donor a" ctl kill-a
   work
-  kill $killer 2>/dev/null; wait $killer
-  [ -e /tmp/killed ] || fail "donor a was not killed during the run" 87
-  swapped
-  # Keys come sorted: check each figure on its own.
-  rebuilt() { st=$(rmem swap status --json) && echo "$st" | grep -q '"degraded":0' && echo "$st" | grep -q '"lost":0'; }
-  n=0
-  until rebuilt; do
-    n=$((n + 1)); [ $n -gt 300 ] && { rmem swap status; fail "replicas not rebuilt" 87; }
-    sleep 0.2
-  done
+  kill "$injector" 2>/dev/null; wait "$injector"
+  [ -e /tmp/injected ] || fail "donor a was not killed during the run" 87
+  check_swapped
+  wait_for "replicas rebuilt (no chunk degraded or lost)" 60 replicas_rebuilt ||
+    { rmem swap status; fail "replicas not rebuilt" 87; }
   rmem swap status
   rmem swap status --json | grep -q '"healthy":false' || fail "the killed donor is not reported" 87
   rmem swap status --json | grep -q '"lost":0' || fail "chunks lost" 87
@@ -202,5 +158,5 @@ phase3() {
 }
 
 for ph in $phases; do "phase$ph"; done
-ctl done
+ctl "done"
 echo "== swap-2vm: all passed"

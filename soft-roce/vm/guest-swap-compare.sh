@@ -9,8 +9,11 @@
 # A benchmark: it fails only when a backend cannot be set up or a page comes back different.
 # Arguments (run.sh swap-compare seq=SIZE random=SIZE limit=SIZE) shrink the workload for a
 # quick check of the harness; the defaults are guest-swap.sh's.
+# shellcheck source=SCRIPTDIR/guest-lib.sh
+. "$(dirname "$0")/guest-lib.sh"
 export RMEM_SECRET="vm swap compare secret"
-IP=10.0.2.15
+IP=${RMEM_IP%/*}
+DONOR_ARGS="--size 256M"
 SWAP=192M SEQ=160M RND=96M LIMIT=64M
 for a in $RMEM_TEST_ARGS; do
   case $a in
@@ -20,46 +23,20 @@ for a in $RMEM_TEST_ARGS; do
     *) echo "unknown argument $a"; exit 2 ;;
   esac
 done
-fail() { echo "FAIL: $*"; for f in /tmp/*.log; do echo "--- $f"; tail -20 "$f"; done; exit "${2:-80}"; }
+work_cgroup "$LIMIT"
 
-mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup || exit 83
-echo +memory > /sys/fs/cgroup/cgroup.subtree_control
-mkdir /sys/fs/cgroup/work
-echo "$LIMIT" > /sys/fs/cgroup/work/memory.max
-
-# donor PROVIDER: one donor in the background.
-donor() {
-  extra=""
-  [ "$1" = verbs ] && extra="--device rxe0"
-  rmem server --listen "$IP:7470" --size 256M --slab-size 8M --provider "$1" $extra \
-    --no-admin --hugepages never > /tmp/donor.log 2>&1 &
-  echo $! > /tmp/donor.pid
-}
-
-# rmem_up ARGS...: `rmem swap up` in the background, waiting until swap is on.
+# rmem_up PROVIDER ARGS...: a donor over PROVIDER, and `rmem swap up ARGS...` against it.
 rmem_up() {
-  rmem swap up --size "$SWAP" "$@" > /tmp/swap.log 2>&1 &
-  echo $! > /tmp/swapd.pid
-  n=0
-  until grep -q nbd /proc/swaps; do
-    n=$((n + 1)); [ $n -gt 150 ] && fail "swap did not come up ($*)" 81
-    kill -0 "$(cat /tmp/swapd.pid)" 2>/dev/null || fail "rmem swap up exited ($*)" 81
-    sleep 0.2
-  done
+  donor a 7470 "$1" || fail "donor ($1)" 81
+  shift
+  swap_up /tmp/swap.log 30 --size "$SWAP" --donor "$IP:7470" "$@" || fail "swap did not come up ($*)" 81
 }
-
-rmem_down() {
-  rmem swap down > /dev/null || fail "rmem swap down" 86
-  wait "$(cat /tmp/swapd.pid)" 2>/dev/null
-  kill "$(cat /tmp/donor.pid)" 2>/dev/null
-  wait "$(cat /tmp/donor.pid)" 2>/dev/null
-  rm -f /tmp/*.pid
-}
+rmem_down() { swap_down; stop_donors; }
 
 # Each setup leaves exactly one swap device on; its teardown leaves none.
-setup_tcp() { donor tcp; sleep 1; rmem_up --donor "$IP:7470"; }
+setup_tcp() { rmem_up tcp; }
 teardown_tcp() { rmem_down; }
-setup_verbs() { donor verbs; sleep 1; rmem_up --donor "$IP:7470" --provider verbs --device rxe0; }
+setup_verbs() { rmem_up verbs --provider verbs --device rxe0; }
 teardown_verbs() { rmem_down; }
 setup_zram() {
   [ -e /sys/block/zram0 ] || fail "no /dev/zram0" 82
@@ -78,13 +55,12 @@ setup_disk() {
 }
 teardown_disk() { swapoff /mnt/disk/swapfile && umount /mnt/disk; }
 
-vmstat() { awk -v k="$1" '$1 == k {print $2}' /proc/vmstat; }
 # field JSON KEY: a number from memcheck's one-line JSON.
 field() { echo "$1" | sed -n "s/.*\"$2\":\([-0-9.e+]*\).*/\1/p"; }
 
 # memcheck ARGS...: the workload in the limited cgroup; its JSON line in $result.
 memcheck() {
-  result=$(sh -c "echo \$\$ > /sys/fs/cgroup/work/cgroup.procs && exec rmem memcheck --json $*") ||
+  result=$(limited rmem memcheck --json "$@") ||
     fail "memcheck $* (bad pages or a crash): $result" 84
   echo "   memcheck $*: $result"
 }
@@ -105,7 +81,7 @@ for b in tcp verbs zram disk; do
   "setup_$b"
   cat /proc/swaps
   [ "$(grep -c '^/' /proc/swaps)" -eq 1 ] || fail "expected exactly one swap device" 82
-  out0=$(vmstat pswpout); in0=$(vmstat pswpin)
+  mark
   memcheck --size "$SEQ" --passes 1; seq=$result
   memcheck --size "$RND" --passes 1 --random; rnd=$result
   out=$(( $(vmstat pswpout) - out0 )); in=$(( $(vmstat pswpin) - in0 ))

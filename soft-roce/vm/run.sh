@@ -28,7 +28,9 @@
 # It installs what it needs with apt-get (QEMU, a Debian kernel with rdma_rxe, busybox,
 # rdma-core, perftest, qperf), builds rmem (and the conformance binary with --features verbs-hw),
 # builds an initramfs (build-initramfs.sh), boots, prints the guests' consoles and exits with the
-# guest's status (the client's in two-vm mode); 124 when a VM times out.
+# guest's status (the client's in two-vm mode); 124 when a VM times out. A VM that shows no sign
+# of life (its init's first line on the console) within RMEM_VM_BOOT_TIMEOUT seconds is killed
+# and booted again, once, and the run says so; a second silent boot fails the run (status 1).
 #
 # Environment: RMEM_VM_ACCEL (auto, tcg or kvm; auto tries KVM once per host and kernel and falls
 # back to TCG when the guest shows no sign of life), RMEM_VM_KERNEL (which guest kernel: unset or
@@ -36,10 +38,12 @@
 # "backports" is bookworm-backports' 6.12 kernel, which has ublk_drv: run.sh adds that suite to
 # apt's sources and installs the versioned linux-image-6.12...-amd64 package when missing; or an
 # exact version from /lib/modules), RMEM_VM_TIMEOUT (seconds, default 1500; swap-compare 5400,
-# swap-2vm 1500), RMEM_VM_LOG (console log file; two-vm and swap-2vm add .a and .b),
-# RMEM_VM_GUEST (two-vm: another guest script), RMEM_VM_BORROWER_MEM (swap-2vm: VM b's RAM,
-# default 384M), RMEM_VM_DISK_DIR (swap-compare: where the virtio disk's file lives, default
-# /var/tmp), CARGO_TARGET_DIR.
+# swap-2vm 1500), RMEM_VM_BOOT_TIMEOUT (seconds to a VM's first sign of life, default 120; a
+# boot takes 3-6 s), RMEM_VM_SILENT_BOOTS (a test hook: the boots it lists by number get no
+# kernel and stay silent; see check-boot-watch.sh), RMEM_VM_LOG (console log file; two-vm and
+# swap-2vm add .a and .b), RMEM_VM_GUEST (two-vm: another guest script), RMEM_VM_BORROWER_MEM
+# (swap-2vm: VM b's RAM, default 384M), RMEM_VM_DISK_DIR (swap-compare: where the virtio disk's
+# file lives, default /var/tmp), CARGO_TARGET_DIR.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -74,7 +78,7 @@ has_rxe() { [[ -e /boot/vmlinuz-$1 ]] && find "/lib/modules/$1" -name 'rdma_rxe.
 # newest_kernel GLOB: the newest installed kernel version matching GLOB that has rdma_rxe.
 newest_kernel() {
   local d v
-  for d in $(ls -d /lib/modules/*/ 2>/dev/null | sort -V -r); do
+  for d in $(printf '%s\n' /lib/modules/*/ | sort -V -r); do
     v=$(basename "$d")
     # shellcheck disable=SC2053 # GLOB is a pattern on purpose
     [[ $v == $1 ]] && has_rxe "$v" && { echo "$v"; return 0; }
@@ -123,6 +127,7 @@ has_rxe "$kver" || { echo "run.sh: kernel $kver is not installed with rdma_rxe" 
 
 work=$(mktemp -d)
 pids=() cleanup_files=()
+# shellcheck disable=SC2317 # the EXIT trap calls it
 cleanup() {
   for p in "${pids[@]+"${pids[@]}"}"; do kill "$p" 2>/dev/null || true; done
   rm -rf "$work" "${cleanup_files[@]+"${cleanup_files[@]}"}"
@@ -197,43 +202,89 @@ accel_args() {
   esac
 }
 
+# A guest shows its first sign of life, the RMEM-GUEST-ALIVE line of the image's /init, about 3-6 s
+# after QEMU starts under TCG. One that says nothing for this long (seen once: QEMU busy for 38
+# minutes with nothing after the BIOS, while the next boot of the same image ran at once) is
+# killed and booted again, once.
+boot_timeout=${RMEM_VM_BOOT_TIMEOUT:-120}
+boots=0
+
 # start_vm NAME LOG SMP MEM APPEND NETDEV... : boots one VM in the background; sets $vm_pid.
 start_vm() {
   local name=$1 log=$2 smp=$3 mem=$4 append=$5; shift 5
+  local kernel=(-kernel "/boot/vmlinuz-$kver" -initrd "$work/initramfs.cpio.gz"
+                -append "console=ttyS0 panic=-1 rdinit=/init quiet loglevel=4 $append")
+  boots=$((boots + 1))
+  # Test hook (soft-roce/vm/check-boot-watch.sh): the boots RMEM_VM_SILENT_BOOTS lists by number
+  # (in start order, retries included: "1", "2,3") get no kernel, so the BIOS finds nothing to
+  # boot and the guest never says a word.
+  if [[ ,${RMEM_VM_SILENT_BOOTS:-}, == *,$boots,* ]]; then
+    echo "== test hook: boot $boots ($name) gets no kernel and stays silent"
+    kernel=()
+  fi
   # shellcheck disable=SC2046 # accel_args is several words on purpose
   timeout "$timeout_s" qemu-system-x86_64 $(accel_args "$accel") -smp "$smp" -m "$mem" \
-    -nographic -no-reboot -name "$name" -kernel "/boot/vmlinuz-$kver" -initrd "$work/initramfs.cpio.gz" \
-    -append "console=ttyS0 panic=-1 rdinit=/init quiet loglevel=4 $append" "$@" \
+    -nographic -no-reboot -name "$name" "${kernel[@]+"${kernel[@]}"}" "$@" \
     < /dev/null > "$log" 2>&1 &
   vm_pid=$!
   pids+=("$vm_pid")
 }
 
-# alive LOG PID SECONDS: waits for the guest's first words.
+# stop_vm PID: stops a VM (its timeout wrapper passes the signal on to QEMU) and reaps it.
+stop_vm() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+# alive LOG PID SECONDS: waits for the guest's first words on its console (the LOG file QEMU's
+# serial console goes to): 0 once they are there, 1 when SECONDS pass without them, 2 when QEMU
+# exits first.
 alive() {
-  local n=0
-  while ((n < $3 * 10)); do
+  local end=$((SECONDS + $3))
+  while ((SECONDS < end)); do
     grep -q RMEM-GUEST-ALIVE "$1" 2>/dev/null && return 0
-    kill -0 "$2" 2>/dev/null || return 1
-    sleep 0.1; n=$((n + 1))
+    if ! kill -0 "$2" 2>/dev/null; then
+      grep -q RMEM-GUEST-ALIVE "$1" 2>/dev/null && return 0
+      return 2
+    fi
+    sleep 0.1
   done
   return 1
 }
 
-# boot NAME LOG SMP MEM APPEND NETDEV...: start_vm, with the KVM trial and fallback.
+# console_tail LOG: what a console said last (printable characters, last non-empty line).
+console_tail() {
+  printf '%s bytes, last line "%s"' "$(wc -c < "$1")" \
+    "$(tr -d '\r' < "$1" | tr -cd '[:print:]\n' | grep . | tail -1 | cut -c1-100)"
+}
+
+# boot NAME LOG SMP MEM APPEND NETDEV...: start_vm, with the KVM trial and fallback, then waits
+# for the guest's first words. A guest silent for boot_timeout seconds is killed and booted once
+# more; a second silent boot ends the run (status 1). A QEMU that exits first is left to finish.
 boot() {
+  local name=$1 log=$2 rc=0
   start_vm "$@"
   if [[ $accel == try-kvm ]]; then
-    if alive "$2" "$vm_pid" 30; then
+    if alive "$log" "$vm_pid" 30; then
       accel=kvm
     else
       echo "== KVM gave no sign of life within 30 s; using TCG from now on (verdict kept in $verdict_file)"
-      kill "$vm_pid" 2>/dev/null || true; wait "$vm_pid" 2>/dev/null || true
+      stop_vm "$vm_pid"
       accel=tcg
       start_vm "$@"
     fi
     echo "$accel" > "$verdict_file" 2>/dev/null || true
   fi
+  alive "$log" "$vm_pid" "$boot_timeout" || rc=$?
+  ((rc == 1)) || return 0
+  echo "== $name: no sign of life within $boot_timeout s (console: $(console_tail "$log")); killed it, booting it again"
+  stop_vm "$vm_pid"
+  start_vm "$@"
+  rc=0
+  alive "$log" "$vm_pid" "$boot_timeout" || rc=$?
+  ((rc == 1)) || return 0
+  local said
+  said=$(console_tail "$log")
+  stop_vm "$vm_pid"
+  echo "run.sh: $name gave no sign of life within $boot_timeout s twice in a row (console: $said); giving up" >&2
+  exit 1
 }
 
 guest_status() { tr -d '\r' < "$1" | sed -n 's/^RMEM-GUEST-EXIT=\([0-9]*\)$/\1/p' | tail -1; }
@@ -262,13 +313,14 @@ if [[ $mode == two-vm || $mode == swap-2vm ]]; then
 s = [socket.socket(type=socket.SOCK_DGRAM) for _ in range(2)]
 for x in s: x.bind(("127.0.0.1", 0))
 print(*(x.getsockname()[1] for x in s))' 2>/dev/null || echo "18701 18702")
-  echo "== booting two VMs ($accel, 1 vCPU each, a $mem_a, b $mem_b; socket network over UDP 127.0.0.1:$pa <-> $pb)"
+  echo "== booting two VMs ($accel, 1 vCPU each, a $mem_a, b $mem_b; socket network over UDP 127.0.0.1:$pa <-> $pb;" \
+    "each has ${boot_timeout} s to a sign of life)"
   start=$SECONDS
   boot rmem-a "$log.a" 1 "$mem_a" "rmem.ip=10.0.3.1/24 rmem.role=server rmem.peer=10.0.3.2" \
     -netdev "socket,id=n0,udp=127.0.0.1:$pb,localaddr=127.0.0.1:$pa" \
     -device virtio-net-pci,netdev=n0,mac=52:54:00:00:03:01
   pid_a=$vm_pid
-  start_vm rmem-b "$log.b" 1 "$mem_b" "rmem.ip=10.0.3.2/24 rmem.role=client rmem.peer=10.0.3.1" \
+  boot rmem-b "$log.b" 1 "$mem_b" "rmem.ip=10.0.3.2/24 rmem.role=client rmem.peer=10.0.3.1" \
     -netdev "socket,id=n0,udp=127.0.0.1:$pa,localaddr=127.0.0.1:$pb" \
     -device virtio-net-pci,netdev=n0,mac=52:54:00:00:03:02
   pid_b=$vm_pid
@@ -282,7 +334,7 @@ print(*(x.getsockname()[1] for x in s))' 2>/dev/null || echo "18701 18702")
   exit "$st_a"
 fi
 
-echo "== booting ($accel, 2 vCPUs; timeout ${timeout_s} s)"
+echo "== booting ($accel, 2 vCPUs; timeout ${timeout_s} s, ${boot_timeout} s to a sign of life)"
 boot rmem "$log" 2 2G "" -netdev user,id=n0 -device virtio-net-pci,netdev=n0 "${vm_args[@]+"${vm_args[@]}"}"
 finish "$log" "$vm_pid" "VM"
 echo "== guest exit status $st"
