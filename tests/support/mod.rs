@@ -7,6 +7,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{channel, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
+/// [`wait_until`] for a condition that is awaited (a request to a donor, say).
+#[path = "../../memserver/tests/support/wait.rs"]
+mod wait;
+#[allow(unused_imports)] // each test file uses what it needs
+pub use wait::wait_until_async;
+
 /// A donor process, killed when dropped, with its JSON start-up line.
 pub struct Donor {
     pub child: Child,
@@ -88,25 +94,5 @@ pub fn wait_for_line(
             Err(RecvTimeoutError::Timeout) => panic!("not ready after {timeout:?}: {what}"),
             Err(RecvTimeoutError::Disconnected) => panic!("not ready: {what} (the output ended)"),
         }
-    }
-}
-
-/// [`wait_until`] for a condition that is awaited (a request to a donor, say); each try is
-/// bounded by what is left of `timeout`.
-pub async fn wait_until_async<F: std::future::Future<Output = bool>>(
-    what: &str,
-    timeout: Duration,
-    mut ready: impl FnMut() -> F,
-) {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Ok(true) = tokio::time::timeout_at(deadline, ready()).await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not ready after {timeout:?}: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

@@ -1,7 +1,6 @@
 //! What the donor's integration tests share: an in-process donor on loopback and a client.
 #![allow(dead_code)] // each test file uses what it needs
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -9,6 +8,12 @@ use rmem_memserver::{ByteSize, Client, ClientConfig, Control, Server, ServerConf
 use rmem_transport::HugePages;
 
 pub mod exposition;
+
+mod wait;
+
+/// For readiness, never a fixed sleep.
+#[allow(unused_imports)] // each test file uses what it needs
+pub use wait::wait_until_async as wait_until;
 
 pub const SECRET: &[u8] = b"a shared secret for tests";
 
@@ -68,26 +73,6 @@ pub async fn donor_with(slabs: u64, tune: impl FnOnce(&mut ServerConfig)) -> Tes
         control,
         stop,
         task,
-    }
-}
-
-/// Polls `ready` every 10 ms until it holds; panics naming `what` once `timeout` has passed
-/// (each try is bounded by what is left of it). For readiness, never a fixed sleep.
-pub async fn wait_until<F: Future<Output = bool>>(
-    what: &str,
-    timeout: Duration,
-    mut ready: impl FnMut() -> F,
-) {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Ok(true) = tokio::time::timeout_at(deadline, ready()).await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not ready after {timeout:?}: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
