@@ -1,0 +1,20 @@
+//! `rmem-migrate`: moving a memory region (a VM's RAM file, a process's heap) between hosts.
+//!
+//! The engine is independent of any hypervisor. This crate holds its decisions, each testable
+//! on its own:
+//! - [`pages`]: which pages to move, as a bitmap, cut into contiguous runs; zero pages found
+//!   so they are not sent;
+//! - [`dirty`]: how the pages written since the last round are found ([`dirty::DirtyLog`]);
+//! - [`converge`]: when to stop the source (the downtime the remaining pages would cost at the
+//!   measured bandwidth and dirty rate), or switch to post-copy;
+//! - [`phase`]: the phases of one migration and the only legal ways between them.
+
+pub mod converge;
+pub mod dirty;
+pub mod pages;
+pub mod phase;
+
+pub use converge::{Decision, Policy, Round};
+pub use dirty::{DirtyLog, EverythingDirty, PageHashLog, PageSource, Slice};
+pub use pages::{is_zero, PageSet, PAGE};
+pub use phase::{Event, Phase, Phases};

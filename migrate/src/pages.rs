@@ -1,0 +1,220 @@
+//! Sets of pages of one region, and the contiguous runs they are sent in.
+
+use std::ops::Range;
+
+/// The unit of migration: a base page.
+pub const PAGE: usize = 4096;
+
+/// A set of page indices of a region of `len` pages, as a bitmap.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PageSet {
+    words: Vec<u64>,
+    len: usize,
+    count: usize,
+}
+
+impl std::fmt::Debug for PageSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PageSet({} of {})", self.count, self.len)
+    }
+}
+
+impl PageSet {
+    /// No page of `len`.
+    pub fn new(len: usize) -> PageSet {
+        PageSet {
+            words: vec![0; len.div_ceil(64)],
+            len,
+            count: 0,
+        }
+    }
+
+    /// Every page of `len`.
+    pub fn full(len: usize) -> PageSet {
+        let mut s = PageSet {
+            words: vec![u64::MAX; len.div_ceil(64)],
+            len,
+            count: len,
+        };
+        if !len.is_multiple_of(64) {
+            if let Some(last) = s.words.last_mut() {
+                *last = (1u64 << (len % 64)) - 1;
+            }
+        }
+        s
+    }
+
+    /// Pages in the region.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Pages in the set.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    pub fn contains(&self, page: usize) -> bool {
+        page < self.len && self.words[page / 64] & (1 << (page % 64)) != 0
+    }
+
+    /// Adds `page`; false if it was there already or is outside the region.
+    pub fn insert(&mut self, page: usize) -> bool {
+        if page >= self.len || self.contains(page) {
+            return false;
+        }
+        self.words[page / 64] |= 1 << (page % 64);
+        self.count += 1;
+        true
+    }
+
+    /// Removes `page`; false if it was not there.
+    pub fn remove(&mut self, page: usize) -> bool {
+        if !self.contains(page) {
+            return false;
+        }
+        self.words[page / 64] &= !(1 << (page % 64));
+        self.count -= 1;
+        true
+    }
+
+    /// Adds every page of `other` (a region of the same length).
+    pub fn union_with(&mut self, other: &PageSet) {
+        debug_assert_eq!(self.len, other.len);
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a |= b;
+        }
+        self.count = self.words.iter().map(|w| w.count_ones() as usize).sum();
+    }
+
+    pub fn clear(&mut self) {
+        self.words.fill(0);
+        self.count = 0;
+    }
+
+    /// The pages in ascending order.
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.words.iter().enumerate().flat_map(|(i, &w)| {
+            let mut w = w;
+            std::iter::from_fn(move || {
+                if w == 0 {
+                    return None;
+                }
+                let bit = w.trailing_zeros() as usize;
+                w &= w - 1;
+                Some(i * 64 + bit)
+            })
+        })
+    }
+
+    /// The set as ascending runs of consecutive pages, none longer than `max_pages` (one
+    /// request each: a long run is cut so many requests can be in flight).
+    pub fn runs(&self, max_pages: usize) -> impl Iterator<Item = Range<usize>> + '_ {
+        let max = max_pages.max(1);
+        let mut pages = self.iter().peekable();
+        std::iter::from_fn(move || {
+            let start = pages.next()?;
+            let mut end = start + 1;
+            while end - start < max && pages.peek() == Some(&end) {
+                pages.next();
+                end += 1;
+            }
+            Some(start..end)
+        })
+    }
+}
+
+/// True when every byte of `page` is zero (such pages are not sent: the destination's fresh
+/// memory is zero already).
+pub fn is_zero(page: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: u64 has no invalid bit patterns; `align_to` gives the aligned middle.
+        unsafe { page.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn full_has_exactly_len_pages() {
+        for len in [0, 1, 63, 64, 65, 200] {
+            let s = PageSet::full(len);
+            assert_eq!(s.count(), len);
+            assert_eq!(s.iter().count(), len);
+            assert!(!s.contains(len));
+        }
+    }
+
+    #[test]
+    fn insert_remove_and_bounds() {
+        let mut s = PageSet::new(100);
+        assert!(s.insert(99));
+        assert!(!s.insert(99), "twice");
+        assert!(!s.insert(100), "outside the region");
+        assert_eq!(s.count(), 1);
+        assert!(s.remove(99));
+        assert!(!s.remove(99));
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn runs_are_cut_at_gaps_and_at_the_limit() {
+        let mut s = PageSet::new(300);
+        for p in (0..10).chain(64..200).chain([250, 251, 299]) {
+            s.insert(p);
+        }
+        let runs: Vec<_> = s.runs(64).collect();
+        assert_eq!(
+            runs,
+            vec![0..10, 64..128, 128..192, 192..200, 250..252, 299..300]
+        );
+    }
+
+    #[test]
+    fn zero_pages() {
+        let mut p = vec![0u8; PAGE + 3];
+        assert!(is_zero(&p[1..PAGE + 1]));
+        p[PAGE] = 1;
+        assert!(!is_zero(&p[1..PAGE + 1]));
+        assert!(is_zero(&p[..PAGE]));
+    }
+
+    proptest! {
+        #[test]
+        fn runs_cover_exactly_the_set(pages in proptest::collection::btree_set(0usize..500, 0..200),
+                                      max in 1usize..40) {
+            let mut s = PageSet::new(500);
+            for &p in &pages { s.insert(p); }
+            prop_assert_eq!(s.count(), pages.len());
+            let mut covered = Vec::new();
+            let mut last_end = 0;
+            for r in s.runs(max) {
+                prop_assert!(r.start < r.end && r.end - r.start <= max);
+                prop_assert!(r.start >= last_end, "ascending, not overlapping");
+                last_end = r.end;
+                covered.extend(r);
+            }
+            prop_assert_eq!(covered, pages.into_iter().collect::<Vec<_>>());
+        }
+
+        #[test]
+        fn union_counts(a in proptest::collection::vec(0usize..130, 0..60),
+                        b in proptest::collection::vec(0usize..130, 0..60)) {
+            let (mut x, mut y) = (PageSet::new(130), PageSet::new(130));
+            for p in &a { x.insert(*p); }
+            for p in &b { y.insert(*p); }
+            x.union_with(&y);
+            let want: std::collections::BTreeSet<_> = a.iter().chain(&b).copied().collect();
+            prop_assert_eq!(x.count(), want.len());
+            prop_assert_eq!(x.iter().collect::<Vec<_>>(), want.into_iter().collect::<Vec<_>>());
+        }
+    }
+}
