@@ -5,6 +5,8 @@ use std::ptr::NonNull;
 use crate::{Error, Result};
 
 const HUGE_PAGE: usize = 2 << 20;
+/// `f_type` of hugetlbfs (linux/magic.h).
+const HUGETLBFS_MAGIC: u64 = 0x9584_58f6;
 
 /// Whether to back an allocation with 2 MiB huge pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -26,6 +28,8 @@ pub(crate) struct Region {
     /// Length of the mapping to unmap on drop; `None` when the caller owns the memory.
     mapped: Option<usize>,
     huge: bool,
+    /// A shared mapping of a file: its pages are the file's, so dropping them does not zero it.
+    file: bool,
     /// A slice keeps the region it was cut from mapped.
     _parent: Option<std::sync::Arc<Region>>,
 }
@@ -51,6 +55,7 @@ impl Region {
                         len,
                         mapped: Some(hlen),
                         huge: true,
+                        file: false,
                         _parent: None,
                     })
                 }
@@ -66,6 +71,47 @@ impl Region {
             len,
             mapped: Some(plen),
             huge: false,
+            file: false,
+            _parent: None,
+        })
+    }
+
+    /// Maps all of `file` shared, read-write.
+    pub(crate) fn map_file(file: &std::fs::File) -> Result<Region> {
+        use std::os::fd::AsRawFd;
+        let len = file.metadata().map_err(|e| Error::os("fstat", e))?.len() as usize;
+        if len == 0 {
+            return Err(Error::InvalidArgument("cannot map an empty file".into()));
+        }
+        // SAFETY: fstatfs writes one struct statfs into the zeroed value we own.
+        let huge = unsafe {
+            let mut st: libc::statfs = std::mem::zeroed();
+            libc::fstatfs(file.as_raw_fd(), &mut st) == 0 && st.f_type as u64 == HUGETLBFS_MAGIC
+        };
+        let unit = if huge { HUGE_PAGE } else { page_size() };
+        let plen = len.div_ceil(unit) * unit;
+        // SAFETY: a new shared mapping of a file we hold open, with no address hint: it touches
+        // no existing memory. The mapping keeps the file's pages alive after `file` is closed.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                plen,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(Error::last_os("mmap of a file"));
+        }
+        let ptr = NonNull::new(p.cast()).ok_or_else(|| Error::last_os("mmap of a file"))?;
+        Ok(Region {
+            ptr,
+            len,
+            mapped: Some(plen),
+            huge,
+            file: true,
             _parent: None,
         })
     }
@@ -111,6 +157,7 @@ impl Region {
             len,
             mapped: None,
             huge: false,
+            file: false,
             _parent: None,
         })
     }
@@ -128,6 +175,7 @@ impl Region {
                 len,
                 mapped: None,
                 huge: parent.huge,
+                file: parent.file,
                 _parent: Some(parent.clone()),
             }),
             _ => Err(Error::InvalidArgument(format!(
@@ -167,6 +215,13 @@ impl Drop for Region {
 pub struct Buffer(pub(crate) std::sync::Arc<Region>);
 
 impl Buffer {
+    /// Maps all of `file` shared: what is written through the buffer, or by a peer into a region
+    /// registered from it, is in the file and in every other mapping of it (a hypervisor's
+    /// guest RAM on tmpfs or hugetlbfs, say), and the other way round.
+    pub fn map_file(file: &std::fs::File) -> Result<Buffer> {
+        Ok(Buffer(std::sync::Arc::new(Region::map_file(file)?)))
+    }
+
     /// Maps `len` zeroed bytes.
     pub fn alloc(len: usize, huge: HugePages) -> Result<Buffer> {
         Ok(Buffer(std::sync::Arc::new(Region::alloc(len, huge)?)))
@@ -204,7 +259,8 @@ impl Buffer {
                 unsafe { std::ptr::write_bytes(self.0.ptr().add(from), 0, to - from) };
             }
         };
-        if first >= last {
+        // A file's pages would come back from the file: clear them in place.
+        if first >= last || self.0.file {
             clear(offset, end);
             return Ok(());
         }
