@@ -1,0 +1,199 @@
+//! Moving pages one-sided: every run of a [`PageSet`] as one WRITE (pre-copy, stop-and-copy:
+//! the source pushes into the destination's registered RAM) or one READ (post-copy: the
+//! destination pulls from the source's), with many requests in flight from one thread.
+//!
+//! Both sides' RAM has the same layout, so a page's offset is the same on each side. Zero pages
+//! are left out of WRITEs (the destination's fresh RAM reads as zeros).
+
+use std::time::Duration;
+
+use rmem_transport::{Completion, Cq, Mr, Qp, RemoteBuf, SendWr, WcStatus};
+
+use crate::pages::{is_zero, PageSet, PAGE};
+
+/// Why pages did not move.
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    #[error("the remote region is {remote} bytes, the local one {local}: the layouts differ")]
+    Layout { local: usize, remote: u64 },
+    #[error("a page set of {pages} pages for a {bytes}-byte region")]
+    PageSet { pages: usize, bytes: usize },
+    #[error("a {what} of pages {first}..{end} completed with {status}")]
+    Completion {
+        what: &'static str,
+        first: usize,
+        end: usize,
+        status: WcStatus,
+    },
+    #[error(transparent)]
+    Transport(#[from] rmem_transport::Error),
+}
+
+/// What a call moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Moved {
+    /// Pages that went over the wire.
+    pub pages: usize,
+    /// Zero pages left out.
+    pub zero_pages: usize,
+    /// Work requests (one per run).
+    pub requests: usize,
+}
+
+impl Moved {
+    pub fn bytes(&self) -> u64 {
+        (self.pages * PAGE) as u64
+    }
+}
+
+/// Settings for one queue pair's worth of movement.
+#[derive(Debug, Clone, Copy)]
+pub struct Mover {
+    /// Requests in flight at most (keep under the queue pair's send depth).
+    pub depth: usize,
+    /// Pages per request at most.
+    pub max_run_pages: usize,
+    /// How long a completion may take before the peer counts as gone.
+    pub timeout: Duration,
+}
+
+impl Default for Mover {
+    fn default() -> Self {
+        Mover {
+            depth: 32,
+            max_run_pages: 64,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Dir {
+    Write,
+    Read,
+}
+
+impl Mover {
+    /// WRITEs `pages` of `local` to the same offsets of `remote`, leaving out zero pages.
+    pub fn write(
+        &self,
+        qp: &Qp,
+        cq: &Cq,
+        local: &Mr,
+        remote: &RemoteBuf,
+        pages: &PageSet,
+    ) -> Result<Moved, MoveError> {
+        self.check(local, remote, pages)?;
+        let mut sending = PageSet::new(pages.len());
+        let mut page = vec![0u8; PAGE];
+        let mut zero_pages = 0;
+        for p in pages.iter() {
+            local.read_at(p * PAGE, &mut page)?;
+            if is_zero(&page) {
+                zero_pages += 1;
+            } else {
+                sending.insert(p);
+            }
+        }
+        let mut moved = self.run(Dir::Write, qp, cq, local, remote, &sending)?;
+        moved.zero_pages = zero_pages;
+        Ok(moved)
+    }
+
+    /// READs `pages` of `remote` into the same offsets of `local`.
+    pub fn read(
+        &self,
+        qp: &Qp,
+        cq: &Cq,
+        local: &Mr,
+        remote: &RemoteBuf,
+        pages: &PageSet,
+    ) -> Result<Moved, MoveError> {
+        self.check(local, remote, pages)?;
+        self.run(Dir::Read, qp, cq, local, remote, pages)
+    }
+
+    fn check(&self, local: &Mr, remote: &RemoteBuf, pages: &PageSet) -> Result<(), MoveError> {
+        if remote.len != local.len() as u64 {
+            return Err(MoveError::Layout {
+                local: local.len(),
+                remote: remote.len,
+            });
+        }
+        if pages.len() * PAGE > local.len() {
+            return Err(MoveError::PageSet {
+                pages: pages.len(),
+                bytes: local.len(),
+            });
+        }
+        Ok(())
+    }
+
+    fn run(
+        &self,
+        dir: Dir,
+        qp: &Qp,
+        cq: &Cq,
+        local: &Mr,
+        remote: &RemoteBuf,
+        pages: &PageSet,
+    ) -> Result<Moved, MoveError> {
+        let depth = self.depth.max(1);
+        // Each request's pages, by wr_id slot, to say which pages failed.
+        let mut runs: Vec<(usize, usize)> = vec![(0, 0); depth];
+        let mut free: Vec<usize> = (0..depth).rev().collect();
+        let mut moved = Moved::default();
+        let mut done = [Completion::default(); 16];
+        let what = match dir {
+            Dir::Write => "WRITE",
+            Dir::Read => "READ",
+        };
+        let mut reap = |free: &mut Vec<usize>, runs: &[(usize, usize)], block: bool| {
+            let n = if block {
+                cq.wait(&mut done, Some(self.timeout))?
+            } else {
+                cq.poll(&mut done)?
+            };
+            for c in &done[..n] {
+                let slot = c.wr_id as usize;
+                let (first, end) = runs.get(slot).copied().unwrap_or((0, 0));
+                if !c.is_ok() {
+                    return Err(MoveError::Completion {
+                        what,
+                        first,
+                        end,
+                        status: c.status,
+                    });
+                }
+                free.push(slot);
+            }
+            Ok::<usize, MoveError>(n)
+        };
+        for r in pages.runs(self.max_run_pages) {
+            while free.is_empty() {
+                if reap(&mut free, &runs, true)? == 0 {
+                    return Err(rmem_transport::Error::Timeout(self.timeout).into());
+                }
+            }
+            let slot = free.pop().unwrap_or_default();
+            runs[slot] = (r.start, r.end);
+            let (off, len) = (r.start * PAGE, (r.end - r.start) * PAGE);
+            let sge = [local.sge(off, len)?];
+            let at = remote.at(off as u64);
+            let wr = match dir {
+                Dir::Write => SendWr::write(slot as u64, &sge, at),
+                Dir::Read => SendWr::read(slot as u64, &sge, at),
+            };
+            qp.post_send(&[wr])?;
+            moved.pages += r.end - r.start;
+            moved.requests += 1;
+            reap(&mut free, &runs, false)?;
+        }
+        while free.len() < depth {
+            if reap(&mut free, &runs, true)? == 0 {
+                return Err(rmem_transport::Error::Timeout(self.timeout).into());
+            }
+        }
+        Ok(moved)
+    }
+}

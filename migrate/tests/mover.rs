@@ -1,0 +1,184 @@
+//! Pages moved one-sided between two RAM files over the tcp provider on loopback: pushed with
+//! WRITE, pulled with READ, zero pages left out, layouts checked, a vanished peer an error.
+
+use std::fs::{File, OpenOptions as FileOptions};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rmem_migrate::{MoveError, Mover, PageSet, PAGE};
+use rmem_transport::{open, Access, Buffer, Context, Cq, Mr, OpenOptions, Provider, Qp, QpConfig};
+
+const PAGES: usize = 300;
+
+/// A RAM file of `PAGES` zero pages, removed when dropped.
+struct Ram(PathBuf, File);
+
+impl Ram {
+    fn new(name: &str) -> Ram {
+        let path = std::env::temp_dir().join(format!("rmem-mover-{name}-{}", std::process::id()));
+        let f = FileOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.set_len((PAGES * PAGE) as u64).unwrap();
+        Ram(path, f)
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        std::fs::read(&self.0).unwrap()
+    }
+}
+
+impl Drop for Ram {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The source side's view: its registered RAM, a queue pair to the destination, and the
+/// destination's RAM as a remote buffer.
+struct Link {
+    local: Mr,
+    qp: Qp,
+    cq: Cq,
+    remote: rmem_transport::RemoteBuf,
+    /// The destination's side, kept alive for the test's length.
+    dest: Option<(Context, Mr, Qp)>,
+}
+
+fn link(src: &Ram, dst: &Ram, dst_pages: usize) -> Link {
+    let dctx = open(&OpenOptions::new(Provider::Tcp)).unwrap();
+    let (dpd, dcq) = (dctx.alloc_pd().unwrap(), dctx.create_cq(64).unwrap());
+    let dram = Buffer::map_file(&dst.1).unwrap();
+    let dmr = dpd
+        .register_buffer(&dram, 0, dst_pages * PAGE, Access::all_remote())
+        .unwrap();
+    let remote = dmr.remote();
+    let l = dctx.listen("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = l.local_addr();
+    let accepted = std::thread::spawn(move || {
+        let qp = l
+            .accept(
+                &QpConfig::new(&dpd, &dcq),
+                b"",
+                Some(Duration::from_secs(10)),
+            )
+            .unwrap()
+            .qp;
+        (dctx, qp)
+    });
+    let sctx = open(&OpenOptions::new(Provider::Tcp)).unwrap();
+    let (spd, scq) = (sctx.alloc_pd().unwrap(), sctx.create_cq(64).unwrap());
+    let sram = Buffer::map_file(&src.1).unwrap();
+    let local = spd
+        .register_buffer(&sram, 0, sram.len(), Access::LOCAL_WRITE)
+        .unwrap();
+    let conn = sctx.connect(addr, &QpConfig::new(&spd, &scq), b"").unwrap();
+    let (dctx, dqp) = accepted.join().unwrap();
+    Link {
+        local,
+        qp: conn.qp,
+        cq: scq,
+        remote,
+        dest: Some((dctx, dmr, dqp)),
+    }
+}
+
+/// Source RAM: page p holds its number, except every third page, which is zero.
+fn fill(src: &Ram) {
+    let b = Buffer::map_file(&src.1).unwrap();
+    for p in (0..PAGES).filter(|p| p % 3 != 0) {
+        b.write_at(p * PAGE, &vec![(p % 251) as u8 + 1; PAGE])
+            .unwrap();
+    }
+}
+
+#[test]
+fn writes_push_every_non_zero_page_in_runs() {
+    let (src, dst) = (Ram::new("ws"), Ram::new("wd"));
+    fill(&src);
+    let l = link(&src, &dst, PAGES);
+    let mover = Mover {
+        depth: 8,
+        max_run_pages: 16,
+        ..Mover::default()
+    };
+    let all = PageSet::full(PAGES);
+    let m = mover
+        .write(&l.qp, &l.cq, &l.local, &l.remote, &all)
+        .unwrap();
+    assert_eq!(m.zero_pages, PAGES.div_ceil(3));
+    assert_eq!(m.pages + m.zero_pages, PAGES);
+    assert!(m.requests < m.pages, "runs, not a request per page");
+    assert_eq!(dst.bytes(), src.bytes(), "the two RAM files are equal");
+}
+
+#[test]
+fn reads_pull_exactly_the_pages_asked_for() {
+    let (src, dst) = (Ram::new("rs"), Ram::new("rd"));
+    fill(&src);
+    // The pulling side is the one with the empty RAM: swap the roles.
+    let l = link(&dst, &src, PAGES);
+    let mut want = PageSet::new(PAGES);
+    for p in [1, 2, 4, 5, 100, 299] {
+        want.insert(p);
+    }
+    let m = Mover::default()
+        .read(&l.qp, &l.cq, &l.local, &l.remote, &want)
+        .unwrap();
+    assert_eq!((m.pages, m.requests), (6, 4), "runs 1-2, 4-5, 100, 299");
+    let (s, d) = (src.bytes(), dst.bytes());
+    for p in 0..PAGES {
+        let page = |b: &[u8]| b[p * PAGE..(p + 1) * PAGE].to_vec();
+        if want.contains(p) {
+            assert_eq!(page(&d), page(&s), "page {p}");
+        } else {
+            assert!(
+                page(&d).iter().all(|&x| x == 0),
+                "page {p} was not asked for"
+            );
+        }
+    }
+}
+
+#[test]
+fn different_layouts_are_refused_before_anything_moves() {
+    let (src, dst) = (Ram::new("ls"), Ram::new("ld"));
+    fill(&src);
+    let l = link(&src, &dst, PAGES - 1);
+    let e = Mover::default()
+        .write(&l.qp, &l.cq, &l.local, &l.remote, &PageSet::full(PAGES))
+        .unwrap_err();
+    assert!(matches!(e, MoveError::Layout { .. }), "{e}");
+    assert!(dst.bytes().iter().all(|&x| x == 0));
+}
+
+#[test]
+fn a_vanished_destination_is_an_error_not_a_hang() {
+    let (src, dst) = (Ram::new("vs"), Ram::new("vd"));
+    fill(&src);
+    let mut l = link(&src, &dst, PAGES);
+    // The destination goes away: its queue pair and context close.
+    let (ctx, mr, qp) = l.dest.take().unwrap();
+    qp.shutdown();
+    drop((qp, mr, ctx));
+    let t = std::time::Instant::now();
+    let e = Mover {
+        timeout: Duration::from_secs(5),
+        ..Mover::default()
+    }
+    .write(&l.qp, &l.cq, &l.local, &l.remote, &PageSet::full(PAGES))
+    .unwrap_err();
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(
+        matches!(e, MoveError::Completion { .. } | MoveError::Transport(_)),
+        "{e}"
+    );
+}
