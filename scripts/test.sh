@@ -5,9 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
-# Real NBD clients for the donor's NBD export tests.
+# Real NBD clients for the donor's NBD export tests; QEMU for the migration engine's QMP tests.
 tools=()
-for p in libnbd-bin qemu-utils; do dpkg -s "$p" >/dev/null 2>&1 || tools+=("$p"); done
+for p in libnbd-bin qemu-utils qemu-system-x86; do dpkg -s "$p" >/dev/null 2>&1 || tools+=("$p"); done
 if ((${#tools[@]})); then
   sudo=""; [[ $(id -u) -ne 0 ]] && sudo=sudo
   $sudo apt-get update -qq

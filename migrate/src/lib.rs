@@ -8,16 +8,19 @@
 //! - [`converge`]: when to stop the source (the downtime the remaining pages would cost at the
 //!   measured bandwidth and dirty rate), or switch to post-copy;
 //! - [`phase`]: the phases of one migration and the only legal ways between them;
-//! - [`mover`]: the runs moved one-sided (WRITE to push, READ to pull), many in flight.
+//! - [`mover`]: the runs moved one-sided (WRITE to push, READ to pull), many in flight;
+//! - [`qmp`]: a client of QEMU's monitor, to drive a stock hypervisor.
 
 pub mod converge;
 pub mod dirty;
 pub mod mover;
 pub mod pages;
 pub mod phase;
+pub mod qmp;
 
 pub use converge::{Decision, Policy, Round};
 pub use dirty::{DirtyLog, EverythingDirty, PageHashLog, PageSource, Slice};
 pub use mover::{MoveError, Moved, Mover};
 pub use pages::{is_zero, PageSet, PAGE};
 pub use phase::{Event, Phase, Phases};
+pub use qmp::{Qmp, QmpError};

@@ -1,0 +1,131 @@
+//! The QMP client against a real QEMU (no guest: `-machine none`) and against sockets that are
+//! not QEMU.
+
+use std::io::Write;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rmem_migrate::{Qmp, QmpError};
+
+fn sock(name: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("rmem-qmp-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+/// A QEMU with no machine, its monitor on `path`; killed when dropped.
+struct Qemu(Child);
+
+impl Qemu {
+    fn start(path: &Path) -> Qemu {
+        let child = Command::new("qemu-system-x86_64")
+            .args([
+                "-machine",
+                "none",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-qmp",
+            ])
+            .arg(format!("unix:{},server=on,wait=off", path.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-system-x86_64 (scripts/test.sh installs qemu-system-x86)");
+        let t = Instant::now();
+        while !path.exists() {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "no QMP socket after 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Qemu(child)
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn drives_a_real_qemu() {
+    let path = sock("real");
+    let _qemu = Qemu::start(&path);
+    let mut q = Qmp::connect(&path, Duration::from_secs(10)).unwrap();
+    assert!(q.version().0 >= 5, "{:?}", q.version());
+    let st = q.execute("query-status", None).unwrap();
+    assert!(st.get("status").and_then(|s| s.as_str()).is_some(), "{st}");
+    match q.execute("no-such-command", None) {
+        Err(QmpError::Command { class, .. }) => assert_eq!(class, "CommandNotFound"),
+        other => panic!("{other:?}"),
+    }
+    // Still usable after a refused command; arguments are passed through.
+    let caps = q
+        .execute(
+            "migrate-set-capabilities",
+            Some(serde_json::json!({"capabilities": [
+                {"capability": "x-ignore-shared", "state": true}
+            ]})),
+        )
+        .unwrap();
+    assert_eq!(caps, serde_json::json!({}));
+    let got = q.execute("query-migrate-capabilities", None).unwrap();
+    assert!(
+        got.as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["capability"] == "x-ignore-shared" && c["state"] == true),
+        "{got}"
+    );
+    q.execute("quit", None).unwrap();
+    assert!(matches!(
+        q.execute("query-status", None),
+        Err(QmpError::Closed)
+    ));
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn a_socket_that_is_not_qemu_is_named_as_such() {
+    for (name, greeting) in [
+        ("ssh", &b"SSH-2.0-OpenSSH_9.2\r\n"[..]),
+        ("json", &b"{\"hello\": 1}\n"[..]),
+        ("silent", &b""[..]),
+    ] {
+        let path = sock(name);
+        let l = UnixListener::bind(&path).unwrap();
+        let peer = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            s.write_all(greeting).unwrap();
+            // Stay connected past the client's deadline.
+            std::thread::sleep(Duration::from_millis(600));
+        });
+        let t = Instant::now();
+        match Qmp::connect(&path, Duration::from_millis(300)) {
+            Err(QmpError::NotQemu(p)) => assert!(p.contains("rmem-qmp"), "{p}"),
+            Err(e) => panic!("{name}: {e}"),
+            Ok(_) => panic!("{name}: accepted as QEMU"),
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "{name}: {:?}",
+            t.elapsed()
+        );
+        peer.join().unwrap();
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+#[test]
+fn no_socket_says_which() {
+    let e = Qmp::connect(Path::new("/nonexistent/qmp.sock"), Duration::from_secs(1))
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("/nonexistent/qmp.sock"), "{e}");
+}
