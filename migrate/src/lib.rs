@@ -9,7 +9,8 @@
 //!   measured bandwidth and dirty rate), or switch to post-copy;
 //! - [`phase`]: the phases of one migration and the only legal ways between them;
 //! - [`mover`]: the runs moved one-sided (WRITE to push, READ to pull), many in flight;
-//! - [`qmp`]: a client of QEMU's monitor, to drive a stock hypervisor.
+//! - [`qmp`]: a client of QEMU's monitor, to drive a stock hypervisor;
+//! - [`ram`]: a guest's RAM backends, found through QMP and checked movable.
 
 pub mod converge;
 pub mod dirty;
@@ -17,6 +18,7 @@ pub mod mover;
 pub mod pages;
 pub mod phase;
 pub mod qmp;
+pub mod ram;
 
 pub use converge::{Decision, Policy, Round};
 pub use dirty::{DirtyLog, EverythingDirty, PageHashLog, PageSource, Slice};

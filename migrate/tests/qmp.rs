@@ -3,60 +3,19 @@
 
 use std::io::Write;
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use rmem_migrate::{Qmp, QmpError};
 
-fn sock(name: &str) -> PathBuf {
-    let p = std::env::temp_dir().join(format!("rmem-qmp-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_file(&p);
-    p
-}
+mod support;
 
-/// A QEMU with no machine, its monitor on `path`; killed when dropped.
-struct Qemu(Child);
-
-impl Qemu {
-    fn start(path: &Path) -> Qemu {
-        let child = Command::new("qemu-system-x86_64")
-            .args([
-                "-machine",
-                "none",
-                "-nodefaults",
-                "-display",
-                "none",
-                "-qmp",
-            ])
-            .arg(format!("unix:{},server=on,wait=off", path.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("qemu-system-x86_64 (scripts/test.sh installs qemu-system-x86)");
-        let t = Instant::now();
-        while !path.exists() {
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "no QMP socket after 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Qemu(child)
-    }
-}
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use support::{sock, Qemu};
 
 #[test]
 fn drives_a_real_qemu() {
     let path = sock("real");
-    let _qemu = Qemu::start(&path);
+    let _qemu = Qemu::start(&path, &[]);
     let mut q = Qmp::connect(&path, Duration::from_secs(10)).unwrap();
     assert!(q.version().0 >= 5, "{:?}", q.version());
     let st = q.execute("query-status", None).unwrap();
