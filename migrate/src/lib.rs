@@ -22,7 +22,7 @@ pub mod ram;
 
 pub use converge::{Decision, Policy, Round};
 pub use dirty::{DirtyLog, EverythingDirty, PageHashLog, PageSource, Slice};
-pub use mover::{MoveError, Moved, Mover};
+pub use mover::{Link, MoveError, Moved, Mover};
 pub use pages::{is_zero, PageSet, PAGE};
 pub use phase::{Event, Phase, Phases};
 pub use qmp::{Qmp, QmpError};

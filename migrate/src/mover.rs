@@ -67,6 +67,18 @@ impl Default for Mover {
     }
 }
 
+/// The two RAMs and the queue pair between them.
+#[derive(Clone, Copy)]
+pub struct Link<'a> {
+    pub qp: &'a Qp,
+    /// The queue pair's send completion queue.
+    pub cq: &'a Cq,
+    /// This side's RAM, registered.
+    pub local: &'a Mr,
+    /// The other side's RAM.
+    pub remote: &'a RemoteBuf,
+}
+
 #[derive(Clone, Copy)]
 enum Dir {
     Write,
@@ -74,46 +86,34 @@ enum Dir {
 }
 
 impl Mover {
-    /// WRITEs `pages` of `local` to the same offsets of `remote`, leaving out zero pages.
-    pub fn write(
-        &self,
-        qp: &Qp,
-        cq: &Cq,
-        local: &Mr,
-        remote: &RemoteBuf,
-        pages: &PageSet,
-    ) -> Result<Moved, MoveError> {
-        self.check(local, remote, pages)?;
+    /// WRITEs `pages` of the local RAM to the same offsets of the remote one, leaving out zero
+    /// pages.
+    pub fn write(&self, link: Link<'_>, pages: &PageSet) -> Result<Moved, MoveError> {
+        self.check(link, pages)?;
         let mut sending = PageSet::new(pages.len());
         let mut page = vec![0u8; PAGE];
         let mut zero_pages = 0;
         for p in pages.iter() {
-            local.read_at(p * PAGE, &mut page)?;
+            link.local.read_at(p * PAGE, &mut page)?;
             if is_zero(&page) {
                 zero_pages += 1;
             } else {
                 sending.insert(p);
             }
         }
-        let mut moved = self.run(Dir::Write, qp, cq, local, remote, &sending)?;
+        let mut moved = self.run(Dir::Write, link, &sending)?;
         moved.zero_pages = zero_pages;
         Ok(moved)
     }
 
-    /// READs `pages` of `remote` into the same offsets of `local`.
-    pub fn read(
-        &self,
-        qp: &Qp,
-        cq: &Cq,
-        local: &Mr,
-        remote: &RemoteBuf,
-        pages: &PageSet,
-    ) -> Result<Moved, MoveError> {
-        self.check(local, remote, pages)?;
-        self.run(Dir::Read, qp, cq, local, remote, pages)
+    /// READs `pages` of the remote RAM into the same offsets of the local one.
+    pub fn read(&self, link: Link<'_>, pages: &PageSet) -> Result<Moved, MoveError> {
+        self.check(link, pages)?;
+        self.run(Dir::Read, link, pages)
     }
 
-    fn check(&self, local: &Mr, remote: &RemoteBuf, pages: &PageSet) -> Result<(), MoveError> {
+    fn check(&self, link: Link<'_>, pages: &PageSet) -> Result<(), MoveError> {
+        let (local, remote) = (link.local, link.remote);
         if remote.len != local.len() as u64 {
             return Err(MoveError::Layout {
                 local: local.len(),
@@ -129,15 +129,13 @@ impl Mover {
         Ok(())
     }
 
-    fn run(
-        &self,
-        dir: Dir,
-        qp: &Qp,
-        cq: &Cq,
-        local: &Mr,
-        remote: &RemoteBuf,
-        pages: &PageSet,
-    ) -> Result<Moved, MoveError> {
+    fn run(&self, dir: Dir, link: Link<'_>, pages: &PageSet) -> Result<Moved, MoveError> {
+        let Link {
+            qp,
+            cq,
+            local,
+            remote,
+        } = link;
         let depth = self.depth.max(1);
         // Each request's pages, by wr_id slot, to say which pages failed.
         let mut runs: Vec<(usize, usize)> = vec![(0, 0); depth];

@@ -5,7 +5,7 @@ use std::fs::{File, OpenOptions as FileOptions};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use rmem_migrate::{MoveError, Mover, PageSet, PAGE};
+use rmem_migrate::{Link, MoveError, Mover, PageSet, PAGE};
 use rmem_transport::{open, Access, Buffer, Context, Cq, Mr, OpenOptions, Provider, Qp, QpConfig};
 
 const PAGES: usize = 300;
@@ -32,6 +32,17 @@ impl Ram {
     }
 }
 
+impl Side {
+    fn link(&self) -> Link<'_> {
+        Link {
+            qp: &self.qp,
+            cq: &self.cq,
+            local: &self.local,
+            remote: &self.remote,
+        }
+    }
+}
+
 impl Drop for Ram {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
@@ -40,7 +51,7 @@ impl Drop for Ram {
 
 /// The source side's view: its registered RAM, a queue pair to the destination, and the
 /// destination's RAM as a remote buffer.
-struct Link {
+struct Side {
     local: Mr,
     qp: Qp,
     cq: Cq,
@@ -49,7 +60,7 @@ struct Link {
     dest: Option<(Context, Mr, Qp)>,
 }
 
-fn link(src: &Ram, dst: &Ram, dst_pages: usize) -> Link {
+fn link(src: &Ram, dst: &Ram, dst_pages: usize) -> Side {
     let dctx = open(&OpenOptions::new(Provider::Tcp)).unwrap();
     let (dpd, dcq) = (dctx.alloc_pd().unwrap(), dctx.create_cq(64).unwrap());
     let dram = Buffer::map_file(&dst.1).unwrap();
@@ -78,7 +89,7 @@ fn link(src: &Ram, dst: &Ram, dst_pages: usize) -> Link {
         .unwrap();
     let conn = sctx.connect(addr, &QpConfig::new(&spd, &scq), b"").unwrap();
     let (dctx, dqp) = accepted.join().unwrap();
-    Link {
+    Side {
         local,
         qp: conn.qp,
         cq: scq,
@@ -107,9 +118,7 @@ fn writes_push_every_non_zero_page_in_runs() {
         ..Mover::default()
     };
     let all = PageSet::full(PAGES);
-    let m = mover
-        .write(&l.qp, &l.cq, &l.local, &l.remote, &all)
-        .unwrap();
+    let m = mover.write(l.link(), &all).unwrap();
     assert_eq!(m.zero_pages, PAGES.div_ceil(3));
     assert_eq!(m.pages + m.zero_pages, PAGES);
     assert!(m.requests < m.pages, "runs, not a request per page");
@@ -126,9 +135,7 @@ fn reads_pull_exactly_the_pages_asked_for() {
     for p in [1, 2, 4, 5, 100, 299] {
         want.insert(p);
     }
-    let m = Mover::default()
-        .read(&l.qp, &l.cq, &l.local, &l.remote, &want)
-        .unwrap();
+    let m = Mover::default().read(l.link(), &want).unwrap();
     assert_eq!((m.pages, m.requests), (6, 4), "runs 1-2, 4-5, 100, 299");
     let (s, d) = (src.bytes(), dst.bytes());
     for p in 0..PAGES {
@@ -150,7 +157,7 @@ fn different_layouts_are_refused_before_anything_moves() {
     fill(&src);
     let l = link(&src, &dst, PAGES - 1);
     let e = Mover::default()
-        .write(&l.qp, &l.cq, &l.local, &l.remote, &PageSet::full(PAGES))
+        .write(l.link(), &PageSet::full(PAGES))
         .unwrap_err();
     assert!(matches!(e, MoveError::Layout { .. }), "{e}");
     assert!(dst.bytes().iter().all(|&x| x == 0));
@@ -170,7 +177,7 @@ fn a_vanished_destination_is_an_error_not_a_hang() {
         timeout: Duration::from_secs(5),
         ..Mover::default()
     }
-    .write(&l.qp, &l.cq, &l.local, &l.remote, &PageSet::full(PAGES))
+    .write(l.link(), &PageSet::full(PAGES))
     .unwrap_err();
     assert!(
         t.elapsed() < Duration::from_secs(15),
