@@ -1,9 +1,9 @@
 //! Pages moved one-sided between two RAM files over the tcp provider on loopback: pushed with
 //! WRITE, pulled with READ, zero pages left out, layouts checked, a vanished peer an error.
 
-use std::fs::{File, OpenOptions as FileOptions};
-use std::path::PathBuf;
 use std::time::Duration;
+
+use tempfile::NamedTempFile;
 
 use rmem_migrate::{Link, MoveError, Mover, PageSet, PAGE};
 use rmem_transport::{open, Access, Buffer, Context, Cq, Mr, OpenOptions, Provider, Qp, QpConfig};
@@ -11,41 +11,21 @@ use rmem_transport::{open, Access, Buffer, Context, Cq, Mr, OpenOptions, Provide
 const PAGES: usize = 300;
 
 /// A RAM file of `PAGES` zero pages, removed when dropped.
-struct Ram(PathBuf, File);
+struct Ram(NamedTempFile);
 
 impl Ram {
-    fn new(name: &str) -> Ram {
-        let path = std::env::temp_dir().join(format!("rmem-mover-{name}-{}", std::process::id()));
-        let f = FileOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        f.set_len((PAGES * PAGE) as u64).unwrap();
-        Ram(path, f)
+    fn new() -> Ram {
+        let f = NamedTempFile::new().unwrap();
+        f.as_file().set_len((PAGES * PAGE) as u64).unwrap();
+        Ram(f)
+    }
+
+    fn file(&self) -> &std::fs::File {
+        self.0.as_file()
     }
 
     fn bytes(&self) -> Vec<u8> {
-        std::fs::read(&self.0).unwrap()
-    }
-}
-
-impl Side {
-    fn link(&self) -> Link<'_> {
-        Link {
-            qp: &self.qp,
-            cq: &self.cq,
-            local: &self.local,
-            remote: &self.remote,
-        }
-    }
-}
-
-impl Drop for Ram {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        std::fs::read(self.0.path()).unwrap()
     }
 }
 
@@ -60,10 +40,21 @@ struct Side {
     dest: Option<(Context, Mr, Qp)>,
 }
 
+impl Side {
+    fn link(&self) -> Link<'_> {
+        Link {
+            qp: &self.qp,
+            cq: &self.cq,
+            local: &self.local,
+            remote: &self.remote,
+        }
+    }
+}
+
 fn link(src: &Ram, dst: &Ram, dst_pages: usize) -> Side {
     let dctx = open(&OpenOptions::new(Provider::Tcp)).unwrap();
     let (dpd, dcq) = (dctx.alloc_pd().unwrap(), dctx.create_cq(64).unwrap());
-    let dram = Buffer::map_file(&dst.1).unwrap();
+    let dram = Buffer::map_file(dst.file()).unwrap();
     let dmr = dpd
         .register_buffer(&dram, 0, dst_pages * PAGE, Access::all_remote())
         .unwrap();
@@ -83,7 +74,7 @@ fn link(src: &Ram, dst: &Ram, dst_pages: usize) -> Side {
     });
     let sctx = open(&OpenOptions::new(Provider::Tcp)).unwrap();
     let (spd, scq) = (sctx.alloc_pd().unwrap(), sctx.create_cq(64).unwrap());
-    let sram = Buffer::map_file(&src.1).unwrap();
+    let sram = Buffer::map_file(src.file()).unwrap();
     let local = spd
         .register_buffer(&sram, 0, sram.len(), Access::LOCAL_WRITE)
         .unwrap();
@@ -100,7 +91,7 @@ fn link(src: &Ram, dst: &Ram, dst_pages: usize) -> Side {
 
 /// Source RAM: page p holds its number, except every third page, which is zero.
 fn fill(src: &Ram) {
-    let b = Buffer::map_file(&src.1).unwrap();
+    let b = Buffer::map_file(src.file()).unwrap();
     for p in (0..PAGES).filter(|p| p % 3 != 0) {
         b.write_at(p * PAGE, &vec![(p % 251) as u8 + 1; PAGE])
             .unwrap();
@@ -109,7 +100,7 @@ fn fill(src: &Ram) {
 
 #[test]
 fn writes_push_every_non_zero_page_in_runs() {
-    let (src, dst) = (Ram::new("ws"), Ram::new("wd"));
+    let (src, dst) = (Ram::new(), Ram::new());
     fill(&src);
     let l = link(&src, &dst, PAGES);
     let mover = Mover {
@@ -127,7 +118,7 @@ fn writes_push_every_non_zero_page_in_runs() {
 
 #[test]
 fn reads_pull_exactly_the_pages_asked_for() {
-    let (src, dst) = (Ram::new("rs"), Ram::new("rd"));
+    let (src, dst) = (Ram::new(), Ram::new());
     fill(&src);
     // The pulling side is the one with the empty RAM: swap the roles.
     let l = link(&dst, &src, PAGES);
@@ -153,7 +144,7 @@ fn reads_pull_exactly_the_pages_asked_for() {
 
 #[test]
 fn different_layouts_are_refused_before_anything_moves() {
-    let (src, dst) = (Ram::new("ls"), Ram::new("ld"));
+    let (src, dst) = (Ram::new(), Ram::new());
     fill(&src);
     let l = link(&src, &dst, PAGES - 1);
     let e = Mover::default()
@@ -165,7 +156,7 @@ fn different_layouts_are_refused_before_anything_moves() {
 
 #[test]
 fn a_vanished_destination_is_an_error_not_a_hang() {
-    let (src, dst) = (Ram::new("vs"), Ram::new("vd"));
+    let (src, dst) = (Ram::new(), Ram::new());
     fill(&src);
     let mut l = link(&src, &dst, PAGES);
     // The destination goes away: its queue pair and context close.

@@ -1,71 +1,54 @@
 //! Registering a file's pages (a VM's RAM file on tmpfs, say): what a peer WRITEs lands in the
 //! file and in every other mapping of it, and a READ returns what another mapping wrote.
 
-use std::fs::{File, OpenOptions as FileOptions};
-use std::path::PathBuf;
 use std::time::Duration;
+
+use tempfile::NamedTempFile;
 
 use rmem_transport::{open, Access, Buffer, OpenOptions, Provider, QpConfig, SendWr};
 
 /// A file of `pages` zero pages, removed when dropped.
-struct TempFile(PathBuf, File);
-
-impl TempFile {
-    fn new(name: &str, pages: usize) -> TempFile {
-        let path = std::env::temp_dir().join(format!("rmem-{name}-{}", std::process::id()));
-        let f = FileOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        f.set_len((pages * 4096) as u64).unwrap();
-        TempFile(path, f)
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+fn temp_file(pages: usize) -> NamedTempFile {
+    let f = NamedTempFile::new().unwrap();
+    f.as_file().set_len((pages * 4096) as u64).unwrap();
+    f
 }
 
 #[test]
 fn two_mappings_of_one_file_see_each_others_writes() {
-    let f = TempFile::new("map2", 3);
-    let a = Buffer::map_file(&f.1).unwrap();
-    let b = Buffer::map_file(&f.1).unwrap();
+    let f = temp_file(3);
+    let a = Buffer::map_file(f.as_file()).unwrap();
+    let b = Buffer::map_file(f.as_file()).unwrap();
     assert_eq!(a.len(), 3 * 4096);
     a.write_at(4096 + 10, b"through a").unwrap();
     let mut got = [0u8; 9];
     b.read_at(4096 + 10, &mut got).unwrap();
     assert_eq!(&got, b"through a");
-    let on_disk = std::fs::read(&f.0).unwrap();
+    let on_disk = std::fs::read(f.path()).unwrap();
     assert_eq!(&on_disk[4096 + 10..4096 + 19], b"through a");
     // Zeroing a file's pages clears the file (they are not dropped to come back from it).
     a.zero(0, 3 * 4096).unwrap();
-    assert!(std::fs::read(&f.0).unwrap().iter().all(|&x| x == 0));
+    assert!(std::fs::read(f.path()).unwrap().iter().all(|&x| x == 0));
     b.read_at(4096 + 10, &mut got).unwrap();
     assert_eq!(got, [0; 9]);
 }
 
 #[test]
 fn an_empty_file_is_refused() {
-    let f = TempFile::new("empty", 0);
-    assert!(Buffer::map_file(&f.1).is_err());
+    let f = temp_file(0);
+    assert!(Buffer::map_file(f.as_file()).is_err());
 }
 
 #[test]
 fn one_sided_writes_and_reads_reach_a_registered_file() {
-    let f = TempFile::new("rdma", 4);
+    let f = temp_file(4);
     // The "guest": another mapping of the same file, as a hypervisor would have.
-    let guest = Buffer::map_file(&f.1).unwrap();
+    let guest = Buffer::map_file(f.as_file()).unwrap();
     guest.write_at(3 * 4096, b"guest page").unwrap();
 
     let target = open(&OpenOptions::new(Provider::Tcp)).unwrap();
     let (tpd, tcq) = (target.alloc_pd().unwrap(), target.create_cq(16).unwrap());
-    let ram = Buffer::map_file(&f.1).unwrap();
+    let ram = Buffer::map_file(f.as_file()).unwrap();
     let mr = tpd
         .register_buffer(&ram, 0, ram.len(), Access::all_remote())
         .unwrap();
@@ -101,7 +84,7 @@ fn one_sided_writes_and_reads_reach_a_registered_file() {
         "the WRITE is in the guest's mapping"
     );
     assert_eq!(
-        &std::fs::read(&f.0).unwrap()[4096 + 5..4096 + 19],
+        &std::fs::read(f.path()).unwrap()[4096 + 5..4096 + 19],
         b"sent by a peer"
     );
 
