@@ -316,7 +316,7 @@ impl Framing for RequestFraming {
 
 /// Maps a socket error during the exchange to what the caller should see. A timeout stays an
 /// OS error naming the step, so the message says what the peer did not answer.
-fn io_error(what: &'static str) -> impl Fn(io::Error) -> Error {
+pub(crate) fn io_error(what: &'static str) -> impl Fn(io::Error) -> Error {
     move |e| match e.kind() {
         io::ErrorKind::UnexpectedEof => Error::Handshake(format!("the peer closed during {what}")),
         _ => Error::os(what, e),

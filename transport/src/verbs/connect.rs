@@ -32,7 +32,7 @@
 //! an [`Error::Handshake`]. The listener creates no queue pair until the application accepts
 //! the request; a refused request gets a reject.
 
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -107,25 +107,18 @@ impl Endpoint {
     }
 }
 
-fn io_error(what: &'static str, timeout: Duration) -> impl Fn(io::Error) -> Error {
-    move |e| match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Error::Timeout(timeout),
-        io::ErrorKind::UnexpectedEof => Error::Handshake(format!("the peer closed during {what}")),
-        _ => Error::os(what, e),
-    }
-}
-
-fn exchange_ready(s: &mut TcpStream, send_first: bool, timeout: Duration) -> Result<()> {
+/// The socket's timeouts (set by [`exchange::tune`]) bound both steps.
+fn exchange_ready(s: &mut TcpStream, send_first: bool) -> Result<()> {
     let send = |s: &mut TcpStream| {
         s.write_all(&[READY])
-            .map_err(io_error("send ready", timeout))
+            .map_err(exchange::io_error("send ready"))
     };
     if send_first {
         send(s)?;
     }
     let mut b = [0u8; 1];
     s.read_exact(&mut b)
-        .map_err(io_error("receive ready", timeout))?;
+        .map_err(exchange::io_error("receive ready"))?;
     if b[0] != READY {
         return Err(Error::Handshake(format!(
             "expected READY, got {:#04x}",
@@ -157,7 +150,7 @@ pub(crate) fn connect(
     let answer = exchange::read_answer(&s, Provider::Verbs)?;
     let peer = Endpoint::decode(&answer.payload)?;
     qp.connect_to(psn, &peer)?;
-    exchange_ready(&mut s, true, timeout)?;
+    exchange_ready(&mut s, true)?;
     tracing::debug!(qp = qp.num(), peer_qp = peer.qpn, %addr, "verbs queue pair connected");
     Ok((Arc::new(qp), answer.private))
 }
@@ -242,7 +235,7 @@ impl IncomingOps for VerbsIncoming {
         let answer = Hello::accept(Provider::Verbs, &qp.endpoint(psn).encode(), private);
         exchange::send(&self.stream, &answer)?;
         let mut stream = self.stream;
-        exchange_ready(&mut stream, false, PEER_TIMEOUT)?;
+        exchange_ready(&mut stream, false)?;
         tracing::debug!(qp = qp.num(), peer = %self.peer, "verbs queue pair accepted");
         Ok(Arc::new(qp))
     }
