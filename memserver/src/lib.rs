@@ -7,7 +7,7 @@
 //! one-sided, and renews its lease in the background.
 
 mod admin;
-mod auth;
+use rmem_wire::auth;
 mod client;
 pub mod config;
 mod conn_limit;
