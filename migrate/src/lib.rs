@@ -17,6 +17,7 @@ pub mod dirty;
 pub mod mover;
 pub mod pages;
 pub mod phase;
+pub mod pipe;
 pub mod qmp;
 pub mod ram;
 
@@ -25,4 +26,5 @@ pub use dirty::{DirtyLog, EverythingDirty, PageHashLog, PageSource, Slice};
 pub use mover::{Link, MoveError, Moved, Mover};
 pub use pages::{is_zero, PageSet, PAGE};
 pub use phase::{Event, Phase, Phases};
+pub use pipe::{Pipe, PipeError, PipeMemory, Stream};
 pub use qmp::{Qmp, QmpError};

@@ -2,8 +2,9 @@
 //! the source pushes into the destination's registered RAM) or one READ (post-copy: the
 //! destination pulls from the source's), with many requests in flight from one thread.
 //!
-//! Both sides' RAM has the same layout, so a page's offset is the same on each side. Zero pages
-//! are left out of WRITEs (the destination's fresh RAM reads as zeros).
+//! Both sides' RAM has the same layout, so a page's offset is the same on each side. A zero page
+//! is left out of a WRITE when the destination's copy is known to be zero (its fresh RAM reads
+//! as zeros); a page that became zero after it was sent is written like any other.
 
 use std::time::Duration;
 
@@ -86,19 +87,33 @@ enum Dir {
 }
 
 impl Mover {
-    /// WRITEs `pages` of the local RAM to the same offsets of the remote one, leaving out zero
-    /// pages.
-    pub fn write(&self, link: Link<'_>, pages: &PageSet) -> Result<Moved, MoveError> {
+    /// WRITEs `pages` of the local RAM to the same offsets of the remote one. `dest_zero` holds
+    /// the pages the destination is known to hold as zeros: a zero page among them is left out,
+    /// and the set is kept up to date with what was sent. Pass an empty set to send every page.
+    pub fn write(
+        &self,
+        link: Link<'_>,
+        pages: &PageSet,
+        dest_zero: &mut PageSet,
+    ) -> Result<Moved, MoveError> {
         self.check(link, pages)?;
+        if dest_zero.len() != pages.len() {
+            return Err(MoveError::PageSet {
+                pages: dest_zero.len(),
+                bytes: pages.len() * PAGE,
+            });
+        }
         let mut sending = PageSet::new(pages.len());
         let mut page = vec![0u8; PAGE];
         let mut zero_pages = 0;
         for p in pages.iter() {
             link.local.read_at(p * PAGE, &mut page)?;
-            if is_zero(&page) {
+            if is_zero(&page) && dest_zero.contains(p) {
                 zero_pages += 1;
             } else {
                 sending.insert(p);
+                // Whatever the WRITE carries (the page may change meanwhile) is not known zero.
+                dest_zero.remove(p);
             }
         }
         let mut moved = self.run(Dir::Write, link, &sending)?;

@@ -109,11 +109,43 @@ fn writes_push_every_non_zero_page_in_runs() {
         ..Mover::default()
     };
     let all = PageSet::full(PAGES);
-    let m = mover.write(l.link(), &all).unwrap();
+    let m = mover
+        .write(l.link(), &all, &mut PageSet::full(PAGES))
+        .unwrap();
     assert_eq!(m.zero_pages, PAGES.div_ceil(3));
     assert_eq!(m.pages + m.zero_pages, PAGES);
     assert!(m.requests < m.pages, "runs, not a request per page");
     assert_eq!(dst.bytes(), src.bytes(), "the two RAM files are equal");
+}
+
+#[test]
+fn a_page_zeroed_after_it_was_sent_is_sent_again() {
+    let (src, dst) = (Ram::new(), Ram::new());
+    fill(&src);
+    let l = link(&src, &dst, PAGES);
+    let mut dest_zero = PageSet::full(PAGES);
+    let all = PageSet::full(PAGES);
+    Mover::default()
+        .write(l.link(), &all, &mut dest_zero)
+        .unwrap();
+    assert_eq!(
+        dest_zero.count(),
+        PAGES.div_ceil(3),
+        "sent pages are no longer known zero"
+    );
+    // Page 1 was sent non-zero; now it is zero at the source.
+    Buffer::map_file(src.file())
+        .unwrap()
+        .write_at(PAGE, &[0u8; PAGE])
+        .unwrap();
+    let mut again = PageSet::new(PAGES);
+    again.insert(1);
+    again.insert(3); // zero on both sides all along: left out
+    let m = Mover::default()
+        .write(l.link(), &again, &mut dest_zero)
+        .unwrap();
+    assert_eq!((m.pages, m.zero_pages), (1, 1));
+    assert_eq!(dst.bytes(), src.bytes());
 }
 
 #[test]
@@ -148,7 +180,7 @@ fn different_layouts_are_refused_before_anything_moves() {
     fill(&src);
     let l = link(&src, &dst, PAGES - 1);
     let e = Mover::default()
-        .write(l.link(), &PageSet::full(PAGES))
+        .write(l.link(), &PageSet::full(PAGES), &mut PageSet::full(PAGES))
         .unwrap_err();
     assert!(matches!(e, MoveError::Layout { .. }), "{e}");
     assert!(dst.bytes().iter().all(|&x| x == 0));
@@ -168,7 +200,7 @@ fn a_vanished_destination_is_an_error_not_a_hang() {
         timeout: Duration::from_secs(5),
         ..Mover::default()
     }
-    .write(l.link(), &PageSet::full(PAGES))
+    .write(l.link(), &PageSet::full(PAGES), &mut PageSet::full(PAGES))
     .unwrap_err();
     assert!(
         t.elapsed() < Duration::from_secs(15),
