@@ -20,6 +20,11 @@ pub enum Code {
     Verify = 4,
     /// The peer could not be reached, went away, or timed out.
     Peer = 5,
+    /// Refused before anything changed: a guest rmem cannot move, a destination not waiting
+    /// or with another RAM layout, a secret that does not match.
+    Refused = 6,
+    /// A migration abandoned or cancelled after it began; the source was put back as it was.
+    Aborted = 7,
 }
 
 /// An error with the exit code it maps to.

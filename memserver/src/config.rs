@@ -363,25 +363,13 @@ impl ServerConfig {
 
     /// The secret from `secret_file`, else RMEM_SECRET; an error when neither is set.
     pub fn load_secret(&self) -> Result<Vec<u8>, ConfigError> {
-        let secret = match &self.secret_file {
-            Some(p) => std::fs::read(p)
-                .map_err(|source| ConfigError::Read {
-                    path: p.clone(),
-                    source,
-                })?
-                .trim_ascii()
-                .to_vec(),
-            None => std::env::var("RMEM_SECRET")
-                .unwrap_or_default()
-                .into_bytes(),
-        };
-        if secret.len() < 16 {
-            return Err(ConfigError::Invalid(
+        crate::auth::load_secret(self.secret_file.as_deref()).map_err(|e| match e {
+            crate::auth::SecretError::Read { path, source } => ConfigError::Read { path, source },
+            crate::auth::SecretError::Short => ConfigError::Invalid(
                 "a shared secret of at least 16 bytes is required (secret_file or RMEM_SECRET)"
                     .into(),
-            ));
-        }
-        Ok(secret)
+            ),
+        })
     }
 }
 

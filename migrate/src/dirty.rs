@@ -33,6 +33,32 @@ impl PageSource for Slice<'_> {
     }
 }
 
+/// Memory mapped into this process from a file (a guest's RAM file) as a source.
+pub struct Mapped<'a>(pub &'a rmem_transport::Buffer);
+
+impl PageSource for Mapped<'_> {
+    fn pages(&self) -> usize {
+        self.0.len() / PAGE
+    }
+
+    fn read_page(&self, page: usize, buf: &mut [u8; PAGE]) {
+        // In bounds by construction (page < pages()); a failure leaves the buffer as it was,
+        // which only makes the page look written.
+        let _ = self.0.read_at(page * PAGE, &mut buf[..]);
+    }
+}
+
+/// A 128-bit hash of every page: what two sides compare to find the pages that differ.
+pub fn page_hashes(src: &dyn PageSource) -> Vec<u128> {
+    let mut buf = Box::new([0u8; PAGE]);
+    (0..src.pages())
+        .map(|p| {
+            src.read_page(p, &mut buf);
+            xxh3_128(&buf[..])
+        })
+        .collect()
+}
+
 /// Why a log could not say which pages were written.
 #[derive(Debug, thiserror::Error)]
 pub enum DirtyError {

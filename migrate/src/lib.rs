@@ -10,9 +10,14 @@
 //! - [`phase`]: the phases of one migration and the only legal ways between them;
 //! - [`mover`]: the runs moved one-sided (WRITE to push, READ to pull), many in flight;
 //! - [`qmp`]: a client of QEMU's monitor, to drive a stock hypervisor;
-//! - [`ram`]: a guest's RAM backends, found through QMP and checked movable.
+//! - [`ram`]: a guest's RAM backends, found through QMP and checked movable;
+//! - [`pipe`] and [`relay`]: control messages and QEMU's own migration connections carried
+//!   between the agents over the transport;
+//! - [`agent`], [`source`], [`dest`]: the two agents that drive a stock QEMU on each side.
 
+pub mod agent;
 pub mod converge;
+pub mod dest;
 pub mod dirty;
 pub mod mover;
 pub mod pages;
@@ -20,7 +25,10 @@ pub mod phase;
 pub mod pipe;
 pub mod qmp;
 pub mod ram;
+pub mod relay;
+pub mod source;
 
+pub use agent::{MigrateError, Mode, Progress, Report, Timeouts};
 pub use converge::{Decision, Policy, Round};
 pub use dirty::{DirtyLog, EverythingDirty, PageHashLog, PageSource, Slice};
 pub use mover::{Link, MoveError, Moved, Mover};
@@ -28,3 +36,5 @@ pub use pages::{is_zero, PageSet, PAGE};
 pub use phase::{Event, Phase, Phases};
 pub use pipe::{Pipe, PipeError, PipeMemory, Stream};
 pub use qmp::{Qmp, QmpError};
+pub use dest::{Receiver, RecvOptions};
+pub use source::{send, SendOptions};

@@ -4,6 +4,7 @@ mod conformance;
 mod demo;
 mod devices;
 mod memcheck;
+mod migrate;
 mod perf;
 mod server;
 mod swap;
@@ -20,7 +21,9 @@ use crate::exit::Failed;
 /// any host).
 ///
 /// Exit status: 0 success, 1 failure, 2 usage, 3 no RDMA device or provider, 4 data or
-/// conformance check failed, 5 peer unreachable, gone or timed out.
+/// conformance check failed, 5 peer unreachable, gone or timed out, 6 refused before anything
+/// changed (migrate: guest not movable, destination not waiting, wrong secret), 7 migration
+/// abandoned or cancelled (the source put back as it was).
 #[derive(Parser, Debug)]
 #[command(name = "rmem", version, propagate_version = true)]
 pub struct Cli {
@@ -40,6 +43,10 @@ pub enum Command {
     /// Swap to other hosts' memory: a block device on donors' slabs, replicated, swapped on.
     #[command(subcommand)]
     Swap(swap::SwapCmd),
+    /// Move a running QEMU guest to another host: RAM one-sided over the transport, device
+    /// state (or QEMU's whole stream) relayed through it.
+    #[command(subcommand)]
+    Migrate(migrate::MigrateCmd),
     /// Run a target and an initiator in this process, move data, verify it, and report latency
     /// and bandwidth (the software provider; nothing to set up).
     Demo(demo::DemoArgs),
@@ -86,6 +93,7 @@ pub fn run(cli: Cli) -> Result<(), Failed> {
     match cli.command {
         Command::Server(a) => server::run(a),
         Command::Swap(c) => swap::run(c),
+        Command::Migrate(c) => migrate::run(c),
         Command::Demo(a) => demo::run(a),
         Command::Perf(c) => perf::run(c),
         Command::Conformance(a) => conformance::run(a),

@@ -353,3 +353,39 @@ mod admin_tests {
         assert_eq!(nonces.len(), 1);
     }
 }
+
+/// Why no usable shared secret was found.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("reading the secret file {path}")]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("a shared secret of at least {MIN_SECRET} bytes is required (a secret file or RMEM_SECRET)")]
+    Short,
+}
+
+/// Shortest secret accepted.
+pub const MIN_SECRET: usize = 16;
+
+/// The secret from `file` (surrounding whitespace trimmed), else from RMEM_SECRET.
+pub fn load_secret(file: Option<&std::path::Path>) -> Result<Vec<u8>, SecretError> {
+    let secret = match file {
+        Some(p) => std::fs::read(p)
+            .map_err(|source| SecretError::Read {
+                path: p.to_path_buf(),
+                source,
+            })?
+            .trim_ascii()
+            .to_vec(),
+        None => std::env::var("RMEM_SECRET")
+            .unwrap_or_default()
+            .into_bytes(),
+    };
+    if secret.len() < MIN_SECRET {
+        return Err(SecretError::Short);
+    }
+    Ok(secret)
+}

@@ -1,0 +1,252 @@
+//! What the two migration agents (`rmem migrate send` beside the source QEMU, `rmem migrate
+//! recv` beside the destination) say to each other, and what they report.
+//!
+//! The source connects a pipe queue pair with a [`Hello`] in the connection's private data; the
+//! destination answers with a [`Welcome`] that proves it holds the shared secret, and the source
+//! proves the same in its first control message ([`Msg::Auth`]). Nothing about either guest is
+//! told, and no memory registered, before both proofs check. A second queue pair, named by a
+//! one-time token, then carries the pages.
+
+use std::time::Duration;
+
+use rmem_transport::RemoteBuf;
+use serde::{Deserialize, Serialize};
+
+use crate::dirty::DirtyError;
+use crate::mover::MoveError;
+use crate::pipe::PipeError;
+use crate::qmp::QmpError;
+use crate::ram::RamError;
+
+/// The agents' protocol name and version, checked first.
+pub const PROTOCOL: &str = "rmem-migrate";
+pub const VERSION: u32 = 1;
+
+/// How RAM moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Pause the source, WRITE all RAM, then device state: the shortest total time, the
+    /// longest pause. Needs no preload library.
+    StopCopy,
+    /// WRITE RAM while the guest runs, in rounds of pages written since the last, until the
+    /// rest fits the downtime target; then pause and send the rest.
+    Precopy,
+    /// QEMU's own migration stream relayed over the transport: any guest configuration.
+    Stream,
+}
+
+impl Mode {
+    /// Whether rmem moves the RAM itself (QEMU sends device state only).
+    pub fn moves_pages(self) -> bool {
+        !matches!(self, Mode::Stream)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::StopCopy => "stop-copy",
+            Mode::Precopy => "precopy",
+            Mode::Stream => "stream",
+        }
+    }
+}
+
+/// The source's opening, in the pipe connection's private data.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol: String,
+    pub version: u32,
+    pub nonce: String,
+    pub credit: RemoteBuf,
+}
+
+/// The destination's answer, in the accepted connection's private data.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Welcome {
+    pub version: u32,
+    /// Why the destination will not go on (a protocol version it does not speak).
+    pub refused: Option<String>,
+    pub nonce: String,
+    pub proof: String,
+    pub credit: RemoteBuf,
+}
+
+/// One RAM backend as the other side sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RamDesc {
+    pub id: String,
+    pub size: u64,
+}
+
+/// Control messages, one per pipe message, JSON.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "msg", rename_all = "kebab-case")]
+pub enum Msg {
+    /// Source: its proof of the secret.
+    Auth { proof: String },
+    /// Source: what it will send.
+    Plan {
+        mode: Mode,
+        ram: Vec<RamDesc>,
+        /// QEMU migration capabilities to turn on at the destination.
+        capabilities: Vec<String>,
+    },
+    /// Destination: ready for pages (its RAM, registered, in `ram` order) and device state.
+    Ready {
+        regions: Vec<RemoteBuf>,
+        /// Names the page queue pair's connection.
+        token: String,
+    },
+    /// Either side: it will not go on, and why.
+    Refused { why: String },
+    /// Source: hash your RAM (it is paused; what differs is sent again).
+    HashRequest,
+    /// Destination: the hashes follow as one raw message, 16 bytes a page, regions in order.
+    Hashes { pages: u64 },
+    /// Destination: QEMU loaded the device state; its run state now.
+    Loaded { status: String },
+    /// Source: the switch-over; resume the guest if `run`. The source never resumes after this.
+    Start { run: bool },
+    /// Destination: the guest is in its final state there.
+    Started { status: String },
+    /// Either side: the migration is abandoned.
+    Abort { why: String },
+}
+
+impl Msg {
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Msg, MigrateError> {
+        serde_json::from_slice(b).map_err(|e| {
+            MigrateError::Protocol(format!(
+                "a control message that does not parse ({e}): {}",
+                String::from_utf8_lossy(&b[..b.len().min(200)])
+            ))
+        })
+    }
+}
+
+/// The page queue pair's private data.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PageHello {
+    pub token: String,
+}
+
+/// Why a migration did not happen, grouped as `rmem migrate` reports them in its exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// Refused before anything was paused: the guest cannot be moved this way, or the
+    /// destination refused.
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Ram(#[from] RamError),
+    #[error("QEMU: {0}")]
+    Qmp(#[from] QmpError),
+    #[error("QEMU's migration failed: {0}")]
+    Qemu(String),
+    #[error("the other agent: {0}")]
+    Peer(#[from] PipeError),
+    #[error("transport: {0}")]
+    Transport(#[from] rmem_transport::Error),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Move(#[from] MoveError),
+    #[error(transparent)]
+    Dirty(#[from] DirtyError),
+    #[error("aborted by the other side: {0}")]
+    Aborted(String),
+    #[error("cancelled")]
+    Cancelled,
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the copy differs from the source in {0} pages after the final pass")]
+    Verify(usize),
+}
+
+impl MigrateError {
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> MigrateError {
+        MigrateError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// Whether the failure came before anything was paused or changed.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, MigrateError::Refused(_) | MigrateError::Ram(_))
+    }
+}
+
+/// One pre-copy round, as reported.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundReport {
+    pub round: u32,
+    pub pages: usize,
+    pub zero_pages: usize,
+    pub ms: f64,
+    /// Pages written while the round was sent.
+    pub dirtied: usize,
+}
+
+/// What a migration did, for `--json` and the closing line.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub mode: String,
+    /// How written pages were found (pre-copy).
+    pub dirty_log: Option<String>,
+    pub rounds: Vec<RoundReport>,
+    /// Pages WRITTEN by rmem, and their bytes.
+    pub pages_sent: usize,
+    pub zero_pages_skipped: usize,
+    pub page_bytes: u64,
+    /// QEMU's stream relayed, both directions.
+    pub stream_bytes: u64,
+    pub total_ms: f64,
+    /// From the pause of the source to the destination's resume, as the agents saw it.
+    pub downtime_ms: Option<f64>,
+    /// QEMU's own figure (`query-migrate` downtime).
+    pub qemu_downtime_ms: Option<u64>,
+    /// Pages whose hash differed at the final comparison (sent again).
+    pub final_pages: Option<usize>,
+    /// Both RAMs hashed equal with the source paused.
+    pub verified: Option<bool>,
+    /// The guest's run state at the end, on this side.
+    pub status: String,
+}
+
+/// A progress event, as a JSON line on a pipe or a bar on a terminal.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum Progress {
+    Listening { addr: String },
+    Connected { peer: String },
+    Phase { phase: String },
+    Round(RoundReport),
+    Stream { bytes: u64 },
+}
+
+/// Timeouts shared by both agents.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// A control answer from the other agent, a QMP answer.
+    pub reply: Duration,
+    /// The whole migration after connection (QEMU's device state load included).
+    pub total: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            reply: Duration::from_secs(30),
+            total: Duration::from_secs(600),
+        }
+    }
+}

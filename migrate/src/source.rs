@@ -1,0 +1,595 @@
+//! The source agent (`rmem migrate send`): beside the running QEMU, it checks the guest can be
+//! moved, connects to the destination agent, moves RAM one-sided (stop-copy, pre-copy) or
+//! relays QEMU's own stream, and hands over at the switch-over. Until it sends
+//! [`Msg::Start`], any failure puts the source back as it was (running, or paused if it was
+//! paused); after it, the source never resumes.
+
+use std::fs::OpenOptions as FileOptions;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rmem_transport::{
+    open, Access, Buffer, Context, Cq, Mr, OpenOptions, Pd, Provider, Qp, QpConfig, RemoteBuf,
+};
+use rmem_wire::auth;
+use serde_json::{json, Value};
+
+use crate::agent::{
+    Hello, MigrateError, Mode, Msg, PageHello, Progress, RamDesc, Report, RoundReport, Timeouts,
+    Welcome, PROTOCOL, VERSION,
+};
+use crate::converge::{Decision, Policy, Round};
+use crate::dirty::{page_hashes, DirtyLog, Mapped, PageHashLog};
+use crate::mover::{Link, Mover};
+use crate::pages::{PageSet, PAGE};
+use crate::pipe::{Pipe, PipeMemory};
+use crate::qmp::Qmp;
+use crate::ram::{guest_ram, GuestRam};
+use crate::relay::Relay;
+
+/// What `rmem migrate send` was asked to do.
+#[derive(Debug, Clone)]
+pub struct SendOptions {
+    pub qmp: PathBuf,
+    pub to: SocketAddr,
+    pub mode: Mode,
+    pub secret: Vec<u8>,
+    pub provider: Provider,
+    pub policy: Policy,
+    /// Hash both RAMs with the source paused and fail on any difference (stop-copy; pre-copy
+    /// always compares).
+    pub verify: bool,
+    /// Stream mode: QEMU's `max-bandwidth`, bytes/s.
+    pub bandwidth: Option<u64>,
+    /// Where the relay's unix socket goes.
+    pub run_dir: PathBuf,
+    pub timeouts: Timeouts,
+}
+
+/// The source's RAM, mapped and registered.
+struct Region {
+    buf: Buffer,
+    mr: Mr,
+}
+
+/// The connection to the destination agent.
+struct Peer {
+    _ctx: Context,
+    _pd: Pd,
+    pipe: Arc<Pipe>,
+    pages: Option<(Qp, Cq, Vec<RemoteBuf>)>,
+}
+
+impl Peer {
+    fn send(&self, m: &Msg) -> Result<(), MigrateError> {
+        Ok(self.pipe.send_msg(&m.encode())?)
+    }
+
+    /// Fails if the destination gave up (between rounds nothing else is expected).
+    fn poll_abort(&self) -> Result<(), MigrateError> {
+        match self.pipe.recv_msg(Duration::ZERO) {
+            Ok(m) => match Msg::decode(&m)? {
+                Msg::Abort { why } => Err(MigrateError::Aborted(why)),
+                m => Err(unexpected("nothing during pre-copy", &m)),
+            },
+            Err(crate::pipe::PipeError::Timeout(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn recv(&self, timeout: Duration) -> Result<Msg, MigrateError> {
+        let m = Msg::decode(&self.pipe.recv_msg(timeout)?)?;
+        match m {
+            Msg::Refused { why } => Err(MigrateError::Refused(format!(
+                "the destination refused: {why}"
+            ))),
+            Msg::Abort { why } => Err(MigrateError::Aborted(why)),
+            m => Ok(m),
+        }
+    }
+}
+
+/// What the source did to QEMU, to undo it on failure.
+#[derive(Default)]
+struct Undo {
+    was_running: bool,
+    paused_by_us: bool,
+    migrating: bool,
+    started: bool,
+}
+
+/// Runs the source side of a migration. `cancel` stops it at the next step (before the
+/// switch-over); `progress` hears each step.
+pub fn send(
+    opts: &SendOptions,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Report, MigrateError> {
+    let t0 = Instant::now();
+    let mut q = Qmp::connect(&opts.qmp, opts.timeouts.reply)?;
+    let status = run_status(&mut q)?;
+    if !matches!(status.as_str(), "running" | "paused") {
+        return Err(MigrateError::Refused(format!(
+            "the source guest is {status}, not running or paused: nothing to migrate"
+        )));
+    }
+    let mig = q.execute("query-migrate", None)?;
+    if let Some(s) = mig.get("status").and_then(Value::as_str) {
+        if matches!(s, "active" | "setup" | "postcopy-active" | "device") {
+            return Err(MigrateError::Refused(format!(
+                "the source QEMU is already migrating ({s})"
+            )));
+        }
+    }
+    let rams = if opts.mode.moves_pages() {
+        guest_ram(&mut q)?
+    } else {
+        Vec::new()
+    };
+    let peer = connect(opts, &rams, progress)?;
+    let mut undo = Undo {
+        was_running: status == "running",
+        ..Undo::default()
+    };
+    let result = run(opts, &mut q, &peer, &rams, &mut undo, cancel, progress, t0);
+    if let Err(e) = &result {
+        if !undo.started {
+            let _ = peer.send(&Msg::Abort { why: e.to_string() });
+            restore(&mut q, &undo);
+        }
+    }
+    result
+}
+
+/// Puts the source back as it was before the migration.
+fn restore(q: &mut Qmp, undo: &Undo) {
+    if undo.migrating {
+        let _ = q.execute("migrate_cancel", None);
+        // Cancelling settles asynchronously; resume only once QEMU left the migration.
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(10) {
+            match q.execute("query-migrate", None) {
+                Ok(v) if v.get("status").and_then(Value::as_str) == Some("cancelling") => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                _ => break,
+            }
+        }
+    }
+    if undo.was_running {
+        // Cancelling a QEMU-driven pre-copy resumes the guest by itself; `cont` on a running
+        // guest is harmless.
+        if let Ok(s) = run_status(q) {
+            if s != "running" {
+                if let Err(e) = q.execute("cont", None) {
+                    tracing::error!(error = %e, "could not resume the source guest");
+                }
+            }
+        }
+    }
+}
+
+fn run_status(q: &mut Qmp) -> Result<String, MigrateError> {
+    let s = q.execute("query-status", None)?;
+    Ok(s.get("status")
+        .and_then(Value::as_str)
+        .unwrap_or("unknown")
+        .to_string())
+}
+
+/// Connects and authenticates both ways; sends the plan and waits for the destination.
+fn connect(
+    opts: &SendOptions,
+    rams: &[GuestRam],
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Peer, MigrateError> {
+    let ctx = open(&OpenOptions::new(opts.provider))?;
+    let pd = ctx.alloc_pd()?;
+    let (sq, rq) = (ctx.create_cq(256)?, ctx.create_cq(256)?);
+    let mem = PipeMemory::new(&pd)?;
+    let nonce_c = auth::nonce();
+    let hello = Hello {
+        protocol: PROTOCOL.into(),
+        version: VERSION,
+        nonce: nonce_c.clone(),
+        credit: mem.credit_word(),
+    };
+    let cfg = QpConfig::new(&pd, &sq)
+        .recv_cq(&rq)
+        .connect_timeout(opts.timeouts.reply);
+    let hello = serde_json::to_vec(&hello).unwrap_or_default();
+    let conn = ctx.connect(opts.to, &cfg, &hello)?;
+    let welcome: Welcome = serde_json::from_slice(&conn.private).map_err(|e| {
+        MigrateError::Protocol(format!(
+            "{} did not answer as an rmem migrate agent ({e})",
+            opts.to
+        ))
+    })?;
+    if let Some(why) = welcome.refused {
+        return Err(MigrateError::Refused(format!(
+            "the destination refused: {why}"
+        )));
+    }
+    if !auth::verify_server(&opts.secret, &nonce_c, &welcome.nonce, &welcome.proof) {
+        return Err(MigrateError::Refused(
+            "the destination does not know the shared secret (wrong --secret-file on one side)"
+                .into(),
+        ));
+    }
+    let pipe = Arc::new(mem.start(
+        conn.qp,
+        sq,
+        rq,
+        welcome.credit,
+        opts.timeouts.reply,
+    )?);
+    progress(Progress::Connected {
+        peer: opts.to.to_string(),
+    });
+    let mut peer = Peer {
+        _ctx: ctx,
+        _pd: pd,
+        pipe,
+        pages: None,
+    };
+    let proof = auth::client_proof(&opts.secret, &welcome.nonce, &nonce_c, "source");
+    peer.send(&Msg::Auth { proof })?;
+    peer.send(&Msg::Plan {
+        mode: opts.mode,
+        ram: rams
+            .iter()
+            .map(|r| RamDesc {
+                id: r.id.clone(),
+                size: r.size,
+            })
+            .collect(),
+        capabilities: Vec::new(),
+    })?;
+    let (regions, token) = match peer.recv(opts.timeouts.reply)? {
+        Msg::Ready { regions, token } => (regions, token),
+        m => return Err(unexpected("ready", &m)),
+    };
+    if opts.mode.moves_pages() {
+        if regions.len() != rams.len()
+            || regions.iter().zip(rams).any(|(r, g)| r.len != g.size)
+        {
+            return Err(MigrateError::Protocol(
+                "the destination's RAM regions do not match the plan".into(),
+            ));
+        }
+        let cq = peer._ctx.create_cq(256)?;
+        let cfg = QpConfig::new(&peer._pd, &cq).connect_timeout(opts.timeouts.reply);
+        let private = serde_json::to_vec(&PageHello { token }).unwrap_or_default();
+        let conn = peer._ctx.connect(opts.to, &cfg, &private)?;
+        peer.pages = Some((conn.qp, cq, regions));
+    }
+    Ok(peer)
+}
+
+fn unexpected(want: &str, got: &Msg) -> MigrateError {
+    MigrateError::Protocol(format!("expected {want}, got {got:?}"))
+}
+
+fn map_regions(pd: &Pd, rams: &[GuestRam]) -> Result<Vec<Region>, MigrateError> {
+    rams.iter()
+        .map(|ram| {
+            let f = FileOptions::new()
+                .read(true)
+                .write(true)
+                .open(&ram.path)
+                .map_err(|e| MigrateError::io(format!("open {}", ram.path.display()), e))?;
+            let buf = Buffer::map_file(&f)?;
+            let mr = pd.register_buffer(&buf, 0, buf.len(), Access::LOCAL_WRITE)?;
+            Ok(Region { buf, mr })
+        })
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    opts: &SendOptions,
+    q: &mut Qmp,
+    peer: &Peer,
+    rams: &[GuestRam],
+    undo: &mut Undo,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(Progress),
+    t0: Instant,
+) -> Result<Report, MigrateError> {
+    let check_cancel = || {
+        if cancel.load(Ordering::Acquire) {
+            Err(MigrateError::Cancelled)
+        } else {
+            Ok(())
+        }
+    };
+    let mut report = Report {
+        mode: opts.mode.name().into(),
+        ..Report::default()
+    };
+    let moves = opts.mode.moves_pages();
+    set_capability(q, "x-ignore-shared", moves)?;
+    let mut params = json!({"downtime-limit": opts.policy.downtime_target.as_millis() as u64});
+    if !moves {
+        // QEMU's default of 128 MiB/s would make the relay look slow; the caller may cap it.
+        params["max-bandwidth"] = json!(opts.bandwidth.unwrap_or(10 << 30));
+    }
+    q.execute("migrate-set-parameters", Some(params))?;
+
+    let mut paused_at = None;
+    if moves {
+        let regions = map_regions(&peer._pd, rams)?;
+        let (qp, cq, remotes) = peer
+            .pages
+            .as_ref()
+            .ok_or_else(|| MigrateError::Protocol("no page connection".into()))?;
+        let mover = Mover {
+            timeout: opts.timeouts.reply,
+            ..Mover::default()
+        };
+        // The destination punched its RAM files: every page reads as zero there.
+        let mut dest_zero: Vec<PageSet> = regions
+            .iter()
+            .map(|r| PageSet::full(r.buf.len() / PAGE))
+            .collect();
+        let links: Vec<Link<'_>> = regions
+            .iter()
+            .zip(remotes)
+            .map(|(r, remote)| Link {
+                qp,
+                cq,
+                local: &r.mr,
+                remote,
+            })
+            .collect();
+        if opts.mode == Mode::Precopy && undo.was_running {
+            report.dirty_log = Some(PageHashLog::new(0).kind().into());
+            progress(Progress::Phase {
+                phase: "precopy".into(),
+            });
+            let mut logs: Vec<PageHashLog> = regions
+                .iter()
+                .map(|r| PageHashLog::new(r.buf.len() / PAGE))
+                .collect();
+            let mut dirty = collect(&regions, &mut logs)?;
+            let mut number = 1;
+            loop {
+                check_cancel()?;
+                peer.poll_abort()?;
+                let t = Instant::now();
+                let (mut pages, mut zeros) = (0, 0);
+                for ((link, set), dz) in links.iter().zip(&dirty).zip(&mut dest_zero) {
+                    let m = mover.write(*link, set, dz)?;
+                    pages += m.pages;
+                    zeros += m.zero_pages;
+                }
+                let sent = t.elapsed();
+                dirty = collect(&regions, &mut logs)?;
+                let dirtied: usize = dirty.iter().map(PageSet::count).sum();
+                let r = RoundReport {
+                    round: number,
+                    pages,
+                    zero_pages: zeros,
+                    ms: sent.as_secs_f64() * 1e3,
+                    dirtied,
+                };
+                report.pages_sent += pages;
+                report.zero_pages_skipped += zeros;
+                progress(Progress::Round(r.clone()));
+                report.rounds.push(r);
+                let round = Round {
+                    number,
+                    sent_bytes: (pages * PAGE) as u64,
+                    elapsed: t.elapsed(),
+                    dirty_pages: dirtied,
+                };
+                match opts.policy.decide(&round) {
+                    Decision::AnotherRound => number += 1,
+                    Decision::StopAndCopy { .. } | Decision::PostCopy => break,
+                }
+            }
+        }
+        check_cancel()?;
+        progress(Progress::Phase {
+            phase: "stop-and-copy".into(),
+        });
+        paused_at = Some(pause(q, undo)?);
+        if report.rounds.is_empty() {
+            let all: Vec<PageSet> = regions
+                .iter()
+                .map(|r| PageSet::full(r.buf.len() / PAGE))
+                .collect();
+            send_all(&mover, &links, &all, &mut dest_zero, &mut report)?;
+        } else {
+            // With the source paused, the pages whose hashes differ are exactly those still to
+            // send: no write can be missed or torn now. Nothing is assumed zero.
+            let differ = differing(peer, &regions, opts.timeouts.reply)?;
+            report.final_pages = Some(differ.iter().map(PageSet::count).sum());
+            let mut none: Vec<PageSet> = regions
+                .iter()
+                .map(|r| PageSet::new(r.buf.len() / PAGE))
+                .collect();
+            send_all(&mover, &links, &differ, &mut none, &mut report)?;
+        }
+        if opts.verify {
+            let left: usize = differing(peer, &regions, opts.timeouts.reply)?
+                .iter()
+                .map(PageSet::count)
+                .sum();
+            if left != 0 {
+                return Err(MigrateError::Verify(left));
+            }
+            report.verified = Some(true);
+        }
+        report.page_bytes = (report.pages_sent * PAGE) as u64;
+    }
+    check_cancel()?;
+    progress(Progress::Phase {
+        phase: if moves { "device-state" } else { "stream" }.into(),
+    });
+    let sock = opts.run_dir.join(format!(
+        "rmem-migrate-{}-{}.sock",
+        std::process::id(),
+        &auth::nonce()[..8]
+    ));
+    let relay = Relay::source(peer.pipe.clone(), &sock)
+        .map_err(|e| MigrateError::io(format!("relay socket {}", sock.display()), e))?;
+    q.execute("migrate", Some(json!({"uri": format!("unix:{}", sock.display())})))?;
+    undo.migrating = true;
+    let done = wait_migrated(q, opts, cancel, &relay, progress)?;
+    report.qemu_downtime_ms = done.get("downtime").and_then(Value::as_u64);
+    if paused_at.is_none() {
+        // QEMU paused the guest itself for its last pass.
+        paused_at = Some(Instant::now());
+    }
+    let loaded = peer.recv(opts.timeouts.total)?;
+    let Msg::Loaded { .. } = loaded else {
+        return Err(unexpected("loaded", &loaded));
+    };
+    report.stream_bytes = relay.close();
+    // The switch-over: from here the source stays paused whatever happens.
+    undo.started = true;
+    peer.send(&Msg::Start {
+        run: undo.was_running,
+    })?;
+    let started = peer.recv(opts.timeouts.reply)?;
+    let Msg::Started { status } = started else {
+        return Err(unexpected("started", &started));
+    };
+    if let Some(p) = paused_at {
+        report.downtime_ms = Some(p.elapsed().as_secs_f64() * 1e3);
+    }
+    report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
+    report.status = format!("source {}, destination {status}", run_status(q)?);
+    progress(Progress::Phase {
+        phase: "done".into(),
+    });
+    Ok(report)
+}
+
+fn set_capability(q: &mut Qmp, name: &str, on: bool) -> Result<(), MigrateError> {
+    q.execute(
+        "migrate-set-capabilities",
+        Some(json!({"capabilities": [{"capability": name, "state": on}]})),
+    )?;
+    Ok(())
+}
+
+/// Pauses the source (if it runs); returns when.
+fn pause(q: &mut Qmp, undo: &mut Undo) -> Result<Instant, MigrateError> {
+    let at = Instant::now();
+    if undo.was_running {
+        q.execute("stop", None)?;
+        undo.paused_by_us = true;
+    }
+    Ok(at)
+}
+
+fn collect(regions: &[Region], logs: &mut [PageHashLog]) -> Result<Vec<PageSet>, MigrateError> {
+    regions
+        .iter()
+        .zip(logs)
+        .map(|(r, log)| {
+            let mut set = PageSet::new(r.buf.len() / PAGE);
+            log.collect(&Mapped(&r.buf), &mut set)?;
+            Ok(set)
+        })
+        .collect()
+}
+
+fn send_all(
+    mover: &Mover,
+    links: &[Link<'_>],
+    sets: &[PageSet],
+    dest_zero: &mut [PageSet],
+    report: &mut Report,
+) -> Result<(), MigrateError> {
+    for ((link, set), dz) in links.iter().zip(sets).zip(dest_zero) {
+        let m = mover.write(*link, set, dz)?;
+        report.pages_sent += m.pages;
+        report.zero_pages_skipped += m.zero_pages;
+    }
+    Ok(())
+}
+
+/// The pages whose hashes differ between the two sides, per region.
+fn differing(
+    peer: &Peer,
+    regions: &[Region],
+    timeout: Duration,
+) -> Result<Vec<PageSet>, MigrateError> {
+    peer.send(&Msg::HashRequest)?;
+    // Hash this side while the destination hashes its own.
+    let ours: Vec<Vec<u128>> = regions.iter().map(|r| page_hashes(&Mapped(&r.buf))).collect();
+    let total: usize = ours.iter().map(Vec::len).sum();
+    match peer.recv(timeout)? {
+        Msg::Hashes { pages } if pages == total as u64 => {}
+        m => return Err(unexpected("hashes of every page", &m)),
+    }
+    let raw = peer.pipe.recv_msg(timeout)?;
+    if raw.len() != total * 16 {
+        return Err(MigrateError::Protocol(format!(
+            "{} bytes of hashes for {total} pages",
+            raw.len()
+        )));
+    }
+    let mut theirs = raw
+        .chunks_exact(16)
+        .map(|c| u128::from_le_bytes(c.try_into().unwrap_or_default()));
+    Ok(ours
+        .iter()
+        .map(|hs| {
+            let mut set = PageSet::new(hs.len());
+            for (p, h) in hs.iter().enumerate() {
+                if theirs.next() != Some(*h) {
+                    set.insert(p);
+                }
+            }
+            set
+        })
+        .collect())
+}
+
+/// Waits for QEMU's side of the migration to finish, relaying meanwhile.
+fn wait_migrated(
+    q: &mut Qmp,
+    opts: &SendOptions,
+    cancel: &AtomicBool,
+    relay: &Relay,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Value, MigrateError> {
+    let t = Instant::now();
+    let mut shown = 0;
+    loop {
+        if cancel.load(Ordering::Acquire) {
+            return Err(MigrateError::Cancelled);
+        }
+        let v = q.execute("query-migrate", None)?;
+        match v.get("status").and_then(Value::as_str).unwrap_or("") {
+            "completed" => return Ok(v),
+            "failed" | "cancelled" => {
+                let why = v
+                    .get("error-desc")
+                    .and_then(Value::as_str)
+                    .unwrap_or("no reason given");
+                return Err(MigrateError::Qemu(why.to_string()));
+            }
+            _ => {}
+        }
+        if t.elapsed() > opts.timeouts.total {
+            return Err(MigrateError::Qemu(format!(
+                "not finished after {:?}",
+                opts.timeouts.total
+            )));
+        }
+        let b = relay.bytes();
+        if b >= shown + (8 << 20) {
+            shown = b;
+            progress(Progress::Stream { bytes: b });
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

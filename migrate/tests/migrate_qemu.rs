@@ -1,0 +1,314 @@
+//! Whole migrations of a real QEMU guest (TCG) between two QEMUs on this host, through the two
+//! agents over the tcp provider. The guest rewrites a hot set and checks every page it wrote;
+//! after the switch-over its ticks must go on, on the destination, with no bad page.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use rmem_migrate::qmp::Qmp;
+use rmem_migrate::{
+    send, MigrateError, Mode, Policy, Receiver, RecvOptions, Report, SendOptions, Timeouts,
+};
+use rmem_transport::Provider;
+use support::guest::{hash_file, Guest, GuestOpts, Tick};
+
+const BOOT: Duration = Duration::from_secs(180);
+const TICKS: Duration = Duration::from_secs(120);
+const SECRET: &[u8] = b"migration-test-secret";
+
+/// Two TCG guests at a time are all two cores can run well: one test at a time.
+fn serial() -> MutexGuard<'static, ()> {
+    static ONE: Mutex<()> = Mutex::new(());
+    ONE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn ram_file(name: &str) -> PathBuf {
+    let p = PathBuf::from(format!("/dev/shm/rmem-mig-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+struct Pair {
+    src: Guest,
+    dst: Guest,
+    src_ram: PathBuf,
+    dst_ram: PathBuf,
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.src_ram);
+        let _ = std::fs::remove_file(&self.dst_ram);
+    }
+}
+
+/// A booted source (ready, a few ticks in) and a destination waiting for it.
+fn pair(name: &str, src: impl FnOnce(GuestOpts) -> GuestOpts, dst_mb: u64) -> Pair {
+    let (src_ram, dst_ram) = (ram_file(&format!("{name}-src")), ram_file(&format!("{name}-dst")));
+    let mut s = Guest::start(&format!("{name}-src"), &src(GuestOpts::new(&src_ram)));
+    let d = Guest::start(
+        &format!("{name}-dst"),
+        &GuestOpts {
+            incoming: true,
+            ram_mb: dst_mb,
+            ..GuestOpts::new(&dst_ram)
+        },
+    );
+    s.wait_ready(BOOT);
+    let t = s.wait_ticks(3, TICKS);
+    assert_eq!(t.bad, 0, "the source guest is sound before the migration");
+    Pair {
+        src: s,
+        dst: d,
+        src_ram,
+        dst_ram,
+    }
+}
+
+fn send_opts(p: &Pair, to: SocketAddr, mode: Mode) -> SendOptions {
+    SendOptions {
+        qmp: p.src.qmp_path().to_path_buf(),
+        to,
+        mode,
+        secret: SECRET.to_vec(),
+        provider: Provider::Tcp,
+        policy: Policy {
+            downtime_target: Duration::from_millis(100),
+            max_rounds: 10,
+            post_copy: false,
+        },
+        verify: false,
+        bandwidth: None,
+        run_dir: std::env::temp_dir(),
+        timeouts: Timeouts {
+            reply: Duration::from_secs(30),
+            total: Duration::from_secs(300),
+        },
+    }
+}
+
+fn receiver(p: &Pair) -> Receiver {
+    Receiver::bind(RecvOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        qmp: p.dst.qmp_path().to_path_buf(),
+        secret: SECRET.to_vec(),
+        provider: Provider::Tcp,
+        run_dir: std::env::temp_dir(),
+        accept: Duration::from_secs(60),
+        timeouts: Timeouts::default(),
+    })
+    .expect("the destination agent binds")
+}
+
+/// Runs both agents; returns the source's and the destination's results.
+fn migrate(
+    p: &Pair,
+    opts: impl FnOnce(SendOptions) -> SendOptions,
+    mode: Mode,
+) -> (
+    Result<Report, MigrateError>,
+    Result<Report, MigrateError>,
+) {
+    let rx = receiver(p);
+    let to = rx.local_addr();
+    let dest = std::thread::spawn(move || rx.run(&mut |_| {}));
+    let src = send(&opts(send_opts(p, to, mode)), &AtomicBool::new(false), &mut |_| {});
+    (src, dest.join().unwrap())
+}
+
+fn status(g: &Guest) -> String {
+    let mut q = Qmp::connect(g.qmp_path(), Duration::from_secs(10)).unwrap();
+    q.execute("query-status", None).unwrap()["status"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The guest goes on, on the destination, past where it left the source, with no bad page.
+fn runs_on(dst: &mut Guest, last_on_source: Tick) {
+    let t = dst.wait_ticks(12, TICKS);
+    assert!(t.n > last_on_source.n + 11, "ticks {:?} after {last_on_source:?}", dst.ticks());
+    assert!(
+        dst.ticks().iter().all(|t| t.bad == 0),
+        "bad pages on the destination: {:?}",
+        dst.ticks()
+    );
+}
+
+#[test]
+fn stop_copy_of_a_paused_guest_leaves_both_rams_equal_and_it_resumes_on_the_destination() {
+    let _one = serial();
+    let mut p = pair("sc", |o| o, 128);
+    let mut q = Qmp::connect(p.src.qmp_path(), Duration::from_secs(10)).unwrap();
+    q.execute("stop", None).unwrap();
+    let last = *p.src.ticks().last().unwrap();
+    let (src, dst) = migrate(&p, |o| SendOptions { verify: true, ..o }, Mode::StopCopy);
+    let (src, dst) = (src.expect("source"), dst.expect("destination"));
+    assert_eq!(src.verified, Some(true));
+    assert!(src.zero_pages_skipped > 0 && src.pages_sent > 0, "{src:?}");
+    assert_eq!(src.pages_sent + src.zero_pages_skipped, 128 << 8);
+    assert!(src.stream_bytes > 0, "device state went through the relay");
+    // A paused guest stays paused: both RAMs can be compared as they are.
+    assert_eq!(dst.status, "paused");
+    assert_eq!(status(&p.src), "postmigrate");
+    assert_eq!(hash_file(&p.src_ram), hash_file(&p.dst_ram), "the RAM files differ");
+    let mut dq = Qmp::connect(p.dst.qmp_path(), Duration::from_secs(10)).unwrap();
+    dq.execute("cont", None).unwrap();
+    runs_on(&mut p.dst, last);
+}
+
+#[test]
+fn precopy_moves_a_running_guest_in_rounds() {
+    let _one = serial();
+    let mut p = pair("pre", |o| o, 128);
+    let (src, dst) = migrate(&p, |o| SendOptions { verify: true, ..o }, Mode::Precopy);
+    let (src, dst) = (src.expect("source"), dst.expect("destination"));
+    assert!(!src.rounds.is_empty(), "{src:?}");
+    assert!(src.final_pages.is_some() && src.verified == Some(true), "{src:?}");
+    assert_eq!(src.dirty_log.as_deref(), Some("page hashes"));
+    assert_eq!(dst.status, "running");
+    assert_eq!(status(&p.src), "postmigrate");
+    let last = *p.src.ticks().last().unwrap();
+    runs_on(&mut p.dst, last);
+}
+
+#[test]
+fn stream_mode_relays_qemus_own_migration_for_any_guest() {
+    let _one = serial();
+    // memfd RAM: rmem cannot map it, QEMU's stream carries it.
+    let mut p = pair("stream", |o| GuestOpts { memfd: true, ..o }, 128);
+    let (src, dst) = migrate(&p, |o| o, Mode::Stream);
+    let (src, dst) = (src.expect("source"), dst.expect("destination"));
+    assert_eq!(src.pages_sent, 0);
+    assert!(src.stream_bytes > 8 << 20, "RAM went through QEMU's stream: {src:?}");
+    assert!(src.qemu_downtime_ms.is_some());
+    assert_eq!(dst.status, "running");
+    let last = *p.src.ticks().last().unwrap();
+    runs_on(&mut p.dst, last);
+}
+
+/// A refusal leaves the source running as it was.
+fn still_running(src: &mut Guest) {
+    assert_eq!(status(src), "running");
+    let t = src.wait_ticks(3, TICKS);
+    assert_eq!(t.bad, 0);
+}
+
+#[test]
+fn unmovable_guests_wrong_secrets_and_other_layouts_are_refused_before_anything_pauses() {
+    let _one = serial();
+    // memfd RAM, page mode.
+    let mut p = pair("bad", |o| GuestOpts { memfd: true, ..o }, 128);
+    let rx = receiver(&p);
+    let to = rx.local_addr();
+    let e = send(&send_opts(&p, to, Mode::StopCopy), &AtomicBool::new(false), &mut |_| {})
+        .unwrap_err();
+    assert!(e.is_refusal() && e.to_string().contains("memfd"), "{e}");
+    still_running(&mut p.src);
+    drop(rx);
+
+    // A shared-file guest, a destination of another size, a wrong secret.
+    let mut p = pair("bad2", |o| o, 256);
+    let rx = receiver(&p);
+    let to = rx.local_addr();
+    let dest = std::thread::spawn(move || rx.run(&mut |_| {}));
+    let mut wrong = send_opts(&p, to, Mode::StopCopy);
+    wrong.secret = b"not-the-secret-at-all".to_vec();
+    let e = send(&wrong, &AtomicBool::new(false), &mut |_| {}).unwrap_err();
+    assert!(e.is_refusal() && e.to_string().contains("secret"), "{e}");
+    still_running(&mut p.src);
+    // The destination kept waiting: a source with the secret but other RAM is refused.
+    let e = send(&send_opts(&p, to, Mode::StopCopy), &AtomicBool::new(false), &mut |_| {})
+        .unwrap_err();
+    assert!(e.is_refusal() && e.to_string().contains("RAM layouts differ"), "{e}");
+    still_running(&mut p.src);
+    let d = dest.join().unwrap().unwrap_err();
+    assert!(d.is_refusal(), "{d}");
+
+    // A destination that is not waiting for a migration.
+    let e = Receiver::bind(RecvOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        qmp: p.src.qmp_path().to_path_buf(),
+        secret: SECRET.to_vec(),
+        provider: Provider::Tcp,
+        run_dir: std::env::temp_dir(),
+        accept: Duration::from_secs(5),
+        timeouts: Timeouts::default(),
+    })
+    .err()
+    .expect("a running guest is no destination");
+    assert!(e.to_string().contains("-incoming defer"), "{e}");
+    still_running(&mut p.src);
+}
+
+#[test]
+fn a_destination_killed_during_precopy_leaves_the_source_running_intact() {
+    let _one = serial();
+    let mut p = pair("kill", |o| o, 128);
+    let rx = receiver(&p);
+    let to = rx.local_addr();
+    let dest = std::thread::spawn(move || rx.run(&mut |_| {}));
+    let dst_pid = p.dst.pid();
+    let mut killed = false;
+    // Many short rounds, so the kill lands during pre-copy.
+    let opts = SendOptions {
+        policy: Policy {
+            downtime_target: Duration::from_micros(1),
+            max_rounds: 1000,
+            post_copy: false,
+        },
+        ..send_opts(&p, to, Mode::Precopy)
+    };
+    let e = send(&opts, &AtomicBool::new(false), &mut |ev| {
+        if let rmem_migrate::Progress::Round(r) = ev {
+            if r.round == 2 && !killed {
+                // SAFETY: a plain kill(2) of the destination QEMU this test started.
+                unsafe { libc::kill(dst_pid as i32, libc::SIGKILL) };
+                killed = true;
+            }
+        }
+    })
+    .unwrap_err();
+    assert!(killed, "pre-copy ended before the kill: {e}");
+    assert!(!e.is_refusal(), "{e}");
+    still_running(&mut p.src);
+    assert!(p.src.ticks().iter().all(|t| t.bad == 0));
+    let _ = dest.join();
+}
+
+#[test]
+fn cancel_during_precopy_leaves_the_source_running_and_the_destination_gone() {
+    let _one = serial();
+    let mut p = pair("cancel", |o| o, 128);
+    let rx = receiver(&p);
+    let to = rx.local_addr();
+    let dest = std::thread::spawn(move || rx.run(&mut |_| {}));
+    let cancel = AtomicBool::new(false);
+    let opts = SendOptions {
+        policy: Policy {
+            downtime_target: Duration::from_micros(1),
+            max_rounds: 1000,
+            post_copy: false,
+        },
+        ..send_opts(&p, to, Mode::Precopy)
+    };
+    let e = send(&opts, &cancel, &mut |ev| {
+        if matches!(ev, rmem_migrate::Progress::Round(ref r) if r.round == 2) {
+            cancel.store(true, std::sync::atomic::Ordering::Release);
+        }
+    })
+    .unwrap_err();
+    assert!(matches!(e, MigrateError::Cancelled), "{e}");
+    let d = dest.join().unwrap().unwrap_err();
+    assert!(matches!(d, MigrateError::Aborted(_)), "{d}");
+    still_running(&mut p.src);
+    assert!(
+        p.dst.wait_exit(Duration::from_secs(30)),
+        "the destination QEMU still runs after the abort"
+    );
+}
