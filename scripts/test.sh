@@ -5,9 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
-# Real NBD clients for the donor's NBD export tests; QEMU for the migration engine's QMP tests.
+# Real NBD clients for the donor's NBD export tests; QEMU for the migration engine's QMP tests,
+# and for its test guest (migrate/guest/build.sh: a static /init built with gcc, packed with cpio
+# and gzip, booting a Debian kernel from /boot).
 tools=()
-for p in libnbd-bin qemu-utils qemu-system-x86; do dpkg -s "$p" >/dev/null 2>&1 || tools+=("$p"); done
+for p in libnbd-bin qemu-utils qemu-system-x86 gcc libc6-dev cpio gzip linux-image-amd64; do
+  dpkg -s "$p" >/dev/null 2>&1 || tools+=("$p")
+done
 if ((${#tools[@]})); then
   sudo=""; [[ $(id -u) -ne 0 ]] && sudo=sudo
   $sudo apt-get update -qq

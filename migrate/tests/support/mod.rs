@@ -1,5 +1,13 @@
-//! What the migration tests share: a QEMU with no guest and its monitor socket.
+//! What the migration tests share: a QEMU with no guest and its monitor socket, and a real
+//! guest that checks its own memory (guest.rs).
 #![allow(dead_code)] // each test file uses what it needs
+
+mod guest;
+
+#[allow(unused_imports)] // each test file uses what it needs
+pub use guest::{
+    find_cold_pages, hash_file, image, Guest, GuestImage, GuestOpts, Tick, COLD_PAGES,
+};
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
