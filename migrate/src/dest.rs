@@ -158,8 +158,14 @@ impl Receiver {
                 let _ = pipe.send_msg(&Msg::Refused { why: why.clone() }.encode());
                 why
             };
-            match Msg::decode(&pipe.recv_msg(self.opts.timeouts.reply)?)? {
-                Msg::Auth { proof }
+            // Until the source proves the secret, whatever goes wrong concerns that connection
+            // only: the destination keeps waiting for the real source.
+            let msg = pipe
+                .recv_msg(self.opts.timeouts.reply)
+                .map_err(MigrateError::from)
+                .and_then(|m| Msg::decode(&m));
+            match msg {
+                Ok(Msg::Auth { proof })
                     if auth::verify_client(
                         &self.opts.secret,
                         &nonce_s,
@@ -167,9 +173,14 @@ impl Receiver {
                         "source",
                         &proof,
                     ) => {}
-                _ => {
-                    let why = refuse("wrong secret: the source does not prove the shared secret".into());
+                Ok(_) => {
+                    let why =
+                        refuse("wrong secret: the source does not prove the shared secret".into());
                     tracing::warn!(%peer, why, "source refused; still waiting");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "a source left before it authenticated; still waiting");
                     continue;
                 }
             }
@@ -178,7 +189,11 @@ impl Receiver {
             });
             let (mode, ram) = match Msg::decode(&pipe.recv_msg(self.opts.timeouts.reply)?)? {
                 Msg::Plan { mode, ram, .. } => (mode, ram),
-                m => return Err(MigrateError::Protocol(format!("expected a plan, got {m:?}"))),
+                m => {
+                    return Err(MigrateError::Protocol(format!(
+                        "expected a plan, got {m:?}"
+                    )))
+                }
             };
             if mode.moves_pages() {
                 if let Err(why) = self.check_layout(&ram) {

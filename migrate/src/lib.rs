@@ -30,11 +30,11 @@ pub mod source;
 
 pub use agent::{MigrateError, Mode, Progress, Report, Timeouts};
 pub use converge::{Decision, Policy, Round};
+pub use dest::{Receiver, RecvOptions};
 pub use dirty::{DirtyLog, EverythingDirty, PageHashLog, PageSource, Slice};
 pub use mover::{Link, MoveError, Moved, Mover};
 pub use pages::{is_zero, PageSet, PAGE};
 pub use phase::{Event, Phase, Phases};
 pub use pipe::{Pipe, PipeError, PipeMemory, Stream};
 pub use qmp::{Qmp, QmpError};
-pub use dest::{Receiver, RecvOptions};
 pub use source::{send, SendOptions};

@@ -26,6 +26,8 @@ pub enum QmpError {
     },
     #[error("{0} is not a QEMU monitor (it did not greet with QMP)")]
     NotQemu(String),
+    #[error("no QMP greeting on {path} within {timeout:?}: not a QEMU monitor, or another client holds it (a QMP socket serves one client at a time: give rmem a -qmp socket of its own)")]
+    NoGreeting { path: String, timeout: Duration },
     #[error("QEMU closed the monitor connection")]
     Closed,
     #[error("QEMU did not answer within {0:?}")]
@@ -75,9 +77,13 @@ impl Qmp {
         };
         let greeting = match q.read_message() {
             Ok(v) => v,
-            Err(QmpError::Malformed(_) | QmpError::Timeout(_) | QmpError::Closed) => {
-                return Err(QmpError::NotQemu(shown))
+            Err(QmpError::Timeout(_)) => {
+                return Err(QmpError::NoGreeting {
+                    path: shown,
+                    timeout,
+                })
             }
+            Err(QmpError::Malformed(_) | QmpError::Closed) => return Err(QmpError::NotQemu(shown)),
             Err(e) => return Err(e),
         };
         let Some(v) = greeting.get("QMP").and_then(|q| q.get("version")) else {

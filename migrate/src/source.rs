@@ -219,13 +219,7 @@ fn connect(
                 .into(),
         ));
     }
-    let pipe = Arc::new(mem.start(
-        conn.qp,
-        sq,
-        rq,
-        welcome.credit,
-        opts.timeouts.reply,
-    )?);
+    let pipe = Arc::new(mem.start(conn.qp, sq, rq, welcome.credit, opts.timeouts.reply)?);
     progress(Progress::Connected {
         peer: opts.to.to_string(),
     });
@@ -253,9 +247,7 @@ fn connect(
         m => return Err(unexpected("ready", &m)),
     };
     if opts.mode.moves_pages() {
-        if regions.len() != rams.len()
-            || regions.iter().zip(rams).any(|(r, g)| r.len != g.size)
-        {
+        if regions.len() != rams.len() || regions.iter().zip(rams).any(|(r, g)| r.len != g.size) {
             return Err(MigrateError::Protocol(
                 "the destination's RAM regions do not match the plan".into(),
             ));
@@ -437,7 +429,10 @@ fn run(
     ));
     let relay = Relay::source(peer.pipe.clone(), &sock)
         .map_err(|e| MigrateError::io(format!("relay socket {}", sock.display()), e))?;
-    q.execute("migrate", Some(json!({"uri": format!("unix:{}", sock.display())})))?;
+    q.execute(
+        "migrate",
+        Some(json!({"uri": format!("unix:{}", sock.display())})),
+    )?;
     undo.migrating = true;
     let done = wait_migrated(q, opts, cancel, &relay, progress)?;
     report.qemu_downtime_ms = done.get("downtime").and_then(Value::as_u64);
@@ -523,7 +518,10 @@ fn differing(
 ) -> Result<Vec<PageSet>, MigrateError> {
     peer.send(&Msg::HashRequest)?;
     // Hash this side while the destination hashes its own.
-    let ours: Vec<Vec<u128>> = regions.iter().map(|r| page_hashes(&Mapped(&r.buf))).collect();
+    let ours: Vec<Vec<u128>> = regions
+        .iter()
+        .map(|r| page_hashes(&Mapped(&r.buf)))
+        .collect();
     let total: usize = ours.iter().map(Vec::len).sum();
     match peer.recv(timeout)? {
         Msg::Hashes { pages } if pages == total as u64 => {}

@@ -15,7 +15,7 @@ use rmem_migrate::{
     send, MigrateError, Mode, Policy, Receiver, RecvOptions, Report, SendOptions, Timeouts,
 };
 use rmem_transport::Provider;
-use support::guest::{hash_file, Guest, GuestOpts, Tick};
+use support::{hash_file, Guest, GuestOpts, Tick};
 
 const BOOT: Duration = Duration::from_secs(180);
 const TICKS: Duration = Duration::from_secs(120);
@@ -49,7 +49,10 @@ impl Drop for Pair {
 
 /// A booted source (ready, a few ticks in) and a destination waiting for it.
 fn pair(name: &str, src: impl FnOnce(GuestOpts) -> GuestOpts, dst_mb: u64) -> Pair {
-    let (src_ram, dst_ram) = (ram_file(&format!("{name}-src")), ram_file(&format!("{name}-dst")));
+    let (src_ram, dst_ram) = (
+        ram_file(&format!("{name}-src")),
+        ram_file(&format!("{name}-dst")),
+    );
     let mut s = Guest::start(&format!("{name}-src"), &src(GuestOpts::new(&src_ram)));
     let d = Guest::start(
         &format!("{name}-dst"),
@@ -110,14 +113,15 @@ fn migrate(
     p: &Pair,
     opts: impl FnOnce(SendOptions) -> SendOptions,
     mode: Mode,
-) -> (
-    Result<Report, MigrateError>,
-    Result<Report, MigrateError>,
-) {
+) -> (Result<Report, MigrateError>, Result<Report, MigrateError>) {
     let rx = receiver(p);
     let to = rx.local_addr();
     let dest = std::thread::spawn(move || rx.run(&mut |_| {}));
-    let src = send(&opts(send_opts(p, to, mode)), &AtomicBool::new(false), &mut |_| {});
+    let src = send(
+        &opts(send_opts(p, to, mode)),
+        &AtomicBool::new(false),
+        &mut |_| {},
+    );
     (src, dest.join().unwrap())
 }
 
@@ -132,7 +136,11 @@ fn status(g: &Guest) -> String {
 /// The guest goes on, on the destination, past where it left the source, with no bad page.
 fn runs_on(dst: &mut Guest, last_on_source: Tick) {
     let t = dst.wait_ticks(12, TICKS);
-    assert!(t.n > last_on_source.n + 11, "ticks {:?} after {last_on_source:?}", dst.ticks());
+    assert!(
+        t.n > last_on_source.n + 11,
+        "ticks {:?} after {last_on_source:?}",
+        dst.ticks()
+    );
     assert!(
         dst.ticks().iter().all(|t| t.bad == 0),
         "bad pages on the destination: {:?}",
@@ -146,6 +154,8 @@ fn stop_copy_of_a_paused_guest_leaves_both_rams_equal_and_it_resumes_on_the_dest
     let mut p = pair("sc", |o| o, 128);
     let mut q = Qmp::connect(p.src.qmp_path(), Duration::from_secs(10)).unwrap();
     q.execute("stop", None).unwrap();
+    // QMP serves one client at a time: the agent needs the monitor.
+    drop(q);
     let last = *p.src.ticks().last().unwrap();
     let (src, dst) = migrate(&p, |o| SendOptions { verify: true, ..o }, Mode::StopCopy);
     let (src, dst) = (src.expect("source"), dst.expect("destination"));
@@ -156,7 +166,11 @@ fn stop_copy_of_a_paused_guest_leaves_both_rams_equal_and_it_resumes_on_the_dest
     // A paused guest stays paused: both RAMs can be compared as they are.
     assert_eq!(dst.status, "paused");
     assert_eq!(status(&p.src), "postmigrate");
-    assert_eq!(hash_file(&p.src_ram), hash_file(&p.dst_ram), "the RAM files differ");
+    assert_eq!(
+        hash_file(&p.src_ram),
+        hash_file(&p.dst_ram),
+        "the RAM files differ"
+    );
     let mut dq = Qmp::connect(p.dst.qmp_path(), Duration::from_secs(10)).unwrap();
     dq.execute("cont", None).unwrap();
     runs_on(&mut p.dst, last);
@@ -169,7 +183,10 @@ fn precopy_moves_a_running_guest_in_rounds() {
     let (src, dst) = migrate(&p, |o| SendOptions { verify: true, ..o }, Mode::Precopy);
     let (src, dst) = (src.expect("source"), dst.expect("destination"));
     assert!(!src.rounds.is_empty(), "{src:?}");
-    assert!(src.final_pages.is_some() && src.verified == Some(true), "{src:?}");
+    assert!(
+        src.final_pages.is_some() && src.verified == Some(true),
+        "{src:?}"
+    );
     assert_eq!(src.dirty_log.as_deref(), Some("page hashes"));
     assert_eq!(dst.status, "running");
     assert_eq!(status(&p.src), "postmigrate");
@@ -185,7 +202,10 @@ fn stream_mode_relays_qemus_own_migration_for_any_guest() {
     let (src, dst) = migrate(&p, |o| o, Mode::Stream);
     let (src, dst) = (src.expect("source"), dst.expect("destination"));
     assert_eq!(src.pages_sent, 0);
-    assert!(src.stream_bytes > 8 << 20, "RAM went through QEMU's stream: {src:?}");
+    assert!(
+        src.stream_bytes > 8 << 20,
+        "RAM went through QEMU's stream: {src:?}"
+    );
     assert!(src.qemu_downtime_ms.is_some());
     assert_eq!(dst.status, "running");
     let last = *p.src.ticks().last().unwrap();
@@ -206,8 +226,12 @@ fn unmovable_guests_wrong_secrets_and_other_layouts_are_refused_before_anything_
     let mut p = pair("bad", |o| GuestOpts { memfd: true, ..o }, 128);
     let rx = receiver(&p);
     let to = rx.local_addr();
-    let e = send(&send_opts(&p, to, Mode::StopCopy), &AtomicBool::new(false), &mut |_| {})
-        .unwrap_err();
+    let e = send(
+        &send_opts(&p, to, Mode::StopCopy),
+        &AtomicBool::new(false),
+        &mut |_| {},
+    )
+    .unwrap_err();
     assert!(e.is_refusal() && e.to_string().contains("memfd"), "{e}");
     still_running(&mut p.src);
     drop(rx);
@@ -223,9 +247,16 @@ fn unmovable_guests_wrong_secrets_and_other_layouts_are_refused_before_anything_
     assert!(e.is_refusal() && e.to_string().contains("secret"), "{e}");
     still_running(&mut p.src);
     // The destination kept waiting: a source with the secret but other RAM is refused.
-    let e = send(&send_opts(&p, to, Mode::StopCopy), &AtomicBool::new(false), &mut |_| {})
-        .unwrap_err();
-    assert!(e.is_refusal() && e.to_string().contains("RAM layouts differ"), "{e}");
+    let e = send(
+        &send_opts(&p, to, Mode::StopCopy),
+        &AtomicBool::new(false),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(
+        e.is_refusal() && e.to_string().contains("RAM layouts differ"),
+        "{e}"
+    );
     still_running(&mut p.src);
     let d = dest.join().unwrap().unwrap_err();
     assert!(d.is_refusal(), "{d}");

@@ -265,7 +265,9 @@ fn failed(e: MigrateError) -> Failed {
     let code = match &e {
         MigrateError::Refused(_)
         | MigrateError::Ram(_)
-        | MigrateError::Qmp(QmpError::Connect { .. } | QmpError::NotQemu(_)) => Code::Refused,
+        | MigrateError::Qmp(
+            QmpError::Connect { .. } | QmpError::NotQemu(_) | QmpError::NoGreeting { .. },
+        ) => Code::Refused,
         MigrateError::Peer(_) | MigrateError::Transport(_) | MigrateError::Move(_) => Code::Peer,
         MigrateError::Aborted(_) | MigrateError::Cancelled => Code::Aborted,
         MigrateError::Verify(_) => Code::Verify,

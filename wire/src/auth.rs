@@ -363,7 +363,9 @@ pub enum SecretError {
         #[source]
         source: std::io::Error,
     },
-    #[error("a shared secret of at least {MIN_SECRET} bytes is required (a secret file or RMEM_SECRET)")]
+    #[error(
+        "a shared secret of at least {MIN_SECRET} bytes is required (a secret file or RMEM_SECRET)"
+    )]
     Short,
 }
 
