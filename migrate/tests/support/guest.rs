@@ -46,7 +46,15 @@ pub fn image() -> &'static GuestImage {
     static IMAGE: OnceLock<GuestImage> = OnceLock::new();
     IMAGE.get_or_init(|| {
         let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("rmem-guest");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build.sh");
+        // This file serves the migrate crate's tests and the workspace's command-line tests.
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let script = [
+            manifest.join("guest/build.sh"),
+            manifest.join("migrate/guest/build.sh"),
+        ]
+        .into_iter()
+        .find(|p| p.exists())
+        .expect("migrate/guest/build.sh");
         let o = Command::new(&script)
             .arg(&out)
             .output()

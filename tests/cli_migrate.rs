@@ -1,0 +1,177 @@
+//! `rmem migrate send` and `recv` as a hypervisor script runs them: a running TCG guest moved
+//! stop-copy between two QEMUs on this host, progress and result as JSON lines, exit codes.
+
+#[path = "../migrate/tests/support/mod.rs"]
+mod guest_support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use guest_support::{Guest, GuestOpts};
+use serde_json::Value;
+
+const SECRET: &str = "cli-migration-secret-0123456789";
+
+/// A file holding the secret, removed when dropped.
+struct SecretFile(std::path::PathBuf);
+
+impl SecretFile {
+    fn new(tag: &str) -> SecretFile {
+        let p =
+            std::env::temp_dir().join(format!("rmem-cli-mig-{tag}-{}.secret", std::process::id()));
+        std::fs::write(&p, SECRET).unwrap();
+        SecretFile(p)
+    }
+}
+
+impl Drop for SecretFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn send_and_recv_move_a_running_guest_and_report_in_json() {
+    let secret = SecretFile::new("move");
+    let (src_ram, dst_ram) = (
+        format!("/dev/shm/rmem-cli-src-{}", std::process::id()),
+        format!("/dev/shm/rmem-cli-dst-{}", std::process::id()),
+    );
+    let mut src = Guest::start("cli-src", &GuestOpts::new(&src_ram));
+    let mut dst = Guest::start(
+        "cli-dst",
+        &GuestOpts {
+            incoming: true,
+            ..GuestOpts::new(&dst_ram)
+        },
+    );
+    src.wait_ready(Duration::from_secs(180));
+    src.wait_ticks(3, Duration::from_secs(120));
+
+    let mut recv = Command::new(env!("CARGO_BIN_EXE_rmem"))
+        .args([
+            "migrate",
+            "recv",
+            "--listen",
+            "127.0.0.1:0",
+            "--json",
+            "--qmp",
+        ])
+        .arg(dst.qmp_path())
+        .arg("--secret-file")
+        .arg(&secret.0)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(recv.stdout.take().unwrap()).lines();
+    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["event"], "listening", "{first}");
+    let addr = first["addr"].as_str().unwrap().to_string();
+
+    let out = Command::new(env!("CARGO_BIN_EXE_rmem"))
+        .args([
+            "migrate",
+            "send",
+            "--mode",
+            "stop-copy",
+            "--json",
+            "--to",
+            &addr,
+            "--qmp",
+        ])
+        .arg(src.qmp_path())
+        .arg("--secret-file")
+        .arg(&secret.0)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "send: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let result = events.last().unwrap();
+    assert_eq!(result["event"], "result");
+    assert_eq!(result["mode"], "stop-copy");
+    assert!(result["pages_sent"].as_u64().unwrap() > 0);
+    assert!(
+        result["status"]
+            .as_str()
+            .unwrap()
+            .contains("destination running"),
+        "{result}"
+    );
+    assert!(events.iter().any(|e| e["phase"] == "device-state"));
+
+    let rest: Vec<Value> = lines
+        .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+        .collect();
+    assert!(recv.wait().unwrap().success());
+    assert_eq!(rest.last().unwrap()["status"], "running");
+
+    let last = src.ticks().last().copied().unwrap();
+    let t = dst.wait_ticks(12, Duration::from_secs(120));
+    assert!(t.n > last.n, "{last:?} then {t:?}");
+    assert!(dst.ticks().iter().all(|t| t.bad == 0), "{:?}", dst.ticks());
+    let _ = std::fs::remove_file(&src_ram);
+    let _ = std::fs::remove_file(&dst_ram);
+}
+
+#[test]
+fn refusals_and_missing_secrets_have_their_own_exit_codes() {
+    let secret = SecretFile::new("refuse");
+    let run = |args: &[&str], with_secret: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_rmem"));
+        c.args(args).env_remove("RMEM_SECRET");
+        if with_secret {
+            c.arg("--secret-file").arg(&secret.0);
+        }
+        c.output().unwrap()
+    };
+    // No secret: usage.
+    let o = run(
+        &[
+            "migrate",
+            "send",
+            "--qmp",
+            "/nonexistent.qmp",
+            "--to",
+            "127.0.0.1:1",
+        ],
+        false,
+    );
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("secret"));
+    // No QEMU behind the socket: refused, nothing touched.
+    let o = run(
+        &[
+            "migrate",
+            "send",
+            "--qmp",
+            "/nonexistent.qmp",
+            "--to",
+            "127.0.0.1:1",
+        ],
+        true,
+    );
+    assert_eq!(o.status.code(), Some(6), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent.qmp"));
+    let o = run(
+        &[
+            "migrate",
+            "recv",
+            "--qmp",
+            "/nonexistent.qmp",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        true,
+    );
+    assert_eq!(o.status.code(), Some(6), "{o:?}");
+}
