@@ -157,6 +157,8 @@ pub enum MigrateError {
     Move(#[from] MoveError),
     #[error(transparent)]
     Dirty(#[from] DirtyError),
+    #[error(transparent)]
+    Uffd(#[from] crate::uffd::UffdError),
     #[error("aborted by the other side: {0}")]
     Aborted(String),
     #[error("cancelled")]

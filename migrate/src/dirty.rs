@@ -78,6 +78,12 @@ pub trait DirtyLog: Send {
     fn kind(&self) -> &'static str;
     /// What using it costs the source.
     fn cost(&self) -> &'static str;
+    /// Whether it never reports a page as clean that differs from what was sent, even one
+    /// written while it was being sent (with the source paused, its last report is all that
+    /// is left to send). A hash log is not: a page written and written back looks clean.
+    fn is_exact(&self) -> bool {
+        false
+    }
     /// Adds to `out` every page written since the previous call; the first call adds every page
     /// (nothing has been sent yet). A page may be reported that was not written; a written page
     /// is never missed.
@@ -97,6 +103,10 @@ impl DirtyLog for EverythingDirty {
 
     fn cost(&self) -> &'static str {
         "none; the source must stay stopped"
+    }
+
+    fn is_exact(&self) -> bool {
+        true
     }
 
     fn collect(&mut self, src: &dyn PageSource, out: &mut PageSet) -> Result<(), DirtyError> {

@@ -27,6 +27,8 @@ pub mod qmp;
 pub mod ram;
 pub mod relay;
 pub mod source;
+pub mod uffd;
+pub mod uffd_abi;
 
 pub use agent::{MigrateError, Mode, Progress, Report, Timeouts};
 pub use converge::{Decision, Policy, Round};

@@ -29,6 +29,7 @@ use crate::pipe::{Pipe, PipeMemory};
 use crate::qmp::Qmp;
 use crate::ram::{guest_ram, GuestRam};
 use crate::relay::Relay;
+use crate::uffd::{attach, Register, WrittenLog};
 
 /// What `rmem migrate send` was asked to do.
 #[derive(Debug, Clone)]
@@ -46,6 +47,9 @@ pub struct SendOptions {
     pub bandwidth: Option<u64>,
     /// Where the relay's unix socket goes.
     pub run_dir: PathBuf,
+    /// The preload library's socket in the source QEMU (`RMEM_PRELOAD_SOCKET`): exact dirty
+    /// pages for pre-copy. Without it, pages are found by hashing.
+    pub preload: Option<PathBuf>,
     pub timeouts: Timeouts,
 }
 
@@ -337,15 +341,15 @@ fn run(
                 remote,
             })
             .collect();
+        // Pages written since the last round and not yet sent, when a round ran.
+        let mut unsent: Option<Vec<PageSet>> = None;
+        let mut logs: Vec<Box<dyn DirtyLog>> = Vec::new();
         if opts.mode == Mode::Precopy && undo.was_running {
-            report.dirty_log = Some(PageHashLog::new(0).kind().into());
+            logs = dirty_logs(opts, rams, &regions)?;
+            report.dirty_log = logs.first().map(|l| format!("{} ({})", l.kind(), l.cost()));
             progress(Progress::Phase {
                 phase: "precopy".into(),
             });
-            let mut logs: Vec<PageHashLog> = regions
-                .iter()
-                .map(|r| PageHashLog::new(r.buf.len() / PAGE))
-                .collect();
             let mut dirty = collect(&regions, &mut logs)?;
             let mut number = 1;
             loop {
@@ -383,28 +387,42 @@ fn run(
                     Decision::StopAndCopy { .. } | Decision::PostCopy => break,
                 }
             }
+            unsent = Some(dirty);
         }
         check_cancel()?;
         progress(Progress::Phase {
             phase: "stop-and-copy".into(),
         });
         paused_at = Some(pause(q, undo)?);
-        if report.rounds.is_empty() {
-            let all: Vec<PageSet> = regions
-                .iter()
-                .map(|r| PageSet::full(r.buf.len() / PAGE))
-                .collect();
-            send_all(&mover, &links, &all, &mut dest_zero, &mut report)?;
-        } else {
-            // With the source paused, the pages whose hashes differ are exactly those still to
-            // send: no write can be missed or torn now. Nothing is assumed zero.
-            let differ = differing(peer, &regions, opts.timeouts.reply)?;
-            report.final_pages = Some(differ.iter().map(PageSet::count).sum());
-            let mut none: Vec<PageSet> = regions
-                .iter()
-                .map(|r| PageSet::new(r.buf.len() / PAGE))
-                .collect();
-            send_all(&mover, &links, &differ, &mut none, &mut report)?;
+        let exact = logs.first().is_some_and(|l| l.is_exact());
+        match unsent {
+            None => {
+                let all: Vec<PageSet> = regions
+                    .iter()
+                    .map(|r| PageSet::full(r.buf.len() / PAGE))
+                    .collect();
+                send_all(&mover, &links, &all, &mut dest_zero, &mut report)?;
+            }
+            Some(mut last) if exact => {
+                // The source is paused: what the log reports now is all that is left.
+                for (set, more) in last.iter_mut().zip(collect(&regions, &mut logs)?) {
+                    set.union_with(&more);
+                }
+                report.final_pages = Some(last.iter().map(PageSet::count).sum());
+                send_all(&mover, &links, &last, &mut dest_zero, &mut report)?;
+            }
+            Some(_) => {
+                // A hash log can miss a page written and written back while it was sent: with
+                // the source paused, the pages whose hashes differ are exactly those still to
+                // send. Nothing is assumed zero.
+                let differ = differing(peer, &regions, opts.timeouts.reply)?;
+                report.final_pages = Some(differ.iter().map(PageSet::count).sum());
+                let mut none: Vec<PageSet> = regions
+                    .iter()
+                    .map(|r| PageSet::new(r.buf.len() / PAGE))
+                    .collect();
+                send_all(&mover, &links, &differ, &mut none, &mut report)?;
+            }
         }
         if opts.verify {
             let left: usize = differing(peer, &regions, opts.timeouts.reply)?
@@ -483,7 +501,39 @@ fn pause(q: &mut Qmp, undo: &mut Undo) -> Result<Instant, MigrateError> {
     Ok(at)
 }
 
-fn collect(regions: &[Region], logs: &mut [PageHashLog]) -> Result<Vec<PageSet>, MigrateError> {
+/// The dirty logs for pre-copy: exact through the preload library when QEMU has it, else page
+/// hashes.
+fn dirty_logs(
+    opts: &SendOptions,
+    rams: &[GuestRam],
+    regions: &[Region],
+) -> Result<Vec<Box<dyn DirtyLog>>, MigrateError> {
+    let Some(sock) = &opts.preload else {
+        return Ok(regions
+            .iter()
+            .map(|r| Box::new(PageHashLog::new(r.buf.len() / PAGE)) as Box<dyn DirtyLog>)
+            .collect());
+    };
+    rams.iter()
+        .map(|ram| {
+            let h = attach(sock, Register::WriteProtect, &ram.path, opts.timeouts.reply)?;
+            if h.len != ram.size {
+                return Err(MigrateError::Protocol(format!(
+                    "QEMU maps {} bytes of {}, its backend is {}",
+                    h.len,
+                    ram.path.display(),
+                    ram.size
+                )));
+            }
+            Ok(Box::new(WrittenLog::new(h)?) as Box<dyn DirtyLog>)
+        })
+        .collect()
+}
+
+fn collect(
+    regions: &[Region],
+    logs: &mut [Box<dyn DirtyLog>],
+) -> Result<Vec<PageSet>, MigrateError> {
     regions
         .iter()
         .zip(logs)

@@ -120,6 +120,11 @@ pub struct SendArgs {
     /// Hash both RAMs with the source paused and fail on any difference (costs downtime).
     #[arg(long)]
     verify: bool,
+    /// The socket of rmem's preload library in the source QEMU (started with
+    /// LD_PRELOAD=librmem_preload.so RMEM_PRELOAD_SOCKET=PATH): exact dirty pages for pre-copy
+    /// (kernel 6.7+). Without it pre-copy finds written pages by hashing.
+    #[arg(long)]
+    preload_socket: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -234,6 +239,7 @@ fn send(a: SendArgs) -> Result<(), Failed> {
         verify: a.verify,
         bandwidth: a.bandwidth.map(|b| b as u64),
         run_dir: a.common.run_dir.clone(),
+        preload: a.preload_socket.clone(),
         timeouts: a.common.timeouts(),
     };
     let cancel = cancel_on_signal();

@@ -87,6 +87,8 @@ pub struct GuestOpts {
     pub memfd: bool,
     /// The backend's `share=`.
     pub share: bool,
+    /// Loads rmem's preload library into QEMU, listening on this socket.
+    pub preload: Option<PathBuf>,
 }
 
 impl GuestOpts {
@@ -98,8 +100,22 @@ impl GuestOpts {
             incoming: false,
             memfd: false,
             share: true,
+            preload: None,
         }
     }
+}
+
+/// `librmem_preload.so`, built as a dev-dependency next to the test binaries.
+pub fn preload_library() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap();
+    [
+        dir.join("librmem_preload.so"),
+        dir.join("../librmem_preload.so"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .unwrap_or_else(|| panic!("librmem_preload.so next to {}", exe.display()))
 }
 
 /// One `tick N bad=M` line.
@@ -225,6 +241,10 @@ impl Guest {
             .args(["-serial", "chardev:ser0"]);
         if opts.incoming {
             cmd.args(["-incoming", "defer"]);
+        }
+        if let Some(sock) = &opts.preload {
+            cmd.env("LD_PRELOAD", preload_library())
+                .env("RMEM_PRELOAD_SOCKET", sock);
         }
         let log_file = File::create(&log).unwrap();
         let child = cmd
