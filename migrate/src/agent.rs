@@ -34,6 +34,12 @@ pub enum Mode {
     Precopy,
     /// QEMU's own migration stream relayed over the transport: any guest configuration.
     Stream,
+    /// Pause, hand over device state, resume on the destination at once; the destination
+    /// READs each page on its first access, and the rest in the background. Needs the
+    /// preload library in the destination QEMU.
+    Postcopy,
+    /// Pre-copy rounds, then post-copy for what is left instead of a pause to copy it.
+    Hybrid,
 }
 
 impl Mode {
@@ -42,11 +48,23 @@ impl Mode {
         !matches!(self, Mode::Stream)
     }
 
+    /// Whether the destination resumes before it has every page.
+    pub fn postcopy(self) -> bool {
+        matches!(self, Mode::Postcopy | Mode::Hybrid)
+    }
+
+    /// Whether rounds run while the guest runs.
+    pub fn precopy(self) -> bool {
+        matches!(self, Mode::Precopy | Mode::Hybrid)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Mode::StopCopy => "stop-copy",
             Mode::Precopy => "precopy",
             Mode::Stream => "stream",
+            Mode::Postcopy => "postcopy",
+            Mode::Hybrid => "hybrid",
         }
     }
 }
@@ -97,6 +115,16 @@ pub enum Msg {
         /// Names the page queue pair's connection.
         token: String,
     },
+    /// Source (post-copy): its RAM, registered for the destination's READs, in `ram` order.
+    SourceRam { regions: Vec<RemoteBuf> },
+    /// Source (post-copy, paused): the pages the destination must READ, one hex page bitmap
+    /// per region (`PageSet::to_bytes`); the others are right in its file.
+    Needed { bitmaps: Vec<String> },
+    /// Source (post-copy): needed pages that are zero at the source and in the destination's
+    /// file, mapped there without a READ; one hex bitmap per region.
+    ZeroPages { bitmaps: Vec<String> },
+    /// Destination (post-copy): every page is in place; the source may let go of its RAM.
+    AllPages { pulled: crate::postcopy::Pulled },
     /// Either side: it will not go on, and why.
     Refused { why: String },
     /// Source: hash your RAM (it is paused; what differs is sent again).
@@ -159,6 +187,8 @@ pub enum MigrateError {
     Dirty(#[from] DirtyError),
     #[error(transparent)]
     Uffd(#[from] crate::uffd::UffdError),
+    #[error("post-copy: {0}")]
+    Pull(crate::postcopy::PullError),
     #[error("aborted by the other side: {0}")]
     Aborted(String),
     #[error("cancelled")]
@@ -222,6 +252,8 @@ pub struct Report {
     pub verified: Option<bool>,
     /// The guest's run state at the end, on this side.
     pub status: String,
+    /// Post-copy: faults served, pages READ, pages mapped without a READ.
+    pub postcopy: Option<crate::postcopy::Pulled>,
 }
 
 /// A progress event, as a JSON line on a pipe or a bar on a terminal.

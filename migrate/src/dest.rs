@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rmem_transport::{
-    open, Access, Buffer, Context, Listener, Mr, OpenOptions, Pd, Provider, Qp, QpConfig,
+    open, Access, Buffer, Context, Listener, Mr, OpenOptions, Pd, Provider, Qp, QpConfig, RemoteBuf,
 };
 use rmem_wire::auth;
 use serde_json::{json, Value};
@@ -22,10 +22,16 @@ use crate::agent::{
     PROTOCOL, VERSION,
 };
 use crate::dirty::{page_hashes, Mapped};
+use crate::mover::Mover;
+use crate::pages::{PageSet, PAGE};
 use crate::pipe::{Pipe, PipeError, PipeMemory};
+use crate::postcopy::{self, PullError, Pulled, Puller};
 use crate::qmp::Qmp;
 use crate::ram::{guest_ram, GuestRam};
 use crate::relay::Relay;
+use crate::uffd::{attach, Handoff, Register};
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc::channel;
 
 /// What `rmem migrate recv` was asked to do.
 #[derive(Debug, Clone)]
@@ -38,6 +44,10 @@ pub struct RecvOptions {
     pub run_dir: PathBuf,
     /// How long to wait for the source agent to connect.
     pub accept: Duration,
+    /// The preload library's socket in the destination QEMU: needed for post-copy.
+    pub preload: Option<PathBuf>,
+    /// Post-copy: bytes per second for the background pass (faults are never held back).
+    pub background_rate: Option<u64>,
     pub timeouts: Timeouts,
 }
 
@@ -55,6 +65,7 @@ pub struct Receiver {
 struct Region {
     buf: Buffer,
     mr: Mr,
+    path: PathBuf,
 }
 
 impl Receiver {
@@ -201,6 +212,22 @@ impl Receiver {
                     return Err(MigrateError::Refused(why));
                 }
             }
+            if mode.postcopy() {
+                let why = if self.opts.preload.is_none() {
+                    Some(
+                        "post-copy needs rmem's preload library in the destination QEMU \
+                          (LD_PRELOAD=librmem_preload.so RMEM_PRELOAD_SOCKET=PATH, then \
+                          rmem migrate recv --preload-socket PATH)",
+                    )
+                } else if self.rams.len() != 1 {
+                    Some("post-copy moves guests with one RAM backend only")
+                } else {
+                    None
+                };
+                if let Some(why) = why {
+                    return Err(MigrateError::Refused(refuse(why.into())));
+                }
+            }
             return Ok((pipe, mode));
         }
     }
@@ -242,7 +269,11 @@ impl Receiver {
     ) -> Result<Report, MigrateError> {
         let reply = self.opts.timeouts.reply;
         let moves = mode.moves_pages();
-        let regions = if moves { self.expose()? } else { Vec::new() };
+        let regions = if moves {
+            self.expose(mode.postcopy())?
+        } else {
+            Vec::new()
+        };
         let token = auth::nonce();
         self.qmp.execute(
             "migrate-set-capabilities",
@@ -266,10 +297,21 @@ impl Receiver {
             }
             .encode(),
         )?;
-        let _page_qp = if moves {
+        let page_qp = if moves {
             Some(self.accept_pages(&token)?)
         } else {
             None
+        };
+        // Post-copy: QEMU's mapping registered for minor faults (and zapped) before the
+        // source can pause and the device state can touch RAM.
+        let handoff = match (mode.postcopy(), &self.opts.preload, regions.first()) {
+            (true, Some(sock), Some(r)) => Some(attach(
+                sock,
+                Register::Minor,
+                &r.path,
+                self.opts.timeouts.reply,
+            )?),
+            _ => None,
         };
         progress(Progress::Phase {
             phase: "receiving".into(),
@@ -278,70 +320,170 @@ impl Receiver {
             mode: mode.name().into(),
             ..Report::default()
         };
-        // Serve the source's requests until QEMU has loaded the device state.
-        let loaded = loop {
-            match pipe.recv_msg(Duration::from_millis(20)) {
-                Ok(m) => match Msg::decode(&m)? {
-                    Msg::HashRequest => {
-                        let hashes: Vec<u8> = regions
-                            .iter()
-                            .flat_map(|r| page_hashes(&Mapped(&r.buf)))
-                            .flat_map(u128::to_le_bytes)
-                            .collect();
-                        pipe.send_msg(
-                            &Msg::Hashes {
-                                pages: (hashes.len() / 16) as u64,
+        let stop = AtomicBool::new(false);
+        let pulled = postcopy::Progress::default();
+        let (zero_tx, zero_rx) = channel::<PageSet>();
+        let mut zero_rx = Some(zero_rx);
+        let mut source_ram: Vec<RemoteBuf> = Vec::new();
+        let total = self.opts.timeouts.total;
+        let rate = self.opts.background_rate;
+        let result = std::thread::scope(|sc| {
+            let mut puller: Option<std::thread::ScopedJoinHandle<'_, Result<Pulled, PullError>>> =
+                None;
+            let out = (|| {
+                // Serve the source until QEMU has loaded the device state.
+                let loaded = loop {
+                    match pipe.recv_msg(Duration::from_millis(20)) {
+                        Ok(m) => match Msg::decode(&m)? {
+                            Msg::HashRequest => send_hashes(pipe, &regions)?,
+                            Msg::SourceRam { regions: r } => source_ram = r,
+                            Msg::Needed { bitmaps } => {
+                                let (Some(h), Some((qp, cq)), Some(region), Some(remote)) = (
+                                    handoff.as_ref(),
+                                    page_qp.as_ref(),
+                                    regions.first(),
+                                    source_ram.first(),
+                                ) else {
+                                    return Err(MigrateError::Protocol(
+                                        "post-copy pages before the source's RAM".into(),
+                                    ));
+                                };
+                                let needed = decode_sets(&bitmaps, &regions)?.remove(0);
+                                let mut present = PageSet::full(needed.len());
+                                for p in needed.iter() {
+                                    present.remove(p);
+                                }
+                                let p = Puller {
+                                    handoff: h,
+                                    qp,
+                                    cq,
+                                    local: &region.mr,
+                                    remote: *remote,
+                                    mover: Mover {
+                                        timeout: self.opts.timeouts.reply,
+                                        ..Mover::default()
+                                    },
+                                    present,
+                                    rate,
+                                };
+                                let Some(zr) = zero_rx.take() else {
+                                    return Err(MigrateError::Protocol(
+                                        "post-copy pages named twice".into(),
+                                    ));
+                                };
+                                let (st, pr) = (&stop, &pulled);
+                                puller = Some(sc.spawn(move || p.run(zr, st, pr)));
                             }
-                            .encode(),
-                        )?;
-                        pipe.send_msg(&hashes)?;
+                            Msg::ZeroPages { bitmaps } => {
+                                let _ = zero_tx.send(decode_sets(&bitmaps, &regions)?.remove(0));
+                            }
+                            Msg::Abort { why } => return Err(MigrateError::Aborted(why)),
+                            m => {
+                                return Err(MigrateError::Protocol(format!(
+                                    "unexpected {m:?} before the device state"
+                                )))
+                            }
+                        },
+                        Err(PipeError::Timeout(_)) => {}
+                        Err(e) => return Err(e.into()),
                     }
-                    Msg::Abort { why } => return Err(MigrateError::Aborted(why)),
-                    m => {
-                        return Err(MigrateError::Protocol(format!(
-                            "unexpected {m:?} before the device state"
-                        )))
+                    if puller.as_ref().is_some_and(|p| p.is_finished())
+                        && pulled.mapped.load(std::sync::atomic::Ordering::Relaxed) == 0
+                    {
+                        // Finished before it mapped anything: it failed.
+                        if let Some(Ok(Err(e))) = puller.take().map(|p| p.join()) {
+                            return Err(MigrateError::Pull(e));
+                        }
                     }
-                },
-                Err(PipeError::Timeout(_)) => {}
-                Err(e) => return Err(e.into()),
-            }
-            let s = status(&mut self.qmp)?;
-            if s != "inmigrate" {
-                break s;
-            }
-            if t0.elapsed() > self.opts.timeouts.total {
-                return Err(MigrateError::Qemu(format!(
-                    "the device state did not load within {:?}",
-                    self.opts.timeouts.total
-                )));
+                    let s = status(&mut self.qmp)?;
+                    if s != "inmigrate" {
+                        break s;
+                    }
+                    if t0.elapsed() > total {
+                        return Err(MigrateError::Qemu(format!(
+                            "the device state did not load within {total:?}"
+                        )));
+                    }
+                };
+                let mig = self.qmp.execute("query-migrate", None)?;
+                if mig.get("status").and_then(Value::as_str) == Some("failed") {
+                    let why = mig
+                        .get("error-desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("loading the device state failed");
+                    return Err(MigrateError::Qemu(why.to_string()));
+                }
+                pipe.send_msg(&Msg::Loaded { status: loaded }.encode())?;
+                let run = loop {
+                    match Msg::decode(&pipe.recv_msg(reply)?)? {
+                        Msg::Start { run } => break run,
+                        Msg::ZeroPages { bitmaps } => {
+                            let _ = zero_tx.send(decode_sets(&bitmaps, &regions)?.remove(0));
+                        }
+                        Msg::Abort { why } => return Err(MigrateError::Aborted(why)),
+                        m => {
+                            return Err(MigrateError::Protocol(format!(
+                                "expected start, got {m:?}"
+                            )))
+                        }
+                    }
+                };
+                *started = true;
+                if run && status(&mut self.qmp)? != "running" {
+                    self.qmp.execute("cont", None)?;
+                }
+                let end = status(&mut self.qmp)?;
+                pipe.send_msg(
+                    &Msg::Started {
+                        status: end.clone(),
+                    }
+                    .encode(),
+                )?;
+                if let Some(p) = puller.take() {
+                    progress(Progress::Phase {
+                        phase: "background".into(),
+                    });
+                    while !p.is_finished() {
+                        match pipe.recv_msg(Duration::from_millis(20)) {
+                            Ok(m) => {
+                                if let Msg::ZeroPages { bitmaps } = Msg::decode(&m)? {
+                                    let _ =
+                                        zero_tx.send(decode_sets(&bitmaps, &regions)?.remove(0));
+                                }
+                            }
+                            Err(PipeError::Timeout(_)) => {}
+                            // The source is gone: the puller finds out on its next READ.
+                            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                        }
+                    }
+                    match p.join() {
+                        Ok(Ok(done)) => {
+                            report.postcopy = Some(done);
+                            let _ = pipe.send_msg(&Msg::AllPages { pulled: done }.encode());
+                        }
+                        Ok(Err(e)) => return Err(MigrateError::Pull(e)),
+                        Err(_) => {
+                            return Err(MigrateError::Protocol(
+                                "the post-copy thread panicked".into(),
+                            ))
+                        }
+                    }
+                }
+                Ok(end)
+            })();
+            stop.store(true, std::sync::atomic::Ordering::Release);
+            out
+        });
+        let end = match result {
+            Ok(end) => end,
+            Err(e) => {
+                if *started && mode.postcopy() {
+                    // The guest runs on pages still missing: it must not go on.
+                    self.halt_guest(handoff.as_ref());
+                }
+                return Err(e);
             }
         };
-        let mig = self.qmp.execute("query-migrate", None)?;
-        if mig.get("status").and_then(Value::as_str) == Some("failed") {
-            let why = mig
-                .get("error-desc")
-                .and_then(Value::as_str)
-                .unwrap_or("loading the device state failed");
-            return Err(MigrateError::Qemu(why.to_string()));
-        }
-        pipe.send_msg(&Msg::Loaded { status: loaded }.encode())?;
-        let run = match Msg::decode(&pipe.recv_msg(reply)?)? {
-            Msg::Start { run } => run,
-            Msg::Abort { why } => return Err(MigrateError::Aborted(why)),
-            m => return Err(MigrateError::Protocol(format!("expected start, got {m:?}"))),
-        };
-        *started = true;
-        if run && status(&mut self.qmp)? != "running" {
-            self.qmp.execute("cont", None)?;
-        }
-        let end = status(&mut self.qmp)?;
-        pipe.send_msg(
-            &Msg::Started {
-                status: end.clone(),
-            }
-            .encode(),
-        )?;
         report.stream_bytes = relay.close();
         report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
         report.status = end;
@@ -351,9 +493,24 @@ impl Receiver {
         Ok(report)
     }
 
+    /// Stops a post-copy guest whose source is lost; kills its QEMU if it cannot be stopped
+    /// (a vCPU waiting for a page that will never come).
+    fn halt_guest(&mut self, handoff: Option<&Handoff>) {
+        tracing::error!("the source is lost during post-copy: stopping the destination guest");
+        if self.qmp.execute("stop", None).is_ok() {
+            return;
+        }
+        if let Some(h) = handoff {
+            // SAFETY: kill(2) of the QEMU process that handed us its userfaultfd.
+            unsafe { libc::kill(h.pid as i32, libc::SIGKILL) };
+        }
+    }
+
     /// Zeroes the guest's RAM files (so pages the source leaves out read as zeros) and
-    /// registers them for the source's WRITEs.
-    fn expose(&mut self) -> Result<Vec<Region>, MigrateError> {
+    /// registers them for the source's WRITEs. For post-copy every page is then allocated (as
+    /// zeros): UFFDIO_CONTINUE maps pages that are in the file, and a hole would let QEMU see
+    /// a zero page without a fault.
+    fn expose(&mut self, allocate: bool) -> Result<Vec<Region>, MigrateError> {
         self.rams
             .iter()
             .map(|ram| {
@@ -362,7 +519,7 @@ impl Receiver {
                     .write(true)
                     .open(&ram.path)
                     .map_err(|e| MigrateError::io(format!("open {}", ram.path.display()), e))?;
-                punch(&f, ram.size)
+                punch(&f, ram.size, allocate)
                     .map_err(|e| MigrateError::io(format!("zero {}", ram.path.display()), e))?;
                 let buf = Buffer::map_file(&f)?;
                 let mr = self.pd.register_buffer(
@@ -371,7 +528,11 @@ impl Receiver {
                     buf.len(),
                     Access::LOCAL_WRITE | Access::REMOTE_WRITE,
                 )?;
-                Ok(Region { buf, mr })
+                Ok(Region {
+                    buf,
+                    mr,
+                    path: ram.path.clone(),
+                })
             })
             .collect()
     }
@@ -394,6 +555,44 @@ impl Receiver {
     }
 }
 
+/// Sends a hash of every page of the destination's RAM.
+fn send_hashes(pipe: &Pipe, regions: &[Region]) -> Result<(), MigrateError> {
+    let hashes: Vec<u8> = regions
+        .iter()
+        .flat_map(|r| page_hashes(&Mapped(&r.buf)))
+        .flat_map(u128::to_le_bytes)
+        .collect();
+    pipe.send_msg(
+        &Msg::Hashes {
+            pages: (hashes.len() / 16) as u64,
+        }
+        .encode(),
+    )?;
+    pipe.send_msg(&hashes)?;
+    Ok(())
+}
+
+/// Page sets sent as hex bitmaps, one per region.
+fn decode_sets(bitmaps: &[String], regions: &[Region]) -> Result<Vec<PageSet>, MigrateError> {
+    if bitmaps.len() != regions.len() {
+        return Err(MigrateError::Protocol(format!(
+            "{} page bitmaps for {} regions",
+            bitmaps.len(),
+            regions.len()
+        )));
+    }
+    bitmaps
+        .iter()
+        .zip(regions)
+        .map(|(b, r)| {
+            hex::decode(b)
+                .ok()
+                .and_then(|bytes| PageSet::from_bytes(r.buf.len() / PAGE, &bytes))
+                .ok_or_else(|| MigrateError::Protocol("a malformed page bitmap".into()))
+        })
+        .collect()
+}
+
 fn status(q: &mut Qmp) -> Result<String, MigrateError> {
     let s = q.execute("query-status", None)?;
     Ok(s.get("status")
@@ -402,8 +601,9 @@ fn status(q: &mut Qmp) -> Result<String, MigrateError> {
         .to_string())
 }
 
-/// Frees a file's pages: they read as zeros after, at no cost (tmpfs, hugetlbfs).
-fn punch(f: &std::fs::File, len: u64) -> std::io::Result<()> {
+/// Frees a file's pages: they read as zeros after, at no cost (tmpfs, hugetlbfs); with
+/// `allocate`, allocates them again, zeroed.
+fn punch(f: &std::fs::File, len: u64, allocate: bool) -> std::io::Result<()> {
     // SAFETY: fallocate on a descriptor we own; no memory is passed.
     let rc = unsafe {
         libc::fallocate(
@@ -415,6 +615,13 @@ fn punch(f: &std::fs::File, len: u64) -> std::io::Result<()> {
     };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
+    }
+    if allocate {
+        // SAFETY: as above.
+        let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, len as libc::off_t) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
     }
     Ok(())
 }

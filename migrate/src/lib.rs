@@ -23,6 +23,7 @@ pub mod mover;
 pub mod pages;
 pub mod phase;
 pub mod pipe;
+pub mod postcopy;
 pub mod qmp;
 pub mod ram;
 pub mod relay;

@@ -44,6 +44,28 @@ impl PageSet {
         s
     }
 
+    /// The bitmap as bytes (little-endian words), to send to the other side.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.words.iter().flat_map(|w| w.to_le_bytes()).collect()
+    }
+
+    /// The set `to_bytes` encoded, for a region of `len` pages; `None` if the bytes do not
+    /// fit that length (bits past `len` set, or the wrong size).
+    pub fn from_bytes(len: usize, b: &[u8]) -> Option<PageSet> {
+        if b.len() != len.div_ceil(64) * 8 {
+            return None;
+        }
+        let words: Vec<u64> = b
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect();
+        if !len.is_multiple_of(64) && words.last().is_some_and(|w| w >> (len % 64) != 0) {
+            return None;
+        }
+        let count = words.iter().map(|w| w.count_ones() as usize).sum();
+        Some(PageSet { words, len, count })
+    }
+
     /// Pages in the region.
     pub fn len(&self) -> usize {
         self.len
@@ -141,6 +163,24 @@ pub fn is_zero(page: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_set_survives_its_byte_encoding_and_bad_bytes_are_refused() {
+        let mut a = PageSet::new(130);
+        for p in [0, 63, 64, 129] {
+            a.insert(p);
+        }
+        let b = PageSet::from_bytes(130, &a.to_bytes()).unwrap();
+        assert_eq!(b, a);
+        assert_eq!(b.count(), 4);
+        assert!(
+            PageSet::from_bytes(131 + 64, &a.to_bytes()).is_none(),
+            "wrong size"
+        );
+        let mut bytes = a.to_bytes();
+        bytes[23] |= 0x80; // page 191: past the end
+        assert!(PageSet::from_bytes(130, &bytes).is_none());
+    }
     use proptest::prelude::*;
 
     #[test]

@@ -24,7 +24,7 @@ use crate::agent::{
 use crate::converge::{Decision, Policy, Round};
 use crate::dirty::{page_hashes, DirtyLog, Mapped, PageHashLog};
 use crate::mover::{Link, Mover};
-use crate::pages::{PageSet, PAGE};
+use crate::pages::{is_zero, PageSet, PAGE};
 use crate::pipe::{Pipe, PipeMemory};
 use crate::qmp::Qmp;
 use crate::ram::{guest_ram, GuestRam};
@@ -269,7 +269,14 @@ fn unexpected(want: &str, got: &Msg) -> MigrateError {
     MigrateError::Protocol(format!("expected {want}, got {got:?}"))
 }
 
-fn map_regions(pd: &Pd, rams: &[GuestRam]) -> Result<Vec<Region>, MigrateError> {
+/// The source's RAM files, mapped and registered (for the destination's READs too in
+/// post-copy).
+fn map_regions(pd: &Pd, rams: &[GuestRam], readable: bool) -> Result<Vec<Region>, MigrateError> {
+    let access = if readable {
+        Access::LOCAL_WRITE | Access::REMOTE_READ
+    } else {
+        Access::LOCAL_WRITE
+    };
     rams.iter()
         .map(|ram| {
             let f = FileOptions::new()
@@ -278,7 +285,7 @@ fn map_regions(pd: &Pd, rams: &[GuestRam]) -> Result<Vec<Region>, MigrateError> 
                 .open(&ram.path)
                 .map_err(|e| MigrateError::io(format!("open {}", ram.path.display()), e))?;
             let buf = Buffer::map_file(&f)?;
-            let mr = pd.register_buffer(&buf, 0, buf.len(), Access::LOCAL_WRITE)?;
+            let mr = pd.register_buffer(&buf, 0, buf.len(), access)?;
             Ok(Region { buf, mr })
         })
         .collect()
@@ -316,8 +323,18 @@ fn run(
     q.execute("migrate-set-parameters", Some(params))?;
 
     let mut paused_at = None;
+    // Kept to the end: in post-copy the destination READs from it after the switch-over.
+    let regions = if moves {
+        map_regions(&peer._pd, rams, opts.mode.postcopy())?
+    } else {
+        Vec::new()
+    };
+    if opts.mode.postcopy() {
+        peer.send(&Msg::SourceRam {
+            regions: regions.iter().map(|r| r.mr.remote()).collect(),
+        })?;
+    }
     if moves {
-        let regions = map_regions(&peer._pd, rams)?;
         let (qp, cq, remotes) = peer
             .pages
             .as_ref()
@@ -344,7 +361,7 @@ fn run(
         // Pages written since the last round and not yet sent, when a round ran.
         let mut unsent: Option<Vec<PageSet>> = None;
         let mut logs: Vec<Box<dyn DirtyLog>> = Vec::new();
-        if opts.mode == Mode::Precopy && undo.was_running {
+        if opts.mode.precopy() && undo.was_running {
             logs = dirty_logs(opts, rams, &regions)?;
             report.dirty_log = logs.first().map(|l| format!("{} ({})", l.kind(), l.cost()));
             progress(Progress::Phase {
@@ -391,40 +408,88 @@ fn run(
         }
         check_cancel()?;
         progress(Progress::Phase {
-            phase: "stop-and-copy".into(),
+            phase: if opts.mode.postcopy() {
+                "postcopy"
+            } else {
+                "stop-and-copy"
+            }
+            .into(),
         });
         paused_at = Some(pause(q, undo)?);
         let exact = logs.first().is_some_and(|l| l.is_exact());
-        match unsent {
-            None => {
-                let all: Vec<PageSet> = regions
+        if opts.mode.postcopy() {
+            let needed: Vec<PageSet> = match unsent {
+                None => regions
                     .iter()
                     .map(|r| PageSet::full(r.buf.len() / PAGE))
-                    .collect();
-                send_all(&mover, &links, &all, &mut dest_zero, &mut report)?;
-            }
-            Some(mut last) if exact => {
-                // The source is paused: what the log reports now is all that is left.
-                for (set, more) in last.iter_mut().zip(collect(&regions, &mut logs)?) {
-                    set.union_with(&more);
+                    .collect(),
+                Some(mut last) if exact => {
+                    for (set, more) in last.iter_mut().zip(collect(&regions, &mut logs)?) {
+                        set.union_with(&more);
+                    }
+                    last
                 }
-                report.final_pages = Some(last.iter().map(PageSet::count).sum());
-                send_all(&mover, &links, &last, &mut dest_zero, &mut report)?;
-            }
-            Some(_) => {
-                // A hash log can miss a page written and written back while it was sent: with
-                // the source paused, the pages whose hashes differ are exactly those still to
-                // send. Nothing is assumed zero.
-                let differ = differing(peer, &regions, opts.timeouts.reply)?;
-                report.final_pages = Some(differ.iter().map(PageSet::count).sum());
-                let mut none: Vec<PageSet> = regions
+                Some(_) => differing(peer, &regions, opts.timeouts.reply)?,
+            };
+            report.final_pages = Some(needed.iter().map(PageSet::count).sum());
+            peer.send(&Msg::Needed {
+                bitmaps: needed.iter().map(|s| hex::encode(s.to_bytes())).collect(),
+            })?;
+            // The zero pages among them, found while device state travels (the source is
+            // paused for good: what is zero now stays zero).
+            let bufs: Vec<Buffer> = regions.iter().map(|r| r.buf.clone()).collect();
+            let pipe = peer.pipe.clone();
+            let known_zero = dest_zero.clone();
+            std::thread::spawn(move || {
+                let bitmaps = bufs
                     .iter()
-                    .map(|r| PageSet::new(r.buf.len() / PAGE))
+                    .zip(&needed)
+                    .zip(&known_zero)
+                    .map(|((b, need), dz)| {
+                        let mut z = PageSet::new(need.len());
+                        let mut page = vec![0u8; PAGE];
+                        for p in need.iter().filter(|&p| dz.contains(p)) {
+                            if b.read_at(p * PAGE, &mut page).is_ok() && is_zero(&page) {
+                                z.insert(p);
+                            }
+                        }
+                        hex::encode(z.to_bytes())
+                    })
                     .collect();
-                send_all(&mover, &links, &differ, &mut none, &mut report)?;
+                let _ = pipe.send_msg(&Msg::ZeroPages { bitmaps }.encode());
+            });
+        } else {
+            match unsent {
+                None => {
+                    let all: Vec<PageSet> = regions
+                        .iter()
+                        .map(|r| PageSet::full(r.buf.len() / PAGE))
+                        .collect();
+                    send_all(&mover, &links, &all, &mut dest_zero, &mut report)?;
+                }
+                Some(mut last) if exact => {
+                    // The source is paused: what the log reports now is all that is left.
+                    for (set, more) in last.iter_mut().zip(collect(&regions, &mut logs)?) {
+                        set.union_with(&more);
+                    }
+                    report.final_pages = Some(last.iter().map(PageSet::count).sum());
+                    send_all(&mover, &links, &last, &mut dest_zero, &mut report)?;
+                }
+                Some(_) => {
+                    // A hash log can miss a page written and written back while it was sent: with
+                    // the source paused, the pages whose hashes differ are exactly those still to
+                    // send. Nothing is assumed zero.
+                    let differ = differing(peer, &regions, opts.timeouts.reply)?;
+                    report.final_pages = Some(differ.iter().map(PageSet::count).sum());
+                    let mut none: Vec<PageSet> = regions
+                        .iter()
+                        .map(|r| PageSet::new(r.buf.len() / PAGE))
+                        .collect();
+                    send_all(&mover, &links, &differ, &mut none, &mut report)?;
+                }
             }
         }
-        if opts.verify {
+        if opts.verify && !opts.mode.postcopy() {
             let left: usize = differing(peer, &regions, opts.timeouts.reply)?
                 .iter()
                 .map(PageSet::count)
@@ -475,12 +540,28 @@ fn run(
     if let Some(p) = paused_at {
         report.downtime_ms = Some(p.elapsed().as_secs_f64() * 1e3);
     }
+    if opts.mode.postcopy() {
+        // The destination runs on this side's RAM until it has every page.
+        progress(Progress::Phase {
+            phase: "background".into(),
+        });
+        match peer.recv(opts.timeouts.total)? {
+            Msg::AllPages { pulled } => report.postcopy = Some(pulled),
+            m => return Err(unexpected("all pages", &m)),
+        }
+        report.page_bytes = (pulled_pages(&report) * PAGE) as u64;
+        drop(regions);
+    }
     report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
     report.status = format!("source {}, destination {status}", run_status(q)?);
     progress(Progress::Phase {
         phase: "done".into(),
     });
     Ok(report)
+}
+
+fn pulled_pages(r: &Report) -> usize {
+    r.pages_sent + r.postcopy.map_or(0, |p| p.pages)
 }
 
 fn set_capability(q: &mut Qmp, name: &str, on: bool) -> Result<(), MigrateError> {

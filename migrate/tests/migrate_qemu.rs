@@ -38,27 +38,63 @@ struct Pair {
     dst: Guest,
     src_ram: PathBuf,
     dst_ram: PathBuf,
+    /// The preload library's sockets in each QEMU, when loaded.
+    src_preload: Option<PathBuf>,
+    dst_preload: Option<PathBuf>,
 }
 
 impl Drop for Pair {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.src_ram);
         let _ = std::fs::remove_file(&self.dst_ram);
+        for s in [&self.src_preload, &self.dst_preload].into_iter().flatten() {
+            let _ = std::fs::remove_file(s);
+        }
     }
 }
 
 /// A booted source (ready, a few ticks in) and a destination waiting for it.
 fn pair(name: &str, src: impl FnOnce(GuestOpts) -> GuestOpts, dst_mb: u64) -> Pair {
+    pair_with(name, src, dst_mb, false)
+}
+
+/// The same, both QEMUs with rmem's preload library.
+fn preload_pair(name: &str) -> Pair {
+    pair_with(name, |o| o, 128, true)
+}
+
+fn pair_with(
+    name: &str,
+    src: impl FnOnce(GuestOpts) -> GuestOpts,
+    dst_mb: u64,
+    preload: bool,
+) -> Pair {
     let (src_ram, dst_ram) = (
         ram_file(&format!("{name}-src")),
         ram_file(&format!("{name}-dst")),
     );
-    let mut s = Guest::start(&format!("{name}-src"), &src(GuestOpts::new(&src_ram)));
+    let sock = |side: &str| {
+        preload.then(|| {
+            std::env::temp_dir().join(format!(
+                "rmem-preload-{name}-{side}-{}.sock",
+                std::process::id()
+            ))
+        })
+    };
+    let (src_preload, dst_preload) = (sock("src"), sock("dst"));
+    let mut s = Guest::start(
+        &format!("{name}-src"),
+        &src(GuestOpts {
+            preload: src_preload.clone(),
+            ..GuestOpts::new(&src_ram)
+        }),
+    );
     let d = Guest::start(
         &format!("{name}-dst"),
         &GuestOpts {
             incoming: true,
             ram_mb: dst_mb,
+            preload: dst_preload.clone(),
             ..GuestOpts::new(&dst_ram)
         },
     );
@@ -70,6 +106,8 @@ fn pair(name: &str, src: impl FnOnce(GuestOpts) -> GuestOpts, dst_mb: u64) -> Pa
         dst: d,
         src_ram,
         dst_ram,
+        src_preload,
+        dst_preload,
     }
 }
 
@@ -104,6 +142,8 @@ fn receiver(p: &Pair) -> Receiver {
         provider: Provider::Tcp,
         run_dir: std::env::temp_dir(),
         accept: Duration::from_secs(60),
+        preload: p.dst_preload.clone(),
+        background_rate: None,
         timeouts: Timeouts::default(),
     })
     .expect("the destination agent binds")
@@ -198,20 +238,13 @@ fn precopy_moves_a_running_guest_in_rounds() {
 #[test]
 fn precopy_with_the_preload_library_tracks_written_pages_exactly() {
     let _one = serial();
-    let sock = std::env::temp_dir().join(format!("rmem-preload-{}.sock", std::process::id()));
-    let mut p = pair(
-        "wp",
-        |o| GuestOpts {
-            preload: Some(sock.clone()),
-            ..o
-        },
-        128,
-    );
+    let mut p = preload_pair("wp");
+    let sock = p.src_preload.clone();
     let (src, dst) = migrate(
         &p,
         |o| SendOptions {
             verify: true,
-            preload: Some(sock.clone()),
+            preload: sock,
             ..o
         },
         Mode::Precopy,
@@ -224,16 +257,69 @@ fn precopy_with_the_preload_library_tracks_written_pages_exactly() {
     assert_eq!(src.verified, Some(true), "the exact log missed no page");
     // The guest rewrites 2,048 hot pages a round: an exact log finds about that many, not the
     // whole RAM.
-    let later: Vec<_> = src.rounds.iter().skip(1).collect();
     assert!(
-        later.iter().all(|r| r.pages < 8192),
+        src.rounds.iter().skip(1).all(|r| r.pages < 8192),
         "rounds after the first send only written pages: {:?}",
         src.rounds
     );
     assert_eq!(dst.status, "running");
     let last = *p.src.ticks().last().unwrap();
     runs_on(&mut p.dst, last);
-    let _ = std::fs::remove_file(&sock);
+}
+
+#[test]
+fn postcopy_resumes_at_once_and_pulls_every_page() {
+    let _one = serial();
+    let mut p = preload_pair("post");
+    let (src, dst) = migrate(&p, |o| o, Mode::Postcopy);
+    let (src, dst) = (src.expect("source"), dst.expect("destination"));
+    let pulled = src.postcopy.expect("post-copy figures");
+    assert_eq!(Some(pulled), dst.postcopy);
+    assert!(
+        pulled.faults > 0,
+        "the guest ran before its RAM arrived: {pulled:?}"
+    );
+    assert!(
+        pulled.local > 0,
+        "zero pages were mapped without a READ: {pulled:?}"
+    );
+    assert_eq!(pulled.pages + pulled.local, 128 << 8, "{pulled:?}");
+    assert_eq!(dst.status, "running");
+    let last = *p.src.ticks().last().unwrap();
+    runs_on(&mut p.dst, last);
+    // The source paused for good, its RAM intact; the destination's now differs only where
+    // the guest wrote since.
+    assert_eq!(status(&p.src), "postmigrate");
+}
+
+#[test]
+fn hybrid_precopies_then_pulls_only_what_was_written_since() {
+    let _one = serial();
+    let mut p = preload_pair("hyb");
+    let sock = p.src_preload.clone();
+    let (src, dst) = migrate(
+        &p,
+        |o| SendOptions {
+            preload: sock,
+            policy: Policy {
+                max_rounds: 2,
+                ..o.policy
+            },
+            ..o
+        },
+        Mode::Hybrid,
+    );
+    let (src, dst) = (src.expect("source"), dst.expect("destination"));
+    assert!(!src.rounds.is_empty());
+    let pulled = src.postcopy.expect("post-copy figures");
+    assert!(
+        pulled.pages < 8192,
+        "only the pages written after the last round are READ: {pulled:?}"
+    );
+    assert_eq!(pulled.pages + pulled.local, 128 << 8, "{pulled:?}");
+    assert_eq!(dst.status, "running");
+    let last = *p.src.ticks().last().unwrap();
+    runs_on(&mut p.dst, last);
 }
 
 #[test]
@@ -311,6 +397,8 @@ fn unmovable_guests_wrong_secrets_and_other_layouts_are_refused_before_anything_
         provider: Provider::Tcp,
         run_dir: std::env::temp_dir(),
         accept: Duration::from_secs(5),
+        preload: None,
+        background_rate: None,
         timeouts: Timeouts::default(),
     })
     .err()

@@ -46,6 +46,11 @@ pub enum ModeArg {
     Precopy,
     /// QEMU's own migration stream relayed over the transport; any guest configuration.
     Stream,
+    /// Resume on the destination at once; it READs pages on first access and the rest in the
+    /// background (needs the preload library in the destination QEMU).
+    Postcopy,
+    /// Pre-copy rounds, then post-copy for the rest instead of a pause to copy it.
+    Hybrid,
 }
 
 impl From<ModeArg> for Mode {
@@ -54,6 +59,8 @@ impl From<ModeArg> for Mode {
             ModeArg::StopCopy => Mode::StopCopy,
             ModeArg::Precopy => Mode::Precopy,
             ModeArg::Stream => Mode::Stream,
+            ModeArg::Postcopy => Mode::Postcopy,
+            ModeArg::Hybrid => Mode::Hybrid,
         }
     }
 }
@@ -137,6 +144,15 @@ pub struct RecvArgs {
     /// Seconds to wait for the source agent to connect.
     #[arg(long, default_value_t = 600)]
     accept_timeout: u64,
+    /// The socket of rmem's preload library in the destination QEMU (started with
+    /// LD_PRELOAD=librmem_preload.so RMEM_PRELOAD_SOCKET=PATH): needed for post-copy and
+    /// hybrid (minor faults on shared memory: kernel 5.14+).
+    #[arg(long)]
+    preload_socket: Option<PathBuf>,
+    /// Post-copy: cap the background pass at this many bytes/s (e.g. 500M) so it leaves the
+    /// link to the guest's faults; faults are never held back.
+    #[arg(long, value_parser = parse_size)]
+    background_rate: Option<usize>,
 }
 
 pub fn run(c: MigrateCmd) -> Result<(), Failed> {
@@ -257,6 +273,8 @@ fn recv(a: RecvArgs) -> Result<(), Failed> {
         provider: a.common.provider,
         run_dir: a.common.run_dir.clone(),
         accept: Duration::from_secs(a.accept_timeout.max(1)),
+        preload: a.preload_socket.clone(),
+        background_rate: a.background_rate.map(|r| r as u64),
         timeouts: a.common.timeouts(),
     };
     let mut progress = reporter(a.common.json);
@@ -274,7 +292,10 @@ fn failed(e: MigrateError) -> Failed {
         | MigrateError::Qmp(
             QmpError::Connect { .. } | QmpError::NotQemu(_) | QmpError::NoGreeting { .. },
         ) => Code::Refused,
-        MigrateError::Peer(_) | MigrateError::Transport(_) | MigrateError::Move(_) => Code::Peer,
+        MigrateError::Peer(_)
+        | MigrateError::Transport(_)
+        | MigrateError::Move(_)
+        | MigrateError::Pull(rmem_migrate::postcopy::PullError::Source(_)) => Code::Peer,
         MigrateError::Aborted(_) | MigrateError::Cancelled => Code::Aborted,
         MigrateError::Verify(_) => Code::Verify,
         _ => Code::Failure,
