@@ -175,3 +175,95 @@ fn refusals_and_missing_secrets_have_their_own_exit_codes() {
     );
     assert_eq!(o.status.code(), Some(6), "{o:?}");
 }
+
+#[test]
+fn a_source_lost_during_postcopy_stops_the_destination_guest_before_a_wrong_page_runs() {
+    let secret = SecretFile::new("lost");
+    let id = std::process::id();
+    let (src_ram, dst_ram) = (
+        format!("/dev/shm/rmem-cli-lost-src-{id}"),
+        format!("/dev/shm/rmem-cli-lost-dst-{id}"),
+    );
+    let (src_sock, dst_sock) = (
+        std::env::temp_dir().join(format!("rmem-cli-lost-src-{id}.sock")),
+        std::env::temp_dir().join(format!("rmem-cli-lost-dst-{id}.sock")),
+    );
+    let mut src = Guest::start(
+        "cli-lost-src",
+        &GuestOpts {
+            preload: Some(src_sock.clone()),
+            ..GuestOpts::new(&src_ram)
+        },
+    );
+    let mut dst = Guest::start(
+        "cli-lost-dst",
+        &GuestOpts {
+            incoming: true,
+            preload: Some(dst_sock.clone()),
+            ..GuestOpts::new(&dst_ram)
+        },
+    );
+    src.wait_ready(Duration::from_secs(180));
+    src.wait_ticks(3, Duration::from_secs(120));
+
+    // A slow background pass: the source is killed while most pages are still there.
+    let mut recv = Command::new(env!("CARGO_BIN_EXE_rmem"))
+        .args(["migrate", "recv", "--listen", "127.0.0.1:0", "--json"])
+        .args(["--background-rate", "4M", "--reply-timeout", "5", "--qmp"])
+        .arg(dst.qmp_path())
+        .arg("--preload-socket")
+        .arg(&dst_sock)
+        .arg("--secret-file")
+        .arg(&secret.0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(recv.stdout.take().unwrap()).lines();
+    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let addr = first["addr"].as_str().unwrap().to_string();
+    let mut send = Command::new(env!("CARGO_BIN_EXE_rmem"))
+        .args([
+            "migrate", "send", "--mode", "postcopy", "--json", "--to", &addr, "--qmp",
+        ])
+        .arg(src.qmp_path())
+        .arg("--secret-file")
+        .arg(&secret.0)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let send_out = BufReader::new(send.stdout.take().unwrap());
+    let mut in_background = false;
+    for l in send_out.lines() {
+        let v: Value = serde_json::from_str(&l.unwrap()).unwrap();
+        if v["phase"] == "background" {
+            in_background = true;
+            break;
+        }
+    }
+    assert!(in_background, "the source never reached post-copy");
+    send.kill().unwrap();
+    let _ = send.wait();
+
+    let status = recv.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut recv.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(5), "recv: {status}\n{err}");
+    assert!(err.contains("post-copy"), "{err}");
+    // Stopped or gone, and it never counted a bad page.
+    let stopped = dst.wait_exit(Duration::from_millis(100)) || {
+        let mut q = rmem_migrate::Qmp::connect(dst.qmp_path(), Duration::from_secs(10)).unwrap();
+        q.execute("query-status", None).unwrap()["status"] != "running"
+    };
+    assert!(
+        stopped,
+        "the destination guest still runs without its source"
+    );
+    assert!(dst.ticks().iter().all(|t| t.bad == 0), "{:?}", dst.ticks());
+    for f in [&src_ram, &dst_ram] {
+        let _ = std::fs::remove_file(f);
+    }
+    for s in [&src_sock, &dst_sock] {
+        let _ = std::fs::remove_file(s);
+    }
+}
