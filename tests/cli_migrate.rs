@@ -267,3 +267,105 @@ fn a_source_lost_during_postcopy_stops_the_destination_guest_before_a_wrong_page
         let _ = std::fs::remove_file(s);
     }
 }
+
+#[test]
+fn status_and_cancel_reach_a_running_migration_and_cancel_puts_the_source_back() {
+    let secret = SecretFile::new("cancel");
+    let id = std::process::id();
+    let (src_ram, dst_ram) = (
+        format!("/dev/shm/rmem-cli-cancel-src-{id}"),
+        format!("/dev/shm/rmem-cli-cancel-dst-{id}"),
+    );
+    let control = std::env::temp_dir().join(format!("rmem-cli-cancel-{id}.ctl"));
+    let mut src = Guest::start("cli-cancel-src", &GuestOpts::new(&src_ram));
+    let mut dst = Guest::start(
+        "cli-cancel-dst",
+        &GuestOpts {
+            incoming: true,
+            ..GuestOpts::new(&dst_ram)
+        },
+    );
+    src.wait_ready(Duration::from_secs(180));
+    src.wait_ticks(3, Duration::from_secs(120));
+    let mut recv = Command::new(env!("CARGO_BIN_EXE_rmem"))
+        .args([
+            "migrate",
+            "recv",
+            "--listen",
+            "127.0.0.1:0",
+            "--json",
+            "--qmp",
+        ])
+        .arg(dst.qmp_path())
+        .arg("--secret-file")
+        .arg(&secret.0)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(recv.stdout.take().unwrap()).lines();
+    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let addr = first["addr"].as_str().unwrap().to_string();
+    // QEMU's own stream, slowed to 8 MiB/s: a 128 MiB guest takes long enough to cancel.
+    let mut send = Command::new(env!("CARGO_BIN_EXE_rmem"))
+        .args([
+            "migrate",
+            "send",
+            "--mode",
+            "stream",
+            "--bandwidth",
+            "8M",
+            "--to",
+            &addr,
+        ])
+        .arg("--control")
+        .arg(&control)
+        .arg("--qmp")
+        .arg(src.qmp_path())
+        .arg("--secret-file")
+        .arg(&secret.0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ask = |what: &str| {
+        Command::new(env!("CARGO_BIN_EXE_rmem"))
+            .args(["migrate", what, "--json", "--control"])
+            .arg(&control)
+            .output()
+            .unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = ask("status");
+        if o.status.success() {
+            let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+            if v["phase"] == "stream" {
+                assert_eq!(v["cancelling"], false);
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never saw the stream phase"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let o = ask("cancel");
+    assert!(o.status.success(), "{o:?}");
+    let s = send.wait().unwrap();
+    assert_eq!(s.code(), Some(7), "send after cancel: {s}");
+    assert!(!control.exists(), "the control socket is removed");
+    assert_eq!(recv.wait().unwrap().code(), Some(7), "recv after the abort");
+    assert!(
+        dst.wait_exit(Duration::from_secs(30)),
+        "the destination QEMU quits"
+    );
+    // The source runs on, checking its memory clean.
+    let t = src.wait_ticks(6, Duration::from_secs(120));
+    assert!(src.ticks().iter().all(|t| t.bad == 0), "{t:?}");
+    // Nothing answers once it is over.
+    assert_eq!(ask("status").status.code(), Some(5));
+    for f in [&src_ram, &dst_ram] {
+        let _ = std::fs::remove_file(f);
+    }
+}

@@ -232,6 +232,8 @@ pub struct RoundReport {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Report {
     pub mode: String,
+    /// The source's final phase (`done`).
+    pub phase: String,
     /// How written pages were found (pre-copy).
     pub dirty_log: Option<String>,
     pub rounds: Vec<RoundReport>,

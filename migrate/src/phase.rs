@@ -56,6 +56,19 @@ pub enum Event {
 }
 
 impl Phase {
+    /// Its name in progress reports and `--json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Setup => "setup",
+            Phase::PreCopy { .. } => "precopy",
+            Phase::StopAndCopy => "stop-and-copy",
+            Phase::PostCopy => "postcopy",
+            Phase::Done => "done",
+            Phase::Aborted => "aborted",
+            Phase::Failed => "failed",
+        }
+    }
+
     /// Migration is over, one way or the other.
     pub fn is_final(self) -> bool {
         matches!(self, Phase::Done | Phase::Aborted | Phase::Failed)

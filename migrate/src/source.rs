@@ -25,6 +25,7 @@ use crate::converge::{Decision, Policy, Round};
 use crate::dirty::{page_hashes, DirtyLog, Mapped, PageHashLog};
 use crate::mover::{Link, Mover};
 use crate::pages::{is_zero, PageSet, PAGE};
+use crate::phase::{Event, Phase, Phases};
 use crate::pipe::{Pipe, PipeMemory};
 use crate::qmp::Qmp;
 use crate::ram::{guest_ram, GuestRam};
@@ -102,7 +103,18 @@ struct Undo {
     was_running: bool,
     paused_by_us: bool,
     migrating: bool,
-    started: bool,
+    /// Where the migration is; only moves the phase table allows.
+    phases: Phases,
+}
+
+impl Undo {
+    /// Takes `event`; an illegal move is this agent's bug, reported as such.
+    fn take(&mut self, event: Event) -> Result<(), MigrateError> {
+        self.phases
+            .take(event)
+            .map(|_| ())
+            .map_err(|e| MigrateError::Protocol(e.to_string()))
+    }
 }
 
 /// Runs the source side of a migration. `cancel` stops it at the next step (before the
@@ -138,13 +150,26 @@ pub fn send(
         was_running: status == "running",
         ..Undo::default()
     };
-    let result = run(opts, &mut q, &peer, &rams, &mut undo, cancel, progress, t0);
+    let mut result = run(opts, &mut q, &peer, &rams, &mut undo, cancel, progress, t0);
     if let Err(e) = &result {
-        if !undo.started {
+        let lost = matches!(
+            e,
+            MigrateError::Peer(_) | MigrateError::Move(_) | MigrateError::Transport(_)
+        );
+        let event = if lost { Event::PeerLost } else { Event::Abort };
+        // Before the switch-over the source still owns the guest: put it back. After it, the
+        // source stays paused whatever happens.
+        if undo.phases.take(event) == Ok(Phase::Aborted) {
             let _ = peer.send(&Msg::Abort { why: e.to_string() });
             restore(&mut q, &undo);
         }
     }
+    if let Ok(r) = &mut result {
+        r.phase = undo.phases.now().name().into();
+    }
+    progress(Progress::Phase {
+        phase: undo.phases.now().name().into(),
+    });
     result
 }
 
@@ -368,6 +393,7 @@ fn run(
                 phase: "precopy".into(),
             });
             let mut dirty = collect(&regions, &mut logs)?;
+            undo.take(Event::Start)?;
             let mut number = 1;
             loop {
                 check_cancel()?;
@@ -400,7 +426,10 @@ fn run(
                     dirty_pages: dirtied,
                 };
                 match opts.policy.decide(&round) {
-                    Decision::AnotherRound => number += 1,
+                    Decision::AnotherRound => {
+                        undo.take(Event::RoundDone)?;
+                        number += 1;
+                    }
                     Decision::StopAndCopy { .. } | Decision::PostCopy => break,
                 }
             }
@@ -416,6 +445,9 @@ fn run(
             .into(),
         });
         paused_at = Some(pause(q, undo)?);
+        if !opts.mode.postcopy() {
+            undo.take(Event::Stop)?;
+        }
         let exact = logs.first().is_some_and(|l| l.is_exact());
         if opts.mode.postcopy() {
             let needed: Vec<PageSet> = match unsent {
@@ -529,7 +561,11 @@ fn run(
     };
     report.stream_bytes = relay.close();
     // The switch-over: from here the source stays paused whatever happens.
-    undo.started = true;
+    undo.take(if opts.mode.postcopy() {
+        Event::SwitchToPostCopy
+    } else {
+        Event::AllSent
+    })?;
     peer.send(&Msg::Start {
         run: undo.was_running,
     })?;
@@ -546,7 +582,10 @@ fn run(
             phase: "background".into(),
         });
         match peer.recv(opts.timeouts.total)? {
-            Msg::AllPages { pulled } => report.postcopy = Some(pulled),
+            Msg::AllPages { pulled } => {
+                report.postcopy = Some(pulled);
+                undo.take(Event::AllSent)?;
+            }
             m => return Err(unexpected("all pages", &m)),
         }
         report.page_bytes = (pulled_pages(&report) * PAGE) as u64;
@@ -554,9 +593,6 @@ fn run(
     }
     report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
     report.status = format!("source {}, destination {status}", run_status(q)?);
-    progress(Progress::Phase {
-        phase: "done".into(),
-    });
     Ok(report)
 }
 

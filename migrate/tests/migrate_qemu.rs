@@ -228,7 +228,10 @@ fn precopy_moves_a_running_guest_in_rounds() {
         src.final_pages.is_some() && src.verified == Some(true),
         "{src:?}"
     );
-    assert_eq!(src.dirty_log.as_deref(), Some("page hashes"));
+    assert!(
+        src.dirty_log.as_deref().unwrap().starts_with("page hashes"),
+        "{src:?}"
+    );
     assert_eq!(dst.status, "running");
     assert_eq!(status(&p.src), "postmigrate");
     let last = *p.src.ticks().last().unwrap();

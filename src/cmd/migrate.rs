@@ -35,6 +35,22 @@ pub enum MigrateCmd {
     ///
     /// Example: rmem migrate recv --listen 0.0.0.0:7480 --qmp /run/vm1-in.qmp
     Recv(RecvArgs),
+    /// Where a running `rmem migrate send --control PATH` is: its last progress event and
+    /// totals, as JSON with --json.
+    Status(ControlArgs),
+    /// Cancel a running `rmem migrate send --control PATH`: before the switch-over the source
+    /// is put back as it was; after it, nothing changes (the guest lives on the destination).
+    Cancel(ControlArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ControlArgs {
+    /// The control socket given to `rmem migrate send --control`.
+    #[arg(long)]
+    control: PathBuf,
+    /// Status as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// How RAM moves.
@@ -127,6 +143,10 @@ pub struct SendArgs {
     /// Hash both RAMs with the source paused and fail on any difference (costs downtime).
     #[arg(long)]
     verify: bool,
+    /// A unix socket where `rmem migrate status` and `rmem migrate cancel` reach this
+    /// migration.
+    #[arg(long)]
+    control: Option<PathBuf>,
     /// The socket of rmem's preload library in the source QEMU (started with
     /// LD_PRELOAD=librmem_preload.so RMEM_PRELOAD_SOCKET=PATH): exact dirty pages for pre-copy
     /// (kernel 6.7+). Without it pre-copy finds written pages by hashing.
@@ -159,7 +179,104 @@ pub fn run(c: MigrateCmd) -> Result<(), Failed> {
     match c {
         MigrateCmd::Send(a) => send(a),
         MigrateCmd::Recv(a) => recv(a),
+        MigrateCmd::Status(a) => control(&a, "status"),
+        MigrateCmd::Cancel(a) => control(&a, "cancel"),
     }
+}
+
+/// Asks a running `send` through its control socket.
+fn control(a: &ControlArgs, what: &str) -> Result<(), Failed> {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(&a.control).map_err(|e| {
+        Failed::new(
+            Code::Peer,
+            format!(
+                "no migration answers on {}: {e} (is `rmem migrate send --control` running?)",
+                a.control.display()
+            ),
+        )
+    })?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    writeln!(s, "{what}").map_err(|e| Failed::new(Code::Peer, e))?;
+    let mut line = String::new();
+    std::io::BufReader::new(&s)
+        .read_line(&mut line)
+        .map_err(|e| Failed::new(Code::Peer, e))?;
+    let v: serde_json::Value = serde_json::from_str(line.trim())
+        .map_err(|e| Failed::new(Code::Failure, format!("malformed answer ({e}): {line}")))?;
+    if a.json || what == "cancel" {
+        println!("{v}");
+    } else {
+        println!(
+            "phase {}, round {}, {} pages sent, {} MiB relayed, {:.1} s{}",
+            v["phase"].as_str().unwrap_or("-"),
+            v["round"].as_u64().unwrap_or(0),
+            v["pages_sent"].as_u64().unwrap_or(0),
+            v["stream_bytes"].as_u64().unwrap_or(0) >> 20,
+            v["elapsed_s"].as_f64().unwrap_or(0.0),
+            if v["cancelling"].as_bool() == Some(true) {
+                " (cancelling)"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
+}
+
+/// What `status` answers: the latest state of a running `send`.
+#[derive(Default)]
+struct Live {
+    phase: String,
+    round: u32,
+    pages_sent: usize,
+    stream_bytes: u64,
+}
+
+/// Serves `status` and `cancel` on `path` while the migration runs.
+fn serve_control(
+    path: &std::path::Path,
+    live: Arc<std::sync::Mutex<Live>>,
+    cancel: Arc<AtomicBool>,
+) -> Result<(), Failed> {
+    use std::io::{BufRead, Write};
+    let _ = std::fs::remove_file(path);
+    let l = std::os::unix::net::UnixListener::bind(path).map_err(|e| {
+        Failed::new(
+            Code::Usage,
+            format!("control socket {}: {e}", path.display()),
+        )
+    })?;
+    let started = std::time::Instant::now();
+    std::thread::spawn(move || {
+        for conn in l.incoming().flatten() {
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut line = String::new();
+            if std::io::BufReader::new(&conn).read_line(&mut line).is_err() {
+                continue;
+            }
+            let answer = match line.trim() {
+                "cancel" => {
+                    cancel.store(true, Ordering::Release);
+                    serde_json::json!({"cancelling": true})
+                }
+                "status" => {
+                    let l = live.lock().unwrap_or_else(|e| e.into_inner());
+                    serde_json::json!({
+                        "phase": l.phase,
+                        "round": l.round,
+                        "pages_sent": l.pages_sent,
+                        "stream_bytes": l.stream_bytes,
+                        "elapsed_s": started.elapsed().as_secs_f64(),
+                        "cancelling": cancel.load(Ordering::Acquire),
+                    })
+                }
+                other => serde_json::json!({"error": format!("unknown request {other:?}")}),
+            };
+            let _ = writeln!(&conn, "{answer}");
+        }
+    });
+    Ok(())
 }
 
 /// Sets the returned flag on SIGINT or SIGTERM, so a migration is cancelled, not cut.
@@ -190,24 +307,54 @@ fn cancel_on_signal() -> Arc<AtomicBool> {
     flag
 }
 
-/// Progress as JSON lines, or as lines on stderr for a person.
-fn reporter(json: bool) -> impl FnMut(Progress) {
-    let tty = std::io::stderr().is_terminal();
+/// Progress as JSON lines (`--json`), a progress line on a terminal, or plain lines on stderr
+/// otherwise; `live` keeps the latest state for `rmem migrate status`.
+fn reporter(json: bool, live: Arc<std::sync::Mutex<Live>>) -> impl FnMut(Progress) {
+    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.enable_steady_tick(Duration::from_millis(120));
+        b
+    });
     move |p: Progress| {
+        {
+            let mut l = live.lock().unwrap_or_else(|e| e.into_inner());
+            match &p {
+                Progress::Phase { phase } => l.phase = phase.clone(),
+                Progress::Round(r) => {
+                    l.round = r.round;
+                    l.pages_sent += r.pages;
+                }
+                Progress::Stream { bytes } => l.stream_bytes = *bytes,
+                _ => {}
+            }
+        }
         if json {
             println!("{}", serde_json::to_string(&p).unwrap_or_default());
             return;
         }
-        match p {
-            Progress::Listening { addr } => eprintln!("listening on {addr}"),
-            Progress::Connected { peer } => eprintln!("connected to {peer}"),
-            Progress::Phase { phase } => eprintln!("phase: {phase}"),
-            Progress::Round(r) => eprintln!(
+        let line = match &p {
+            Progress::Listening { addr } => format!("listening on {addr}"),
+            Progress::Connected { peer } => format!("connected to {peer}"),
+            Progress::Phase { phase } => format!("phase: {phase}"),
+            Progress::Round(r) => format!(
                 "round {}: {} pages sent ({} zero left out) in {:.0} ms; {} written meanwhile",
                 r.round, r.pages, r.zero_pages, r.ms, r.dirtied
             ),
-            Progress::Stream { bytes } if tty => eprint!("\rrelayed {} MiB", bytes >> 20),
-            Progress::Stream { .. } => {}
+            Progress::Stream { bytes } => format!("relayed {} MiB", bytes >> 20),
+        };
+        match &bar {
+            Some(b) => {
+                if matches!(p, Progress::Round(_) | Progress::Phase { .. }) {
+                    b.println(&line);
+                }
+                b.set_message(line);
+                if matches!(&p, Progress::Phase { phase } if phase == "done" || phase == "aborted" || phase == "failed")
+                {
+                    b.finish_and_clear();
+                }
+            }
+            None if matches!(p, Progress::Stream { .. }) => {}
+            None => eprintln!("{line}"),
         }
     }
 }
@@ -259,8 +406,16 @@ fn send(a: SendArgs) -> Result<(), Failed> {
         timeouts: a.common.timeouts(),
     };
     let cancel = cancel_on_signal();
-    let mut progress = reporter(a.common.json);
-    let report = rmem_migrate::send(&opts, &cancel, &mut progress).map_err(failed)?;
+    let live = Arc::new(std::sync::Mutex::new(Live::default()));
+    if let Some(path) = &a.control {
+        serve_control(path, live.clone(), cancel.clone())?;
+    }
+    let mut progress = reporter(a.common.json, live);
+    let result = rmem_migrate::send(&opts, &cancel, &mut progress);
+    if let Some(path) = &a.control {
+        let _ = std::fs::remove_file(path);
+    }
+    let report = result.map_err(failed)?;
     finish(&report, a.common.json);
     Ok(())
 }
@@ -277,7 +432,7 @@ fn recv(a: RecvArgs) -> Result<(), Failed> {
         background_rate: a.background_rate.map(|r| r as u64),
         timeouts: a.common.timeouts(),
     };
-    let mut progress = reporter(a.common.json);
+    let mut progress = reporter(a.common.json, Arc::default());
     let rx = Receiver::bind(opts).map_err(failed)?;
     let report = rx.run(&mut progress).map_err(failed)?;
     finish(&report, a.common.json);
