@@ -108,6 +108,9 @@ pub enum Msg {
         ram: Vec<RamDesc>,
         /// QEMU migration capabilities to turn on at the destination.
         capabilities: Vec<String>,
+        /// The source will offer page hashes first (`--dedup`).
+        #[serde(default)]
+        dedup: bool,
     },
     /// Destination: ready for pages (its RAM, registered, in `ram` order) and device state.
     Ready {
@@ -127,6 +130,11 @@ pub enum Msg {
     AllPages { pulled: crate::postcopy::Pulled },
     /// Either side: it will not go on, and why.
     Refused { why: String },
+    /// Source (`--dedup`): a keyed hash of each of its pages follows as one raw message (16
+    /// bytes a page, 0 for zero pages, regions in order).
+    DedupOffer { pages: u64 },
+    /// Destination: the pages it filled from RAM it already holds, a hex bitmap per region.
+    DedupHave { bitmaps: Vec<String> },
     /// Source: hash your RAM (it is paused; what differs is sent again).
     HashRequest,
     /// Destination: the hashes follow as one raw message, 16 bytes a page, regions in order.
@@ -256,6 +264,9 @@ pub struct Report {
     pub status: String,
     /// Post-copy: faults served, pages READ, pages mapped without a READ.
     pub postcopy: Option<crate::postcopy::Pulled>,
+    /// `--dedup`: pages the destination filled from RAM it already held, and bytes not sent.
+    pub dedup_pages: Option<usize>,
+    pub dedup_bytes_saved: Option<u64>,
 }
 
 /// A progress event, as a JSON line on a pipe or a bar on a terminal.

@@ -21,6 +21,7 @@ use crate::agent::{
     Hello, MigrateError, Mode, Msg, PageHello, Progress, RamDesc, Report, Timeouts, Welcome,
     PROTOCOL, VERSION,
 };
+use crate::dedup::{DedupKey, Index};
 use crate::dirty::{page_hashes, Mapped};
 use crate::mover::Mover;
 use crate::pages::{PageSet, PAGE};
@@ -48,6 +49,8 @@ pub struct RecvOptions {
     pub preload: Option<PathBuf>,
     /// Post-copy: bytes per second for the background pass (faults are never held back).
     pub background_rate: Option<u64>,
+    /// RAM files on this host (other guests') whose pages a `--dedup` source need not send.
+    pub dedup_from: Vec<PathBuf>,
     pub timeouts: Timeouts,
 }
 
@@ -59,6 +62,8 @@ pub struct Receiver {
     pd: Pd,
     listener: Listener,
     rams: Vec<GuestRam>,
+    /// This connection's key for page hashes, and whether the source offers them.
+    dedup: Option<DedupKey>,
 }
 
 /// The destination's RAM, punched to zeros, mapped and registered for the source's WRITEs.
@@ -89,6 +94,7 @@ impl Receiver {
             pd,
             listener,
             rams: Vec::new(),
+            dedup: None,
         })
     }
 
@@ -199,7 +205,13 @@ impl Receiver {
                 peer: peer.to_string(),
             });
             let (mode, ram) = match Msg::decode(&pipe.recv_msg(self.opts.timeouts.reply)?)? {
-                Msg::Plan { mode, ram, .. } => (mode, ram),
+                Msg::Plan {
+                    mode, ram, dedup, ..
+                } => {
+                    self.dedup =
+                        dedup.then(|| DedupKey::derive(&self.opts.secret, &hello.nonce, &nonce_s));
+                    (mode, ram)
+                }
                 m => {
                     return Err(MigrateError::Protocol(format!(
                         "expected a plan, got {m:?}"
@@ -336,6 +348,11 @@ impl Receiver {
                     match pipe.recv_msg(Duration::from_millis(20)) {
                         Ok(m) => match Msg::decode(&m)? {
                             Msg::HashRequest => send_hashes(pipe, &regions)?,
+                            Msg::DedupOffer { pages } => {
+                                let raw = pipe.recv_msg(reply)?;
+                                let have = self.fill_from_index(&regions, pages, &raw)?;
+                                pipe.send_msg(&Msg::DedupHave { bitmaps: have }.encode())?;
+                            }
                             Msg::SourceRam { regions: r } => source_ram = r,
                             Msg::Needed { bitmaps } => {
                                 let (Some(h), Some((qp, cq)), Some(region), Some(remote)) = (
@@ -491,6 +508,49 @@ impl Receiver {
             phase: "done".into(),
         });
         Ok(report)
+    }
+
+    /// Fills pages the source offered from RAM this host holds (`dedup_from`); returns the
+    /// bitmaps of the pages filled.
+    fn fill_from_index(
+        &mut self,
+        regions: &[Region],
+        pages: u64,
+        raw: &[u8],
+    ) -> Result<Vec<String>, MigrateError> {
+        let total: usize = regions.iter().map(|r| r.buf.len() / PAGE).sum();
+        if pages != total as u64 || raw.len() != total * 16 {
+            return Err(MigrateError::Protocol(format!(
+                "{} bytes of page hashes for {pages} pages; the RAM has {total}",
+                raw.len()
+            )));
+        }
+        let Some(key) = self.dedup.clone() else {
+            return Err(MigrateError::Protocol(
+                "page hashes without --dedup in the plan".into(),
+            ));
+        };
+        let files = self.opts.dedup_from.clone();
+        let index = Index::build(&key, &files)
+            .map_err(|e| MigrateError::io("indexing the RAM files given to --dedup-from", e))?;
+        let mut hashes = raw
+            .chunks_exact(16)
+            .map(|c| u128::from_le_bytes(c.try_into().unwrap_or_default()));
+        let mut out = Vec::with_capacity(regions.len());
+        for r in regions {
+            let wanted: Vec<u128> = hashes.by_ref().take(r.buf.len() / PAGE).collect();
+            let (have, filled) = index
+                .fill(&key, &wanted, &r.buf)
+                .map_err(|e| MigrateError::io("copying pages from --dedup-from files", e))?;
+            tracing::info!(
+                pages = filled.pages,
+                stale = filled.stale,
+                indexed = index.len(),
+                "pages filled from RAM this host holds"
+            );
+            out.push(hex::encode(have.to_bytes()));
+        }
+        Ok(out)
     }
 
     /// Stops a post-copy guest whose source is lost; kills its QEMU if it cannot be stopped

@@ -17,6 +17,7 @@
 
 pub mod agent;
 pub mod converge;
+pub mod dedup;
 pub mod dest;
 pub mod dirty;
 pub mod mover;

@@ -22,6 +22,7 @@ use crate::agent::{
     Welcome, PROTOCOL, VERSION,
 };
 use crate::converge::{Decision, Policy, Round};
+use crate::dedup::{self, DedupKey};
 use crate::dirty::{page_hashes, DirtyLog, Mapped, PageHashLog};
 use crate::mover::{Link, Mover};
 use crate::pages::{is_zero, PageSet, PAGE};
@@ -51,6 +52,8 @@ pub struct SendOptions {
     /// The preload library's socket in the source QEMU (`RMEM_PRELOAD_SOCKET`): exact dirty
     /// pages for pre-copy. Without it, pages are found by hashing.
     pub preload: Option<PathBuf>,
+    /// Offer page hashes first: the destination fills pages it already holds itself.
+    pub dedup: bool,
     pub timeouts: Timeouts,
 }
 
@@ -62,6 +65,8 @@ struct Region {
 
 /// The connection to the destination agent.
 struct Peer {
+    /// Keys this connection's page hashes (`--dedup`).
+    key: DedupKey,
     _ctx: Context,
     _pd: Pd,
     pipe: Arc<Pipe>,
@@ -253,6 +258,7 @@ fn connect(
         peer: opts.to.to_string(),
     });
     let mut peer = Peer {
+        key: DedupKey::derive(&opts.secret, &nonce_c, &welcome.nonce),
         _ctx: ctx,
         _pd: pd,
         pipe,
@@ -270,6 +276,7 @@ fn connect(
             })
             .collect(),
         capabilities: Vec::new(),
+        dedup: opts.dedup && opts.mode.moves_pages(),
     })?;
     let (regions, token) = match peer.recv(opts.timeouts.reply)? {
         Msg::Ready { regions, token } => (regions, token),
@@ -383,6 +390,31 @@ fn run(
                 remote,
             })
             .collect();
+        // Pages the destination fills from RAM it already holds: never sent in the first pass.
+        let have = if opts.dedup {
+            let have = dedup_offer(peer, &regions, opts.timeouts.total)?;
+            for (dz, h) in dest_zero.iter_mut().zip(&have) {
+                for p in h.iter() {
+                    dz.remove(p);
+                }
+            }
+            let n: usize = have.iter().map(PageSet::count).sum();
+            report.dedup_pages = Some(n);
+            report.dedup_bytes_saved = Some((n * PAGE) as u64);
+            Some(have)
+        } else {
+            None
+        };
+        let without_have = |mut sets: Vec<PageSet>| {
+            if let Some(have) = &have {
+                for (s, h) in sets.iter_mut().zip(have) {
+                    for p in h.iter() {
+                        s.remove(p);
+                    }
+                }
+            }
+            sets
+        };
         // Pages written since the last round and not yet sent, when a round ran.
         let mut unsent: Option<Vec<PageSet>> = None;
         let mut logs: Vec<Box<dyn DirtyLog>> = Vec::new();
@@ -392,7 +424,7 @@ fn run(
             progress(Progress::Phase {
                 phase: "precopy".into(),
             });
-            let mut dirty = collect(&regions, &mut logs)?;
+            let mut dirty = without_have(collect(&regions, &mut logs)?);
             undo.take(Event::Start)?;
             let mut number = 1;
             loop {
@@ -451,10 +483,12 @@ fn run(
         let exact = logs.first().is_some_and(|l| l.is_exact());
         if opts.mode.postcopy() {
             let needed: Vec<PageSet> = match unsent {
-                None => regions
-                    .iter()
-                    .map(|r| PageSet::full(r.buf.len() / PAGE))
-                    .collect(),
+                None => without_have(
+                    regions
+                        .iter()
+                        .map(|r| PageSet::full(r.buf.len() / PAGE))
+                        .collect(),
+                ),
                 Some(mut last) if exact => {
                     for (set, more) in last.iter_mut().zip(collect(&regions, &mut logs)?) {
                         set.union_with(&more);
@@ -675,6 +709,41 @@ fn send_all(
         report.zero_pages_skipped += m.zero_pages;
     }
     Ok(())
+}
+
+/// Offers a keyed hash of every page; returns the pages the destination filled itself.
+fn dedup_offer(
+    peer: &Peer,
+    regions: &[Region],
+    timeout: Duration,
+) -> Result<Vec<PageSet>, MigrateError> {
+    let hashes: Vec<Vec<u128>> = regions
+        .iter()
+        .map(|r| dedup::offer(&peer.key, &Mapped(&r.buf)))
+        .collect();
+    let total: usize = hashes.iter().map(Vec::len).sum();
+    peer.send(&Msg::DedupOffer {
+        pages: total as u64,
+    })?;
+    let raw: Vec<u8> = hashes
+        .iter()
+        .flatten()
+        .flat_map(|h| h.to_le_bytes())
+        .collect();
+    peer.pipe.send_msg(&raw)?;
+    match peer.recv(timeout)? {
+        Msg::DedupHave { bitmaps } if bitmaps.len() == regions.len() => bitmaps
+            .iter()
+            .zip(regions)
+            .map(|(b, r)| {
+                hex::decode(b)
+                    .ok()
+                    .and_then(|bytes| PageSet::from_bytes(r.buf.len() / PAGE, &bytes))
+                    .ok_or_else(|| MigrateError::Protocol("a malformed page bitmap".into()))
+            })
+            .collect(),
+        m => Err(unexpected("the pages the destination holds", &m)),
+    }
 }
 
 /// The pages whose hashes differ between the two sides, per region.

@@ -127,6 +127,7 @@ fn send_opts(p: &Pair, to: SocketAddr, mode: Mode) -> SendOptions {
         bandwidth: None,
         run_dir: std::env::temp_dir(),
         preload: None,
+        dedup: false,
         timeouts: Timeouts {
             reply: Duration::from_secs(30),
             total: Duration::from_secs(300),
@@ -144,6 +145,7 @@ fn receiver(p: &Pair) -> Receiver {
         accept: Duration::from_secs(60),
         preload: p.dst_preload.clone(),
         background_rate: None,
+        dedup_from: Vec::new(),
         timeouts: Timeouts::default(),
     })
     .expect("the destination agent binds")
@@ -402,6 +404,7 @@ fn unmovable_guests_wrong_secrets_and_other_layouts_are_refused_before_anything_
         accept: Duration::from_secs(5),
         preload: None,
         background_rate: None,
+        dedup_from: Vec::new(),
         timeouts: Timeouts::default(),
     })
     .err()
@@ -475,4 +478,50 @@ fn cancel_during_precopy_leaves_the_source_running_and_the_destination_gone() {
         p.dst.wait_exit(Duration::from_secs(30)),
         "the destination QEMU still runs after the abort"
     );
+}
+
+#[test]
+fn dedup_fills_pages_from_a_guest_already_on_the_destination() {
+    let _one = serial();
+    // A guest from the same kernel and image already runs where the source goes (paused
+    // once ready: three TCG guests are too many for two cores).
+    let donor_ram = ram_file("dedup-donor");
+    let mut donor = Guest::start("dedup-donor", &GuestOpts::new(&donor_ram));
+    donor.wait_ready(BOOT);
+    let mut q = Qmp::connect(donor.qmp_path(), Duration::from_secs(10)).unwrap();
+    q.execute("stop", None).unwrap();
+    drop(q);
+    let mut p = pair("dedup", |o| o, 128);
+    let rx = Receiver::bind(RecvOptions {
+        dedup_from: vec![donor_ram.clone()],
+        listen: "127.0.0.1:0".parse().unwrap(),
+        qmp: p.dst.qmp_path().to_path_buf(),
+        secret: SECRET.to_vec(),
+        provider: Provider::Tcp,
+        run_dir: std::env::temp_dir(),
+        accept: Duration::from_secs(60),
+        preload: None,
+        background_rate: None,
+        timeouts: Timeouts::default(),
+    })
+    .unwrap();
+    let to = rx.local_addr();
+    let dest = std::thread::spawn(move || rx.run(&mut |_| {}));
+    let opts = SendOptions {
+        dedup: true,
+        verify: true,
+        ..send_opts(&p, to, Mode::StopCopy)
+    };
+    let src = send(&opts, &AtomicBool::new(false), &mut |_| {}).expect("source");
+    dest.join().unwrap().expect("destination");
+    let deduped = src.dedup_pages.unwrap();
+    assert!(
+        deduped > 256,
+        "the shared kernel's pages came from the donor: {src:?}"
+    );
+    assert_eq!(src.dedup_bytes_saved, Some((deduped * 4096) as u64));
+    assert_eq!(src.verified, Some(true), "pages filled locally are right");
+    let last = *p.src.ticks().last().unwrap();
+    runs_on(&mut p.dst, last);
+    let _ = std::fs::remove_file(&donor_ram);
 }

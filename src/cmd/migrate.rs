@@ -143,6 +143,10 @@ pub struct SendArgs {
     /// Hash both RAMs with the source paused and fail on any difference (costs downtime).
     #[arg(long)]
     verify: bool,
+    /// Offer a keyed hash of every page first: the destination copies the pages it already
+    /// holds (`recv --dedup-from`) from its own RAM instead of receiving them.
+    #[arg(long)]
+    dedup: bool,
     /// A unix socket where `rmem migrate status` and `rmem migrate cancel` reach this
     /// migration.
     #[arg(long)]
@@ -169,6 +173,10 @@ pub struct RecvArgs {
     /// hybrid (minor faults on shared memory: kernel 5.14+).
     #[arg(long)]
     preload_socket: Option<PathBuf>,
+    /// RAM files of guests already on this host (repeatable): pages a `--dedup` source offers
+    /// that are found in them are copied here instead of sent.
+    #[arg(long)]
+    dedup_from: Vec<PathBuf>,
     /// Post-copy: cap the background pass at this many bytes/s (e.g. 500M) so it leaves the
     /// link to the guest's faults; faults are never held back.
     #[arg(long, value_parser = parse_size)]
@@ -382,6 +390,12 @@ fn finish(report: &Report, json: bool) {
         report.stream_bytes >> 10,
         report.status
     );
+    if let (Some(pages), Some(bytes)) = (report.dedup_pages, report.dedup_bytes_saved) {
+        println!(
+            "dedup: {pages} pages filled from the destination's own RAM, {} MiB not sent",
+            bytes >> 20
+        );
+    }
     if let Some(log) = &report.dirty_log {
         println!("dirty pages found by: {log}");
     }
@@ -403,6 +417,7 @@ fn send(a: SendArgs) -> Result<(), Failed> {
         bandwidth: a.bandwidth.map(|b| b as u64),
         run_dir: a.common.run_dir.clone(),
         preload: a.preload_socket.clone(),
+        dedup: a.dedup,
         timeouts: a.common.timeouts(),
     };
     let cancel = cancel_on_signal();
@@ -430,6 +445,7 @@ fn recv(a: RecvArgs) -> Result<(), Failed> {
         accept: Duration::from_secs(a.accept_timeout.max(1)),
         preload: a.preload_socket.clone(),
         background_rate: a.background_rate.map(|r| r as u64),
+        dedup_from: a.dedup_from.clone(),
         timeouts: a.common.timeouts(),
     };
     let mut progress = reporter(a.common.json, Arc::default());
