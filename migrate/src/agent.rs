@@ -221,7 +221,12 @@ impl MigrateError {
 
     /// Whether the failure came before anything was paused or changed.
     pub fn is_refusal(&self) -> bool {
-        matches!(self, MigrateError::Refused(_) | MigrateError::Ram(_))
+        matches!(
+            self,
+            MigrateError::Refused(_)
+                | MigrateError::Ram(_)
+                | MigrateError::Uffd(crate::uffd::UffdError::Missing { .. })
+        )
     }
 }
 

@@ -31,7 +31,7 @@ use crate::pipe::{Pipe, PipeMemory};
 use crate::qmp::Qmp;
 use crate::ram::{guest_ram, GuestRam};
 use crate::relay::Relay;
-use crate::uffd::{attach, Register, WrittenLog};
+use crate::uffd::{attach, Handoff, Register, WrittenLog};
 
 /// What `rmem migrate send` was asked to do.
 #[derive(Debug, Clone)]
@@ -110,6 +110,9 @@ struct Undo {
     migrating: bool,
     /// Where the migration is; only moves the phase table allows.
     phases: Phases,
+    /// QEMU's settings before rmem changed them: x-ignore-shared, downtime-limit and
+    /// max-bandwidth (a later migration by someone else must not inherit rmem's).
+    saved: Option<(bool, Value)>,
 }
 
 impl Undo {
@@ -150,12 +153,31 @@ pub fn send(
     } else {
         Vec::new()
     };
+    // The preload library is asked before the destination is: a QEMU without it is refused
+    // with nothing changed anywhere.
+    let mut handoffs = Vec::new();
+    if let (Some(sock), true) = (&opts.preload, opts.mode.precopy()) {
+        for ram in &rams {
+            let h = attach(sock, Register::WriteProtect, &ram.path, opts.timeouts.reply)?;
+            if h.len != ram.size {
+                return Err(MigrateError::Refused(format!(
+                    "QEMU maps {} bytes of {}, its backend is {}",
+                    h.len,
+                    ram.path.display(),
+                    ram.size
+                )));
+            }
+            handoffs.push(h);
+        }
+    }
     let peer = connect(opts, &rams, progress)?;
     let mut undo = Undo {
         was_running: status == "running",
         ..Undo::default()
     };
-    let mut result = run(opts, &mut q, &peer, &rams, &mut undo, cancel, progress, t0);
+    let mut result = run(
+        opts, &mut q, &peer, &rams, handoffs, &mut undo, cancel, progress, t0,
+    );
     if let Err(e) = &result {
         let lost = matches!(
             e,
@@ -179,7 +201,32 @@ pub fn send(
 }
 
 /// Puts the source back as it was before the migration.
+/// QEMU's x-ignore-shared and the parameters rmem sets, as they are now.
+fn saved_settings(q: &mut Qmp) -> Result<(bool, Value), MigrateError> {
+    let caps = q.execute("query-migrate-capabilities", None)?;
+    let ignore_shared = caps
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find(|c| c.get("capability").and_then(Value::as_str) == Some("x-ignore-shared"))
+        })
+        .and_then(|c| c.get("state").and_then(Value::as_bool))
+        .unwrap_or(false);
+    let p = q.execute("query-migrate-parameters", None)?;
+    let mut params = json!({});
+    for k in ["downtime-limit", "max-bandwidth"] {
+        if let Some(v) = p.get(k) {
+            params[k] = v.clone();
+        }
+    }
+    Ok((ignore_shared, params))
+}
+
 fn restore(q: &mut Qmp, undo: &Undo) {
+    if let Some((ignore_shared, params)) = &undo.saved {
+        let _ = set_capability(q, "x-ignore-shared", *ignore_shared);
+        let _ = q.execute("migrate-set-parameters", Some(params.clone()));
+    }
     if undo.migrating {
         let _ = q.execute("migrate_cancel", None);
         // Cancelling settles asynchronously; resume only once QEMU left the migration.
@@ -329,6 +376,7 @@ fn run(
     q: &mut Qmp,
     peer: &Peer,
     rams: &[GuestRam],
+    handoffs: Vec<Handoff>,
     undo: &mut Undo,
     cancel: &AtomicBool,
     progress: &mut dyn FnMut(Progress),
@@ -346,6 +394,7 @@ fn run(
         ..Report::default()
     };
     let moves = opts.mode.moves_pages();
+    undo.saved = Some(saved_settings(q)?);
     set_capability(q, "x-ignore-shared", moves)?;
     let mut params = json!({"downtime-limit": opts.policy.downtime_target.as_millis() as u64});
     if !moves {
@@ -419,7 +468,7 @@ fn run(
         let mut unsent: Option<Vec<PageSet>> = None;
         let mut logs: Vec<Box<dyn DirtyLog>> = Vec::new();
         if opts.mode.precopy() && undo.was_running {
-            logs = dirty_logs(opts, rams, &regions)?;
+            logs = dirty_logs(handoffs, &regions)?;
             report.dirty_log = logs.first().map(|l| format!("{} ({})", l.kind(), l.cost()));
             progress(Progress::Phase {
                 phase: "precopy".into(),
@@ -655,29 +704,18 @@ fn pause(q: &mut Qmp, undo: &mut Undo) -> Result<Instant, MigrateError> {
 /// The dirty logs for pre-copy: exact through the preload library when QEMU has it, else page
 /// hashes.
 fn dirty_logs(
-    opts: &SendOptions,
-    rams: &[GuestRam],
+    handoffs: Vec<Handoff>,
     regions: &[Region],
 ) -> Result<Vec<Box<dyn DirtyLog>>, MigrateError> {
-    let Some(sock) = &opts.preload else {
+    if handoffs.is_empty() {
         return Ok(regions
             .iter()
             .map(|r| Box::new(PageHashLog::new(r.buf.len() / PAGE)) as Box<dyn DirtyLog>)
             .collect());
-    };
-    rams.iter()
-        .map(|ram| {
-            let h = attach(sock, Register::WriteProtect, &ram.path, opts.timeouts.reply)?;
-            if h.len != ram.size {
-                return Err(MigrateError::Protocol(format!(
-                    "QEMU maps {} bytes of {}, its backend is {}",
-                    h.len,
-                    ram.path.display(),
-                    ram.size
-                )));
-            }
-            Ok(Box::new(WrittenLog::new(h)?) as Box<dyn DirtyLog>)
-        })
+    }
+    handoffs
+        .into_iter()
+        .map(|h| Ok(Box::new(WrittenLog::new(h)?) as Box<dyn DirtyLog>))
         .collect()
 }
 

@@ -374,11 +374,59 @@ fn unmovable_guests_wrong_secrets_and_other_layouts_are_refused_before_anything_
     let rx = receiver(&p);
     let to = rx.local_addr();
     let dest = std::thread::spawn(move || rx.run(&mut |_| {}));
+    // A preload socket with no library behind it: refused before anything pauses or
+    // reaches the destination, QEMU's settings as they were.
+    let mut no_lib = send_opts(&p, to, Mode::Precopy);
+    no_lib.preload = Some(std::env::temp_dir().join("rmem-no-such-preload.sock"));
+    let e = send(&no_lib, &AtomicBool::new(false), &mut |_| {}).unwrap_err();
+    assert!(
+        e.to_string().contains("LD_PRELOAD") && e.is_refusal(),
+        "{e}"
+    );
+    still_running(&mut p.src);
+    let mut q = Qmp::connect(p.src.qmp_path(), Duration::from_secs(10)).unwrap();
+    let caps = q.execute("query-migrate-capabilities", None).unwrap();
+    let ignore = caps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["capability"] == "x-ignore-shared")
+        .unwrap();
+    assert_eq!(ignore["state"], false, "x-ignore-shared is put back");
+    drop(q);
     let mut wrong = send_opts(&p, to, Mode::StopCopy);
     wrong.secret = b"not-the-secret-at-all".to_vec();
     let e = send(&wrong, &AtomicBool::new(false), &mut |_| {}).unwrap_err();
     assert!(e.is_refusal() && e.to_string().contains("secret"), "{e}");
     still_running(&mut p.src);
+    // A source speaking another protocol version is refused at the first answer.
+    {
+        use rmem_migrate::agent::{Hello, Welcome};
+        use rmem_transport::{open, OpenOptions, QpConfig};
+        let ctx = open(&OpenOptions::new(Provider::Tcp)).unwrap();
+        let pd = ctx.alloc_pd().unwrap();
+        let cq = ctx.create_cq(16).unwrap();
+        let mem = rmem_migrate::PipeMemory::new(&pd).unwrap();
+        let hello = Hello {
+            protocol: "rmem-migrate".into(),
+            version: 99,
+            nonce: "n".into(),
+            credit: mem.credit_word(),
+        };
+        let conn = ctx
+            .connect(
+                to,
+                &QpConfig::new(&pd, &cq),
+                &serde_json::to_vec(&hello).unwrap(),
+            )
+            .unwrap();
+        let w: Welcome = serde_json::from_slice(&conn.private).unwrap();
+        let why = w.refused.expect("version 99 refused");
+        assert!(
+            why.contains("version 1") && why.contains("version 99"),
+            "{why}"
+        );
+    }
     // The destination kept waiting: a source with the secret but other RAM is refused.
     let e = send(
         &send_opts(&p, to, Mode::StopCopy),

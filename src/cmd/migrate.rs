@@ -458,9 +458,8 @@ fn recv(a: RecvArgs) -> Result<(), Failed> {
 /// The exit code of a migration error (see `rmem migrate --help`).
 fn failed(e: MigrateError) -> Failed {
     let code = match &e {
-        MigrateError::Refused(_)
-        | MigrateError::Ram(_)
-        | MigrateError::Qmp(
+        e if e.is_refusal() => Code::Refused,
+        MigrateError::Qmp(
             QmpError::Connect { .. } | QmpError::NotQemu(_) | QmpError::NoGreeting { .. },
         ) => Code::Refused,
         MigrateError::Peer(_)
