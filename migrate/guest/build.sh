@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the migration tests' guest into OUT_DIR: OUT_DIR/vmlinuz (a Debian kernel from /boot,
 # the newest 6.1 one, else the newest of any) and OUT_DIR/initramfs.cpio.gz (cpio newc, gzip)
-# whose /init is init.c built static. Does nothing when both are up to date; callers running at
+# whose /init is init.c built static; and OUT_DIR/writer, the same program built dynamically
+# (run as a process with --file PATH). Does nothing when both are up to date; callers running at
 # once wait for each other (a lock in OUT_DIR).
 #
 #   migrate/guest/build.sh OUT_DIR
@@ -32,6 +33,11 @@ fi
 if [[ ! -e $out/init || $src/init.c -nt $out/init || $0 -nt $out/init ]]; then
   gcc -O2 -static -pthread -Wall -Wextra -Werror -o "$out/init.tmp" "$src/init.c"
   mv "$out/init.tmp" "$out/init"
+fi
+# The same program as a process over a shared file, linked dynamically so LD_PRELOAD works.
+if [[ ! -e $out/writer || $src/init.c -nt $out/writer || $0 -nt $out/writer ]]; then
+  gcc -O2 -pthread -Wall -Wextra -Werror -o "$out/writer.tmp" "$src/init.c"
+  mv "$out/writer.tmp" "$out/writer"
 fi
 if [[ ! -e $out/initramfs.cpio.gz || $out/init -nt $out/initramfs.cpio.gz ]]; then
   root=$(mktemp -d)

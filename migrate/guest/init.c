@@ -16,7 +16,9 @@
  *
  * If /init exits the kernel panics, so every failure here is reported and then waited out.
  *
- * Built with gcc -O2 -static by build.sh.
+ * Built with gcc -O2 -static by build.sh. The same program built dynamically ("writer") runs
+ * as a process with "--file PATH": both sets live in PATH, mapped shared (a tmpfs file an rmem
+ * agent moves, with rmem's preload library loaded), and its lines go to stdout.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -181,20 +183,43 @@ static void *alloc(size_t pages)
 	return p;
 }
 
-int main(void)
+/* Both sets in one shared mapping of PATH (created at their size). */
+static uint64_t *map_file(const char *path)
 {
-	mkdir("/dev", 0755);
-	mkdir("/proc", 0555);
-	mount("devtmpfs", "/dev", "devtmpfs", 0, NULL);
-	mount("proc", "/proc", "proc", 0, NULL);
-	out = open_tty("ttyS0", 64);
-	if (out < 0)
-		out = open("/dev/console", O_WRONLY | O_NOCTTY);
+	size_t len = (size_t)(HOT_PAGES + COLD_PAGES) * PAGE;
+	int fd = open(path, O_RDWR | O_CREAT, 0600);
+	if (fd < 0 || ftruncate(fd, (off_t)len) != 0)
+		return NULL;
+	void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	close(fd);
+	return p == MAP_FAILED ? NULL : p;
+}
 
-	uint64_t *hot = alloc(HOT_PAGES), *cold = alloc(COLD_PAGES);
-	if (!hot || !cold) {
-		say("rmem-guest: cannot allocate: %s\n", strerror(errno));
-		hang();
+int main(int argc, char **argv)
+{
+	uint64_t *hot, *cold;
+	if (argc == 3 && strcmp(argv[1], "--file") == 0) {
+		out = 1;
+		hot = map_file(argv[2]);
+		if (!hot) {
+			say("rmem-writer: %s: %s\n", argv[2], strerror(errno));
+			return 1;
+		}
+		cold = hot + (size_t)HOT_PAGES * WORDS;
+	} else {
+		mkdir("/dev", 0755);
+		mkdir("/proc", 0555);
+		mount("devtmpfs", "/dev", "devtmpfs", 0, NULL);
+		mount("proc", "/proc", "proc", 0, NULL);
+		out = open_tty("ttyS0", 64);
+		if (out < 0)
+			out = open("/dev/console", O_WRONLY | O_NOCTTY);
+		hot = alloc(HOT_PAGES);
+		cold = alloc(COLD_PAGES);
+		if (!hot || !cold) {
+			say("rmem-guest: cannot allocate: %s\n", strerror(errno));
+			hang();
+		}
 	}
 	for (uint64_t i = 0; i < COLD_PAGES; i++)
 		fill(cold + i * WORDS, seed_of(i, 0, 1));

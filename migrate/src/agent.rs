@@ -135,6 +135,8 @@ pub enum Msg {
     DedupOffer { pages: u64 },
     /// Destination: the pages it filled from RAM it already holds, a hex bitmap per region.
     DedupHave { bitmaps: Vec<String> },
+    /// Source: every page is sent (a destination without device state is then complete).
+    PagesDone,
     /// Source: hash your RAM (it is paused; what differs is sent again).
     HashRequest,
     /// Destination: the hashes follow as one raw message, 16 bytes a page, regions in order.
@@ -179,13 +181,13 @@ pub enum MigrateError {
     Refused(String),
     #[error(transparent)]
     Ram(#[from] RamError),
-    #[error("QEMU: {0}")]
+    #[error(transparent)]
     Qmp(#[from] QmpError),
     #[error("QEMU's migration failed: {0}")]
     Qemu(String),
-    #[error("the other agent: {0}")]
+    #[error(transparent)]
     Peer(#[from] PipeError),
-    #[error("transport: {0}")]
+    #[error(transparent)]
     Transport(#[from] rmem_transport::Error),
     #[error("protocol: {0}")]
     Protocol(String),
@@ -195,8 +197,8 @@ pub enum MigrateError {
     Dirty(#[from] DirtyError),
     #[error(transparent)]
     Uffd(#[from] crate::uffd::UffdError),
-    #[error("post-copy: {0}")]
-    Pull(crate::postcopy::PullError),
+    #[error("post-copy")]
+    Pull(#[source] crate::postcopy::PullError),
     #[error("aborted by the other side: {0}")]
     Aborted(String),
     #[error("cancelled")]
@@ -217,6 +219,18 @@ impl MigrateError {
             what: what.into(),
             source,
         }
+    }
+
+    /// The error and its causes on one line ("a: b: c").
+    pub fn detail(&self) -> String {
+        let mut s = self.to_string();
+        let mut cur = std::error::Error::source(self);
+        while let Some(c) = cur {
+            s.push_str(": ");
+            s.push_str(&c.to_string());
+            cur = c.source();
+        }
+        s
     }
 
     /// Whether the failure came before anything was paused or changed.

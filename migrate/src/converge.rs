@@ -23,6 +23,9 @@ pub struct Round {
     pub elapsed: Duration,
     /// Pages written during the round: what another round, or the stop, must send.
     pub dirty_pages: usize,
+    /// What the last pass costs besides sending those pages (with a hash log: hashing all of
+    /// RAM on both sides while the guest is paused).
+    pub final_cost: Duration,
 }
 
 impl Round {
@@ -41,9 +44,7 @@ impl Round {
     /// The downtime sending the dirty pages would take at the round's bandwidth.
     pub fn downtime_now(&self) -> Option<Duration> {
         let bw = self.bandwidth()?;
-        Some(Duration::from_secs_f64(
-            (self.dirty_pages * PAGE) as f64 / bw,
-        ))
+        Some(Duration::from_secs_f64((self.dirty_pages * PAGE) as f64 / bw) + self.final_cost)
     }
 }
 
@@ -121,7 +122,24 @@ mod tests {
             sent_bytes: mib * MIB,
             elapsed: Duration::from_secs(1),
             dirty_pages: dirty_mib * (1 << 20) / PAGE,
+            final_cost: Duration::ZERO,
         }
+    }
+
+    #[test]
+    fn a_fixed_cost_of_the_last_pass_counts_against_the_target() {
+        // 8 MiB left at 100 MiB/s is 80 ms: under the 300 ms target...
+        let r = round(2, 100, 8);
+        assert!(matches!(
+            policy(false).decide(&r),
+            Decision::StopAndCopy { .. }
+        ));
+        // ...but not with 250 ms of hashing on top.
+        let r = Round {
+            final_cost: Duration::from_millis(250),
+            ..r
+        };
+        assert_eq!(policy(false).decide(&r), Decision::AnotherRound);
     }
 
     #[test]
@@ -173,6 +191,7 @@ mod tests {
             sent_bytes: 0,
             elapsed: Duration::ZERO,
             dirty_pages: 10,
+            final_cost: Duration::ZERO,
         };
         assert_eq!(policy(false).decide(&r), Decision::AnotherRound);
         let last = Round { number: 5, ..r };

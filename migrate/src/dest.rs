@@ -21,14 +21,14 @@ use crate::agent::{
     Hello, MigrateError, Mode, Msg, PageHello, Progress, RamDesc, Report, Timeouts, Welcome,
     PROTOCOL, VERSION,
 };
+use crate::control::{Control, Dest};
 use crate::dedup::{DedupKey, Index};
 use crate::dirty::{page_hashes, Mapped};
 use crate::mover::Mover;
 use crate::pages::{PageSet, PAGE};
 use crate::pipe::{Pipe, PipeError, PipeMemory};
 use crate::postcopy::{self, PullError, Pulled, Puller};
-use crate::qmp::Qmp;
-use crate::ram::{guest_ram, GuestRam};
+use crate::ram::GuestRam;
 use crate::relay::Relay;
 use crate::uffd::{attach, Handoff, Register};
 use std::sync::atomic::AtomicBool;
@@ -38,7 +38,8 @@ use std::sync::mpsc::channel;
 #[derive(Debug, Clone)]
 pub struct RecvOptions {
     pub listen: SocketAddr,
-    pub qmp: PathBuf,
+    /// The QEMU (or file) receiving.
+    pub dest: Dest,
     pub secret: Vec<u8>,
     pub provider: Provider,
     /// Where QEMU's incoming unix socket goes.
@@ -57,7 +58,7 @@ pub struct RecvOptions {
 /// A destination agent bound to its address, QEMU checked, waiting for a source.
 pub struct Receiver {
     opts: RecvOptions,
-    qmp: Qmp,
+    qmp: Control,
     ctx: Context,
     pd: Pd,
     listener: Listener,
@@ -76,7 +77,7 @@ struct Region {
 impl Receiver {
     /// Checks the destination QEMU is waiting for a migration and starts listening.
     pub fn bind(opts: RecvOptions) -> Result<Receiver, MigrateError> {
-        let mut qmp = Qmp::connect(&opts.qmp, opts.timeouts.reply)?;
+        let mut qmp = Control::dest(&opts.dest, opts.timeouts.reply)?;
         let status = status(&mut qmp)?;
         if status != "inmigrate" {
             return Err(MigrateError::Refused(format!(
@@ -114,7 +115,7 @@ impl Receiver {
         let result = self.serve(&pipe, plan, &mut started, progress, t0);
         if let Err(e) = &result {
             if !matches!(e, MigrateError::Aborted(_)) {
-                let _ = pipe.send_msg(&Msg::Abort { why: e.to_string() }.encode());
+                let _ = pipe.send_msg(&Msg::Abort { why: e.detail() }.encode());
             }
             if !started {
                 tracing::warn!(error = %e, "migration abandoned: the destination QEMU quits");
@@ -246,7 +247,7 @@ impl Receiver {
 
     /// The destination's RAM must match the source's, backend for backend.
     fn check_layout(&mut self, theirs: &[RamDesc]) -> Result<(), String> {
-        self.rams = guest_ram(&mut self.qmp).map_err(|e| e.to_string())?;
+        self.rams = self.qmp.ram(theirs).map_err(|e| e.to_string())?;
         let ours: Vec<RamDesc> = self
             .rams
             .iter()
@@ -348,6 +349,7 @@ impl Receiver {
                     match pipe.recv_msg(Duration::from_millis(20)) {
                         Ok(m) => match Msg::decode(&m)? {
                             Msg::HashRequest => send_hashes(pipe, &regions)?,
+                            Msg::PagesDone => self.qmp.pages_done(),
                             Msg::DedupOffer { pages } => {
                                 let raw = pipe.recv_msg(reply)?;
                                 let have = self.fill_from_index(&regions, pages, &raw)?;
@@ -653,7 +655,7 @@ fn decode_sets(bitmaps: &[String], regions: &[Region]) -> Result<Vec<PageSet>, M
         .collect()
 }
 
-fn status(q: &mut Qmp) -> Result<String, MigrateError> {
+fn status(q: &mut Control) -> Result<String, MigrateError> {
     let s = q.execute("query-status", None)?;
     Ok(s.get("status")
         .and_then(Value::as_str)

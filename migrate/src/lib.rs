@@ -16,6 +16,7 @@
 //! - [`agent`], [`source`], [`dest`]: the two agents that drive a stock QEMU on each side.
 
 pub mod agent;
+pub mod control;
 pub mod converge;
 pub mod dedup;
 pub mod dest;
@@ -33,6 +34,7 @@ pub mod uffd;
 pub mod uffd_abi;
 
 pub use agent::{MigrateError, Mode, Progress, Report, Timeouts};
+pub use control::{Dest, Source};
 pub use converge::{Decision, Policy, Round};
 pub use dest::{Receiver, RecvOptions};
 pub use dirty::{DirtyLog, EverythingDirty, PageHashLog, PageSource, Slice};

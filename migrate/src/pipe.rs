@@ -308,7 +308,7 @@ impl Inner {
             if self.closing.load(Ordering::Acquire) {
                 break;
             }
-            let n = match recv_cq.wait(&mut done, Some(Duration::from_millis(100))) {
+            let n = match recv_cq.wait(&mut done, Some(Duration::from_millis(20))) {
                 Ok(n) => n,
                 Err(rmem_transport::Error::Timeout(_)) => 0,
                 Err(e) => {
@@ -548,10 +548,10 @@ impl Pipe {
 impl Drop for Pipe {
     fn drop(&mut self) {
         self.inner.closing.store(true, Ordering::Release);
+        self.inner.qp.shutdown();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        self.inner.qp.shutdown();
     }
 }
 

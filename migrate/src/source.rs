@@ -21,6 +21,7 @@ use crate::agent::{
     Hello, MigrateError, Mode, Msg, PageHello, Progress, RamDesc, Report, RoundReport, Timeouts,
     Welcome, PROTOCOL, VERSION,
 };
+use crate::control::{Control, Source};
 use crate::converge::{Decision, Policy, Round};
 use crate::dedup::{self, DedupKey};
 use crate::dirty::{page_hashes, DirtyLog, Mapped, PageHashLog};
@@ -28,15 +29,15 @@ use crate::mover::{Link, Mover};
 use crate::pages::{is_zero, PageSet, PAGE};
 use crate::phase::{Event, Phase, Phases};
 use crate::pipe::{Pipe, PipeMemory};
-use crate::qmp::Qmp;
-use crate::ram::{guest_ram, GuestRam};
+use crate::ram::GuestRam;
 use crate::relay::Relay;
 use crate::uffd::{attach, Handoff, Register, WrittenLog};
 
 /// What `rmem migrate send` was asked to do.
 #[derive(Debug, Clone)]
 pub struct SendOptions {
-    pub qmp: PathBuf,
+    /// The QEMU (or process) whose memory moves.
+    pub source: Source,
     pub to: SocketAddr,
     pub mode: Mode,
     pub secret: Vec<u8>,
@@ -133,7 +134,7 @@ pub fn send(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Report, MigrateError> {
     let t0 = Instant::now();
-    let mut q = Qmp::connect(&opts.qmp, opts.timeouts.reply)?;
+    let mut q = Control::source(&opts.source, opts.timeouts.reply)?;
     let status = run_status(&mut q)?;
     if !matches!(status.as_str(), "running" | "paused") {
         return Err(MigrateError::Refused(format!(
@@ -148,8 +149,18 @@ pub fn send(
             )));
         }
     }
+    if matches!(q, Control::Process(_)) && !opts.mode.moves_pages() {
+        return Err(MigrateError::Refused(
+            "a process has no migration stream of its own: use stop-copy or precopy".into(),
+        ));
+    }
+    if matches!(q, Control::Process(_)) && opts.mode.postcopy() {
+        return Err(MigrateError::Refused(
+            "post-copy needs a QEMU on the destination to fault pages in".into(),
+        ));
+    }
     let rams = if opts.mode.moves_pages() {
-        guest_ram(&mut q)?
+        q.ram(&[])?
     } else {
         Vec::new()
     };
@@ -187,7 +198,7 @@ pub fn send(
         // Before the switch-over the source still owns the guest: put it back. After it, the
         // source stays paused whatever happens.
         if undo.phases.take(event) == Ok(Phase::Aborted) {
-            let _ = peer.send(&Msg::Abort { why: e.to_string() });
+            let _ = peer.send(&Msg::Abort { why: e.detail() });
             restore(&mut q, &undo);
         }
     }
@@ -202,7 +213,7 @@ pub fn send(
 
 /// Puts the source back as it was before the migration.
 /// QEMU's x-ignore-shared and the parameters rmem sets, as they are now.
-fn saved_settings(q: &mut Qmp) -> Result<(bool, Value), MigrateError> {
+fn saved_settings(q: &mut Control) -> Result<(bool, Value), MigrateError> {
     let caps = q.execute("query-migrate-capabilities", None)?;
     let ignore_shared = caps
         .as_array()
@@ -222,7 +233,7 @@ fn saved_settings(q: &mut Qmp) -> Result<(bool, Value), MigrateError> {
     Ok((ignore_shared, params))
 }
 
-fn restore(q: &mut Qmp, undo: &Undo) {
+fn restore(q: &mut Control, undo: &Undo) {
     if let Some((ignore_shared, params)) = &undo.saved {
         let _ = set_capability(q, "x-ignore-shared", *ignore_shared);
         let _ = q.execute("migrate-set-parameters", Some(params.clone()));
@@ -253,7 +264,7 @@ fn restore(q: &mut Qmp, undo: &Undo) {
     }
 }
 
-fn run_status(q: &mut Qmp) -> Result<String, MigrateError> {
+fn run_status(q: &mut Control) -> Result<String, MigrateError> {
     let s = q.execute("query-status", None)?;
     Ok(s.get("status")
         .and_then(Value::as_str)
@@ -373,7 +384,7 @@ fn map_regions(pd: &Pd, rams: &[GuestRam], readable: bool) -> Result<Vec<Region>
 #[allow(clippy::too_many_arguments)]
 fn run(
     opts: &SendOptions,
-    q: &mut Qmp,
+    q: &mut Control,
     peer: &Peer,
     rams: &[GuestRam],
     handoffs: Vec<Handoff>,
@@ -474,6 +485,7 @@ fn run(
                 phase: "precopy".into(),
             });
             let mut dirty = without_have(collect(&regions, &mut logs)?);
+            let exact = logs.first().is_some_and(|l| l.is_exact());
             undo.take(Event::Start)?;
             let mut number = 1;
             loop {
@@ -487,7 +499,9 @@ fn run(
                     zeros += m.zero_pages;
                 }
                 let sent = t.elapsed();
+                let scanning = Instant::now();
                 dirty = collect(&regions, &mut logs)?;
+                let scan = scanning.elapsed();
                 let dirtied: usize = dirty.iter().map(PageSet::count).sum();
                 let r = RoundReport {
                     round: number,
@@ -505,6 +519,9 @@ fn run(
                     sent_bytes: (pages * PAGE) as u64,
                     elapsed: t.elapsed(),
                     dirty_pages: dirtied,
+                    // A hash log ends with every page hashed on both sides (in parallel),
+                    // about what one scan of this side took.
+                    final_cost: if exact { Duration::ZERO } else { scan },
                 };
                 match opts.policy.decide(&round) {
                     Decision::AnotherRound => {
@@ -625,6 +642,9 @@ fn run(
         std::process::id(),
         &auth::nonce()[..8]
     ));
+    if moves {
+        peer.send(&Msg::PagesDone)?;
+    }
     let relay = Relay::source(peer.pipe.clone(), &sock)
         .map_err(|e| MigrateError::io(format!("relay socket {}", sock.display()), e))?;
     q.execute(
@@ -632,11 +652,23 @@ fn run(
         Some(json!({"uri": format!("unix:{}", sock.display())})),
     )?;
     undo.migrating = true;
+    if !moves {
+        undo.take(Event::Start)?;
+    }
     let done = wait_migrated(q, opts, cancel, &relay, progress)?;
     report.qemu_downtime_ms = done.get("downtime").and_then(Value::as_u64);
-    if paused_at.is_none() {
-        // QEMU paused the guest itself for its last pass.
-        paused_at = Some(Instant::now());
+    if !moves {
+        // QEMU paused the guest itself for its last pass, `downtime` ago, and the destination
+        // QEMU resumes it by itself once loaded: the switch-over is now, whatever the other
+        // agent says next.
+        let qemu = Duration::from_millis(report.qemu_downtime_ms.unwrap_or(0));
+        paused_at = Some(
+            Instant::now()
+                .checked_sub(qemu)
+                .unwrap_or_else(Instant::now),
+        );
+        undo.take(Event::Stop)?;
+        undo.take(Event::AllSent)?;
     }
     let loaded = peer.recv(opts.timeouts.total)?;
     let Msg::Loaded { .. } = loaded else {
@@ -644,11 +676,13 @@ fn run(
     };
     report.stream_bytes = relay.close();
     // The switch-over: from here the source stays paused whatever happens.
-    undo.take(if opts.mode.postcopy() {
-        Event::SwitchToPostCopy
-    } else {
-        Event::AllSent
-    })?;
+    if moves {
+        undo.take(if opts.mode.postcopy() {
+            Event::SwitchToPostCopy
+        } else {
+            Event::AllSent
+        })?;
+    }
     peer.send(&Msg::Start {
         run: undo.was_running,
     })?;
@@ -683,7 +717,7 @@ fn pulled_pages(r: &Report) -> usize {
     r.pages_sent + r.postcopy.map_or(0, |p| p.pages)
 }
 
-fn set_capability(q: &mut Qmp, name: &str, on: bool) -> Result<(), MigrateError> {
+fn set_capability(q: &mut Control, name: &str, on: bool) -> Result<(), MigrateError> {
     q.execute(
         "migrate-set-capabilities",
         Some(json!({"capabilities": [{"capability": name, "state": on}]})),
@@ -692,7 +726,7 @@ fn set_capability(q: &mut Qmp, name: &str, on: bool) -> Result<(), MigrateError>
 }
 
 /// Pauses the source (if it runs); returns when.
-fn pause(q: &mut Qmp, undo: &mut Undo) -> Result<Instant, MigrateError> {
+fn pause(q: &mut Control, undo: &mut Undo) -> Result<Instant, MigrateError> {
     let at = Instant::now();
     if undo.was_running {
         q.execute("stop", None)?;
@@ -827,7 +861,7 @@ fn differing(
 
 /// Waits for QEMU's side of the migration to finish, relaying meanwhile.
 fn wait_migrated(
-    q: &mut Qmp,
+    q: &mut Control,
     opts: &SendOptions,
     cancel: &AtomicBool,
     relay: &Relay,

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use rmem_migrate::qmp::Qmp;
 use rmem_migrate::{
-    send, MigrateError, Mode, Policy, Receiver, RecvOptions, Report, SendOptions, Timeouts,
+    send, Dest, MigrateError, Mode, Policy, Receiver, RecvOptions, Report, SendOptions, Source,
+    Timeouts,
 };
 use rmem_transport::Provider;
 use support::{hash_file, Guest, GuestOpts, Tick};
@@ -113,7 +114,7 @@ fn pair_with(
 
 fn send_opts(p: &Pair, to: SocketAddr, mode: Mode) -> SendOptions {
     SendOptions {
-        qmp: p.src.qmp_path().to_path_buf(),
+        source: Source::Qemu(p.src.qmp_path().to_path_buf()),
         to,
         mode,
         secret: SECRET.to_vec(),
@@ -138,7 +139,7 @@ fn send_opts(p: &Pair, to: SocketAddr, mode: Mode) -> SendOptions {
 fn receiver(p: &Pair) -> Receiver {
     Receiver::bind(RecvOptions {
         listen: "127.0.0.1:0".parse().unwrap(),
-        qmp: p.dst.qmp_path().to_path_buf(),
+        dest: Dest::Qemu(p.dst.qmp_path().to_path_buf()),
         secret: SECRET.to_vec(),
         provider: Provider::Tcp,
         run_dir: std::env::temp_dir(),
@@ -445,7 +446,7 @@ fn unmovable_guests_wrong_secrets_and_other_layouts_are_refused_before_anything_
     // A destination that is not waiting for a migration.
     let e = Receiver::bind(RecvOptions {
         listen: "127.0.0.1:0".parse().unwrap(),
-        qmp: p.src.qmp_path().to_path_buf(),
+        dest: Dest::Qemu(p.src.qmp_path().to_path_buf()),
         secret: SECRET.to_vec(),
         provider: Provider::Tcp,
         run_dir: std::env::temp_dir(),
@@ -543,7 +544,7 @@ fn dedup_fills_pages_from_a_guest_already_on_the_destination() {
     let rx = Receiver::bind(RecvOptions {
         dedup_from: vec![donor_ram.clone()],
         listen: "127.0.0.1:0".parse().unwrap(),
-        qmp: p.dst.qmp_path().to_path_buf(),
+        dest: Dest::Qemu(p.dst.qmp_path().to_path_buf()),
         secret: SECRET.to_vec(),
         provider: Provider::Tcp,
         run_dir: std::env::temp_dir(),

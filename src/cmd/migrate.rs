@@ -85,8 +85,12 @@ impl From<ModeArg> for Mode {
 #[derive(Args, Debug)]
 pub struct Common {
     /// QEMU's QMP socket on this host (-qmp unix:PATH,server=on,wait=off).
-    #[arg(long)]
-    qmp: PathBuf,
+    #[arg(long, required_unless_present = "file")]
+    qmp: Option<PathBuf>,
+    /// Without a hypervisor: the shared file (tmpfs or hugetlbfs) whose pages move. send: the
+    /// file a process (--pid) writes; recv: the file to fill (created at the source's size).
+    #[arg(long, conflicts_with = "qmp")]
+    file: Option<PathBuf>,
     /// File with the shared secret both agents hold (else RMEM_SECRET; at least 16 bytes).
     #[arg(long)]
     secret_file: Option<PathBuf>,
@@ -128,6 +132,10 @@ pub struct SendArgs {
     /// The destination agent (`rmem migrate recv --listen`).
     #[arg(long)]
     to: SocketAddr,
+    /// With --file: the process writing it (paused with SIGSTOP for the last pass, and left
+    /// stopped: its memory now lives at the destination).
+    #[arg(long, requires = "file")]
+    pid: Option<u32>,
     #[arg(long, value_enum, default_value = "precopy")]
     mode: ModeArg,
     /// Longest pause the guest should see: pre-copy stops when the rest fits in it (also QEMU's
@@ -402,8 +410,21 @@ fn finish(report: &Report, json: bool) {
 }
 
 fn send(a: SendArgs) -> Result<(), Failed> {
+    let source = match (&a.common.qmp, &a.common.file, a.pid) {
+        (Some(q), None, None) => rmem_migrate::Source::Qemu(q.clone()),
+        (None, Some(f), Some(pid)) => rmem_migrate::Source::Process {
+            pid,
+            file: f.clone(),
+        },
+        _ => {
+            return Err(Failed::new(
+                Code::Usage,
+                "send needs --qmp SOCKET, or --file PATH with --pid PID",
+            ))
+        }
+    };
     let opts = SendOptions {
-        qmp: a.common.qmp.clone(),
+        source,
         to: a.to,
         mode: a.mode.into(),
         secret: a.common.secret()?,
@@ -436,9 +457,19 @@ fn send(a: SendArgs) -> Result<(), Failed> {
 }
 
 fn recv(a: RecvArgs) -> Result<(), Failed> {
+    let dest = match (&a.common.qmp, &a.common.file) {
+        (Some(q), None) => rmem_migrate::Dest::Qemu(q.clone()),
+        (None, Some(f)) => rmem_migrate::Dest::File(f.clone()),
+        _ => {
+            return Err(Failed::new(
+                Code::Usage,
+                "recv needs --qmp SOCKET or --file PATH",
+            ))
+        }
+    };
     let opts = RecvOptions {
         listen: a.listen,
-        qmp: a.common.qmp.clone(),
+        dest,
         secret: a.common.secret()?,
         provider: a.common.provider,
         run_dir: a.common.run_dir.clone(),

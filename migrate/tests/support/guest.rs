@@ -37,6 +37,8 @@ const TAIL: usize = 30;
 pub struct GuestImage {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+    /// The guest's program as a process over a shared file (`writer --file PATH`).
+    pub writer: PathBuf,
 }
 
 /// The guest image, built once per test process by migrate/guest/build.sh under the target
@@ -69,6 +71,7 @@ pub fn image() -> &'static GuestImage {
         GuestImage {
             kernel: out.join("vmlinuz"),
             initrd: out.join("initramfs.cpio.gz"),
+            writer: out.join("writer"),
         }
     })
 }

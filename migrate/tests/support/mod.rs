@@ -6,7 +6,8 @@ mod guest;
 
 #[allow(unused_imports)] // each test file uses what it needs
 pub use guest::{
-    find_cold_pages, hash_file, image, Guest, GuestImage, GuestOpts, Tick, COLD_PAGES,
+    find_cold_pages, hash_file, image, preload_library, Guest, GuestImage, GuestOpts, Tick,
+    COLD_PAGES,
 };
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,150 @@
+//! Moving a process's memory where no hypervisor runs: a writer process keeps rewriting and
+//! checking pages of a shared file on tmpfs; the agents move the file to another one, pausing
+//! the process with SIGSTOP for the last pass. With rmem's preload library in the writer, the
+//! written pages are found exactly. The two files must hash equal with the writer stopped.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use rmem_migrate::{
+    send, Dest, Mode, Policy, Receiver, RecvOptions, SendOptions, Source, Timeouts,
+};
+use rmem_transport::Provider;
+use support::{hash_file, image, preload_library};
+
+const SECRET: &[u8] = b"process-migration-secret";
+
+/// The writer, its file, its preload socket; killed and cleaned up when dropped.
+struct Writer {
+    child: Child,
+    file: PathBuf,
+    sock: PathBuf,
+    ticks: std::sync::mpsc::Receiver<String>,
+}
+
+impl Writer {
+    fn start(name: &str) -> Writer {
+        let id = std::process::id();
+        let file = PathBuf::from(format!("/dev/shm/rmem-proc-{name}-{id}"));
+        let sock = std::env::temp_dir().join(format!("rmem-proc-{name}-{id}.sock"));
+        let _ = std::fs::remove_file(&file);
+        let mut child = Command::new(&image().writer)
+            .arg("--file")
+            .arg(&file)
+            .env("LD_PRELOAD", preload_library())
+            .env("RMEM_PRELOAD_SOCKET", &sock)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, ticks) = std::sync::mpsc::channel();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            for l in out.lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        let w = Writer {
+            child,
+            file,
+            sock,
+            ticks,
+        };
+        // Ready, a first tick, and the preload socket there.
+        let t = Instant::now();
+        let mut ticked = false;
+        while !ticked || !w.sock.exists() {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "the writer did not start"
+            );
+            if let Ok(l) = w.ticks.recv_timeout(Duration::from_millis(100)) {
+                assert!(!l.contains("bad=") || l.ends_with("bad=0"), "{l}");
+                ticked |= l.starts_with("tick ");
+            }
+        }
+        w
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.file);
+        let _ = std::fs::remove_file(&self.sock);
+    }
+}
+
+fn move_file(w: &Writer, mode: Mode, preload: bool) -> (rmem_migrate::Report, PathBuf) {
+    let dest = PathBuf::from(format!("{}.moved", w.file.display()));
+    let rx = Receiver::bind(RecvOptions {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        dest: Dest::File(dest.clone()),
+        secret: SECRET.to_vec(),
+        provider: Provider::Tcp,
+        run_dir: std::env::temp_dir(),
+        accept: Duration::from_secs(30),
+        preload: None,
+        background_rate: None,
+        dedup_from: Vec::new(),
+        timeouts: Timeouts::default(),
+    })
+    .unwrap();
+    let to = rx.local_addr();
+    let recv = std::thread::spawn(move || rx.run(&mut |_| {}));
+    let opts = SendOptions {
+        source: Source::Process {
+            pid: w.child.id(),
+            file: w.file.clone(),
+        },
+        to,
+        mode,
+        secret: SECRET.to_vec(),
+        provider: Provider::Tcp,
+        policy: Policy {
+            downtime_target: Duration::from_millis(50),
+            max_rounds: 5,
+            post_copy: false,
+        },
+        verify: true,
+        bandwidth: None,
+        run_dir: std::env::temp_dir(),
+        preload: preload.then(|| w.sock.clone()),
+        dedup: false,
+        timeouts: Timeouts::default(),
+    };
+    let report = send(&opts, &AtomicBool::new(false), &mut |_| {}).expect("send");
+    let got = recv.join().unwrap().expect("recv");
+    assert_eq!(got.status, "received");
+    (report, dest)
+}
+
+#[test]
+fn a_running_writers_file_moves_with_exact_dirty_pages_and_arrives_whole() {
+    let w = Writer::start("wp");
+    let (r, dest) = move_file(&w, Mode::Precopy, true);
+    assert!(
+        r.dirty_log.as_deref().unwrap().contains("write-protect"),
+        "{r:?}"
+    );
+    assert_eq!(r.verified, Some(true));
+    assert!(!r.rounds.is_empty());
+    assert!(r.status.starts_with("source paused"), "{r:?}");
+    // Stopped for good: the two files are the same, page for page.
+    assert_eq!(hash_file(&w.file), hash_file(&dest));
+    let _ = std::fs::remove_file(&dest);
+}
+
+#[test]
+fn stop_copy_of_a_writer_without_the_preload_library() {
+    let w = Writer::start("sc");
+    let (r, dest) = move_file(&w, Mode::StopCopy, false);
+    assert_eq!(r.verified, Some(true));
+    assert_eq!(hash_file(&w.file), hash_file(&dest));
+    let _ = std::fs::remove_file(&dest);
+}
