@@ -547,6 +547,19 @@ impl Pipe {
 
 impl Drop for Pipe {
     fn drop(&mut self) {
+        // Let the last messages (a refusal, say) reach the peer before the queue pair goes:
+        // wait, briefly, for every send to complete.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while self.inner.check().is_ok() && Instant::now() < deadline {
+            let mut st = lock(&self.inner.send);
+            if self.inner.progress(&mut st).is_err()
+                || (st.free.len() == SLOTS && !st.credit_in_flight)
+            {
+                break;
+            }
+            drop(st);
+            std::thread::sleep(Duration::from_millis(1));
+        }
         self.inner.closing.store(true, Ordering::Release);
         self.inner.qp.shutdown();
         if let Some(t) = self.thread.take() {
