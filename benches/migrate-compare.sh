@@ -9,7 +9,9 @@
 #                              [--keep]   (keep each run's logs: serial, heartbeat, QEMU, rmem)
 #
 # Rows: 1 QEMU tcp (QEMU's defaults), 2 QEMU tcp with max-bandwidth 10 GiB/s, 3 QEMU post-copy
-# over unix (started right after migrate), 4 rmem stream, 5 rmem stop-copy, 6 rmem precopy.
+# over unix (started right after migrate), 4 rmem stream, 5 rmem stop-copy, 6 rmem precopy
+# (page hashes), 7 rmem post-copy, 8 rmem hybrid, 9 rmem precopy with exact dirty pages (rows 7-9
+# load rmem's preload library into both QEMUs).
 # Per row: median and min-max over the runs of the total time, the downtime as the tool reports
 # it and as QEMU reports it, the longest gap in the guest's heartbeat (one byte every 10 ms on
 # ttyS1, timestamped by the host: the pause the guest really saw), bytes moved and the source
@@ -24,14 +26,14 @@ cd "$(dirname "$0")/.."
 repo=$(pwd)
 
 usage() {
-  echo "usage: $0 [--runs N | --quick] [--out FILE] [--rmem PATH] [--rows 1,2,3,4,5,6] [--keep]" >&2
+  echo "usage: $0 [--runs N | --quick] [--out FILE] [--rmem PATH] [--rows 1,2,...,9] [--keep]" >&2
   exit 2
 }
 runs=5
 out=/tmp/migrate-compare.jsonl
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
 rmem=$target_dir/release/rmem
-rows=1,2,3,4,5,6
+rows=1,2,3,4,5,6,7,8,9
 keep=0
 while (($#)); do
   case $1 in
@@ -39,7 +41,7 @@ while (($#)); do
     --quick) runs=1; shift ;;
     --out) [[ -n ${2:-} ]] || usage; out=$2; shift 2 ;;
     --rmem) [[ -n ${2:-} ]] || usage; rmem=$2; shift 2 ;;
-    --rows) [[ ${2:-} =~ ^[1-6](,[1-6])*$ ]] || usage; rows=$2; shift 2 ;;
+    --rows) [[ ${2:-} =~ ^[1-9](,[1-9])*$ ]] || usage; rows=$2; shift 2 ;;
     --keep) keep=1; shift ;;
     -h|--help) usage ;;
     *) usage ;;
@@ -49,11 +51,13 @@ done
 for tool in qemu-system-x86_64 python3 gcc cpio; do
   command -v "$tool" >/dev/null || { echo "$0: $tool missing (scripts/test.sh installs what the migration tests need)" >&2; exit 1; }
 done
-if [[ ! -x $rmem ]]; then
-  echo "building $rmem" >&2
-  [[ $rmem == "$target_dir/release/rmem" ]] || { echo "$0: $rmem missing" >&2; exit 1; }
-  CARGO_TARGET_DIR=$target_dir cargo build --release -q --bin rmem
+if [[ $rmem == "$target_dir/release/rmem" ]]; then
+  # Built (or found up to date) from this tree, with the preload library next to it.
+  echo "building $rmem and librmem_preload.so (release)" >&2
+  CARGO_TARGET_DIR=$target_dir cargo build --release -q -p rmem --bin rmem
+  CARGO_TARGET_DIR=$target_dir cargo build --release -q -p rmem-preload
 fi
+[[ -x $rmem ]] || { echo "$0: $rmem missing" >&2; exit 1; }
 read -r kernel initrd < <(migrate/guest/build.sh "$target_dir/tmp/rmem-guest")
 
 work=$(mktemp -d /tmp/migrate-compare.XXXXXX)
@@ -447,7 +451,9 @@ def table(outfile, rows, runs, info):
         "rmem-stream": "4. rmem stream",
         "rmem-stop-copy": "5. rmem stop-copy",
         "rmem-precopy": "6. rmem precopy",
-        # TO ADD: "rmem-postcopy": "7. rmem post-copy", "rmem-hybrid": "8. rmem hybrid",
+        "rmem-postcopy": "7. rmem post-copy",
+        "rmem-hybrid": "8. rmem hybrid",
+        "rmem-precopy-exact": "9. rmem precopy, exact dirty pages",
     }
     print(f"\n## Live migration of a 128 MiB TCG guest between two QEMUs on this host ({runs} run(s) a row)\n")
     print("| row | runs ok | total ms | downtime ms (tool's own) | downtime ms (QEMU) | heartbeat gap ms | MB moved | source CPU s |")
@@ -572,14 +578,9 @@ helper() {
   return "$rc"
 }
 
-row_names=(x qemu-tcp qemu-tcp-10g qemu-postcopy-unix rmem-stream rmem-stop-copy rmem-precopy)
-# ---- TO ADD: rmem post-copy and hybrid (not in rmem yet) ----
-# When `rmem migrate send --mode postcopy` and `--mode hybrid` exist: append rmem-postcopy and
-# rmem-hybrid here (rows 7 and 8), allow 7 and 8 in --rows (the usage line and the pattern in the
-# option loop) and in its default, and name them in the helper's table(). run_one passes
-# ${row#rmem-} to --mode, so the run itself needs nothing more; a hybrid row may want
-# --downtime-ms lower than 300 so that it really switches to post-copy.
-# ----
+row_names=(x qemu-tcp qemu-tcp-10g qemu-postcopy-unix rmem-stream rmem-stop-copy rmem-precopy
+  rmem-postcopy rmem-hybrid rmem-precopy-exact)
+preload_lib=$(dirname "$rmem")/librmem_preload.so
 BOOT=180      # s for the source guest to boot and tick
 MIGRATE=300   # s for one migration
 AFTER=120     # s for the destination to tick 12 times
@@ -589,7 +590,10 @@ AFTER=120     # s for the destination to tick 12 times
 start_qemu() {
   local who=$1 d=$2 extra=()
   [[ $who == dst ]] && extra=(-incoming defer)
-  qemu-system-x86_64 -machine pc,accel=tcg -smp 1 -m 128M \
+  # Rows 7-9: rmem's preload library in both QEMUs.
+  local env=()
+  [[ ${3:-} == preload ]] && env=(env "LD_PRELOAD=$preload_lib" "RMEM_PRELOAD_SOCKET=$2/$who.uffd")
+  "${env[@]}" qemu-system-x86_64 -machine pc,accel=tcg -smp 1 -m 128M \
     -nodefaults -no-user-config -display none -name "bench-$who,debug-threads=on" \
     -kernel "$kernel" -initrd "$initrd" -append "console=ttyS0 quiet panic=-1 rmem.heartbeat" \
     -object "memory-backend-file,id=pc.ram,size=128M,mem-path=$shm-$who,share=on" \
@@ -624,24 +628,33 @@ run_one() {
   python3 "$work/helper.py" console "$d" </dev/null >"$d/console.err" 2>&1 &
   con=$!; pids+=("$con")
   helper wait-file "$d/console.ready" 10
-  start_qemu src "$d"; src=$qpid
-  start_qemu dst "$d"; dst=$qpid
+  local pre="" send_extra=() recv_extra=()
+  case $row in
+    rmem-postcopy) pre=preload; recv_extra=(--preload-socket "$d/dst.uffd") ;;
+    rmem-hybrid) pre=preload; recv_extra=(--preload-socket "$d/dst.uffd")
+      send_extra=(--preload-socket "$d/src.uffd") ;;
+    rmem-precopy-exact) pre=preload; send_extra=(--preload-socket "$d/src.uffd") ;;
+  esac
+  start_qemu src "$d" $pre; src=$qpid
+  start_qemu dst "$d" $pre; dst=$qpid
   if ! helper wait-file "$d/src.hb.connected" 30 || ! helper wait-file "$d/dst.hb.connected" 30 ||
      ! helper wait-boot "$d" "$BOOT" 2>"$d/boot.err"; then
     helper fail "$row" "$d" "guest did not boot: $(tail -q -n 2 "$d/boot.err" "$d"/*.qemu.log | tr '\n' ' ')"
   elif [[ $row == qemu-* ]]; then
     helper native "$row" "$d/src.qmp" "$d/dst.qmp" "$src" "$d" "$MIGRATE"
   else
-    mode=${row#rmem-}
+    mode=${row#rmem-}; mode=${mode%-exact}
     python3 "$work/helper.py" rusage "$d/recv.rusage" - $((MIGRATE + 60)) -- \
       "$rmem" migrate recv --listen 127.0.0.1:0 --qmp "$d/dst.qmp" --secret-file "$secret" \
       --provider tcp --run-dir "$d" --accept-timeout 60 --timeout "$MIGRATE" --json \
+      "${recv_extra[@]}" \
       </dev/null >"$d/recv.out" 2>"$d/recv.err" &
     recv_pid=$!; pids+=("$recv_pid")
     if addr=$(helper wait-listening "$d/recv.out" 30); then
       helper rusage "$d/send.rusage" "$src" $((MIGRATE + 30)) -- \
         "$rmem" migrate send --mode "$mode" --to "$addr" --qmp "$d/src.qmp" \
         --secret-file "$secret" --provider tcp --run-dir "$d" --timeout "$MIGRATE" --json \
+        "${send_extra[@]}" \
         >"$d/send.out" 2>"$d/send.err" || send_rc=$?
       # recv ends with the migration; after a failed send it may still wait for a source.
       for _ in $(seq $((send_rc == 0 ? 300 : 20))); do
@@ -678,7 +691,7 @@ helper table "$out" "$(IFS=,; echo "${names[*]}")" "$runs" \
   "- $rmem_version, commit $commit; rmem rows: --provider tcp over 127.0.0.1, rmem's defaults (--downtime-ms 300, --max-rounds 30; stream: QEMU max-bandwidth 10 GiB/s), no --verify." \
   "- QEMU rows: QEMU's defaults but for what the row names (row 3: postcopy-ram on both sides, migrate-start-postcopy right after migrate; max-postcopy-bandwidth 0, unlimited)." \
   "- Cells: median (min-max) over the runs that passed. total: from the migrate command (QEMU) or the start of \`rmem migrate send\` until the source completed and the destination ran (QEMU post-copy: until the last page was sent; rmem: until \`send\` printed its result)." \
-  "- downtime (tool's own): QEMU rows query-migrate \`downtime\` on the source; rmem rows \`downtime_ms\` of \`rmem migrate send --json\` (stream mode: from QEMU's completion, not from its pause). downtime (QEMU): query-migrate \`downtime\` on the source in every row (rmem page modes: the device-state pass only)." \
+  "- downtime (tool's own): QEMU rows query-migrate \`downtime\` on the source; rmem rows \`downtime_ms\` of \`rmem migrate send --json\` (stream mode: from QEMU's pause). downtime (QEMU): query-migrate \`downtime\` on the source in every row (rmem page modes: the device-state pass only)." \
   "- heartbeat gap: longest gap between the guest's ttyS1 bytes (one every 10 ms) as this host received them, from the start of the migration to 2 s after its end: the pause the guest really saw." \
   "- MB moved: QEMU rows query-migrate \`ram.transferred\` (RAM pages and their headers; device state, a few hundred KB, not counted); rmem rows page_bytes + stream_bytes of the result (pages WRITTEN plus QEMU's stream relayed, both directions)." \
   "- source CPU: utime+stime of the source QEMU (/proc/PID/stat, guest execution included) over the migration, plus for rmem rows \`rmem migrate send\`'s own (wait4 rusage)." \
