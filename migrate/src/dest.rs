@@ -346,7 +346,8 @@ impl Receiver {
             let out = (|| {
                 // Serve the source until QEMU has loaded the device state.
                 let loaded = loop {
-                    match pipe.recv_msg(Duration::from_millis(20)) {
+                    // Short: the device state's arrival ends the guest's pause.
+                    match pipe.recv_msg(Duration::from_millis(2)) {
                         Ok(m) => match Msg::decode(&m)? {
                             Msg::HashRequest => send_hashes(pipe, &regions)?,
                             Msg::PagesDone => self.qmp.pages_done(),

@@ -896,6 +896,7 @@ fn wait_migrated(
             shown = b;
             progress(Progress::Stream { bytes: b });
         }
-        std::thread::sleep(Duration::from_millis(10));
+        // The guest is paused while QEMU finishes: poll often (a QMP round trip is cheap).
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
