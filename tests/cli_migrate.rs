@@ -369,3 +369,98 @@ fn status_and_cancel_reach_a_running_migration_and_cancel_puts_the_source_back()
         let _ = std::fs::remove_file(f);
     }
 }
+
+#[test]
+fn a_connection_cut_before_the_switch_over_leaves_the_source_running() {
+    let secret = SecretFile::new("cut");
+    let id = std::process::id();
+    let (src_ram, dst_ram) = (
+        format!("/dev/shm/rmem-cli-cut-src-{id}"),
+        format!("/dev/shm/rmem-cli-cut-dst-{id}"),
+    );
+    let mut src = Guest::start("cli-cut-src", &GuestOpts::new(&src_ram));
+    let dst = Guest::start(
+        "cli-cut-dst",
+        &GuestOpts {
+            incoming: true,
+            ..GuestOpts::new(&dst_ram)
+        },
+    );
+    src.wait_ready(Duration::from_secs(180));
+    src.wait_ticks(3, Duration::from_secs(120));
+    let mut recv = Command::new(env!("CARGO_BIN_EXE_rmem"))
+        .args([
+            "migrate",
+            "recv",
+            "--listen",
+            "127.0.0.1:0",
+            "--json",
+            "--qmp",
+        ])
+        .arg(dst.qmp_path())
+        .arg("--secret-file")
+        .arg(&secret.0)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(recv.stdout.take().unwrap()).lines();
+    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let addr = first["addr"].as_str().unwrap().to_string();
+    // A slow stream (8 MiB/s), so the cut lands before QEMU completes.
+    let mut send = Command::new(env!("CARGO_BIN_EXE_rmem"))
+        .args([
+            "migrate",
+            "send",
+            "--mode",
+            "stream",
+            "--bandwidth",
+            "8M",
+            "--json",
+        ])
+        .args(["--reply-timeout", "5", "--to", &addr, "--qmp"])
+        .arg(src.qmp_path())
+        .arg("--secret-file")
+        .arg(&secret.0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(send.stdout.take().unwrap()).lines();
+    let mut streaming = false;
+    for l in out.by_ref() {
+        let v: Value = serde_json::from_str(&l.unwrap()).unwrap();
+        if v["phase"] == "stream" {
+            streaming = true;
+            break;
+        }
+    }
+    assert!(streaming, "never reached the stream phase");
+    std::thread::sleep(Duration::from_millis(500));
+    recv.kill().unwrap();
+    let _ = recv.wait();
+    let rest: Vec<Value> = out
+        .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+        .collect();
+    assert!(
+        rest.iter().any(|v| v["phase"] == "aborted"),
+        "send reports the abort: {rest:?}"
+    );
+    let code = send.wait().unwrap().code();
+    assert_eq!(code, Some(5), "the other agent gone: exit 5");
+    // The source runs on, its memory intact.
+    let mut q = rmem_migrate::Qmp::connect(src.qmp_path(), Duration::from_secs(10)).unwrap();
+    let t = std::time::Instant::now();
+    while q.execute("query-status", None).unwrap()["status"] != "running" {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the source stays stopped"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(q);
+    src.wait_ticks(6, Duration::from_secs(120));
+    assert!(src.ticks().iter().all(|t| t.bad == 0), "{:?}", src.ticks());
+    for f in [&src_ram, &dst_ram] {
+        let _ = std::fs::remove_file(f);
+    }
+}

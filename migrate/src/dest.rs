@@ -112,7 +112,19 @@ impl Receiver {
         let t0 = Instant::now();
         let (pipe, plan) = self.accept_source(progress)?;
         let mut started = false;
-        let result = self.serve(&pipe, plan, &mut started, progress, t0);
+        let mut result = self.serve(&pipe, plan, &mut started, progress, t0);
+        if let (Err(e), false) = (&result, started) {
+            // A source that cancels also ends QEMU's incoming migration, which this side may
+            // notice first: its reason, if it sent one, is the real one.
+            if !matches!(e, MigrateError::Aborted(_)) {
+                if let Ok(Ok(Msg::Abort { why })) = pipe
+                    .recv_msg(Duration::from_millis(500))
+                    .map(|m| Msg::decode(&m))
+                {
+                    result = Err(MigrateError::Aborted(why));
+                }
+            }
+        }
         if let Err(e) = &result {
             if !matches!(e, MigrateError::Aborted(_)) {
                 let _ = pipe.send_msg(&Msg::Abort { why: e.detail() }.encode());

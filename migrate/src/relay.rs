@@ -131,6 +131,9 @@ fn pump(conn: UnixStream, stream: Stream, closing: &Arc<AtomicBool>, bytes: &Arc
                 Ok(0) => break,
                 Ok(n) => {
                     if s1.write_all(&buf[..n]).is_err() {
+                        // The other agent is gone: QEMU must find out now, not when its
+                        // socket buffer fills.
+                        let _ = up.shutdown(std::net::Shutdown::Both);
                         break;
                     }
                     b1.fetch_add(n as u64, Ordering::Relaxed);

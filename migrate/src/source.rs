@@ -28,7 +28,7 @@ use crate::dirty::{page_hashes, DirtyLog, Mapped, PageHashLog};
 use crate::mover::{Link, Mover};
 use crate::pages::{is_zero, PageSet, PAGE};
 use crate::phase::{Event, Phase, Phases};
-use crate::pipe::{Pipe, PipeMemory};
+use crate::pipe::{Pipe, PipeError, PipeMemory};
 use crate::ram::GuestRam;
 use crate::relay::Relay;
 use crate::uffd::{attach, Handoff, Register, WrittenLog};
@@ -55,6 +55,9 @@ pub struct SendOptions {
     pub preload: Option<PathBuf>,
     /// Offer page hashes first: the destination fills pages it already holds itself.
     pub dedup: bool,
+    /// Leave the guest paused on the destination (`virsh migrate --suspend`): the caller
+    /// resumes it (QMP `cont`) when it is ready, say after moving the network.
+    pub suspend: bool,
     pub timeouts: Timeouts,
 }
 
@@ -655,7 +658,7 @@ fn run(
     if !moves {
         undo.take(Event::Start)?;
     }
-    let done = wait_migrated(q, opts, cancel, &relay, progress)?;
+    let done = wait_migrated(q, opts, cancel, &relay, &peer.pipe, progress)?;
     report.qemu_downtime_ms = done.get("downtime").and_then(Value::as_u64);
     if !moves {
         // QEMU paused the guest itself for its last pass, `downtime` ago, and the destination
@@ -684,7 +687,7 @@ fn run(
         })?;
     }
     peer.send(&Msg::Start {
-        run: undo.was_running,
+        run: undo.was_running && !opts.suspend,
     })?;
     let started = peer.recv(opts.timeouts.reply)?;
     let Msg::Started { status } = started else {
@@ -865,6 +868,7 @@ fn wait_migrated(
     opts: &SendOptions,
     cancel: &AtomicBool,
     relay: &Relay,
+    pipe: &Pipe,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<Value, MigrateError> {
     let t = Instant::now();
@@ -872,6 +876,9 @@ fn wait_migrated(
     loop {
         if cancel.load(Ordering::Acquire) {
             return Err(MigrateError::Cancelled);
+        }
+        if let Some(why) = pipe.failure() {
+            return Err(PipeError::Failed(why).into());
         }
         let v = q.execute("query-migrate", None)?;
         match v.get("status").and_then(Value::as_str).unwrap_or("") {

@@ -116,6 +116,7 @@ fn move_file(w: &Writer, mode: Mode, preload: bool) -> (rmem_migrate::Report, Pa
         run_dir: std::env::temp_dir(),
         preload: preload.then(|| w.sock.clone()),
         dedup: false,
+        suspend: false,
         timeouts: Timeouts::default(),
     };
     let report = send(&opts, &AtomicBool::new(false), &mut |_| {}).expect("send");

@@ -129,6 +129,7 @@ fn send_opts(p: &Pair, to: SocketAddr, mode: Mode) -> SendOptions {
         run_dir: std::env::temp_dir(),
         preload: None,
         dedup: false,
+        suspend: false,
         timeouts: Timeouts {
             reply: Duration::from_secs(30),
             total: Duration::from_secs(300),
@@ -221,10 +222,20 @@ fn stop_copy_of_a_paused_guest_leaves_both_rams_equal_and_it_resumes_on_the_dest
 }
 
 #[test]
-fn precopy_moves_a_running_guest_in_rounds() {
+fn precopy_moves_a_running_guest_in_rounds_and_both_rams_hash_equal_at_the_stop() {
     let _one = serial();
     let mut p = pair("pre", |o| o, 128);
-    let (src, dst) = migrate(&p, |o| SendOptions { verify: true, ..o }, Mode::Precopy);
+    // --suspend: the guest stays paused on the destination, so both RAMs can be compared as
+    // they were at the stop.
+    let (src, dst) = migrate(
+        &p,
+        |o| SendOptions {
+            verify: true,
+            suspend: true,
+            ..o
+        },
+        Mode::Precopy,
+    );
     let (src, dst) = (src.expect("source"), dst.expect("destination"));
     assert!(!src.rounds.is_empty(), "{src:?}");
     assert!(
@@ -235,8 +246,16 @@ fn precopy_moves_a_running_guest_in_rounds() {
         src.dirty_log.as_deref().unwrap().starts_with("page hashes"),
         "{src:?}"
     );
-    assert_eq!(dst.status, "running");
+    assert_eq!(dst.status, "paused");
     assert_eq!(status(&p.src), "postmigrate");
+    assert_eq!(
+        hash_file(&p.src_ram),
+        hash_file(&p.dst_ram),
+        "the RAM files differ at the stop"
+    );
+    let mut dq = Qmp::connect(p.dst.qmp_path(), Duration::from_secs(10)).unwrap();
+    dq.execute("cont", None).unwrap();
+    drop(dq);
     let last = *p.src.ticks().last().unwrap();
     runs_on(&mut p.dst, last);
 }

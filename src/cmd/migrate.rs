@@ -155,6 +155,10 @@ pub struct SendArgs {
     /// holds (`recv --dedup-from`) from its own RAM instead of receiving them.
     #[arg(long)]
     dedup: bool,
+    /// Leave the guest paused on the destination (like `virsh migrate --suspend`); resume it
+    /// there with QMP `cont`. Page modes only: QEMU's own stream resumes it by itself.
+    #[arg(long)]
+    suspend: bool,
     /// A unix socket where `rmem migrate status` and `rmem migrate cancel` reach this
     /// migration.
     #[arg(long)]
@@ -439,6 +443,7 @@ fn send(a: SendArgs) -> Result<(), Failed> {
         run_dir: a.common.run_dir.clone(),
         preload: a.preload_socket.clone(),
         dedup: a.dedup,
+        suspend: a.suspend,
         timeouts: a.common.timeouts(),
     };
     let cancel = cancel_on_signal();
