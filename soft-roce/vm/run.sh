@@ -325,7 +325,9 @@ finish() {
   tr -d '\r' < "$1"
   st=$(guest_status "$1")
   if [[ -z $st ]]; then
-    echo "run.sh: $3 did not finish (qemu exit $qrc)" >&2
+    local why=""
+    grep -q 'Kernel panic' "$1" && why=": its kernel panicked ($(tr -d '\r' < "$1" | grep -m1 -E 'BUG|Oops|panic' | cut -c1-100))"
+    echo "run.sh: $3 did not finish (qemu exit $qrc)$why" >&2
     if [[ $qrc -eq 124 ]]; then st=124; else st=1; fi
   fi
 }
