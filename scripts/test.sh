@@ -34,3 +34,5 @@ echo "== rmem swap across two VMs: twice a 384 MiB borrower's RAM over tcp, verb
 soft-roce/vm/run.sh swap-2vm
 echo "== the same on the 6.12 backports kernel, where rmem swap runs on ublk"
 RMEM_VM_KERNEL=backports soft-roce/vm/run.sh swap quick
+echo "== rmem migrate over verbs between two VMs on 6.12: a writer's file, pre-copy with exact dirty pages, then stop-copy"
+RMEM_VM_KERNEL=backports soft-roce/vm/run.sh migrate-2vm

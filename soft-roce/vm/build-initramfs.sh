@@ -4,12 +4,13 @@
 # with insmod), libibverbs with the rxe provider, the `rdma` tool, and the programs to run.
 #
 #   soft-roce/vm/build-initramfs.sh -k <kernel version> -o <out.cpio.gz> -g <guest script> \
-#       [-t] [-e KEY=VALUE]... [-m MODULE]... [-M MODULE]... <program>...
+#       [-t] [-e KEY=VALUE]... [-m MODULE]... [-M MODULE]... [-L LIBRARY]... <program>...
 #
 # The guest script becomes /guest.sh, with guest-lib.sh (its shared functions) next to it as
 # /guest-lib.sh. Each <program> is copied to /bin in the guest with the shared libraries `ldd`
-# names; -t adds the peers rmem is measured against (perftest's ib_* programs and qperf) and
-# nbd-client. -m adds a kernel module the run needs (the build fails when the kernel lacks it),
+# names; -L copies a shared library (one to LD_PRELOAD, such as rmem's librmem_preload.so) to
+# /usr/lib/rmem in the guest, with its own libraries; -t adds the peers rmem is measured against
+# (perftest's ib_* programs and qperf) and nbd-client. -m adds a kernel module the run needs (the build fails when the kernel lacks it),
 # -M one it may use when the kernel has it (ublk_drv is always such a one: 6.12 has it, 6.1 does
 # not). /init mounts the usual filesystems, prints "RMEM-GUEST-ALIVE" (run.sh watches for it),
 # loads the modules, gives eth0 the address named on the kernel command line (rmem.ip=A.B.C.D/N,
@@ -22,8 +23,8 @@ set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
 
-kver="" out="" guest="" envs=() tools=0 extra_mods=() optional_mods=(ublk_drv)
-while getopts "k:o:g:e:m:M:th" opt; do
+kver="" out="" guest="" envs=() tools=0 extra_mods=() optional_mods=(ublk_drv) libs=()
+while getopts "k:o:g:e:m:M:L:th" opt; do
   case $opt in
     k) kver=$OPTARG ;;
     o) out=$OPTARG ;;
@@ -32,6 +33,7 @@ while getopts "k:o:g:e:m:M:th" opt; do
     t) tools=1 ;;
     m) extra_mods+=("$OPTARG") ;;
     M) optional_mods+=("$OPTARG") ;;
+    L) libs+=("$OPTARG") ;;
     *) usage ;;
   esac
 done
@@ -78,6 +80,10 @@ for tool in ibv_devinfo ibv_devices; do
 done
 for p in "$@"; do
   copy_with_libs "$p" "/bin/$(basename "$p")"
+done
+for l in "${libs[@]+"${libs[@]}"}"; do
+  [[ -f $l ]] || { echo "missing library $l" >&2; exit 1; }
+  copy_with_libs "$l" "/usr/lib/rmem/$(basename "$l")"
 done
 if ((tools)); then
   for tool in ib_read_lat ib_write_lat ib_read_bw ib_write_bw ib_atomic_lat qperf nbd-client; do

@@ -23,6 +23,14 @@
 #                                                       rmem swap (tcp, verbs), zram and a swap file on
 #                                                       ext4 on a virtio disk, one table (arguments
 #                                                       shrink the workload for a quick check)
+#   RMEM_VM_KERNEL=backports soft-roce/vm/run.sh migrate-2vm
+#                                                       `rmem migrate` over verbs between two VMs, no
+#                                                       QEMU inside: a moves a running writer's 32 MiB
+#                                                       tmpfs file to b, pre-copy with exact dirty
+#                                                       pages (preload library) then stop-copy; each
+#                                                       verified, no bad page, equal sha256 on both
+#                                                       sides (see guest-migrate-2vm.sh); needs a
+#                                                       6.7+ guest kernel and refuses older ones
 #   soft-roce/vm/run.sh script FILE [args...]           any guest script (args in $RMEM_TEST_ARGS)
 #
 # It installs what it needs with apt-get (QEMU, a Debian kernel with rdma_rxe, busybox,
@@ -38,10 +46,10 @@
 # "backports" is bookworm-backports' 6.12 kernel, which has ublk_drv: run.sh adds that suite to
 # apt's sources and installs the versioned linux-image-6.12...-amd64 package when missing; or an
 # exact version from /lib/modules), RMEM_VM_TIMEOUT (seconds, default 1500; swap-compare 5400,
-# swap-2vm 1500), RMEM_VM_BOOT_TIMEOUT (seconds to a VM's first sign of life, default 120; a
+# swap-2vm 2700, migrate-2vm 600), RMEM_VM_BOOT_TIMEOUT (seconds to a VM's first sign of life, default 120; a
 # boot takes 3-6 s), RMEM_VM_SILENT_BOOTS (a test hook: the boots it lists by number get no
-# kernel and stay silent; see check-boot-watch.sh), RMEM_VM_LOG (console log file; two-vm and
-# swap-2vm add .a and .b), RMEM_VM_GUEST (two-vm: another guest script), RMEM_VM_BORROWER_MEM
+# kernel and stay silent; see check-boot-watch.sh), RMEM_VM_LOG (console log file; two-vm,
+# swap-2vm and migrate-2vm add .a and .b), RMEM_VM_GUEST (two-vm: another guest script), RMEM_VM_BORROWER_MEM
 # (swap-2vm: VM b's RAM, default 384M), RMEM_VM_DISK_DIR (swap-compare: where the virtio disk's
 # file lives, default /var/tmp), CARGO_TARGET_DIR.
 set -euo pipefail
@@ -50,7 +58,7 @@ repo=$(cd "$here/../.." && pwd)
 
 mode=conformance
 case "${1:-}" in
-  conformance|perf|two-vm|swap-2vm|nbd-swap|swap|swap-compare) mode=$1; shift ;;
+  conformance|perf|two-vm|swap-2vm|migrate-2vm|nbd-swap|swap|swap-compare) mode=$1; shift ;;
   script) mode=script; shift; guest_script=$(realpath "${1:?script needs a FILE}"); shift ;;
   -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
 esac
@@ -60,11 +68,15 @@ case $mode in
   swap-compare) timeout_s=${RMEM_VM_TIMEOUT:-5400} ;;
   # Three memchecks of twice a 384 MiB guest's RAM: 1,000-1,500 s under TCG on a 2-core host.
   swap-2vm) timeout_s=${RMEM_VM_TIMEOUT:-2700} ;;
+  # Two boots and two migrations of 32 MiB: about 2 minutes under TCG.
+  migrate-2vm) timeout_s=${RMEM_VM_TIMEOUT:-600} ;;
   *) timeout_s=${RMEM_VM_TIMEOUT:-1500} ;;
 esac
 
 pkgs=(qemu-system-x86 linux-image-amd64 busybox-static kmod cpio xz-utils rdma-core
       ibverbs-providers ibverbs-utils iproute2 perftest qperf nbd-client)
+# migrate-2vm builds migrate/guest's writer (migrate/guest/build.sh).
+[[ $mode == migrate-2vm ]] && pkgs+=(gcc libc6-dev)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then
@@ -125,6 +137,12 @@ case ${RMEM_VM_KERNEL:-} in
   *) kver=$RMEM_VM_KERNEL ;;
 esac
 has_rxe "$kver" || { echo "run.sh: kernel $kver is not installed with rdma_rxe" >&2; exit 1; }
+# migrate-2vm's exact dirty pages need userfaultfd's async write-protect and PAGEMAP_SCAN (6.7).
+if [[ $mode == migrate-2vm ]] && ! printf '6.7\n%s\n' "${kver%%[-+]*}" | sort -V -C; then
+  echo "run.sh: migrate-2vm needs a guest kernel 6.7 or newer (userfaultfd WP_ASYNC, PAGEMAP_SCAN);" \
+    "kernel $kver is older: run it with RMEM_VM_KERNEL=backports" >&2
+  exit 2
+fi
 
 work=$(mktemp -d)
 pids=() cleanup_files=()
@@ -136,7 +154,7 @@ cleanup() {
 trap cleanup EXIT
 
 cd "$repo"
-programs=()
+programs=() initramfs_libs=()
 if [[ $mode == conformance ]]; then
   echo "== building the conformance binary (release, --features verbs-hw)"
   json=$(cargo test --release --locked -p rmem-transport --features verbs-hw --test conformance_verbs \
@@ -150,6 +168,14 @@ fi
 echo "== building rmem (release)"
 cargo build --release --locked --bin rmem
 programs+=("${CARGO_TARGET_DIR:-$repo/target}/release/rmem")
+if [[ $mode == migrate-2vm ]]; then
+  echo "== building rmem's preload library (release) and migrate/guest's writer"
+  cargo build --release --locked -p rmem-preload --lib
+  initramfs_libs=(-L "${CARGO_TARGET_DIR:-$repo/target}/release/librmem_preload.so")
+  # The writer built dynamically, so LD_PRELOAD works on it.
+  migrate/guest/build.sh "$work/guest" > /dev/null
+  programs+=("$work/guest/writer")
+fi
 
 case $mode in
   conformance) guest_script=$here/guest-conformance.sh ;;
@@ -159,8 +185,9 @@ case $mode in
   swap-compare) guest_script=$here/guest-swap-compare.sh ;;
   two-vm) guest_script=${RMEM_VM_GUEST:-$here/guest-two-vm.sh} ;;
   swap-2vm) guest_script=$here/guest-swap-2vm.sh ;;
+  migrate-2vm) guest_script=$here/guest-migrate-2vm.sh ;;
 esac
-initramfs_args=() vm_args=()
+initramfs_args=("${initramfs_libs[@]+"${initramfs_libs[@]}"}") vm_args=()
 if [[ $mode == swap-compare ]]; then
   # zram, and ext4 on a virtio disk for a swap file (crc32c_generic: ext4's checksums).
   initramfs_args+=(-m zram -m virtio_blk -m crc32c_generic -m ext4)
@@ -298,13 +325,15 @@ finish() {
   tr -d '\r' < "$1"
   st=$(guest_status "$1")
   if [[ -z $st ]]; then
-    echo "run.sh: $3 did not finish (qemu exit $qrc)" >&2
+    local why=""
+    grep -q 'Kernel panic' "$1" && why=": its kernel panicked ($(tr -d '\r' < "$1" | grep -m1 -E 'BUG|Oops|panic' | cut -c1-100))"
+    echo "run.sh: $3 did not finish (qemu exit $qrc)$why" >&2
     if [[ $qrc -eq 124 ]]; then st=124; else st=1; fi
   fi
 }
 
 log=${RMEM_VM_LOG:-$work/console.log}
-if [[ $mode == two-vm || $mode == swap-2vm ]]; then
+if [[ $mode == two-vm || $mode == swap-2vm || $mode == migrate-2vm ]]; then
   mem_a=1G mem_b=1G
   # swap-2vm: a holds three 1G donors at once; b is the small borrower.
   [[ $mode == swap-2vm ]] && mem_a=3G mem_b=${RMEM_VM_BORROWER_MEM:-384M}
