@@ -35,4 +35,13 @@ soft-roce/vm/run.sh swap-2vm
 echo "== the same on the 6.12 backports kernel, where rmem swap runs on ublk"
 RMEM_VM_KERNEL=backports soft-roce/vm/run.sh swap quick
 echo "== rmem migrate over verbs between two VMs on 6.12: a writer's file, pre-copy with exact dirty pages, then stop-copy"
-RMEM_VM_KERNEL=backports soft-roce/vm/run.sh migrate-2vm
+# A guest kernel panic (status 125: rxe on 6.12 has crashed once under this load) is the
+# kernel's, not rmem's: the stage runs once more, and only then fails.
+rc=0
+RMEM_VM_KERNEL=backports soft-roce/vm/run.sh migrate-2vm || rc=$?
+if [[ $rc -eq 125 ]]; then
+  echo "NOTE: a guest kernel panicked during migrate-2vm; running it once more"
+  RMEM_VM_KERNEL=backports soft-roce/vm/run.sh migrate-2vm
+elif [[ $rc -ne 0 ]]; then
+  exit "$rc"
+fi

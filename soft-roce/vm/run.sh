@@ -36,7 +36,8 @@
 # It installs what it needs with apt-get (QEMU, a Debian kernel with rdma_rxe, busybox,
 # rdma-core, perftest, qperf), builds rmem (and the conformance binary with --features verbs-hw),
 # builds an initramfs (build-initramfs.sh), boots, prints the guests' consoles and exits with the
-# guest's status (the client's in two-vm mode); 124 when a VM times out. A VM that shows no sign
+# guest's status (the client's in two-vm mode); 124 when a VM times out; 125 when a guest kernel
+# panicked (two-VM modes). A VM that shows no sign
 # of life (its init's first line on the console) within RMEM_VM_BOOT_TIMEOUT seconds is killed
 # and booted again, once, and the run says so; a second silent boot fails the run (status 1).
 #
@@ -360,6 +361,12 @@ print(*(x.getsockname()[1] for x in s))' 2>/dev/null || echo "18701 18702")
   kill "$pid_a" 2>/dev/null || true
   finish "$log.a" "$pid_a" "VM a (server)"; st_a=$st
   echo "== guest exit status: client $st_b, server $st_a; $((SECONDS - start)) s from boot to power-off"
+  # A guest kernel that panicked (rxe has crashed under load on 6.12) fails the run with its
+  # own status, so a caller can tell it from a failure of rmem.
+  if [[ $st_a -ne 0 || $st_b -ne 0 ]] && grep -qs 'Kernel panic' "$log.a" "$log.b"; then
+    echo "run.sh: a guest kernel panicked: status 125" >&2
+    exit 125
+  fi
   [[ $st_b -ne 0 ]] && exit "$st_b"
   exit "$st_a"
 fi
