@@ -110,9 +110,9 @@ impl Receiver {
             addr: self.local_addr().to_string(),
         });
         let t0 = Instant::now();
-        let (pipe, plan) = self.accept_source(progress)?;
+        let (pipe, plan, caps) = self.accept_source(progress)?;
         let mut started = false;
-        let mut result = self.serve(&pipe, plan, &mut started, progress, t0);
+        let mut result = self.serve(&pipe, plan, &caps, &mut started, progress, t0);
         if let (Err(e), false) = (&result, started) {
             // A source that cancels also ends QEMU's incoming migration, which this side may
             // notice first: its reason, if it sent one, is the real one.
@@ -141,7 +141,7 @@ impl Receiver {
     fn accept_source(
         &mut self,
         progress: &mut dyn FnMut(Progress),
-    ) -> Result<(Arc<Pipe>, Mode), MigrateError> {
+    ) -> Result<(Arc<Pipe>, Mode, Vec<String>), MigrateError> {
         let deadline = Instant::now() + self.opts.accept;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -179,11 +179,25 @@ impl Receiver {
                 credit: mem.credit_word(),
             };
             let cfg = QpConfig::new(&self.pd, &sq).recv_cq(&rq);
-            let qp = inc.accept(&cfg, &serde_json::to_vec(&welcome).unwrap_or_default())?;
+            // Until a source proves the secret, a connection that fails is that connection's
+            // problem: the destination keeps waiting.
+            let qp = match inc.accept(&cfg, &serde_json::to_vec(&welcome).unwrap_or_default()) {
+                Ok(qp) => qp,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "a connection failed before it authenticated");
+                    continue;
+                }
+            };
             if refused.is_some() {
                 continue;
             }
-            let pipe = Arc::new(mem.start(qp, sq, rq, hello.credit, self.opts.timeouts.reply)?);
+            let pipe = match mem.start(qp, sq, rq, hello.credit, self.opts.timeouts.reply) {
+                Ok(p) => Arc::new(p),
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "a connection failed before it authenticated");
+                    continue;
+                }
+            };
             let refuse = |why: String| {
                 let _ = pipe.send_msg(&Msg::Refused { why: why.clone() }.encode());
                 why
@@ -217,13 +231,16 @@ impl Receiver {
             progress(Progress::Connected {
                 peer: peer.to_string(),
             });
-            let (mode, ram) = match Msg::decode(&pipe.recv_msg(self.opts.timeouts.reply)?)? {
+            let (mode, ram, caps) = match Msg::decode(&pipe.recv_msg(self.opts.timeouts.reply)?)? {
                 Msg::Plan {
-                    mode, ram, dedup, ..
+                    mode,
+                    ram,
+                    dedup,
+                    capabilities,
                 } => {
                     self.dedup =
                         dedup.then(|| DedupKey::derive(&self.opts.secret, &hello.nonce, &nonce_s));
-                    (mode, ram)
+                    (mode, ram, capabilities)
                 }
                 m => {
                     return Err(MigrateError::Protocol(format!(
@@ -253,7 +270,7 @@ impl Receiver {
                     return Err(MigrateError::Refused(refuse(why.into())));
                 }
             }
-            return Ok((pipe, mode));
+            return Ok((pipe, mode, caps));
         }
     }
 
@@ -288,6 +305,7 @@ impl Receiver {
         &mut self,
         pipe: &Arc<Pipe>,
         mode: Mode,
+        caps: &[String],
         started: &mut bool,
         progress: &mut dyn FnMut(Progress),
         t0: Instant,
@@ -304,6 +322,14 @@ impl Receiver {
             "migrate-set-capabilities",
             Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": moves}]})),
         )?;
+        // QEMU's own features the source asked for (its post-copy, multifd): both ends must
+        // agree on them.
+        for c in caps {
+            self.qmp.execute(
+                "migrate-set-capabilities",
+                Some(json!({"capabilities": [{"capability": c, "state": true}]})),
+            )?;
+        }
         let sock = self.opts.run_dir.join(format!(
             "rmem-incoming-{}-{}.sock",
             std::process::id(),

@@ -55,6 +55,9 @@ pub struct SendOptions {
     pub preload: Option<PathBuf>,
     /// Offer page hashes first: the destination fills pages it already holds itself.
     pub dedup: bool,
+    /// Stream mode: QEMU migration capabilities turned on at both ends (`postcopy-ram`: QEMU's
+    /// own post-copy, started at once; `multifd`: several connections, each relayed).
+    pub qemu_capabilities: Vec<String>,
     /// Leave the guest paused on the destination (`virsh migrate --suspend`): the caller
     /// resumes it (QMP `cont`) when it is ready, say after moving the network.
     pub suspend: bool,
@@ -116,7 +119,7 @@ struct Undo {
     phases: Phases,
     /// QEMU's settings before rmem changed them: x-ignore-shared, downtime-limit and
     /// max-bandwidth (a later migration by someone else must not inherit rmem's).
-    saved: Option<(bool, Value)>,
+    saved: Option<(Vec<(String, bool)>, Value)>,
 }
 
 impl Undo {
@@ -214,18 +217,22 @@ pub fn send(
     result
 }
 
-/// Puts the source back as it was before the migration.
-/// QEMU's x-ignore-shared and the parameters rmem sets, as they are now.
-fn saved_settings(q: &mut Control) -> Result<(bool, Value), MigrateError> {
+/// The capabilities rmem turns on or off (`names`) and the parameters it sets, as they are now.
+fn saved_settings(
+    q: &mut Control,
+    names: &[String],
+) -> Result<(Vec<(String, bool)>, Value), MigrateError> {
     let caps = q.execute("query-migrate-capabilities", None)?;
-    let ignore_shared = caps
-        .as_array()
-        .and_then(|a| {
-            a.iter()
-                .find(|c| c.get("capability").and_then(Value::as_str) == Some("x-ignore-shared"))
-        })
-        .and_then(|c| c.get("state").and_then(Value::as_bool))
-        .unwrap_or(false);
+    let state = |name: &str| {
+        caps.as_array()
+            .and_then(|a| {
+                a.iter()
+                    .find(|c| c.get("capability").and_then(Value::as_str) == Some(name))
+            })
+            .and_then(|c| c.get("state").and_then(Value::as_bool))
+            .unwrap_or(false)
+    };
+    let caps = names.iter().map(|n| (n.clone(), state(n))).collect();
     let p = q.execute("query-migrate-parameters", None)?;
     let mut params = json!({});
     for k in ["downtime-limit", "max-bandwidth"] {
@@ -233,12 +240,15 @@ fn saved_settings(q: &mut Control) -> Result<(bool, Value), MigrateError> {
             params[k] = v.clone();
         }
     }
-    Ok((ignore_shared, params))
+    Ok((caps, params))
 }
 
+/// Puts the source back as it was before the migration.
 fn restore(q: &mut Control, undo: &Undo) {
-    if let Some((ignore_shared, params)) = &undo.saved {
-        let _ = set_capability(q, "x-ignore-shared", *ignore_shared);
+    if let Some((caps, params)) = &undo.saved {
+        for (name, on) in caps {
+            let _ = set_capability(q, name, *on);
+        }
         let _ = q.execute("migrate-set-parameters", Some(params.clone()));
     }
     if undo.migrating {
@@ -336,7 +346,7 @@ fn connect(
                 size: r.size,
             })
             .collect(),
-        capabilities: Vec::new(),
+        capabilities: opts.qemu_capabilities.clone(),
         dedup: opts.dedup && opts.mode.moves_pages(),
     })?;
     let (regions, token) = match peer.recv(opts.timeouts.reply)? {
@@ -408,8 +418,13 @@ fn run(
         ..Report::default()
     };
     let moves = opts.mode.moves_pages();
-    undo.saved = Some(saved_settings(q)?);
+    let mut touched = vec!["x-ignore-shared".to_string()];
+    touched.extend(opts.qemu_capabilities.iter().cloned());
+    undo.saved = Some(saved_settings(q, &touched)?);
     set_capability(q, "x-ignore-shared", moves)?;
+    for c in &opts.qemu_capabilities {
+        set_capability(q, c, true)?;
+    }
     let mut params = json!({"downtime-limit": opts.policy.downtime_target.as_millis() as u64});
     if !moves {
         // QEMU's default of 128 MiB/s would make the relay look slow; the caller may cap it.
@@ -657,6 +672,10 @@ fn run(
     undo.migrating = true;
     if !moves {
         undo.take(Event::Start)?;
+        if opts.qemu_capabilities.iter().any(|c| c == "postcopy-ram") {
+            // QEMU's own post-copy, at once: its destination runs from the switch.
+            q.execute("migrate-start-postcopy", None)?;
+        }
     }
     let done = wait_migrated(q, opts, cancel, &relay, &peer.pipe, progress)?;
     report.qemu_downtime_ms = done.get("downtime").and_then(Value::as_u64);

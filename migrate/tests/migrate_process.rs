@@ -117,6 +117,7 @@ fn move_file(w: &Writer, mode: Mode, preload: bool) -> (rmem_migrate::Report, Pa
         preload: preload.then(|| w.sock.clone()),
         dedup: false,
         suspend: false,
+        qemu_capabilities: Vec::new(),
         timeouts: Timeouts::default(),
     };
     let report = send(&opts, &AtomicBool::new(false), &mut |_| {}).expect("send");

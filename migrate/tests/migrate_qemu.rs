@@ -130,6 +130,7 @@ fn send_opts(p: &Pair, to: SocketAddr, mode: Mode) -> SendOptions {
         preload: None,
         dedup: false,
         suspend: false,
+        qemu_capabilities: Vec::new(),
         timeouts: Timeouts {
             reply: Duration::from_secs(30),
             total: Duration::from_secs(300),
@@ -363,6 +364,28 @@ fn stream_mode_relays_qemus_own_migration_for_any_guest() {
     assert_eq!(dst.status, "running");
     let last = *p.src.ticks().last().unwrap();
     runs_on(&mut p.dst, last);
+}
+
+#[test]
+fn stream_mode_carries_qemus_own_post_copy_and_multifd() {
+    let _one = serial();
+    for caps in [vec!["postcopy-ram"], vec!["multifd"]] {
+        let name = format!("stream-{}", caps[0]);
+        let mut p = pair(&name, |o| o, 128);
+        let (src, dst) = migrate(
+            &p,
+            |o| SendOptions {
+                qemu_capabilities: caps.iter().map(|c| c.to_string()).collect(),
+                ..o
+            },
+            Mode::Stream,
+        );
+        let (src, dst) = (src.expect("source"), dst.expect("destination"));
+        assert!(src.stream_bytes > 8 << 20, "{caps:?}: {src:?}");
+        assert_eq!(dst.status, "running", "{caps:?}");
+        let last = *p.src.ticks().last().unwrap();
+        runs_on(&mut p.dst, last);
+    }
 }
 
 /// A refusal leaves the source running as it was.

@@ -155,6 +155,11 @@ pub struct SendArgs {
     /// holds (`recv --dedup-from`) from its own RAM instead of receiving them.
     #[arg(long)]
     dedup: bool,
+    /// Stream mode: a QEMU migration capability to turn on at both ends (repeatable), e.g.
+    /// `postcopy-ram` (QEMU's own post-copy, started at once) or `multifd` (several
+    /// connections, each relayed).
+    #[arg(long = "qemu-capability", value_name = "NAME")]
+    qemu_capabilities: Vec<String>,
     /// Leave the guest paused on the destination (like `virsh migrate --suspend`); resume it
     /// there with QMP `cont`. Page modes only: QEMU's own stream resumes it by itself.
     #[arg(long)]
@@ -427,6 +432,12 @@ fn send(a: SendArgs) -> Result<(), Failed> {
             ))
         }
     };
+    if !a.qemu_capabilities.is_empty() && !matches!(a.mode, ModeArg::Stream) {
+        return Err(Failed::new(
+            Code::Usage,
+            "--qemu-capability is for --mode stream (the page modes use QEMU for device state only)",
+        ));
+    }
     let opts = SendOptions {
         source,
         to: a.to,
@@ -444,6 +455,7 @@ fn send(a: SendArgs) -> Result<(), Failed> {
         preload: a.preload_socket.clone(),
         dedup: a.dedup,
         suspend: a.suspend,
+        qemu_capabilities: a.qemu_capabilities.clone(),
         timeouts: a.common.timeouts(),
     };
     let cancel = cancel_on_signal();
