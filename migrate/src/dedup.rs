@@ -41,11 +41,14 @@ impl DedupKey {
     }
 }
 
-/// The hash of every page of `src`, 0 for zero pages.
-pub fn offer(key: &DedupKey, src: &dyn PageSource) -> Vec<u128> {
+/// The hash of every page of `src`, 0 for zero pages and for `holes` (not read).
+pub fn offer(key: &DedupKey, src: &dyn PageSource, holes: &PageSet) -> Vec<u128> {
     let mut buf = Box::new([0u8; PAGE]);
     (0..src.pages())
         .map(|p| {
+            if holes.contains(p) {
+                return 0;
+            }
             src.read_page(p, &mut buf);
             if is_zero(&buf[..]) {
                 0
@@ -156,8 +159,9 @@ mod tests {
         assert_eq!(a.hash(&page(7)), a.hash(&page(7)));
         let mut mem = page(0);
         mem.extend(page(9));
-        assert_eq!(offer(&a, &Slice(&mem))[0], 0);
-        assert_ne!(offer(&a, &Slice(&mem))[1], 0);
+        let none = PageSet::new(2);
+        assert_eq!(offer(&a, &Slice(&mem), &none)[0], 0);
+        assert_ne!(offer(&a, &Slice(&mem), &none)[1], 0);
     }
 
     #[test]
@@ -175,7 +179,7 @@ mod tests {
         let mut src = page(2);
         src.extend(page(1));
         src.extend(page(3));
-        let wanted = offer(&key, &Slice(&src));
+        let wanted = offer(&key, &Slice(&src), &PageSet::new(3));
         // The donor's page 1 changes after indexing: its copy must not be used.
         let mut changed = d.clone();
         changed[PAGE..2 * PAGE].copy_from_slice(&page(5));

@@ -2,6 +2,46 @@
 
 use std::ops::Range;
 
+/// The pages of `file` that are holes (never written, or punched): zero without being read.
+/// Reading them through a shared mapping would allocate them; asking the file system where
+/// its data is (SEEK_DATA, SEEK_HOLE) touches nothing.
+pub fn file_holes(file: &std::fs::File) -> std::io::Result<PageSet> {
+    use std::os::fd::AsRawFd;
+    let len = file.metadata()?.len();
+    let pages = (len as usize) / PAGE;
+    let mut holes = PageSet::new(pages);
+    let fd = file.as_raw_fd();
+    let seek = |off: u64, whence: i32| -> std::io::Result<Option<u64>> {
+        // SAFETY: lseek on a descriptor we borrow; no memory involved.
+        let r = unsafe { libc::lseek(fd, off as libc::off_t, whence) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            // ENXIO: no data at or after `off`.
+            return if e.raw_os_error() == Some(libc::ENXIO) {
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
+        Ok(Some(r as u64))
+    };
+    let mut at = 0u64;
+    while at < len {
+        let data = seek(at, libc::SEEK_DATA)?.unwrap_or(len).min(len);
+        // Whole pages inside the hole [at, data).
+        let first = (at as usize).div_ceil(PAGE);
+        let end = (data as usize) / PAGE;
+        for p in first..end.min(pages) {
+            holes.insert(p);
+        }
+        if data >= len {
+            break;
+        }
+        at = seek(data, libc::SEEK_HOLE)?.unwrap_or(len);
+    }
+    Ok(holes)
+}
+
 /// The unit of migration: a base page.
 pub const PAGE: usize = 4096;
 
@@ -163,6 +203,17 @@ pub fn is_zero(page: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn holes_are_found_without_reading_and_written_pages_are_not_holes() {
+        use std::os::unix::fs::FileExt;
+        let f = tempfile::tempfile_in("/dev/shm").unwrap();
+        f.set_len((8 * PAGE) as u64).unwrap();
+        f.write_all_at(&[1u8; 10], (2 * PAGE) as u64).unwrap();
+        f.write_all_at(&[1u8; PAGE], (5 * PAGE) as u64).unwrap();
+        let h = file_holes(&f).unwrap();
+        assert_eq!(h.iter().collect::<Vec<_>>(), vec![0, 1, 3, 4, 6, 7]);
+    }
 
     #[test]
     fn a_set_survives_its_byte_encoding_and_bad_bytes_are_refused() {

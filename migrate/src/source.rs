@@ -26,7 +26,7 @@ use crate::converge::{Decision, Policy, Round};
 use crate::dedup::{self, DedupKey};
 use crate::dirty::{page_hashes, DirtyLog, Mapped, PageHashLog};
 use crate::mover::{Link, Mover};
-use crate::pages::{is_zero, PageSet, PAGE};
+use crate::pages::{file_holes, is_zero, PageSet, PAGE};
 use crate::phase::{Event, Phase, Phases};
 use crate::pipe::{Pipe, PipeError, PipeMemory};
 use crate::ram::GuestRam;
@@ -68,6 +68,8 @@ pub struct SendOptions {
 struct Region {
     buf: Buffer,
     mr: Mr,
+    /// Pages that were holes in the file when it was mapped: zero, never read.
+    holes: PageSet,
 }
 
 /// The connection to the destination agent.
@@ -387,9 +389,11 @@ fn map_regions(pd: &Pd, rams: &[GuestRam], readable: bool) -> Result<Vec<Region>
                 .write(true)
                 .open(&ram.path)
                 .map_err(|e| MigrateError::io(format!("open {}", ram.path.display()), e))?;
+            let holes = file_holes(&f)
+                .map_err(|e| MigrateError::io(format!("holes of {}", ram.path.display()), e))?;
             let buf = Buffer::map_file(&f)?;
             let mr = pd.register_buffer(&buf, 0, buf.len(), access)?;
-            Ok(Region { buf, mr })
+            Ok(Region { buf, mr, holes })
         })
         .collect()
 }
@@ -483,7 +487,16 @@ fn run(
         } else {
             None
         };
+        // The first pass leaves out what the destination filled itself and the source's
+        // holes (zero there too: its file was punched). A hole written later is reported
+        // by the dirty log, or found by the final comparison, like any page.
+        let holes_skipped: usize = regions.iter().map(|r| r.holes.count()).sum();
         let without_have = |mut sets: Vec<PageSet>| {
+            for (s, r) in sets.iter_mut().zip(&regions) {
+                for p in r.holes.iter() {
+                    s.remove(p);
+                }
+            }
             if let Some(have) = &have {
                 for (s, h) in sets.iter_mut().zip(have) {
                     for p in h.iter() {
@@ -493,6 +506,7 @@ fn run(
             }
             sets
         };
+        report.zero_pages_skipped += holes_skipped;
         // Pages written since the last round and not yet sent, when a round ran.
         let mut unsent: Option<Vec<PageSet>> = None;
         let mut logs: Vec<Box<dyn DirtyLog>> = Vec::new();
@@ -611,10 +625,12 @@ fn run(
         } else {
             match unsent {
                 None => {
-                    let all: Vec<PageSet> = regions
-                        .iter()
-                        .map(|r| PageSet::full(r.buf.len() / PAGE))
-                        .collect();
+                    let all: Vec<PageSet> = without_have(
+                        regions
+                            .iter()
+                            .map(|r| PageSet::full(r.buf.len() / PAGE))
+                            .collect(),
+                    );
                     send_all(&mover, &links, &all, &mut dest_zero, &mut report)?;
                 }
                 Some(mut last) if exact => {
@@ -813,7 +829,7 @@ fn dedup_offer(
 ) -> Result<Vec<PageSet>, MigrateError> {
     let hashes: Vec<Vec<u128>> = regions
         .iter()
-        .map(|r| dedup::offer(&peer.key, &Mapped(&r.buf)))
+        .map(|r| dedup::offer(&peer.key, &Mapped(&r.buf), &r.holes))
         .collect();
     let total: usize = hashes.iter().map(Vec::len).sum();
     peer.send(&Msg::DedupOffer {

@@ -605,6 +605,12 @@ fn dedup_fills_pages_from_a_guest_already_on_the_destination() {
     };
     let src = send(&opts, &AtomicBool::new(false), &mut |_| {}).expect("source");
     dest.join().unwrap().expect("destination");
+    eprintln!(
+        "dedup: {} pages filled from the donor, {} bytes not sent, {} pages sent",
+        src.dedup_pages.unwrap_or(0),
+        src.dedup_bytes_saved.unwrap_or(0),
+        src.pages_sent
+    );
     let deduped = src.dedup_pages.unwrap();
     assert!(
         deduped > 256,
@@ -612,6 +618,11 @@ fn dedup_fills_pages_from_a_guest_already_on_the_destination() {
     );
     assert_eq!(src.dedup_bytes_saved, Some((deduped * 4096) as u64));
     assert_eq!(src.verified, Some(true), "pages filled locally are right");
+    assert_eq!(
+        src.pages_sent + src.zero_pages_skipped + deduped,
+        128 << 8,
+        "pages filled from the donor are not sent: {src:?}"
+    );
     let last = *p.src.ticks().last().unwrap();
     runs_on(&mut p.dst, last);
     let _ = std::fs::remove_file(&donor_ram);
