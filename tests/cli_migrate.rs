@@ -4,8 +4,9 @@
 #[path = "../migrate/tests/support/mod.rs"]
 mod guest_support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::io::{BufRead, BufReader, Lines};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use guest_support::{Guest, GuestOpts};
@@ -31,25 +32,74 @@ impl Drop for SecretFile {
     }
 }
 
-#[test]
-fn send_and_recv_move_a_running_guest_and_report_in_json() {
-    let secret = SecretFile::new("move");
-    let (src_ram, dst_ram) = (
-        format!("/dev/shm/rmem-cli-src-{}", std::process::id()),
-        format!("/dev/shm/rmem-cli-dst-{}", std::process::id()),
-    );
-    let mut src = Guest::start("cli-src", &GuestOpts::new(&src_ram));
-    let mut dst = Guest::start(
-        "cli-dst",
-        &GuestOpts {
-            incoming: true,
-            ..GuestOpts::new(&dst_ram)
-        },
-    );
-    src.wait_ready(Duration::from_secs(180));
-    src.wait_ticks(3, Duration::from_secs(120));
+/// A source guest booted and ticking, a destination waiting with -incoming defer, both with
+/// rmem's preload library when asked; their RAM files and sockets removed when dropped.
+struct Pair {
+    src: Guest,
+    dst: Guest,
+    files: Vec<PathBuf>,
+}
 
-    let mut recv = Command::new(env!("CARGO_BIN_EXE_rmem"))
+impl Pair {
+    fn start(tag: &str, preload: bool) -> Pair {
+        let id = std::process::id();
+        let path = |side: &str, ext: &str| {
+            let dir = if ext == "ram" {
+                PathBuf::from("/dev/shm")
+            } else {
+                std::env::temp_dir()
+            };
+            dir.join(format!("rmem-cli-{tag}-{side}-{id}.{ext}"))
+        };
+        let files = vec![
+            path("src", "ram"),
+            path("dst", "ram"),
+            path("src", "sock"),
+            path("dst", "sock"),
+        ];
+        let sock = |i: usize| preload.then(|| files[i].clone());
+        let mut src = Guest::start(
+            &format!("cli-{tag}-src"),
+            &GuestOpts {
+                preload: sock(2),
+                ..GuestOpts::new(&files[0])
+            },
+        );
+        let dst = Guest::start(
+            &format!("cli-{tag}-dst"),
+            &GuestOpts {
+                incoming: true,
+                preload: sock(3),
+                ..GuestOpts::new(&files[1])
+            },
+        );
+        src.wait_ready(Duration::from_secs(180));
+        src.wait_ticks(3, Duration::from_secs(120));
+        Pair { src, dst, files }
+    }
+
+    /// The destination's preload socket.
+    fn dst_sock(&self) -> &PathBuf {
+        &self.files[3]
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for f in &self.files {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+/// `rmem migrate recv --json` for the pair's destination, with `extra` arguments: the process,
+/// its address (from its first line) and the rest of its output.
+fn recv(
+    p: &Pair,
+    secret: &SecretFile,
+    extra: &[&str],
+) -> (Child, String, Lines<BufReader<ChildStdout>>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rmem"))
         .args([
             "migrate",
             "recv",
@@ -58,16 +108,26 @@ fn send_and_recv_move_a_running_guest_and_report_in_json() {
             "--json",
             "--qmp",
         ])
-        .arg(dst.qmp_path())
+        .arg(p.dst.qmp_path())
         .arg("--secret-file")
         .arg(&secret.0)
+        .args(extra)
         .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(recv.stdout.take().unwrap()).lines();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
     assert_eq!(first["event"], "listening", "{first}");
     let addr = first["addr"].as_str().unwrap().to_string();
+    (child, addr, lines)
+}
+
+#[test]
+fn send_and_recv_move_a_running_guest_and_report_in_json() {
+    let secret = SecretFile::new("move");
+    let mut p = Pair::start("move", false);
+    let (mut recv, addr, lines) = recv(&p, &secret, &[]);
 
     let out = Command::new(env!("CARGO_BIN_EXE_rmem"))
         .args([
@@ -80,7 +140,7 @@ fn send_and_recv_move_a_running_guest_and_report_in_json() {
             &addr,
             "--qmp",
         ])
-        .arg(src.qmp_path())
+        .arg(p.src.qmp_path())
         .arg("--secret-file")
         .arg(&secret.0)
         .output()
@@ -115,12 +175,14 @@ fn send_and_recv_move_a_running_guest_and_report_in_json() {
     assert!(recv.wait().unwrap().success());
     assert_eq!(rest.last().unwrap()["status"], "running");
 
-    let last = src.ticks().last().copied().unwrap();
-    let t = dst.wait_ticks(12, Duration::from_secs(120));
+    let last = p.src.ticks().last().copied().unwrap();
+    let t = p.dst.wait_ticks(12, Duration::from_secs(120));
     assert!(t.n > last.n, "{last:?} then {t:?}");
-    assert!(dst.ticks().iter().all(|t| t.bad == 0), "{:?}", dst.ticks());
-    let _ = std::fs::remove_file(&src_ram);
-    let _ = std::fs::remove_file(&dst_ram);
+    assert!(
+        p.dst.ticks().iter().all(|t| t.bad == 0),
+        "{:?}",
+        p.dst.ticks()
+    );
 }
 
 #[test]
@@ -179,54 +241,26 @@ fn refusals_and_missing_secrets_have_their_own_exit_codes() {
 #[test]
 fn a_source_lost_during_postcopy_stops_the_destination_guest_before_a_wrong_page_runs() {
     let secret = SecretFile::new("lost");
-    let id = std::process::id();
-    let (src_ram, dst_ram) = (
-        format!("/dev/shm/rmem-cli-lost-src-{id}"),
-        format!("/dev/shm/rmem-cli-lost-dst-{id}"),
-    );
-    let (src_sock, dst_sock) = (
-        std::env::temp_dir().join(format!("rmem-cli-lost-src-{id}.sock")),
-        std::env::temp_dir().join(format!("rmem-cli-lost-dst-{id}.sock")),
-    );
-    let mut src = Guest::start(
-        "cli-lost-src",
-        &GuestOpts {
-            preload: Some(src_sock.clone()),
-            ..GuestOpts::new(&src_ram)
-        },
-    );
-    let mut dst = Guest::start(
-        "cli-lost-dst",
-        &GuestOpts {
-            incoming: true,
-            preload: Some(dst_sock.clone()),
-            ..GuestOpts::new(&dst_ram)
-        },
-    );
-    src.wait_ready(Duration::from_secs(180));
-    src.wait_ticks(3, Duration::from_secs(120));
-
+    let mut p = Pair::start("lost", true);
     // A slow background pass: the source is killed while most pages are still there.
-    let mut recv = Command::new(env!("CARGO_BIN_EXE_rmem"))
-        .args(["migrate", "recv", "--listen", "127.0.0.1:0", "--json"])
-        .args(["--background-rate", "4M", "--reply-timeout", "5", "--qmp"])
-        .arg(dst.qmp_path())
-        .arg("--preload-socket")
-        .arg(&dst_sock)
-        .arg("--secret-file")
-        .arg(&secret.0)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(recv.stdout.take().unwrap()).lines();
-    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
-    let addr = first["addr"].as_str().unwrap().to_string();
+    let sock = p.dst_sock().display().to_string();
+    let (mut recv, addr, _lines) = recv(
+        &p,
+        &secret,
+        &[
+            "--background-rate",
+            "4M",
+            "--reply-timeout",
+            "5",
+            "--preload-socket",
+            &sock,
+        ],
+    );
     let mut send = Command::new(env!("CARGO_BIN_EXE_rmem"))
         .args([
             "migrate", "send", "--mode", "postcopy", "--json", "--to", &addr, "--qmp",
         ])
-        .arg(src.qmp_path())
+        .arg(p.src.qmp_path())
         .arg("--secret-file")
         .arg(&secret.0)
         .stdout(Stdio::piped())
@@ -251,60 +285,27 @@ fn a_source_lost_during_postcopy_stops_the_destination_guest_before_a_wrong_page
     assert_eq!(status.code(), Some(5), "recv: {status}\n{err}");
     assert!(err.contains("post-copy"), "{err}");
     // Stopped or gone, and it never counted a bad page.
-    let stopped = dst.wait_exit(Duration::from_millis(100)) || {
-        let mut q = rmem_migrate::Qmp::connect(dst.qmp_path(), Duration::from_secs(10)).unwrap();
+    let stopped = p.dst.wait_exit(Duration::from_millis(100)) || {
+        let mut q = rmem_migrate::Qmp::connect(p.dst.qmp_path(), Duration::from_secs(10)).unwrap();
         q.execute("query-status", None).unwrap()["status"] != "running"
     };
     assert!(
         stopped,
         "the destination guest still runs without its source"
     );
-    assert!(dst.ticks().iter().all(|t| t.bad == 0), "{:?}", dst.ticks());
-    for f in [&src_ram, &dst_ram] {
-        let _ = std::fs::remove_file(f);
-    }
-    for s in [&src_sock, &dst_sock] {
-        let _ = std::fs::remove_file(s);
-    }
+    assert!(
+        p.dst.ticks().iter().all(|t| t.bad == 0),
+        "{:?}",
+        p.dst.ticks()
+    );
 }
 
 #[test]
 fn status_and_cancel_reach_a_running_migration_and_cancel_puts_the_source_back() {
     let secret = SecretFile::new("cancel");
-    let id = std::process::id();
-    let (src_ram, dst_ram) = (
-        format!("/dev/shm/rmem-cli-cancel-src-{id}"),
-        format!("/dev/shm/rmem-cli-cancel-dst-{id}"),
-    );
-    let control = std::env::temp_dir().join(format!("rmem-cli-cancel-{id}.ctl"));
-    let mut src = Guest::start("cli-cancel-src", &GuestOpts::new(&src_ram));
-    let mut dst = Guest::start(
-        "cli-cancel-dst",
-        &GuestOpts {
-            incoming: true,
-            ..GuestOpts::new(&dst_ram)
-        },
-    );
-    src.wait_ready(Duration::from_secs(180));
-    src.wait_ticks(3, Duration::from_secs(120));
-    let mut recv = Command::new(env!("CARGO_BIN_EXE_rmem"))
-        .args([
-            "migrate",
-            "recv",
-            "--listen",
-            "127.0.0.1:0",
-            "--json",
-            "--qmp",
-        ])
-        .arg(dst.qmp_path())
-        .arg("--secret-file")
-        .arg(&secret.0)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(recv.stdout.take().unwrap()).lines();
-    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
-    let addr = first["addr"].as_str().unwrap().to_string();
+    let control = std::env::temp_dir().join(format!("rmem-cli-cancel-{}.ctl", std::process::id()));
+    let mut p = Pair::start("cancel", false);
+    let (mut recv, addr, _lines) = recv(&p, &secret, &[]);
     // QEMU's own stream, slowed to 8 MiB/s: a 128 MiB guest takes long enough to cancel.
     let mut send = Command::new(env!("CARGO_BIN_EXE_rmem"))
         .args([
@@ -320,7 +321,7 @@ fn status_and_cancel_reach_a_running_migration_and_cancel_puts_the_source_back()
         .arg("--control")
         .arg(&control)
         .arg("--qmp")
-        .arg(src.qmp_path())
+        .arg(p.src.qmp_path())
         .arg("--secret-file")
         .arg(&secret.0)
         .stdout(Stdio::null())
@@ -357,55 +358,21 @@ fn status_and_cancel_reach_a_running_migration_and_cancel_puts_the_source_back()
     assert!(!control.exists(), "the control socket is removed");
     assert_eq!(recv.wait().unwrap().code(), Some(7), "recv after the abort");
     assert!(
-        dst.wait_exit(Duration::from_secs(30)),
+        p.dst.wait_exit(Duration::from_secs(30)),
         "the destination QEMU quits"
     );
     // The source runs on, checking its memory clean.
-    let t = src.wait_ticks(6, Duration::from_secs(120));
-    assert!(src.ticks().iter().all(|t| t.bad == 0), "{t:?}");
+    let t = p.src.wait_ticks(6, Duration::from_secs(120));
+    assert!(p.src.ticks().iter().all(|t| t.bad == 0), "{t:?}");
     // Nothing answers once it is over.
     assert_eq!(ask("status").status.code(), Some(5));
-    for f in [&src_ram, &dst_ram] {
-        let _ = std::fs::remove_file(f);
-    }
 }
 
 #[test]
 fn a_connection_cut_before_the_switch_over_leaves_the_source_running() {
     let secret = SecretFile::new("cut");
-    let id = std::process::id();
-    let (src_ram, dst_ram) = (
-        format!("/dev/shm/rmem-cli-cut-src-{id}"),
-        format!("/dev/shm/rmem-cli-cut-dst-{id}"),
-    );
-    let mut src = Guest::start("cli-cut-src", &GuestOpts::new(&src_ram));
-    let dst = Guest::start(
-        "cli-cut-dst",
-        &GuestOpts {
-            incoming: true,
-            ..GuestOpts::new(&dst_ram)
-        },
-    );
-    src.wait_ready(Duration::from_secs(180));
-    src.wait_ticks(3, Duration::from_secs(120));
-    let mut recv = Command::new(env!("CARGO_BIN_EXE_rmem"))
-        .args([
-            "migrate",
-            "recv",
-            "--listen",
-            "127.0.0.1:0",
-            "--json",
-            "--qmp",
-        ])
-        .arg(dst.qmp_path())
-        .arg("--secret-file")
-        .arg(&secret.0)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(recv.stdout.take().unwrap()).lines();
-    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
-    let addr = first["addr"].as_str().unwrap().to_string();
+    let mut p = Pair::start("cut", false);
+    let (mut recv, addr, _lines) = recv(&p, &secret, &[]);
     // A slow stream (8 MiB/s), so the cut lands before QEMU completes.
     let mut send = Command::new(env!("CARGO_BIN_EXE_rmem"))
         .args([
@@ -418,7 +385,7 @@ fn a_connection_cut_before_the_switch_over_leaves_the_source_running() {
             "--json",
         ])
         .args(["--reply-timeout", "5", "--to", &addr, "--qmp"])
-        .arg(src.qmp_path())
+        .arg(p.src.qmp_path())
         .arg("--secret-file")
         .arg(&secret.0)
         .stdout(Stdio::piped())
@@ -448,7 +415,7 @@ fn a_connection_cut_before_the_switch_over_leaves_the_source_running() {
     let code = send.wait().unwrap().code();
     assert_eq!(code, Some(5), "the other agent gone: exit 5");
     // The source runs on, its memory intact.
-    let mut q = rmem_migrate::Qmp::connect(src.qmp_path(), Duration::from_secs(10)).unwrap();
+    let mut q = rmem_migrate::Qmp::connect(p.src.qmp_path(), Duration::from_secs(10)).unwrap();
     let t = std::time::Instant::now();
     while q.execute("query-status", None).unwrap()["status"] != "running" {
         assert!(
@@ -458,9 +425,10 @@ fn a_connection_cut_before_the_switch_over_leaves_the_source_running() {
         std::thread::sleep(Duration::from_millis(100));
     }
     drop(q);
-    src.wait_ticks(6, Duration::from_secs(120));
-    assert!(src.ticks().iter().all(|t| t.bad == 0), "{:?}", src.ticks());
-    for f in [&src_ram, &dst_ram] {
-        let _ = std::fs::remove_file(f);
-    }
+    p.src.wait_ticks(6, Duration::from_secs(120));
+    assert!(
+        p.src.ticks().iter().all(|t| t.bad == 0),
+        "{:?}",
+        p.src.ticks()
+    );
 }

@@ -21,6 +21,7 @@ pub mod converge;
 pub mod dedup;
 pub mod dest;
 pub mod dirty;
+mod fdpass;
 pub mod mover;
 pub mod pages;
 pub mod phase;

@@ -206,6 +206,25 @@ impl Inner {
         }
     }
 
+    /// What waiting on one of the pipe's queues came to: a failed pipe says why.
+    fn received<T>(
+        &self,
+        r: Result<T, RecvTimeoutError>,
+        timeout: Duration,
+    ) -> Result<T, PipeError> {
+        match r {
+            Ok(v) => Ok(v),
+            Err(RecvTimeoutError::Timeout) => {
+                self.check()?;
+                Err(PipeError::Timeout(timeout))
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                self.check()?;
+                Err(PipeError::Closed)
+            }
+        }
+    }
+
     fn check(&self) -> Result<(), PipeError> {
         match &*lock(&self.failed) {
             Some(why) => Err(PipeError::Failed(why.clone())),
@@ -484,17 +503,8 @@ impl Pipe {
 
     /// The next control message.
     pub fn recv_msg(&self, timeout: Duration) -> Result<Vec<u8>, PipeError> {
-        match lock(&self.control).recv_timeout(timeout) {
-            Ok(m) => Ok(m),
-            Err(RecvTimeoutError::Timeout) => {
-                self.inner.check()?;
-                Err(PipeError::Timeout(timeout))
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                self.inner.check()?;
-                Err(PipeError::Closed)
-            }
-        }
+        self.inner
+            .received(lock(&self.control).recv_timeout(timeout), timeout)
     }
 
     /// Opens a stream to the peer. `odd` picks this side's half of the stream numbers so the
@@ -518,17 +528,9 @@ impl Pipe {
 
     /// The next stream the peer opened.
     pub fn accept_stream(&self, timeout: Duration) -> Result<Stream, PipeError> {
-        let id = match lock(&self.opened).recv_timeout(timeout) {
-            Ok(id) => id,
-            Err(RecvTimeoutError::Timeout) => {
-                self.inner.check()?;
-                return Err(PipeError::Timeout(timeout));
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                self.inner.check()?;
-                return Err(PipeError::Closed);
-            }
-        };
+        let id = self
+            .inner
+            .received(lock(&self.opened).recv_timeout(timeout), timeout)?;
         let rx = lock(&self.inner.pending)
             .remove(&id)
             .ok_or_else(|| PipeError::Malformed(format!("stream {id} vanished")))?;
@@ -596,17 +598,12 @@ impl Stream {
 
     /// The next bytes from the peer; `None` once it finished.
     pub fn read(&self, timeout: Duration) -> Result<Option<Vec<u8>>, PipeError> {
-        match lock(&self.rx).recv_timeout(timeout) {
-            Ok(Event::Data(d)) => Ok(Some(d)),
-            Ok(Event::Eof) => Ok(None),
-            Err(RecvTimeoutError::Timeout) => {
-                self.inner.check()?;
-                Err(PipeError::Timeout(timeout))
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                self.inner.check()?;
-                Err(PipeError::Closed)
-            }
+        match self
+            .inner
+            .received(lock(&self.rx).recv_timeout(timeout), timeout)?
+        {
+            Event::Data(d) => Ok(Some(d)),
+            Event::Eof => Ok(None),
         }
     }
 }

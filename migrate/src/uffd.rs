@@ -4,11 +4,12 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::fdpass::recv_with_fd;
 use crate::uffd_abi::*;
 
 use crate::dirty::{DirtyError, DirtyLog, PageSource};
@@ -93,44 +94,6 @@ pub fn attach(
         addr: num(addr)?,
         len: num(len)?,
     })
-}
-
-/// One message and the descriptor attached to it, if any.
-fn recv_with_fd(s: &UnixStream) -> std::io::Result<(String, Option<OwnedFd>)> {
-    let mut data = [0u8; 256];
-    let mut iov = libc::iovec {
-        iov_base: data.as_mut_ptr().cast(),
-        iov_len: data.len(),
-    };
-    let mut cbuf = [0u64; 4];
-    // SAFETY: msghdr is plain data; zero is a valid empty header, filled in below.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
-    // SAFETY: the header points at `data` and `cbuf`, both alive and writable for the call.
-    let n = unsafe { libc::recvmsg(s.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let mut fd = None;
-    // SAFETY: the kernel filled `msg_controllen` bytes of `cbuf`; CMSG_FIRSTHDR/NXTHDR walk
-    // inside them, and an SCM_RIGHTS message carries ints.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let raw = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<i32>());
-                fd = Some(OwnedFd::from_raw_fd(raw));
-            }
-            c = libc::CMSG_NXTHDR(&msg, c);
-        }
-    }
-    Ok((
-        String::from_utf8_lossy(&data[..n as usize]).into_owned(),
-        fd,
-    ))
 }
 
 /// Exact dirty pages: the kernel marks each page QEMU writes (userfaultfd write-protect with

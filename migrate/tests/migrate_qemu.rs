@@ -194,6 +194,21 @@ fn runs_on(dst: &mut Guest, last_on_source: Tick) {
     );
 }
 
+/// Both guests paused after the switch-over: their RAM files are the same; resumed on the
+/// destination, the guest goes on there.
+fn equal_at_the_stop_then_resumed(p: &mut Pair, last: Tick) {
+    assert_eq!(status(&p.src), "postmigrate");
+    assert_eq!(
+        hash_file(&p.src_ram),
+        hash_file(&p.dst_ram),
+        "the RAM files differ at the stop"
+    );
+    let mut dq = Qmp::connect(p.dst.qmp_path(), Duration::from_secs(10)).unwrap();
+    dq.execute("cont", None).unwrap();
+    drop(dq);
+    runs_on(&mut p.dst, last);
+}
+
 #[test]
 fn stop_copy_of_a_paused_guest_leaves_both_rams_equal_and_it_resumes_on_the_destination() {
     let _one = serial();
@@ -211,15 +226,7 @@ fn stop_copy_of_a_paused_guest_leaves_both_rams_equal_and_it_resumes_on_the_dest
     assert!(src.stream_bytes > 0, "device state went through the relay");
     // A paused guest stays paused: both RAMs can be compared as they are.
     assert_eq!(dst.status, "paused");
-    assert_eq!(status(&p.src), "postmigrate");
-    assert_eq!(
-        hash_file(&p.src_ram),
-        hash_file(&p.dst_ram),
-        "the RAM files differ"
-    );
-    let mut dq = Qmp::connect(p.dst.qmp_path(), Duration::from_secs(10)).unwrap();
-    dq.execute("cont", None).unwrap();
-    runs_on(&mut p.dst, last);
+    equal_at_the_stop_then_resumed(&mut p, last);
 }
 
 #[test]
@@ -248,17 +255,8 @@ fn precopy_moves_a_running_guest_in_rounds_and_both_rams_hash_equal_at_the_stop(
         "{src:?}"
     );
     assert_eq!(dst.status, "paused");
-    assert_eq!(status(&p.src), "postmigrate");
-    assert_eq!(
-        hash_file(&p.src_ram),
-        hash_file(&p.dst_ram),
-        "the RAM files differ at the stop"
-    );
-    let mut dq = Qmp::connect(p.dst.qmp_path(), Duration::from_secs(10)).unwrap();
-    dq.execute("cont", None).unwrap();
-    drop(dq);
     let last = *p.src.ticks().last().unwrap();
-    runs_on(&mut p.dst, last);
+    equal_at_the_stop_then_resumed(&mut p, last);
 }
 
 #[test]

@@ -19,6 +19,8 @@
 /// Shared with the agent side (`rmem-migrate`), which must not link this library.
 #[path = "../../src/uffd_abi.rs"]
 pub mod abi;
+#[path = "../../src/fdpass.rs"]
+mod fdpass;
 mod serve;
 
 pub use serve::{find_mapping, Mapping};

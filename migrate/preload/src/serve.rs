@@ -7,6 +7,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
 use crate::abi::*;
+use crate::fdpass::send_with_fd;
 
 /// One mapping of a file in this process.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,37 +142,6 @@ fn ioctl<T>(fd: &OwnedFd, req: u64, arg: &mut T) -> std::io::Result<()> {
     // and exclusively borrowed for the call.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), req as _, arg as *mut T) };
     if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Sends `data` with one descriptor attached.
-fn send_with_fd(conn: &UnixStream, data: &[u8], fd: i32) -> std::io::Result<()> {
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr() as *mut libc::c_void,
-        iov_len: data.len(),
-    };
-    // Room for one int of control data, aligned as cmsghdr wants.
-    let mut cbuf = [0u64; 4];
-    // SAFETY: msghdr is plain data; zero is a valid empty header, filled in below.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    // SAFETY: CMSG_SPACE only computes a size.
-    msg.msg_controllen = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as _;
-    // SAFETY: msg_control points at `cbuf`, large enough for one cmsghdr and an int (CMSG_SPACE
-    // above); CMSG_FIRSTHDR/CMSG_DATA stay inside it.
-    let sent = unsafe {
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        (*c).cmsg_level = libc::SOL_SOCKET;
-        (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as _;
-        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<i32>(), fd);
-        libc::sendmsg(conn.as_raw_fd(), &msg, libc::MSG_NOSIGNAL)
-    };
-    if sent < 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
