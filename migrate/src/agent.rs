@@ -275,6 +275,10 @@ pub struct Report {
     pub downtime_ms: Option<f64>,
     /// QEMU's own figure (`query-migrate` downtime).
     pub qemu_downtime_ms: Option<u64>,
+    /// Where the pause went: the last pass of pages (source paused), then QEMU's device state
+    /// until the destination had loaded it.
+    pub last_pass_ms: Option<f64>,
+    pub device_state_ms: Option<f64>,
     /// Pages whose hash differed at the final comparison (sent again).
     pub final_pages: Option<usize>,
     /// Both RAMs hashed equal with the source paused.

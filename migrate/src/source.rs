@@ -575,6 +575,7 @@ fn run(
             .into(),
         });
         paused_at = Some(pause(q, undo)?);
+        let last_pass = Instant::now();
         if !opts.mode.postcopy() {
             undo.take(Event::Stop)?;
         }
@@ -666,6 +667,7 @@ fn run(
             report.verified = Some(true);
         }
         report.page_bytes = (report.pages_sent * PAGE) as u64;
+        report.last_pass_ms = Some(last_pass.elapsed().as_secs_f64() * 1e3);
     }
     check_cancel()?;
     progress(Progress::Phase {
@@ -679,6 +681,7 @@ fn run(
     if moves {
         peer.send(&Msg::PagesDone)?;
     }
+    let device_state = Instant::now();
     let relay = Relay::source(peer.pipe.clone(), &sock)
         .map_err(|e| MigrateError::io(format!("relay socket {}", sock.display()), e))?;
     q.execute(
@@ -712,6 +715,7 @@ fn run(
     let Msg::Loaded { .. } = loaded else {
         return Err(unexpected("loaded", &loaded));
     };
+    report.device_state_ms = Some(device_state.elapsed().as_secs_f64() * 1e3);
     report.stream_bytes = relay.close();
     // The switch-over: from here the source stays paused whatever happens.
     if moves {
