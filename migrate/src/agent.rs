@@ -268,6 +268,8 @@ pub struct Report {
     pub pages_sent: usize,
     pub zero_pages_skipped: usize,
     pub page_bytes: u64,
+    /// One-sided requests the pages took (each a contiguous run).
+    pub requests: usize,
     /// QEMU's stream relayed, both directions.
     pub stream_bytes: u64,
     pub total_ms: f64,

@@ -528,6 +528,7 @@ fn run(
                 for ((link, set), dz) in links.iter().zip(&dirty).zip(&mut dest_zero) {
                     let m = mover.write(*link, set, dz)?;
                     pages += m.pages;
+                    report.requests += m.requests;
                     zeros += m.zero_pages;
                 }
                 let sent = t.elapsed();
@@ -820,6 +821,7 @@ fn send_all(
     for ((link, set), dz) in links.iter().zip(sets).zip(dest_zero) {
         let m = mover.write(*link, set, dz)?;
         report.pages_sent += m.pages;
+        report.requests += m.requests;
         report.zero_pages_skipped += m.zero_pages;
     }
     Ok(())
