@@ -1,0 +1,136 @@
+//! Driving the source's QEMU (or process) around a migration: its settings saved and put
+//! back, its run state, the pause, and QEMU's own migration awaited.
+
+use super::*;
+
+/// The capabilities rmem turns on or off (`names`) and the parameters it sets, as they are now.
+pub(super) fn saved_settings(
+    q: &mut Control,
+    names: &[String],
+) -> Result<(Vec<(String, bool)>, Value), MigrateError> {
+    let caps = q.execute("query-migrate-capabilities", None)?;
+    let state = |name: &str| {
+        caps.as_array()
+            .and_then(|a| {
+                a.iter()
+                    .find(|c| c.get("capability").and_then(Value::as_str) == Some(name))
+            })
+            .and_then(|c| c.get("state").and_then(Value::as_bool))
+            .unwrap_or(false)
+    };
+    let caps = names.iter().map(|n| (n.clone(), state(n))).collect();
+    let p = q.execute("query-migrate-parameters", None)?;
+    let mut params = json!({});
+    for k in ["downtime-limit", "max-bandwidth"] {
+        if let Some(v) = p.get(k) {
+            params[k] = v.clone();
+        }
+    }
+    Ok((caps, params))
+}
+
+/// Puts the source back as it was before the migration.
+pub(super) fn restore(q: &mut Control, undo: &Undo) {
+    if let Some((caps, params)) = &undo.saved {
+        for (name, on) in caps {
+            let _ = set_capability(q, name, *on);
+        }
+        let _ = q.execute("migrate-set-parameters", Some(params.clone()));
+    }
+    if undo.migrating {
+        let _ = q.execute("migrate_cancel", None);
+        // Cancelling settles asynchronously; resume only once QEMU left the migration.
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(10) {
+            match q.execute("query-migrate", None) {
+                Ok(v) if v.get("status").and_then(Value::as_str) == Some("cancelling") => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                _ => break,
+            }
+        }
+    }
+    if undo.was_running {
+        // Cancelling a QEMU-driven pre-copy resumes the guest by itself; `cont` on a running
+        // guest is harmless.
+        if let Ok(s) = run_status(q) {
+            if s != "running" {
+                if let Err(e) = q.execute("cont", None) {
+                    tracing::error!(error = %e, "could not resume the source guest");
+                }
+            }
+        }
+    }
+}
+
+pub(super) fn run_status(q: &mut Control) -> Result<String, MigrateError> {
+    let s = q.execute("query-status", None)?;
+    Ok(s.get("status")
+        .and_then(Value::as_str)
+        .unwrap_or("unknown")
+        .to_string())
+}
+
+pub(super) fn set_capability(q: &mut Control, name: &str, on: bool) -> Result<(), MigrateError> {
+    q.execute(
+        "migrate-set-capabilities",
+        Some(json!({"capabilities": [{"capability": name, "state": on}]})),
+    )?;
+    Ok(())
+}
+
+/// Pauses the source (if it runs); returns when.
+pub(super) fn pause(q: &mut Control, undo: &mut Undo) -> Result<Instant, MigrateError> {
+    let at = Instant::now();
+    if undo.was_running {
+        q.execute("stop", None)?;
+        undo.paused_by_us = true;
+    }
+    Ok(at)
+}
+
+/// Waits for QEMU's side of the migration to finish, relaying meanwhile.
+pub(super) fn wait_migrated(
+    q: &mut Control,
+    opts: &SendOptions,
+    cancel: &AtomicBool,
+    relay: &Relay,
+    pipe: &Pipe,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Value, MigrateError> {
+    let t = Instant::now();
+    let mut shown = 0;
+    loop {
+        if cancel.load(Ordering::Acquire) {
+            return Err(MigrateError::Cancelled);
+        }
+        if let Some(why) = pipe.failure() {
+            return Err(PipeError::Failed(why).into());
+        }
+        let v = q.execute("query-migrate", None)?;
+        match v.get("status").and_then(Value::as_str).unwrap_or("") {
+            "completed" => return Ok(v),
+            "failed" | "cancelled" => {
+                let why = v
+                    .get("error-desc")
+                    .and_then(Value::as_str)
+                    .unwrap_or("no reason given");
+                return Err(MigrateError::Qemu(why.to_string()));
+            }
+            _ => {}
+        }
+        if t.elapsed() > opts.timeouts.total {
+            return Err(MigrateError::Qemu(format!(
+                "not finished after {:?}",
+                opts.timeouts.total
+            )));
+        }
+        let b = relay.bytes();
+        if b >= shown + (8 << 20) {
+            shown = b;
+            progress(Progress::Stream { bytes: b });
+        }
+        // The guest is paused while QEMU finishes: poll often (a QMP round trip is cheap).
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}

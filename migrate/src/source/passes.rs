@@ -1,0 +1,165 @@
+//! The source's passes over its RAM: the regions mapped and registered, the dirty logs, pages
+//! sent, offered for dedup, and compared with the destination's by hash.
+
+use super::*;
+
+/// The source's RAM, mapped and registered.
+pub(super) struct Region {
+    pub(super) buf: Buffer,
+    pub(super) mr: Mr,
+    /// Pages that were holes in the file when it was mapped: zero, never read.
+    pub(super) holes: PageSet,
+}
+
+/// The source's RAM files, mapped and registered (for the destination's READs too in
+/// post-copy).
+pub(super) fn map_regions(
+    pd: &Pd,
+    rams: &[GuestRam],
+    readable: bool,
+) -> Result<Vec<Region>, MigrateError> {
+    let access = if readable {
+        Access::LOCAL_WRITE | Access::REMOTE_READ
+    } else {
+        Access::LOCAL_WRITE
+    };
+    rams.iter()
+        .map(|ram| {
+            let f = FileOptions::new()
+                .read(true)
+                .write(true)
+                .open(&ram.path)
+                .map_err(|e| MigrateError::io(format!("open {}", ram.path.display()), e))?;
+            let holes = file_holes(&f)
+                .map_err(|e| MigrateError::io(format!("holes of {}", ram.path.display()), e))?;
+            let buf = Buffer::map_file(&f)?;
+            let mr = pd.register_buffer(&buf, 0, buf.len(), access)?;
+            Ok(Region { buf, mr, holes })
+        })
+        .collect()
+}
+
+/// The dirty logs for pre-copy: exact through the preload library when QEMU has it, else page
+/// hashes.
+pub(super) fn dirty_logs(
+    handoffs: Vec<Handoff>,
+    regions: &[Region],
+) -> Result<Vec<Box<dyn DirtyLog>>, MigrateError> {
+    if handoffs.is_empty() {
+        return Ok(regions
+            .iter()
+            .map(|r| Box::new(PageHashLog::new(r.buf.len() / PAGE)) as Box<dyn DirtyLog>)
+            .collect());
+    }
+    handoffs
+        .into_iter()
+        .map(|h| Ok(Box::new(WrittenLog::new(h)?) as Box<dyn DirtyLog>))
+        .collect()
+}
+
+pub(super) fn collect(
+    regions: &[Region],
+    logs: &mut [Box<dyn DirtyLog>],
+) -> Result<Vec<PageSet>, MigrateError> {
+    regions
+        .iter()
+        .zip(logs)
+        .map(|(r, log)| {
+            let mut set = PageSet::new(r.buf.len() / PAGE);
+            log.collect(&Mapped(&r.buf), &mut set)?;
+            Ok(set)
+        })
+        .collect()
+}
+
+pub(super) fn send_all(
+    mover: &Mover,
+    links: &[Link<'_>],
+    sets: &[PageSet],
+    dest_zero: &mut [PageSet],
+    report: &mut Report,
+) -> Result<(), MigrateError> {
+    for ((link, set), dz) in links.iter().zip(sets).zip(dest_zero) {
+        let m = mover.write(*link, set, dz)?;
+        report.pages_sent += m.pages;
+        report.requests += m.requests;
+        report.zero_pages_skipped += m.zero_pages;
+    }
+    Ok(())
+}
+
+/// Offers a keyed hash of every page; returns the pages the destination filled itself.
+pub(super) fn dedup_offer(
+    peer: &Peer,
+    regions: &[Region],
+    timeout: Duration,
+) -> Result<Vec<PageSet>, MigrateError> {
+    let hashes: Vec<Vec<u128>> = regions
+        .iter()
+        .map(|r| dedup::offer(&peer.key, &Mapped(&r.buf), &r.holes))
+        .collect();
+    let total: usize = hashes.iter().map(Vec::len).sum();
+    peer.send(&Msg::DedupOffer {
+        pages: total as u64,
+    })?;
+    let raw: Vec<u8> = hashes
+        .iter()
+        .flatten()
+        .flat_map(|h| h.to_le_bytes())
+        .collect();
+    peer.pipe.send_msg(&raw)?;
+    match peer.recv(timeout)? {
+        Msg::DedupHave { bitmaps } if bitmaps.len() == regions.len() => bitmaps
+            .iter()
+            .zip(regions)
+            .map(|(b, r)| {
+                hex::decode(b)
+                    .ok()
+                    .and_then(|bytes| PageSet::from_bytes(r.buf.len() / PAGE, &bytes))
+                    .ok_or_else(|| MigrateError::Protocol("a malformed page bitmap".into()))
+            })
+            .collect(),
+        m => Err(unexpected("the pages the destination holds", &m)),
+    }
+}
+
+/// The pages whose hashes differ between the two sides, per region.
+pub(super) fn differing(
+    peer: &Peer,
+    regions: &[Region],
+    timeout: Duration,
+) -> Result<Vec<PageSet>, MigrateError> {
+    peer.send(&Msg::HashRequest)?;
+    // Hash this side while the destination hashes its own.
+    let ours: Vec<Vec<u128>> = regions
+        .iter()
+        .map(|r| page_hashes(&Mapped(&r.buf)))
+        .collect();
+    let total: usize = ours.iter().map(Vec::len).sum();
+    match peer.recv(timeout)? {
+        Msg::Hashes { pages } if pages == total as u64 => {}
+        m => return Err(unexpected("hashes of every page", &m)),
+    }
+    let raw = peer.pipe.recv_msg(timeout)?;
+    if raw.len() != total * 16 {
+        return Err(MigrateError::Protocol(format!(
+            "{} bytes of hashes for {total} pages",
+            raw.len()
+        )));
+    }
+    let mut theirs = raw
+        .chunks_exact(16)
+        .map(|c| u128::from_le_bytes(c.try_into().unwrap_or_default()));
+    Ok(ours
+        .iter()
+        .map(|hs| {
+            let mut set = PageSet::new(hs.len());
+            for (p, h) in hs.iter().enumerate() {
+                if theirs.next() != Some(*h) {
+                    set.insert(p);
+                }
+            }
+            set
+        })
+        .collect())
+}
