@@ -11,7 +11,7 @@
 //! either side may open, one per connection QEMU makes (its main stream, multifd channels).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -32,6 +32,11 @@ const CREDIT_WR: u64 = u64::MAX;
 const STREAM_BACKLOG: usize = 256;
 /// Control messages are small; one larger than this is refused as malformed.
 pub const MAX_CONTROL: usize = 16 << 20;
+/// Control messages received and not yet taken: with [`MAX_CONTROL`], what a peer can make this
+/// side hold (a peer is connected before it proves the secret).
+const CONTROL_BACKLOG: usize = 16;
+/// Streams the peer may open over the pipe's life (QEMU opens one, plus its multifd channels).
+pub const MAX_STREAMS: usize = 64;
 
 /// What a message is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +75,8 @@ pub enum PipeError {
     Failed(String),
     #[error("the peer closed the connection")]
     Closed,
+    #[error("more than {0} streams over one connection")]
+    TooManyStreams(usize),
     #[error("malformed message from the peer: {0}")]
     Malformed(String),
     #[error(transparent)]
@@ -123,8 +130,8 @@ impl PipeMemory {
             let sge = [self.recv.sge(slot * CHUNK, CHUNK)?];
             qp.post_recv(&[RecvWr::new(slot as u64, &sge)])?;
         }
-        let (ctl_tx, ctl_rx) = sync_channel(1024);
-        let (open_tx, open_rx) = sync_channel(64);
+        let (ctl_tx, ctl_rx) = sync_channel(CONTROL_BACKLOG);
+        let (open_tx, open_rx) = sync_channel(MAX_STREAMS);
         let inner = Arc::new(Inner {
             qp,
             send_cq,
@@ -143,6 +150,7 @@ impl PipeMemory {
             pending: Mutex::new(HashMap::new()),
             failed: Mutex::new(None),
             closing: AtomicBool::new(false),
+            peer_opened: AtomicUsize::new(0),
             next_stream: Mutex::new(1),
         });
         let rx_inner = inner.clone();
@@ -190,6 +198,8 @@ struct Inner {
     pending: Mutex<HashMap<u16, Receiver<Event>>>,
     failed: Mutex<Option<String>>,
     closing: AtomicBool,
+    /// Streams the peer opened so far.
+    peer_opened: AtomicUsize,
     next_stream: Mutex<u16>,
 }
 
@@ -436,12 +446,16 @@ impl Inner {
         }
         match kind {
             Kind::Open => {
+                if self.peer_opened.fetch_add(1, Ordering::Relaxed) >= MAX_STREAMS {
+                    return Err(format!("more than {MAX_STREAMS} streams opened"));
+                }
                 let (tx, rx) = sync_channel(STREAM_BACKLOG);
                 if lock(&self.streams).insert(channel, tx).is_some() {
                     return Err(format!("stream {channel} opened twice"));
                 }
                 lock(&self.pending).insert(channel, rx);
-                let _ = opened.send(channel);
+                // Never full: it holds MAX_STREAMS.
+                let _ = opened.try_send(channel);
                 Ok(())
             }
             Kind::Data | Kind::Eof => {
@@ -512,6 +526,9 @@ impl Pipe {
     pub fn open_stream(&self, odd: bool) -> Result<Stream, PipeError> {
         let id = {
             let mut n = lock(&self.inner.next_stream);
+            if usize::from(*n) > MAX_STREAMS {
+                return Err(PipeError::TooManyStreams(MAX_STREAMS));
+            }
             let id = *n * 2 + u16::from(odd);
             *n = n.wrapping_add(1).max(1);
             id

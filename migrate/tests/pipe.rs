@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use rmem_migrate::pipe::{PipeError, PipeMemory, CHUNK, SLOTS};
+use rmem_migrate::pipe::{PipeError, PipeMemory, CHUNK, MAX_STREAMS, SLOTS};
 use rmem_migrate::Pipe;
 use rmem_transport::{open, Context, OpenOptions, Provider, QpConfig, RemoteBuf};
 
@@ -68,13 +68,18 @@ fn control_messages_arrive_whole_and_in_order() {
     assert_eq!(b.recv_msg(T).unwrap(), b"hello");
     assert!(b.recv_msg(T).unwrap().is_empty());
     assert_eq!(b.recv_msg(T).unwrap(), big);
-    // More messages than receives posted: credit must come back.
-    for i in 0..(4 * SLOTS) {
-        b.send_msg(format!("m{i}").as_bytes()).unwrap();
-    }
-    for i in 0..(4 * SLOTS) {
-        assert_eq!(a.recv_msg(T).unwrap(), format!("m{i}").as_bytes());
-    }
+    // More messages than receives posted (and than the receiver queues): credit must come
+    // back as the reader takes them.
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for i in 0..(4 * SLOTS) {
+                b.send_msg(format!("m{i}").as_bytes()).unwrap();
+            }
+        });
+        for i in 0..(4 * SLOTS) {
+            assert_eq!(a.recv_msg(T).unwrap(), format!("m{i}").as_bytes());
+        }
+    });
     assert!(matches!(
         a.recv_msg(Duration::from_millis(50)),
         Err(PipeError::Timeout(_))
@@ -161,4 +166,21 @@ fn a_vanished_peer_is_an_error_not_a_hang() {
     let e = a.recv_msg(T).unwrap_err();
     assert!(matches!(e, PipeError::Failed(_) | PipeError::Closed), "{e}");
     drop(actx);
+}
+
+#[test]
+fn streams_are_bounded_and_the_pipe_survives_the_refusal() {
+    let ((a, _ac), (b, _bc)) = pair(T);
+    let mut open = Vec::new();
+    for _ in 0..MAX_STREAMS {
+        open.push(a.open_stream(false).unwrap());
+        b.accept_stream(T).unwrap();
+    }
+    assert!(matches!(
+        a.open_stream(false),
+        Err(PipeError::TooManyStreams(n)) if n == MAX_STREAMS
+    ));
+    // Control messages still flow.
+    a.send_msg(b"still here").unwrap();
+    assert_eq!(b.recv_msg(T).unwrap(), b"still here");
 }
