@@ -166,6 +166,36 @@ impl Msg {
     }
 }
 
+/// Page sets as sent in messages: a hex bitmap (`PageSet::to_bytes`) per region.
+pub fn encode_sets(sets: &[crate::pages::PageSet]) -> Vec<String> {
+    sets.iter().map(|s| hex::encode(s.to_bytes())).collect()
+}
+
+/// The page sets of [`encode_sets`], for regions of `pages` pages each; anything else is a
+/// protocol error.
+pub fn decode_sets(
+    bitmaps: &[String],
+    pages: &[usize],
+) -> Result<Vec<crate::pages::PageSet>, MigrateError> {
+    if bitmaps.len() != pages.len() {
+        return Err(MigrateError::Protocol(format!(
+            "{} page bitmaps for {} regions",
+            bitmaps.len(),
+            pages.len()
+        )));
+    }
+    bitmaps
+        .iter()
+        .zip(pages)
+        .map(|(b, &n)| {
+            hex::decode(b)
+                .ok()
+                .and_then(|bytes| crate::pages::PageSet::from_bytes(n, &bytes))
+                .ok_or_else(|| MigrateError::Protocol("a malformed page bitmap".into()))
+        })
+        .collect()
+}
+
 /// The page queue pair's private data.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct PageHello {

@@ -99,6 +99,15 @@ impl Control {
         }
     }
 
+    /// The run state (`running`, `paused`, `inmigrate`, `postmigrate`...).
+    pub fn status(&mut self) -> Result<String, MigrateError> {
+        let s = self.execute("query-status", None)?;
+        Ok(s.get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown")
+            .to_string())
+    }
+
     /// The RAM to move. A destination file takes the source's layout (`theirs`): one region,
     /// created or resized to its size.
     pub fn ram(&mut self, theirs: &[RamDesc]) -> Result<Vec<GuestRam>, MigrateError> {

@@ -18,8 +18,8 @@ use rmem_wire::auth;
 use serde_json::{json, Value};
 
 use crate::agent::{
-    Hello, MigrateError, Mode, Msg, PageHello, Progress, RamDesc, Report, Timeouts, Welcome,
-    PROTOCOL, VERSION,
+    decode_sets, encode_sets, Hello, MigrateError, Mode, Msg, PageHello, Progress, RamDesc, Report,
+    Timeouts, Welcome, PROTOCOL, VERSION,
 };
 use crate::control::{Control, Dest};
 use crate::dedup::{DedupKey, Index};
@@ -78,7 +78,7 @@ impl Receiver {
     /// Checks the destination QEMU is waiting for a migration and starts listening.
     pub fn bind(opts: RecvOptions) -> Result<Receiver, MigrateError> {
         let mut qmp = Control::dest(&opts.dest, opts.timeouts.reply)?;
-        let status = status(&mut qmp)?;
+        let status = qmp.status()?;
         if status != "inmigrate" {
             return Err(MigrateError::Refused(format!(
                 "the destination QEMU is {status}, not waiting for a migration: start it with \
@@ -406,7 +406,8 @@ impl Receiver {
                                         "post-copy pages before the source's RAM".into(),
                                     ));
                                 };
-                                let needed = decode_sets(&bitmaps, &regions)?.remove(0);
+                                let needed =
+                                    decode_sets(&bitmaps, &page_counts(&regions))?.remove(0);
                                 let mut present = PageSet::full(needed.len());
                                 for p in needed.iter() {
                                     present.remove(p);
@@ -433,7 +434,8 @@ impl Receiver {
                                 puller = Some(sc.spawn(move || p.run(zr, st, pr)));
                             }
                             Msg::ZeroPages { bitmaps } => {
-                                let _ = zero_tx.send(decode_sets(&bitmaps, &regions)?.remove(0));
+                                let _ = zero_tx
+                                    .send(decode_sets(&bitmaps, &page_counts(&regions))?.remove(0));
                             }
                             Msg::Abort { why } => return Err(MigrateError::Aborted(why)),
                             m => {
@@ -453,7 +455,7 @@ impl Receiver {
                             return Err(MigrateError::Pull(e));
                         }
                     }
-                    let s = status(&mut self.qmp)?;
+                    let s = self.qmp.status()?;
                     if s != "inmigrate" {
                         break s;
                     }
@@ -476,7 +478,8 @@ impl Receiver {
                     match Msg::decode(&pipe.recv_msg(reply)?)? {
                         Msg::Start { run } => break run,
                         Msg::ZeroPages { bitmaps } => {
-                            let _ = zero_tx.send(decode_sets(&bitmaps, &regions)?.remove(0));
+                            let _ = zero_tx
+                                .send(decode_sets(&bitmaps, &page_counts(&regions))?.remove(0));
                         }
                         Msg::Abort { why } => return Err(MigrateError::Aborted(why)),
                         m => {
@@ -487,10 +490,10 @@ impl Receiver {
                     }
                 };
                 *started = true;
-                if run && status(&mut self.qmp)? != "running" {
+                if run && self.qmp.status()? != "running" {
                     self.qmp.execute("cont", None)?;
                 }
-                let end = status(&mut self.qmp)?;
+                let end = self.qmp.status()?;
                 pipe.send_msg(
                     &Msg::Started {
                         status: end.clone(),
@@ -505,8 +508,9 @@ impl Receiver {
                         match pipe.recv_msg(Duration::from_millis(20)) {
                             Ok(m) => {
                                 if let Msg::ZeroPages { bitmaps } = Msg::decode(&m)? {
-                                    let _ =
-                                        zero_tx.send(decode_sets(&bitmaps, &regions)?.remove(0));
+                                    let _ = zero_tx.send(
+                                        decode_sets(&bitmaps, &page_counts(&regions))?.remove(0),
+                                    );
                                 }
                             }
                             Err(PipeError::Timeout(_)) => {}
@@ -589,7 +593,7 @@ impl Receiver {
                 indexed = index.len(),
                 "pages filled from RAM this host holds"
             );
-            out.push(hex::encode(have.to_bytes()));
+            out.push(encode_sets(std::slice::from_ref(&have)).remove(0));
         }
         Ok(out)
     }
@@ -673,33 +677,9 @@ fn send_hashes(pipe: &Pipe, regions: &[Region]) -> Result<(), MigrateError> {
     Ok(())
 }
 
-/// Page sets sent as hex bitmaps, one per region.
-fn decode_sets(bitmaps: &[String], regions: &[Region]) -> Result<Vec<PageSet>, MigrateError> {
-    if bitmaps.len() != regions.len() {
-        return Err(MigrateError::Protocol(format!(
-            "{} page bitmaps for {} regions",
-            bitmaps.len(),
-            regions.len()
-        )));
-    }
-    bitmaps
-        .iter()
-        .zip(regions)
-        .map(|(b, r)| {
-            hex::decode(b)
-                .ok()
-                .and_then(|bytes| PageSet::from_bytes(r.buf.len() / PAGE, &bytes))
-                .ok_or_else(|| MigrateError::Protocol("a malformed page bitmap".into()))
-        })
-        .collect()
-}
-
-fn status(q: &mut Control) -> Result<String, MigrateError> {
-    let s = q.execute("query-status", None)?;
-    Ok(s.get("status")
-        .and_then(Value::as_str)
-        .unwrap_or("unknown")
-        .to_string())
+/// Pages in each region.
+fn page_counts(regions: &[Region]) -> Vec<usize> {
+    regions.iter().map(|r| r.buf.len() / PAGE).collect()
 }
 
 /// Frees a file's pages: they read as zeros after, at no cost (tmpfs, hugetlbfs); with

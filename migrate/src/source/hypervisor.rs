@@ -53,7 +53,7 @@ pub(super) fn restore(q: &mut Control, undo: &Undo) {
     if undo.was_running {
         // Cancelling a QEMU-driven pre-copy resumes the guest by itself; `cont` on a running
         // guest is harmless.
-        if let Ok(s) = run_status(q) {
+        if let Ok(s) = q.status() {
             if s != "running" {
                 if let Err(e) = q.execute("cont", None) {
                     tracing::error!(error = %e, "could not resume the source guest");
@@ -61,14 +61,6 @@ pub(super) fn restore(q: &mut Control, undo: &Undo) {
             }
         }
     }
-}
-
-pub(super) fn run_status(q: &mut Control) -> Result<String, MigrateError> {
-    let s = q.execute("query-status", None)?;
-    Ok(s.get("status")
-        .and_then(Value::as_str)
-        .unwrap_or("unknown")
-        .to_string())
 }
 
 pub(super) fn set_capability(q: &mut Control, name: &str, on: bool) -> Result<(), MigrateError> {

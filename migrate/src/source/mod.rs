@@ -18,8 +18,8 @@ use rmem_wire::auth;
 use serde_json::{json, Value};
 
 use crate::agent::{
-    Hello, MigrateError, Mode, Msg, PageHello, Progress, RamDesc, Report, RoundReport, Timeouts,
-    Welcome, PROTOCOL, VERSION,
+    decode_sets, encode_sets, Hello, MigrateError, Mode, Msg, PageHello, Progress, RamDesc, Report,
+    RoundReport, Timeouts, Welcome, PROTOCOL, VERSION,
 };
 use crate::control::{Control, Source};
 use crate::converge::{Decision, Policy, Round};
@@ -37,7 +37,7 @@ mod hypervisor;
 mod passes;
 mod peer;
 
-use hypervisor::{pause, restore, run_status, saved_settings, set_capability, wait_migrated};
+use hypervisor::{pause, restore, saved_settings, set_capability, wait_migrated};
 use passes::{collect, dedup_offer, differing, dirty_logs, map_regions, send_all};
 use peer::{connect, unexpected, Peer};
 
@@ -104,7 +104,7 @@ pub fn send(
 ) -> Result<Report, MigrateError> {
     let t0 = Instant::now();
     let mut q = Control::source(&opts.source, opts.timeouts.reply)?;
-    let status = run_status(&mut q)?;
+    let status = q.status()?;
     if !matches!(status.as_str(), "running" | "paused") {
         return Err(MigrateError::Refused(format!(
             "the source guest is {status}, not running or paused: nothing to migrate"
@@ -381,7 +381,7 @@ fn run(
             };
             report.final_pages = Some(needed.iter().map(PageSet::count).sum());
             peer.send(&Msg::Needed {
-                bitmaps: needed.iter().map(|s| hex::encode(s.to_bytes())).collect(),
+                bitmaps: encode_sets(&needed),
             })?;
             // The zero pages among them, found while device state travels (the source is
             // paused for good: what is zero now stays zero).
@@ -401,9 +401,10 @@ fn run(
                                 z.insert(p);
                             }
                         }
-                        hex::encode(z.to_bytes())
+                        z
                     })
-                    .collect();
+                    .collect::<Vec<_>>();
+                let bitmaps = encode_sets(&bitmaps);
                 let _ = pipe.send_msg(&Msg::ZeroPages { bitmaps }.encode());
             });
         } else {
@@ -534,7 +535,7 @@ fn run(
         drop(regions);
     }
     report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
-    report.status = format!("source {}, destination {status}", run_status(q)?);
+    report.status = format!("source {}, destination {status}", q.status()?);
     Ok(report)
 }
 

@@ -109,16 +109,13 @@ pub(super) fn dedup_offer(
         .collect();
     peer.pipe.send_msg(&raw)?;
     match peer.recv(timeout)? {
-        Msg::DedupHave { bitmaps } if bitmaps.len() == regions.len() => bitmaps
-            .iter()
-            .zip(regions)
-            .map(|(b, r)| {
-                hex::decode(b)
-                    .ok()
-                    .and_then(|bytes| PageSet::from_bytes(r.buf.len() / PAGE, &bytes))
-                    .ok_or_else(|| MigrateError::Protocol("a malformed page bitmap".into()))
-            })
-            .collect(),
+        Msg::DedupHave { bitmaps } => decode_sets(
+            &bitmaps,
+            &regions
+                .iter()
+                .map(|r| r.buf.len() / PAGE)
+                .collect::<Vec<_>>(),
+        ),
         m => Err(unexpected("the pages the destination holds", &m)),
     }
 }
