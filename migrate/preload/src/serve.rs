@@ -57,6 +57,8 @@ pub(crate) fn serve(path: &Path) {
 }
 
 fn handle(conn: UnixStream) -> std::io::Result<()> {
+    // One client at a time: a silent one must not hold the socket.
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
     let mut line = String::new();
     BufReader::new(conn.try_clone()?)
         .take(4096)
