@@ -99,6 +99,14 @@ impl Mr {
         Ok(())
     }
 
+    /// True when `[offset, offset + len)` reads as zeros, checked in place (no copy; stops at
+    /// the first non-zero word).
+    pub fn is_zero(&self, offset: usize, len: usize) -> Result<bool> {
+        self.check(offset, len)?;
+        // SAFETY: the range is inside the live region (checked above).
+        Ok(unsafe { crate::memory::reads_zero(self.0.region.ptr().add(offset), len) })
+    }
+
     /// Copies `out.len()` bytes from the region at `offset` into `out`.
     pub fn read_at(&self, offset: usize, out: &mut [u8]) -> Result<()> {
         self.check(offset, out.len())?;
