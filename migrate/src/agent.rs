@@ -111,6 +111,11 @@ pub enum Msg {
         /// The source will offer page hashes first (`--dedup`).
         #[serde(default)]
         dedup: bool,
+        /// Per region in `ram` order, the runs of pages `[first, end)` holding data at the
+        /// source: the destination allocates them before the pause, so WRITEs into its RAM take
+        /// no page faults. Older sources send none.
+        #[serde(default)]
+        data: Vec<Vec<[u64; 2]>>,
     },
     /// Destination: ready for pages (its RAM, registered, in `ram` order) and device state.
     Ready {
@@ -283,6 +288,9 @@ pub struct RoundReport {
     pub ms: f64,
     /// Pages written while the round was sent.
     pub dirtied: usize,
+    /// Pages of the round not sent because the guest wrote them after it began (exact dirty
+    /// log only): the next round sends them.
+    pub deferred: usize,
 }
 
 /// What a migration did, for `--json` and the closing line.

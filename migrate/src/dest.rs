@@ -28,6 +28,7 @@ use crate::mover::Mover;
 use crate::pages::{PageSet, PAGE};
 use crate::pipe::{Pipe, PipeError, PipeMemory};
 use crate::postcopy::{self, PullError, Pulled, Puller};
+use crate::prefault::Prefault;
 use crate::ram::GuestRam;
 use crate::relay::Relay;
 use crate::uffd::{attach, Handoff, Register};
@@ -65,6 +66,8 @@ pub struct Receiver {
     rams: Vec<GuestRam>,
     /// This connection's key for page hashes, and whether the source offers them.
     dedup: Option<DedupKey>,
+    /// Per region, the page runs that hold data at the source (allocated ahead here).
+    source_data: Vec<Vec<[u64; 2]>>,
 }
 
 /// The destination's RAM, punched to zeros, mapped and registered for the source's WRITEs.
@@ -72,6 +75,8 @@ struct Region {
     buf: Buffer,
     mr: Mr,
     path: PathBuf,
+    /// Page runs to allocate ahead of the source's WRITEs (see [`Prefault`]).
+    runs: Vec<[u64; 2]>,
 }
 
 impl Receiver {
@@ -96,6 +101,7 @@ impl Receiver {
             listener,
             rams: Vec::new(),
             dedup: None,
+            source_data: Vec::new(),
         })
     }
 
@@ -237,9 +243,11 @@ impl Receiver {
                     ram,
                     dedup,
                     capabilities,
+                    data,
                 } => {
                     self.dedup =
                         dedup.then(|| DedupKey::derive(&self.opts.secret, &hello.nonce, &nonce_s));
+                    self.source_data = data;
                     (mode, ram, capabilities)
                 }
                 m => {
@@ -316,6 +324,20 @@ impl Receiver {
             self.expose(mode.postcopy())?
         } else {
             Vec::new()
+        };
+        // Allocated before the source may pause; alongside the first round when the guest
+        // runs meanwhile (pre-copy), where only the total time pays for it.
+        let prefault = Prefault::start(
+            regions
+                .iter()
+                .map(|r| (r.buf.clone(), r.runs.clone()))
+                .collect(),
+        );
+        let _prefault = if mode.precopy() {
+            Some(prefault)
+        } else {
+            prefault.wait();
+            None
         };
         let token = auth::nonce();
         self.qmp.execute(
@@ -614,11 +636,14 @@ impl Receiver {
     /// Zeroes the guest's RAM files (so pages the source leaves out read as zeros) and
     /// registers them for the source's WRITEs. For post-copy every page is then allocated (as
     /// zeros): UFFDIO_CONTINUE maps pages that are in the file, and a hole would let QEMU see
-    /// a zero page without a fault.
+    /// a zero page without a fault. Each region notes the runs to allocate ahead: those that
+    /// hold data at the source (all of them for post-copy).
     fn expose(&mut self, allocate: bool) -> Result<Vec<Region>, MigrateError> {
+        let data = std::mem::take(&mut self.source_data);
         self.rams
             .iter()
-            .map(|ram| {
+            .enumerate()
+            .map(|(i, ram)| {
                 let f = FileOptions::new()
                     .read(true)
                     .write(true)
@@ -627,6 +652,11 @@ impl Receiver {
                 punch(&f, ram.size, allocate)
                     .map_err(|e| MigrateError::io(format!("zero {}", ram.path.display()), e))?;
                 let buf = Buffer::map_file(&f)?;
+                let runs = if allocate {
+                    vec![[0, u64::MAX]]
+                } else {
+                    data.get(i).cloned().unwrap_or_default()
+                };
                 let mr = self.pd.register_buffer(
                     &buf,
                     0,
@@ -637,6 +667,7 @@ impl Receiver {
                     buf,
                     mr,
                     path: ram.path.clone(),
+                    runs,
                 })
             })
             .collect()

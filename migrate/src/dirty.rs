@@ -88,6 +88,20 @@ pub trait DirtyLog: Send {
     /// (nothing has been sent yet). A page may be reported that was not written; a written page
     /// is never missed.
     fn collect(&mut self, src: &dyn PageSource, out: &mut PageSet) -> Result<(), DirtyError>;
+    /// Adds to `out` pages of `[first, end)` written since the previous [`collect`], leaving
+    /// them reported by the next one; returns false when this log cannot tell (the default).
+    /// A round skips such a page: the guest wrote it after the round began, so the next round
+    /// sends it anyway, and sending it now would move it twice.
+    ///
+    /// [`collect`]: DirtyLog::collect
+    fn written_since(
+        &mut self,
+        _first: usize,
+        _end: usize,
+        _out: &mut PageSet,
+    ) -> Result<bool, DirtyError> {
+        Ok(false)
+    }
 }
 
 /// For a stopped source: every page the first time, nothing after.

@@ -27,6 +27,7 @@ pub mod pages;
 pub mod phase;
 pub mod pipe;
 pub mod postcopy;
+pub mod prefault;
 pub mod qmp;
 pub mod ram;
 pub mod relay;

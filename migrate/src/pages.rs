@@ -42,6 +42,39 @@ pub fn file_holes(file: &std::fs::File) -> std::io::Result<PageSet> {
     Ok(holes)
 }
 
+/// The runs of pages `[first, end)` that hold data in a file (not holes), at most `max` of
+/// them: past that, the runs separated by the smallest gaps are merged (a run may then cover
+/// a hole; its users only allocate ahead with it).
+pub fn data_runs(file: &std::fs::File, max: usize) -> std::io::Result<Vec<[u64; 2]>> {
+    let holes = file_holes(file)?;
+    let mut runs: Vec<[u64; 2]> = Vec::new();
+    let mut p = 0;
+    while p < holes.len() {
+        if holes.contains(p) {
+            p += 1;
+            continue;
+        }
+        let start = p;
+        while p < holes.len() && !holes.contains(p) {
+            p += 1;
+        }
+        runs.push([start as u64, p as u64]);
+    }
+    let mut gap = 1u64;
+    while runs.len() > max.max(1) {
+        let mut merged: Vec<[u64; 2]> = Vec::with_capacity(runs.len());
+        for r in runs {
+            match merged.last_mut() {
+                Some(last) if r[0] - last[1] <= gap => last[1] = r[1],
+                _ => merged.push(r),
+            }
+        }
+        runs = merged;
+        gap *= 2;
+    }
+    Ok(runs)
+}
+
 /// The unit of migration: a base page.
 pub const PAGE: usize = 4096;
 
@@ -104,6 +137,28 @@ impl PageSet {
         }
         let count = words.iter().map(|w| w.count_ones() as usize).sum();
         Some(PageSet { words, len, count })
+    }
+
+    /// The pages of this set in `[start, end)`, as a set over the same region.
+    pub fn range(&self, start: usize, end: usize) -> PageSet {
+        let end = end.min(self.len);
+        let mut out = PageSet::new(self.len);
+        if start >= end {
+            return out;
+        }
+        let (fw, lw) = (start / 64, (end - 1) / 64);
+        for w in fw..=lw {
+            let mut m = self.words[w];
+            if w == fw {
+                m &= u64::MAX << (start % 64);
+            }
+            if w == lw && !end.is_multiple_of(64) {
+                m &= (1u64 << (end % 64)) - 1;
+            }
+            out.words[w] = m;
+            out.count += m.count_ones() as usize;
+        }
+        out
     }
 
     /// Pages in the region.
@@ -203,6 +258,49 @@ pub fn is_zero(page: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn range_keeps_exactly_the_pages_inside() {
+        let mut s = PageSet::new(300);
+        for p in [0, 1, 63, 64, 65, 127, 128, 200, 299] {
+            s.insert(p);
+        }
+        for (a, b) in [
+            (0, 300),
+            (1, 64),
+            (63, 66),
+            (64, 128),
+            (65, 65),
+            (100, 400),
+            (299, 300),
+        ] {
+            let r = s.range(a, b);
+            let want: Vec<usize> = s.iter().filter(|p| *p >= a && *p < b).collect();
+            assert_eq!(r.iter().collect::<Vec<_>>(), want, "[{a}, {b})");
+            assert_eq!(r.count(), want.len());
+            assert_eq!(r.len(), 300);
+        }
+    }
+
+    #[test]
+    fn data_runs_are_the_files_allocated_pages_merged_down_to_the_limit() {
+        use std::os::unix::fs::FileExt;
+        let f = tempfile::tempfile_in("/dev/shm").unwrap();
+        f.set_len(64 * PAGE as u64).unwrap();
+        for p in [1u64, 2, 10, 12, 40] {
+            f.write_all_at(&[1], p * PAGE as u64).unwrap();
+        }
+        assert_eq!(
+            data_runs(&f, 100).unwrap(),
+            vec![[1, 3], [10, 11], [12, 13], [40, 41]]
+        );
+        // Merged across the smallest gaps first; every data page stays covered.
+        assert_eq!(data_runs(&f, 3).unwrap(), vec![[1, 3], [10, 13], [40, 41]]);
+        assert_eq!(data_runs(&f, 1).unwrap(), vec![[1, 41]]);
+        let empty = tempfile::tempfile_in("/dev/shm").unwrap();
+        empty.set_len(8 * PAGE as u64).unwrap();
+        assert!(data_runs(&empty, 4).unwrap().is_empty());
+    }
 
     #[test]
     fn holes_are_found_without_reading_and_written_pages_are_not_holes() {

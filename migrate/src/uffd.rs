@@ -122,12 +122,31 @@ impl WrittenLog {
 
     /// Adds the written pages to `out` (as page indexes of the RAM file) and protects them.
     fn scan(&mut self, out: &mut PageSet) -> Result<(), DirtyError> {
-        let (base, end) = (self.handoff.addr, self.handoff.addr + self.handoff.len);
-        let mut at = base;
+        let len = self.handoff.len;
+        self.scan_range(0, len, true, out)
+    }
+
+    /// Adds the written pages of the byte range `[from, to)` of the RAM to `out`; with
+    /// `protect`, write-protects them again (they count as clean until written anew).
+    fn scan_range(
+        &mut self,
+        from: u64,
+        to: u64,
+        protect: bool,
+        out: &mut PageSet,
+    ) -> Result<(), DirtyError> {
+        let base = self.handoff.addr;
+        let end = base + to.min(self.handoff.len);
+        let mut at = base + from;
+        let flags = if protect {
+            PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC
+        } else {
+            PM_SCAN_CHECK_WPASYNC
+        };
         while at < end {
             let mut arg = PmScanArg {
                 size: std::mem::size_of::<PmScanArg>() as u64,
-                flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+                flags,
                 start: at,
                 end,
                 vec: self.regions.as_mut_ptr() as u64,
@@ -197,5 +216,111 @@ impl DirtyLog for WrittenLog {
             return Ok(());
         }
         self.scan(out)
+    }
+
+    fn written_since(
+        &mut self,
+        first: usize,
+        end: usize,
+        out: &mut PageSet,
+    ) -> Result<bool, DirtyError> {
+        if self.first {
+            // No round has begun: nothing counts as written since.
+            return Ok(false);
+        }
+        self.scan_range((first * PAGE) as u64, (end * PAGE) as u64, false, out)?;
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::FromRawFd;
+    use std::os::unix::fs::FileExt;
+
+    fn uffd_ioctl<T>(fd: &OwnedFd, req: u64, arg: &mut T) {
+        // SAFETY: `arg` is the argument struct `req` expects, alive for the call.
+        let rc = unsafe { libc::ioctl(fd.as_raw_fd(), req as _, arg as *mut T) };
+        assert_eq!(rc, 0, "ioctl {req:#x}: {}", std::io::Error::last_os_error());
+    }
+
+    /// What the preload library does inside QEMU, done on this process's own mapping of a
+    /// tmpfs file: a userfaultfd with async write-protect over it.
+    fn handoff_for(addr: u64, len: u64) -> Handoff {
+        // SAFETY: the userfaultfd syscall takes flags only.
+        let raw =
+            unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        assert!(raw >= 0, "userfaultfd: {}", std::io::Error::last_os_error());
+        // SAFETY: a descriptor the kernel just returned, owned by nobody else.
+        let uffd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: UFFD_FEATURE_WP_ASYNC
+                | UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+                | UFFD_FEATURE_WP_UNPOPULATED,
+            ioctls: 0,
+        };
+        uffd_ioctl(&uffd, UFFDIO_API, &mut api);
+        let range = UffdioRange { start: addr, len };
+        let mut reg = UffdioRegister {
+            range,
+            mode: UFFDIO_REGISTER_MODE_WP,
+            ioctls: 0,
+        };
+        uffd_ioctl(&uffd, UFFDIO_REGISTER, &mut reg);
+        let mut wp = UffdioWriteprotect {
+            range,
+            mode: UFFDIO_WRITEPROTECT_MODE_WP,
+        };
+        uffd_ioctl(&uffd, UFFDIO_WRITEPROTECT, &mut wp);
+        Handoff {
+            uffd,
+            pid: std::process::id(),
+            addr,
+            len,
+        }
+    }
+
+    #[test]
+    fn written_since_reports_a_rounds_writes_without_taking_them_from_the_next_collect() {
+        const PAGES: usize = 32;
+        let f = tempfile::tempfile_in("/dev/shm").unwrap();
+        f.write_all_at(&[0u8; PAGES * PAGE], 0).unwrap();
+        let buf = rmem_transport::Buffer::map_file(&f).unwrap();
+        // Where the buffer lies in this process: a registration of it says.
+        let ctx = rmem_transport::open(&rmem_transport::OpenOptions::new(
+            rmem_transport::Provider::Tcp,
+        ))
+        .unwrap();
+        let pd = ctx.alloc_pd().unwrap();
+        let mr = pd
+            .register_buffer(&buf, 0, buf.len(), rmem_transport::Access::LOCAL_WRITE)
+            .unwrap();
+        let addr = mr.as_ptr() as u64;
+        let mut log = WrittenLog::new(handoff_for(addr, (PAGES * PAGE) as u64)).unwrap();
+        let src = crate::dirty::Mapped(&buf);
+        let mut all = PageSet::new(PAGES);
+        log.collect(&src, &mut all).unwrap();
+        assert_eq!(all.count(), PAGES, "the first collect is every page");
+        for p in [3, 10, 20] {
+            buf.write_at(p * PAGE, &[1]).unwrap();
+        }
+        let mut seen = PageSet::new(PAGES);
+        assert!(log.written_since(0, 8, &mut seen).unwrap());
+        assert_eq!(seen.iter().collect::<Vec<_>>(), [3]);
+        assert!(log.written_since(8, 16, &mut seen).unwrap());
+        assert_eq!(seen.iter().collect::<Vec<_>>(), [3, 10]);
+        // Looking left the marks in place: the next collect still has every written page.
+        let mut next = PageSet::new(PAGES);
+        log.collect(&src, &mut next).unwrap();
+        assert_eq!(next.iter().collect::<Vec<_>>(), [3, 10, 20]);
+        let mut after = PageSet::new(PAGES);
+        log.collect(&src, &mut after).unwrap();
+        assert!(after.is_empty(), "collect protects again: {after:?}");
+        buf.write_at(5 * PAGE + 7, &[2]).unwrap();
+        let mut last = PageSet::new(PAGES);
+        assert!(log.written_since(0, PAGES, &mut last).unwrap());
+        assert_eq!(last.iter().collect::<Vec<_>>(), [5]);
     }
 }

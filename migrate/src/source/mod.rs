@@ -26,7 +26,7 @@ use crate::converge::{Decision, Policy, Round};
 use crate::dedup::{self, DedupKey};
 use crate::dirty::{page_hashes, DirtyLog, Mapped, PageHashLog};
 use crate::mover::{Link, Mover};
-use crate::pages::{file_holes, is_zero, PageSet, PAGE};
+use crate::pages::{data_runs, file_holes, PageSet, PAGE};
 use crate::phase::{Event, Phase, Phases};
 use crate::pipe::{Pipe, PipeError, PipeMemory};
 use crate::ram::GuestRam;
@@ -38,7 +38,7 @@ mod passes;
 mod peer;
 
 use hypervisor::{pause, restore, saved_settings, set_capability, wait_migrated};
-use passes::{collect, dedup_offer, differing, dirty_logs, map_regions, send_all};
+use passes::{collect, dedup_offer, differing, dirty_logs, map_regions, send_all, send_round};
 use peer::{connect, unexpected, Peer};
 
 /// What `rmem migrate send` was asked to do.
@@ -306,13 +306,9 @@ fn run(
                 check_cancel()?;
                 peer.poll_abort()?;
                 let t = Instant::now();
-                let (mut pages, mut zeros) = (0, 0);
-                for ((link, set), dz) in links.iter().zip(&dirty).zip(&mut dest_zero) {
-                    let m = mover.write(*link, set, dz)?;
-                    pages += m.pages;
-                    report.requests += m.requests;
-                    zeros += m.zero_pages;
-                }
+                let moved = send_round(&mover, &links, &dirty, &mut dest_zero, &mut logs)?;
+                let (pages, zeros) = (moved.pages, moved.zero_pages);
+                report.requests += moved.requests;
                 let sent = t.elapsed();
                 let scanning = Instant::now();
                 dirty = collect(&regions, &mut logs)?;
@@ -324,6 +320,7 @@ fn run(
                     zero_pages: zeros,
                     ms: sent.as_secs_f64() * 1e3,
                     dirtied,
+                    deferred: moved.deferred,
                 };
                 report.pages_sent += pages;
                 report.zero_pages_skipped += zeros;
@@ -395,9 +392,8 @@ fn run(
                     .zip(&known_zero)
                     .map(|((b, need), dz)| {
                         let mut z = PageSet::new(need.len());
-                        let mut page = vec![0u8; PAGE];
                         for p in need.iter().filter(|&p| dz.contains(p)) {
-                            if b.read_at(p * PAGE, &mut page).is_ok() && is_zero(&page) {
+                            if b.is_zero(p * PAGE, PAGE).unwrap_or(false) {
                                 z.insert(p);
                             }
                         }

@@ -88,6 +88,60 @@ pub(super) fn send_all(
     Ok(())
 }
 
+/// What one pre-copy round moved.
+#[derive(Debug, Default)]
+pub(super) struct RoundMoved {
+    pub(super) pages: usize,
+    pub(super) zero_pages: usize,
+    pub(super) requests: usize,
+    /// Pages left for the next round: the guest wrote them after this one began.
+    pub(super) deferred: usize,
+}
+
+/// Pages per slice of a round: each slice asks the log which of its pages the guest has
+/// written since the round began, just before sending it.
+const ROUND_SLICE: usize = 8192;
+
+/// Sends a pre-copy round: `sets` per region, slice by slice, leaving out pages the log says
+/// were written since the round began (the next round sends them; sent now they would move
+/// twice). A log that cannot tell sends everything.
+pub(super) fn send_round(
+    mover: &Mover,
+    links: &[Link<'_>],
+    sets: &[PageSet],
+    dest_zero: &mut [PageSet],
+    logs: &mut [Box<dyn DirtyLog>],
+) -> Result<RoundMoved, MigrateError> {
+    let mut out = RoundMoved::default();
+    for (((link, set), dz), log) in links.iter().zip(sets).zip(dest_zero).zip(logs) {
+        let n = set.len();
+        let mut start = 0;
+        while start < n {
+            let end = (start + ROUND_SLICE).min(n);
+            let mut slice = set.range(start, end);
+            if slice.is_empty() {
+                start = end;
+                continue;
+            }
+            let mut written = PageSet::new(n);
+            if log.written_since(start, end, &mut written)? {
+                for p in written.iter() {
+                    if slice.contains(p) {
+                        slice.remove(p);
+                        out.deferred += 1;
+                    }
+                }
+            }
+            let m = mover.write(*link, &slice, dz)?;
+            out.pages += m.pages;
+            out.zero_pages += m.zero_pages;
+            out.requests += m.requests;
+            start = end;
+        }
+    }
+    Ok(out)
+}
+
 /// Offers a keyed hash of every page; returns the pages the destination filled itself.
 pub(super) fn dedup_offer(
     peer: &Peer,

@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// Data runs sent per region at most (about 40 bytes each on the wire).
+const MAX_DATA_RUNS: usize = 4096;
+
 /// The connection to the destination agent.
 pub(super) struct Peer {
     /// Keys this connection's page hashes (`--dedup`).
@@ -93,6 +96,19 @@ pub(super) fn connect(
     };
     let proof = auth::client_proof(&opts.secret, &welcome.nonce, &nonce_c, "source");
     peer.send(&Msg::Auth { proof })?;
+    // Where the source's RAM holds data, for the destination to allocate ahead. Only a hint:
+    // a file that cannot be read here is refused later, when it is mapped.
+    let data = if opts.mode.moves_pages() {
+        rams.iter()
+            .map(|r| {
+                std::fs::File::open(&r.path)
+                    .and_then(|f| data_runs(&f, MAX_DATA_RUNS))
+                    .unwrap_or_default()
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     peer.send(&Msg::Plan {
         mode: opts.mode,
         ram: rams
@@ -104,6 +120,7 @@ pub(super) fn connect(
             .collect(),
         capabilities: opts.qemu_capabilities.clone(),
         dedup: opts.dedup && opts.mode.moves_pages(),
+        data,
     })?;
     let (regions, token) = match peer.recv(opts.timeouts.reply)? {
         Msg::Ready { regions, token } => (regions, token),
