@@ -340,6 +340,7 @@ fn reporter(json: bool, live: Arc<std::sync::Mutex<Live>>) -> impl FnMut(Progres
         b.enable_steady_tick(Duration::from_millis(120));
         b
     });
+    let t0 = std::time::Instant::now();
     move |p: Progress| {
         {
             let mut l = live.lock().unwrap_or_else(|e| e.into_inner());
@@ -354,7 +355,16 @@ fn reporter(json: bool, live: Arc<std::sync::Mutex<Live>>) -> impl FnMut(Progres
             }
         }
         if json {
-            println!("{}", serde_json::to_string(&p).unwrap_or_default());
+            // Each line says when it happened (ms since the command started), for scripts that
+            // time the phases.
+            let mut v = serde_json::to_value(&p).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.insert(
+                    "at_ms".into(),
+                    serde_json::json!(t0.elapsed().as_millis() as u64),
+                );
+            }
+            println!("{v}");
             return;
         }
         let line = match &p {
