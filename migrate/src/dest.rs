@@ -412,8 +412,7 @@ impl Receiver {
                             Msg::HashRequest => send_hashes(pipe, &regions)?,
                             Msg::PagesDone => self.qmp.pages_done(),
                             Msg::DedupOffer { pages } => {
-                                let raw = pipe.recv_msg(reply)?;
-                                let have = self.fill_from_index(&regions, pages, &raw)?;
+                                let have = self.fill_from_index(pipe, &regions, pages)?;
                                 pipe.send_msg(&Msg::DedupHave { bitmaps: have }.encode())?;
                             }
                             Msg::SourceRam { regions: r } => source_ram = r,
@@ -581,17 +580,17 @@ impl Receiver {
     /// bitmaps of the pages filled.
     fn fill_from_index(
         &mut self,
+        pipe: &Pipe,
         regions: &[Region],
         pages: u64,
-        raw: &[u8],
     ) -> Result<Vec<String>, MigrateError> {
         let total: usize = regions.iter().map(|r| r.buf.len() / PAGE).sum();
-        if pages != total as u64 || raw.len() != total * 16 {
+        if pages != total as u64 {
             return Err(MigrateError::Protocol(format!(
-                "{} bytes of page hashes for {pages} pages; the RAM has {total}",
-                raw.len()
+                "page hashes for {pages} pages; the RAM has {total}"
             )));
         }
+        let raw = pipe.recv_bulk(total * 16, self.opts.timeouts.reply)?;
         let Some(key) = self.dedup.clone() else {
             return Err(MigrateError::Protocol(
                 "page hashes without --dedup in the plan".into(),
@@ -704,7 +703,7 @@ fn send_hashes(pipe: &Pipe, regions: &[Region]) -> Result<(), MigrateError> {
         }
         .encode(),
     )?;
-    pipe.send_msg(&hashes)?;
+    pipe.send_bulk(&hashes)?;
     Ok(())
 }
 

@@ -56,6 +56,9 @@ pub struct Mover {
     pub max_run_pages: usize,
     /// How long a completion may take before the peer counts as gone.
     pub timeout: Duration,
+    /// Bytes per second at most, averaged from the call's start (`--bandwidth`); `None`: as
+    /// fast as the transport goes.
+    pub rate: Option<u64>,
 }
 
 impl Default for Mover {
@@ -64,6 +67,7 @@ impl Default for Mover {
             depth: 32,
             max_run_pages: 64,
             timeout: Duration::from_secs(10),
+            rate: None,
         }
     }
 }
@@ -181,7 +185,15 @@ impl Mover {
             }
             Ok::<usize, MoveError>(n)
         };
+        let started = std::time::Instant::now();
         for r in pages.runs(self.max_run_pages) {
+            if let Some(rate) = self.rate {
+                // Paced from the start: the bytes posted so far may not outrun the rate.
+                let due = Duration::from_secs_f64((moved.pages * PAGE) as f64 / rate.max(1) as f64);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+            }
             while free.is_empty() {
                 if reap(&mut free, &runs, true)? == 0 {
                     return Err(rmem_transport::Error::Timeout(self.timeout).into());

@@ -32,6 +32,9 @@ const CREDIT_WR: u64 = u64::MAX;
 const STREAM_BACKLOG: usize = 256;
 /// Control messages are small; one larger than this is refused as malformed.
 pub const MAX_CONTROL: usize = 16 << 20;
+/// Bulk data (page hashes: 16 bytes a page, 16 MiB for a 4 GiB guest) goes as control
+/// messages of at most this many bytes.
+pub const BULK_PIECE: usize = 4 << 20;
 /// Control messages received and not yet taken: with [`MAX_CONTROL`], what a peer can make this
 /// side hold (a peer is connected before it proves the secret).
 const CONTROL_BACKLOG: usize = 16;
@@ -519,6 +522,34 @@ impl Pipe {
     pub fn recv_msg(&self, timeout: Duration) -> Result<Vec<u8>, PipeError> {
         self.inner
             .received(lock(&self.control).recv_timeout(timeout), timeout)
+    }
+
+    /// Sends `data` of any length as consecutive control messages of at most [`BULK_PIECE`]
+    /// bytes; the peer takes it with [`Pipe::recv_bulk`], knowing the length.
+    pub fn send_bulk(&self, data: &[u8]) -> Result<(), PipeError> {
+        for piece in data.chunks(BULK_PIECE) {
+            self.send_msg(piece)?;
+        }
+        Ok(())
+    }
+
+    /// Takes `len` bytes sent with [`Pipe::send_bulk`]. `len` must come from this side's own
+    /// knowledge (its RAM's size), not from the peer: it is what gets allocated. `timeout`
+    /// applies to each piece.
+    pub fn recv_bulk(&self, len: usize, timeout: Duration) -> Result<Vec<u8>, PipeError> {
+        let mut out = Vec::with_capacity(len);
+        while out.len() < len {
+            let piece = self.recv_msg(timeout)?;
+            if piece.is_empty() || piece.len() > BULK_PIECE || out.len() + piece.len() > len {
+                return Err(PipeError::Malformed(format!(
+                    "a bulk piece of {} bytes after {} of {len}",
+                    piece.len(),
+                    out.len()
+                )));
+            }
+            out.extend_from_slice(&piece);
+        }
+        Ok(out)
     }
 
     /// Opens a stream to the peer. `odd` picks this side's half of the stream numbers so the

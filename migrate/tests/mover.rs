@@ -119,6 +119,32 @@ fn writes_push_every_non_zero_page_in_runs() {
 }
 
 #[test]
+fn a_rate_holds_writes_back_and_still_moves_every_page() {
+    let (src, dst) = (Ram::new(), Ram::new());
+    fill(&src);
+    let l = link(&src, &dst, PAGES);
+    let rate = 4_000_000;
+    let mover = Mover {
+        max_run_pages: 16,
+        rate: Some(rate),
+        ..Mover::default()
+    };
+    let t = std::time::Instant::now();
+    let m = mover
+        .write(l.link(), &PageSet::full(PAGES), &mut PageSet::full(PAGES))
+        .unwrap();
+    let took = t.elapsed().as_secs_f64();
+    // Every run but the last is posted no earlier than the bytes before it allow.
+    let floor = ((m.pages - 16) * PAGE) as f64 / rate as f64;
+    assert!(
+        took >= floor,
+        "{} bytes in {took:.3} s at {rate} B/s",
+        m.bytes()
+    );
+    assert_eq!(dst.bytes(), src.bytes());
+}
+
+#[test]
 fn a_page_zeroed_after_it_was_sent_is_sent_again() {
     let (src, dst) = (Ram::new(), Ram::new());
     fill(&src);

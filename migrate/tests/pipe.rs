@@ -4,7 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use rmem_migrate::pipe::{PipeError, PipeMemory, CHUNK, MAX_STREAMS, SLOTS};
+use rmem_migrate::pipe::{
+    PipeError, PipeMemory, BULK_PIECE, CHUNK, MAX_CONTROL, MAX_STREAMS, SLOTS,
+};
 use rmem_migrate::Pipe;
 use rmem_transport::{open, Context, OpenOptions, Provider, QpConfig, RemoteBuf};
 
@@ -183,4 +185,26 @@ fn streams_are_bounded_and_the_pipe_survives_the_refusal() {
     // Control messages still flow.
     a.send_msg(b"still here").unwrap();
     assert_eq!(b.recv_msg(T).unwrap(), b"still here");
+}
+
+#[test]
+fn bulk_data_larger_than_a_control_message_arrives_whole() {
+    let ((a, _ac), (b, _bc)) = pair(T);
+    // Past the control limit: page hashes of a guest over 4 GiB.
+    let big = pattern(MAX_CONTROL + BULK_PIECE / 2 + 5, 3);
+    std::thread::scope(|s| {
+        s.spawn(|| a.send_bulk(&big).unwrap());
+        assert_eq!(b.recv_bulk(big.len(), T).unwrap(), big);
+    });
+    // Nothing at all for no bytes; a message after it is the next one.
+    a.send_bulk(&[]).unwrap();
+    a.send_msg(b"after").unwrap();
+    assert!(b.recv_bulk(0, T).unwrap().is_empty());
+    assert_eq!(b.recv_msg(T).unwrap(), b"after");
+    // More than the receiver expects is refused, not appended.
+    a.send_bulk(&pattern(100, 1)).unwrap();
+    match b.recv_bulk(60, T) {
+        Err(PipeError::Malformed(_)) => {}
+        other => panic!("expected Malformed, got {other:?}"),
+    }
 }

@@ -145,7 +145,10 @@ pub struct SendArgs {
     /// Pre-copy rounds at most before the guest is paused anyway.
     #[arg(long, default_value_t = 30)]
     max_rounds: u32,
-    /// Stream mode: QEMU's max-bandwidth in bytes/s (e.g. 1G); default 10G (no cap).
+    /// Bytes/s at most while the guest runs (e.g. 100M): pre-copy rounds in the page modes
+    /// (the last pass, with the guest paused, is not capped), QEMU's max-bandwidth in stream
+    /// mode (default there 10G, no cap). Post-copy's background pass: `recv
+    /// --background-rate`.
     #[arg(long, value_parser = parse_size)]
     bandwidth: Option<usize>,
     /// Hash both RAMs with the source paused and fail on any difference (costs downtime).

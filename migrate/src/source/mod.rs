@@ -54,7 +54,8 @@ pub struct SendOptions {
     /// Hash both RAMs with the source paused and fail on any difference (stop-copy; pre-copy
     /// always compares).
     pub verify: bool,
-    /// Stream mode: QEMU's `max-bandwidth`, bytes/s.
+    /// Bytes/s at most while the guest runs: pre-copy rounds (the pass with the guest paused
+    /// is not capped: it is the downtime), and QEMU's `max-bandwidth` in stream mode.
     pub bandwidth: Option<u64>,
     /// Where the relay's unix socket goes.
     pub run_dir: PathBuf,
@@ -300,13 +301,17 @@ fn run(
             });
             let mut dirty = without_have(collect(&regions, &mut logs)?);
             let exact = logs.first().is_some_and(|l| l.is_exact());
+            let capped = Mover {
+                rate: opts.bandwidth,
+                ..mover
+            };
             undo.take(Event::Start)?;
             let mut number = 1;
             loop {
                 check_cancel()?;
                 peer.poll_abort()?;
                 let t = Instant::now();
-                let moved = send_round(&mover, &links, &dirty, &mut dest_zero, &mut logs)?;
+                let moved = send_round(&capped, &links, &dirty, &mut dest_zero, &mut logs)?;
                 let (pages, zeros) = (moved.pages, moved.zero_pages);
                 report.requests += moved.requests;
                 let sent = t.elapsed();

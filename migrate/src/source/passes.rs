@@ -161,7 +161,7 @@ pub(super) fn dedup_offer(
         .flatten()
         .flat_map(|h| h.to_le_bytes())
         .collect();
-    peer.pipe.send_msg(&raw)?;
+    peer.pipe.send_bulk(&raw)?;
     match peer.recv(timeout)? {
         Msg::DedupHave { bitmaps } => decode_sets(
             &bitmaps,
@@ -191,13 +191,7 @@ pub(super) fn differing(
         Msg::Hashes { pages } if pages == total as u64 => {}
         m => return Err(unexpected("hashes of every page", &m)),
     }
-    let raw = peer.pipe.recv_msg(timeout)?;
-    if raw.len() != total * 16 {
-        return Err(MigrateError::Protocol(format!(
-            "{} bytes of hashes for {total} pages",
-            raw.len()
-        )));
-    }
+    let raw = peer.pipe.recv_bulk(total * 16, timeout)?;
     let mut theirs = raw
         .chunks_exact(16)
         .map(|c| u128::from_le_bytes(c.try_into().unwrap_or_default()));

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# A large stop-copy next to the transport's own bandwidth, in one run: how close `rmem migrate`
+# comes to bytes / bandwidth once RAM is big enough that setup and device state stop mattering.
+#
+#   benches/migrate-1g.sh [--size 1G] [--runs N] [--provider tcp|verbs] [--rmem PATH]
+#
+# The memory is a file on /dev/shm filled with random bytes (no zero page, no hole), written by
+# a process that `rmem migrate send --file --pid` pauses: the engine's page path without QEMU
+# (TCG would dominate a 1 GiB guest's figures). Each run: a fresh destination file, `recv
+# --file`, `send --mode stop-copy --json`, then the two files compared byte for byte (a run
+# whose files differ fails the script). In the same run: `rmem perf loopback --op write --bw`
+# at the migration's request size (64 pages) and depth (32), twice: into one reused buffer
+# (perftest's way) and, for comparison, what the pass achieves.
+#
+# Reports per run the total time, the stop-copy pass, the destination's allocation ahead (from
+# connection to its first page), and the ratios to bytes / bandwidth.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+size=1G
+runs=3
+provider=tcp
+target_dir=${CARGO_TARGET_DIR:-$repo/target}
+rmem=$target_dir/release/rmem
+usage() { echo "usage: $0 [--size 1G] [--runs N] [--provider tcp|verbs] [--rmem PATH]" >&2; exit 2; }
+while (($#)); do
+  case $1 in
+    --size) [[ ${2:-} =~ ^[1-9][0-9]*[KMG]?$ ]] || usage; size=$2; shift 2 ;;
+    --runs) [[ ${2:-} =~ ^[1-9][0-9]*$ ]] || usage; runs=$2; shift 2 ;;
+    --provider) [[ ${2:-} =~ ^(tcp|verbs)$ ]] || usage; provider=$2; shift 2 ;;
+    --rmem) [[ -n ${2:-} ]] || usage; rmem=$2; shift 2 ;;
+    -h|--help) usage ;;
+    *) usage ;;
+  esac
+done
+if [[ $rmem == "$target_dir/release/rmem" ]]; then
+  echo "building $rmem (release)" >&2
+  CARGO_TARGET_DIR=$target_dir cargo build --release -q -p rmem --bin rmem
+fi
+
+work=$(mktemp -d /tmp/migrate-1g.XXXXXX)
+src=/dev/shm/rmem-1g-src-$$
+dst=/dev/shm/rmem-1g-dst-$$
+holder=
+recv_pid=
+cleanup() {
+  [[ -n $recv_pid ]] && kill "$recv_pid" 2>/dev/null || true
+  [[ -n $holder ]] && kill -9 "$holder" 2>/dev/null || true
+  rm -f "$src" "$dst"
+  rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+head -c 32 /dev/urandom | base64 > "$work/secret"
+echo "filling $size of $src" >&2
+head -c "$size" /dev/urandom > "$src"
+bytes=$(stat -c %s "$src")
+sleep 100000 &
+holder=$!
+port=$((20000 + RANDOM % 20000))
+
+perf_bw() {
+  "$rmem" perf loopback --provider "$provider" --op write --bw -s 256K --tx-depth 32 \
+    -n 4000 --warmup 200 --json 2>/dev/null |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["results"][0]["bw"]["bytes_per_sec"])'
+}
+
+results=$work/results.jsonl
+bw_before=$(perf_bw)
+for i in $(seq "$runs"); do
+  rm -f "$dst"
+  "$rmem" migrate recv --provider "$provider" --listen "127.0.0.1:$port" --file "$dst" \
+    --secret-file "$work/secret" --json > "$work/recv.$i" 2> "$work/recv.err.$i" &
+  recv_pid=$!
+  for _ in $(seq 100); do grep -q listening "$work/recv.$i" 2>/dev/null && break; sleep 0.05; done
+  kill -CONT "$holder" 2>/dev/null || true
+  "$rmem" migrate send --provider "$provider" --file "$src" --pid "$holder" \
+    --to "127.0.0.1:$port" --mode stop-copy --secret-file "$work/secret" --json \
+    > "$work/send.$i" 2> "$work/send.err.$i" || { cat "$work/send.err.$i" >&2; exit 1; }
+  wait "$recv_pid" || { cat "$work/recv.err.$i" >&2; exit 1; }
+  recv_pid=
+  if ! cmp -s "$src" "$dst"; then
+    echo "run $i: the destination's file differs from the source's" >&2
+    exit 1
+  fi
+  python3 - "$work/send.$i" "$work/recv.$i" >> "$results" <<'EOF'
+import json, sys
+send = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+recv = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
+r = send[-1]
+at = lambda lines, ev, ph=None: next((l["at_ms"] for l in lines if l.get("event") == ev and (ph is None or l.get("phase") == ph)), None)
+connected, receiving = at(recv, "connected"), at(recv, "phase", "receiving")
+print(json.dumps({"total_ms": r["total_ms"], "pass_ms": r["last_pass_ms"], "downtime_ms": r["downtime_ms"],
+                  "page_bytes": r["page_bytes"], "requests": r["requests"],
+                  "dest_setup_ms": (receiving - connected) if None not in (connected, receiving) else None}))
+EOF
+  port=$((port + 1))
+done
+bw_after=$(perf_bw)
+
+python3 - "$results" "$bytes" "$bw_before" "$bw_after" "$runs" "$provider" <<'EOF'
+import json, statistics as st, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+size, bw1, bw2, runs, provider = int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), sys.argv[5], sys.argv[6]
+bw = (bw1 + bw2) / 2
+ideal = size / bw * 1e3
+med = lambda k: st.median(r[k] for r in rows if r[k] is not None)
+print(f"## rmem migrate stop-copy of {size >> 20} MiB (file + paused process, {provider} provider on loopback), {runs} run(s)\n")
+print(f"- transport: rmem perf loopback WRITE 256 KiB x 32 in flight: {bw1 / 2**20:.0f} MiB/s before, {bw2 / 2**20:.0f} after; bytes / bandwidth = {ideal:.0f} ms")
+print("| | median ms | min-max | x bytes/bandwidth |\n|---|---|---|---|")
+for k, name in [("total_ms", "total (send's start to result)"), ("pass_ms", "stop-copy pass (pages only)"),
+                ("downtime_ms", "downtime (pause to destination done)"), ("dest_setup_ms", "destination setup (punch, allocate ahead, register)")]:
+    vals = [r[k] for r in rows if r[k] is not None]
+    if vals:
+        print(f"| {name} | {med(k):.0f} | {min(vals):.0f}-{max(vals):.0f} | {med(k) / ideal:.2f} |")
+print(f"\nEvery run: the destination file equal to the source's; {rows[0]['page_bytes'] >> 20} MiB in {rows[0]['requests']} WRITEs.")
+EOF
