@@ -2,15 +2,19 @@
 # A large stop-copy next to the transport's own bandwidth, in one run: how close `rmem migrate`
 # comes to bytes / bandwidth once RAM is big enough that setup and device state stop mattering.
 #
-#   benches/migrate-1g.sh [--size 1G] [--runs N] [--provider tcp|verbs] [--rmem PATH]
+#   benches/migrate-1g.sh [--size 1G] [--runs N] [--provider tcp|verbs] [--dir DIR] [--rmem PATH]
+#
+# --dir: where both RAM files go (default /dev/shm). A tmpfs mounted with huge=always (or
+# hugetlbfs) backs them with 2 MiB pages, as a production host would for guest RAM.
 #
 # The memory is a file on /dev/shm filled with random bytes (no zero page, no hole), written by
 # a process that `rmem migrate send --file --pid` pauses: the engine's page path without QEMU
 # (TCG would dominate a 1 GiB guest's figures). Each run: a fresh destination file, `recv
 # --file`, `send --mode stop-copy --json`, then the two files compared byte for byte (a run
-# whose files differ fails the script). In the same run: `rmem perf loopback --op write --bw`
-# at the migration's request size (64 pages) and depth (32), twice: into one reused buffer
-# (perftest's way) and, for comparison, what the pass achieves.
+# whose files differ fails the script). In the same run, before and after the migrations:
+# `rmem perf loopback --op write --bw` at the migration's request size (64 pages) and depth
+# (32), into one reused buffer (perftest's way: the data stays in the CPU's caches) and spread
+# over --size bytes (`--span`: memory moved from and to DRAM, as a migration moves it).
 #
 # Reports per run the total time, the stop-copy pass, the destination's allocation ahead (from
 # connection to its first page), and the ratios to bytes / bandwidth.
@@ -20,14 +24,16 @@ repo=$(pwd)
 size=1G
 runs=3
 provider=tcp
+dir=/dev/shm
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
 rmem=$target_dir/release/rmem
-usage() { echo "usage: $0 [--size 1G] [--runs N] [--provider tcp|verbs] [--rmem PATH]" >&2; exit 2; }
+usage() { echo "usage: $0 [--size 1G] [--runs N] [--provider tcp|verbs] [--dir DIR] [--rmem PATH]" >&2; exit 2; }
 while (($#)); do
   case $1 in
     --size) [[ ${2:-} =~ ^[1-9][0-9]*[KMG]?$ ]] || usage; size=$2; shift 2 ;;
     --runs) [[ ${2:-} =~ ^[1-9][0-9]*$ ]] || usage; runs=$2; shift 2 ;;
     --provider) [[ ${2:-} =~ ^(tcp|verbs)$ ]] || usage; provider=$2; shift 2 ;;
+    --dir) [[ -d ${2:-} ]] || usage; dir=$2; shift 2 ;;
     --rmem) [[ -n ${2:-} ]] || usage; rmem=$2; shift 2 ;;
     -h|--help) usage ;;
     *) usage ;;
@@ -39,8 +45,8 @@ if [[ $rmem == "$target_dir/release/rmem" ]]; then
 fi
 
 work=$(mktemp -d /tmp/migrate-1g.XXXXXX)
-src=/dev/shm/rmem-1g-src-$$
-dst=/dev/shm/rmem-1g-dst-$$
+src=$dir/rmem-1g-src-$$
+dst=$dir/rmem-1g-dst-$$
 holder=
 recv_pid=
 cleanup() {
@@ -49,6 +55,8 @@ cleanup() {
   rm -f "$src" "$dst"
   rm -rf "$work"
 }
+fs=$(stat -f -c %T "$dir")
+pagesz=$(awk '$2 == "'"$dir"'" {print $4}' /proc/mounts | grep -o 'huge=[a-z_]*' || true)
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
@@ -58,16 +66,18 @@ head -c "$size" /dev/urandom > "$src"
 bytes=$(stat -c %s "$src")
 sleep 100000 &
 holder=$!
+disown "$holder"
 port=$((20000 + RANDOM % 20000))
 
 perf_bw() {
   "$rmem" perf loopback --provider "$provider" --op write --bw -s 256K --tx-depth 32 \
-    -n 4000 --warmup 200 --json 2>/dev/null |
+    -n 8000 --warmup 500 --span "$1" --json 2>/dev/null |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["results"][0]["bw"]["bytes_per_sec"])'
 }
 
 results=$work/results.jsonl
-bw_before=$(perf_bw)
+hot_before=$(perf_bw 0)
+bw_before=$(perf_bw "$bytes")
 for i in $(seq "$runs"); do
   rm -f "$dst"
   "$rmem" migrate recv --provider "$provider" --listen "127.0.0.1:$port" --file "$dst" \
@@ -97,22 +107,26 @@ print(json.dumps({"total_ms": r["total_ms"], "pass_ms": r["last_pass_ms"], "down
 EOF
   port=$((port + 1))
 done
-bw_after=$(perf_bw)
+bw_after=$(perf_bw "$bytes")
+hot_after=$(perf_bw 0)
 
-python3 - "$results" "$bytes" "$bw_before" "$bw_after" "$runs" "$provider" <<'EOF'
+python3 - "$results" "$bytes" "$bw_before" "$bw_after" "$runs" "$provider" "$dir ($fs${pagesz:+, $pagesz})" "$hot_before" "$hot_after" <<'EOF'
 import json, statistics as st, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-size, bw1, bw2, runs, provider = int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), sys.argv[5], sys.argv[6]
+size, bw1, bw2, runs, provider, where = int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), sys.argv[5], sys.argv[6], sys.argv[7]
+hot1, hot2 = float(sys.argv[8]), float(sys.argv[9])
 bw = (bw1 + bw2) / 2
 ideal = size / bw * 1e3
+hot = size / ((hot1 + hot2) / 2) * 1e3
 med = lambda k: st.median(r[k] for r in rows if r[k] is not None)
-print(f"## rmem migrate stop-copy of {size >> 20} MiB (file + paused process, {provider} provider on loopback), {runs} run(s)\n")
-print(f"- transport: rmem perf loopback WRITE 256 KiB x 32 in flight: {bw1 / 2**20:.0f} MiB/s before, {bw2 / 2**20:.0f} after; bytes / bandwidth = {ideal:.0f} ms")
-print("| | median ms | min-max | x bytes/bandwidth |\n|---|---|---|---|")
+print(f"## rmem migrate stop-copy of {size >> 20} MiB (file + paused process, {provider} provider on loopback, RAM files in {where}), {runs} run(s)\n")
+print(f"- transport: rmem perf loopback WRITE 256 KiB x 32 in flight, spread over {size >> 20} MiB: {bw1 / 2**20:.0f} MiB/s before, {bw2 / 2**20:.0f} after; bytes / bandwidth = {ideal:.0f} ms")
+print(f"- the same into one reused buffer (perftest's way, cache-resident): {hot1 / 2**20:.0f} and {hot2 / 2**20:.0f} MiB/s; bytes / bandwidth = {hot:.0f} ms\n")
+print("| | median ms | min-max | x bytes/bandwidth (spread) | x bytes/bandwidth (reused) |\n|---|---|---|---|---|")
 for k, name in [("total_ms", "total (send's start to result)"), ("pass_ms", "stop-copy pass (pages only)"),
                 ("downtime_ms", "downtime (pause to destination done)"), ("dest_setup_ms", "destination setup (punch, allocate ahead, register)")]:
     vals = [r[k] for r in rows if r[k] is not None]
     if vals:
-        print(f"| {name} | {med(k):.0f} | {min(vals):.0f}-{max(vals):.0f} | {med(k) / ideal:.2f} |")
+        print(f"| {name} | {med(k):.0f} | {min(vals):.0f}-{max(vals):.0f} | {med(k) / ideal:.2f} | {med(k) / hot:.2f} |")
 print(f"\nEvery run: the destination file equal to the source's; {rows[0]['page_bytes'] >> 20} MiB in {rows[0]['requests']} WRITEs.")
 EOF

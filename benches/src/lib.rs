@@ -87,6 +87,11 @@ pub struct PerfConfig {
     /// like perftest's --cq-mod: fewer completions for the device to write.
     #[serde(default = "default_cq_mod")]
     pub cq_mod: u32,
+    /// Bandwidth runs: spread the requests over this many bytes on each side instead of
+    /// reusing one message's worth, so they move memory that is not in the CPU's caches (a
+    /// migration's or a swap device's case). 0: perftest's way, one buffer reused.
+    #[serde(default)]
+    pub span: usize,
 }
 
 fn default_cq_mod() -> u32 {
@@ -178,6 +183,8 @@ pub fn serve(
     let pd = ctx.alloc_pd()?;
     let cq = ctx.create_cq(64)?;
     let buf = pd.alloc_mr(max_size.max(4096), Access::all_remote())?;
+    // Touched once: a run measures moving memory, not this side allocating its pages.
+    buf.fill(0, buf.len(), 0)?;
     let desc = serde_json::to_vec(&buf.remote()).expect("RemoteBuf serialises");
     let listener = ctx.listen(listen)?;
     ready(listener.local_addr());
@@ -255,7 +262,18 @@ impl Client {
                 max: remote.len,
             });
         }
-        let local = pd.alloc_mr(max.max(4096), Access::all_remote())?;
+        let need = max.max(cfg.span);
+        if need as u64 > remote.len {
+            return Err(PerfError::TooLarge {
+                size: need,
+                max: remote.len,
+            });
+        }
+        let local = pd.alloc_mr(need.max(4096), Access::all_remote())?;
+        if cfg.span > 0 {
+            // Touched once, so the run measures moving memory, not allocating it.
+            local.fill(0, need, 1)?;
+        }
         Ok(Client {
             ctx: ctx.clone(),
             pd: pd.clone(),
@@ -267,7 +285,17 @@ impl Client {
     }
 
     fn wr<'a>(&self, op: PerfOp, id: u64, sge: &'a [rmem_transport::Sge<'a>]) -> SendWr<'a> {
-        let at = self.remote.at(0);
+        self.wr_at(op, id, sge, 0)
+    }
+
+    fn wr_at<'a>(
+        &self,
+        op: PerfOp,
+        id: u64,
+        sge: &'a [rmem_transport::Sge<'a>],
+        offset: u64,
+    ) -> SendWr<'a> {
+        let at = self.remote.at(offset);
         match op {
             PerfOp::Read => SendWr::read(id, sge, at),
             PerfOp::Write => SendWr::write(id, sge, at),
@@ -360,7 +388,11 @@ impl Client {
         size: usize,
         progress: &dyn Fn(u64),
     ) -> Result<SizeResult> {
-        let sge = [self.local.sge(0, size)?];
+        // One slot per message-sized piece of the span (one slot: the same buffer each time).
+        let slots = (cfg.span / size).max(1);
+        let sges = (0..slots)
+            .map(|i| Ok([self.local.sge(i * size, size)?]))
+            .collect::<Result<Vec<_>>>()?;
         let depth = u64::from(cfg.tx_depth);
         // A window of `depth` requests always holds a signaled one, so the run cannot stall.
         let cq_mod = u64::from(cfg.cq_mod.clamp(1, cfg.tx_depth));
@@ -374,7 +406,9 @@ impl Client {
                 if room > 0 {
                     let chain: Vec<_> = (posted..posted + room)
                         .map(|id| {
-                            let w = self.wr(cfg.op, id, &sge);
+                            let slot = (id % slots as u64) as usize;
+                            let at = (slot * size) as u64;
+                            let w = self.wr_at(cfg.op, id, &sges[slot], at);
                             if (id + 1) % cq_mod == 0 || id + 1 == n {
                                 w
                             } else {
@@ -543,4 +577,61 @@ pub fn render_table(r: &Report) -> String {
     }
     let _ = write!(s, "{rule}");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rmem_transport::{OpenOptions, Provider};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    #[test]
+    fn a_span_spreads_requests_over_all_of_it_and_must_fit_the_server() {
+        let ctx = rmem_transport::open(&OpenOptions::new(Provider::Tcp)).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (sctx, s2) = (ctx.clone(), stop.clone());
+        let server = std::thread::spawn(move || {
+            serve(
+                &sctx,
+                "127.0.0.1:0".parse().unwrap(),
+                1 << 20,
+                false,
+                |a| tx.send(a).unwrap(),
+                || s2.load(Ordering::Relaxed),
+            )
+        });
+        let addr = rx.recv().unwrap();
+        let mut cfg = PerfConfig {
+            op: PerfOp::Read,
+            mode: PerfMode::Bw,
+            sizes: vec![64 << 10],
+            iters: 16,
+            warmup: 0,
+            tx_depth: 4,
+            busy_poll: false,
+            clock: ClockKind::default(),
+            cq_mod: 1,
+            span: 2 << 20,
+        };
+        match Client::connect(&ctx, addr, &cfg) {
+            Err(PerfError::TooLarge { size, .. }) => assert_eq!(size, 2 << 20),
+            Err(e) => panic!("expected TooLarge, got {e}"),
+            Ok(_) => panic!("a span past the server's buffer was accepted"),
+        }
+        cfg.span = 1 << 20;
+        let c = Client::connect(&ctx, addr, &cfg).unwrap();
+        // The client's span starts as ones; 16 READs of 64 KiB from the server's zeros cover
+        // all of it only if each request went to its own slot.
+        assert!(!c.local.is_zero(0, 1 << 20).unwrap());
+        c.run(&cfg, &|_, _| {}).unwrap();
+        assert!(
+            c.local.is_zero(0, 1 << 20).unwrap(),
+            "a slot was never read"
+        );
+        drop(c);
+        stop.store(true, Ordering::Relaxed);
+        server.join().unwrap().unwrap();
+    }
 }

@@ -243,6 +243,7 @@ fn latency(borrower: &Context, donor: &Context, busy: bool) -> Result<(f64, f64)
         busy_poll: busy,
         clock: rmem_bench::ClockKind::default(),
         cq_mod: 32,
+        span: 0,
     };
     let r = perf_pair(borrower, donor, &cfg)?;
     let l = r.results[0].lat.as_ref().expect("latency run has latency");
@@ -260,6 +261,7 @@ fn bandwidth(borrower: &Context, donor: &Context, busy: bool) -> Result<f64, Fai
         busy_poll: busy,
         clock: rmem_bench::ClockKind::default(),
         cq_mod: 32,
+        span: 0,
     };
     let r = perf_pair(borrower, donor, &cfg)?;
     Ok(r.results[0]

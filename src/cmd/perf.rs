@@ -94,6 +94,11 @@ pub struct RunArgs {
     /// Bandwidth runs: signal one request in N (perftest's --cq-mod).
     #[arg(long, default_value_t = 32)]
     cq_mod: u32,
+    /// Bandwidth runs: spread the requests over this many bytes (e.g. 1G) on each side instead
+    /// of reusing one message's buffer, so they move memory that is not in the CPU's caches,
+    /// as a migration or a swap device does. The server's --max-size must cover it.
+    #[arg(long, value_parser = parse_size, default_value = "0")]
+    span: usize,
     /// Spin on completions instead of sleeping (lowest latency, one core busy).
     #[arg(long)]
     busy_poll: bool,
@@ -136,6 +141,7 @@ impl RunArgs {
             busy_poll: self.busy_poll,
             clock: self.clock,
             cq_mod: self.cq_mod,
+            span: self.span,
         }
     }
 }
@@ -222,7 +228,7 @@ fn loopback(a: LoopbackArgs) -> Result<(), Failed> {
     let server_ctx = open(&opts)?;
     let client_ctx = open(&opts)?;
     let cfg = a.run.config();
-    let max = cfg.sizes.iter().copied().max().unwrap_or(8);
+    let max = cfg.sizes.iter().copied().max().unwrap_or(8).max(cfg.span);
     let busy = cfg.busy_poll;
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = std::sync::mpsc::channel();
