@@ -236,6 +236,22 @@ fn refusals_and_missing_secrets_have_their_own_exit_codes() {
         true,
     );
     assert_eq!(o.status.code(), Some(6), "{o:?}");
+    // A bandwidth cap too small to be meant: usage, before anything is asked of QEMU.
+    let o = run(
+        &[
+            "migrate",
+            "send",
+            "--qmp",
+            "/nonexistent.qmp",
+            "--to",
+            "127.0.0.1:1",
+            "--bandwidth",
+            "100K",
+        ],
+        true,
+    );
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("at least 1M"));
 }
 
 #[test]

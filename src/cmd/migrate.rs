@@ -149,7 +149,7 @@ pub struct SendArgs {
     /// (the last pass, with the guest paused, is not capped), QEMU's max-bandwidth in stream
     /// mode (default there 10G, no cap). Post-copy's background pass: `recv
     /// --background-rate`.
-    #[arg(long, value_parser = parse_size)]
+    #[arg(long, value_parser = bandwidth)]
     bandwidth: Option<usize>,
     /// Hash both RAMs with the source paused and fail on any difference (costs downtime).
     #[arg(long)]
@@ -532,4 +532,13 @@ fn failed(e: MigrateError) -> Failed {
         _ => Code::Failure,
     };
     Failed::new(code, chain(&e))
+}
+
+/// A bandwidth cap of at least 1 MiB/s: below that a migration of any real guest would take
+/// days, which is a typo rather than a wish.
+fn bandwidth(s: &str) -> Result<usize, String> {
+    match parse_size(s)? {
+        n if n < 1 << 20 => Err(format!("{s}: a bandwidth cap is at least 1M (bytes/s)")),
+        n => Ok(n),
+    }
 }
