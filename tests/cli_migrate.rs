@@ -196,32 +196,20 @@ fn refusals_and_missing_secrets_have_their_own_exit_codes() {
         }
         c.output().unwrap()
     };
+    let send = [
+        "migrate",
+        "send",
+        "--qmp",
+        "/nonexistent.qmp",
+        "--to",
+        "127.0.0.1:1",
+    ];
     // No secret: usage.
-    let o = run(
-        &[
-            "migrate",
-            "send",
-            "--qmp",
-            "/nonexistent.qmp",
-            "--to",
-            "127.0.0.1:1",
-        ],
-        false,
-    );
+    let o = run(&send, false);
     assert_eq!(o.status.code(), Some(2), "{o:?}");
     assert!(String::from_utf8_lossy(&o.stderr).contains("secret"));
     // No QEMU behind the socket: refused, nothing touched.
-    let o = run(
-        &[
-            "migrate",
-            "send",
-            "--qmp",
-            "/nonexistent.qmp",
-            "--to",
-            "127.0.0.1:1",
-        ],
-        true,
-    );
+    let o = run(&send, true);
     assert_eq!(o.status.code(), Some(6), "{o:?}");
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent.qmp"));
     let o = run(
@@ -237,19 +225,7 @@ fn refusals_and_missing_secrets_have_their_own_exit_codes() {
     );
     assert_eq!(o.status.code(), Some(6), "{o:?}");
     // A bandwidth cap too small to be meant: usage, before anything is asked of QEMU.
-    let o = run(
-        &[
-            "migrate",
-            "send",
-            "--qmp",
-            "/nonexistent.qmp",
-            "--to",
-            "127.0.0.1:1",
-            "--bandwidth",
-            "100K",
-        ],
-        true,
-    );
+    let o = run(&[&send[..], &["--bandwidth", "100K"]].concat(), true);
     assert_eq!(o.status.code(), Some(2), "{o:?}");
     assert!(String::from_utf8_lossy(&o.stderr).contains("at least 1M"));
 }
