@@ -351,9 +351,14 @@ impl Store {
             let mut ok = 0;
             // Replicas that missed this write, by index (a chunk has at most 2 x MAX_REPLICAS + 1).
             let mut missed = 0u64;
-            let results = self.write_replicas(&reps, within, &data[r.clone()]);
-            for (k, (rep, res)) in reps.iter().zip(results).enumerate() {
+            for (k, rep) in reps.iter().enumerate() {
                 let d = &self.donors[rep.donor];
+                let res = if d.healthy.load(Ordering::Acquire) {
+                    d.client
+                        .write_remote(rep.grant.remote, within, &data[r.clone()])
+                } else {
+                    Err(ClientError::Closed)
+                };
                 match res {
                     Ok(()) => {
                         d.bytes_written.fetch_add(r.len() as u64, Ordering::Relaxed);
@@ -387,60 +392,6 @@ impl Store {
             }
         }
         Ok(())
-    }
-
-    /// Every replica's WRITE of `piece` at `within`, by replica index: posted together (one
-    /// donor after another in donor order, so two writers never wait on each other's donors)
-    /// and then reaped, so a write costs the slowest replica's round trip, not their sum.
-    /// One at a time when a piece exceeds what one request carries or two replicas share a
-    /// donor. A donor marked failed takes nothing.
-    fn write_replicas(
-        &self,
-        reps: &[Replica],
-        within: u64,
-        piece: &[u8],
-    ) -> Vec<Result<(), ClientError>> {
-        let mut out: Vec<Option<Result<(), ClientError>>> = reps.iter().map(|_| None).collect();
-        let mut order: Vec<usize> = Vec::with_capacity(reps.len());
-        for (k, rep) in reps.iter().enumerate() {
-            if self.donors[rep.donor].healthy.load(Ordering::Acquire) {
-                order.push(k);
-            } else {
-                out[k] = Some(Err(ClientError::Closed));
-            }
-        }
-        order.sort_by_key(|&k| reps[k].donor);
-        let distinct = order
-            .windows(2)
-            .all(|w| reps[w[0]].donor != reps[w[1]].donor);
-        if piece.len() > Client::MAX_POSTED || !distinct {
-            for k in order {
-                let rep = &reps[k];
-                out[k] = Some(self.donors[rep.donor].client.write_remote(
-                    rep.grant.remote,
-                    within,
-                    piece,
-                ));
-            }
-        } else {
-            let mut posted = Vec::with_capacity(order.len());
-            for k in order {
-                let rep = &reps[k];
-                match self.donors[rep.donor]
-                    .client
-                    .post_write(rep.grant.remote, within, piece)
-                {
-                    Ok(p) => posted.push((k, p)),
-                    Err(e) => out[k] = Some(Err(e)),
-                }
-            }
-            for (k, p) in posted {
-                out[k] = Some(p.finish());
-            }
-        }
-        out.into_iter()
-            .map(|o| o.unwrap_or(Err(ClientError::Closed)))
-            .collect()
     }
 
     /// Zeroes a range (TRIM / WRITE_ZEROES), in pieces of at most `scratch.len()` bytes.
