@@ -393,3 +393,53 @@ async fn ublk_requests_read_write_discard_and_fail_cleanly() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_writes_from_many_threads_survive_a_donor_dying_mid_run() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (a, b, c) = (donor(16).await, donor(16).await, donor(16).await);
+    let store = Store::create(&config(8 * MIB, 2, &[&a, &b, &c]))
+        .await
+        .unwrap();
+    let mut data = fill(&store, 1).await;
+    // Four writers, 2 MiB each, rewrite their part in 64 KiB pieces until told to stop; a
+    // donor dies while they write.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..4u64)
+        .map(|w| {
+            let (s, stop) = (store.clone(), stop.clone());
+            tokio::task::spawn_blocking(move || {
+                let base = w * 2 * MIB;
+                let (mut round, mut last) = (0u8, Vec::new());
+                while !stop.load(Ordering::Acquire) || round < 2 {
+                    round = round.wrapping_add(1);
+                    let piece = pattern(2 * MIB as usize, round ^ (w as u8 * 16));
+                    for (k, p) in piece.chunks(64 << 10).enumerate() {
+                        s.write(base + (k << 16) as u64, p)
+                            .expect("a copy is left for every chunk: the write must succeed");
+                    }
+                    last = piece;
+                }
+                (w as usize, last)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    b.kill().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Release);
+    for w in writers {
+        let (w, last) = tokio::time::timeout(Duration::from_secs(60), w)
+            .await
+            .expect("writers stuck")
+            .unwrap();
+        let at = w * 2 * MIB as usize;
+        data[at..at + last.len()].copy_from_slice(&last);
+    }
+    let st = store.status();
+    assert!(!st.donors[1].healthy, "the dead donor is marked failed");
+    assert_eq!(st.lost, 0);
+    assert!(read_all(&store).await.unwrap() == data, "every write kept");
+    assert_eq!(store.repair().await, 0, "rebuilt on the donors left");
+    assert!(read_all(&store).await.unwrap() == data);
+}
