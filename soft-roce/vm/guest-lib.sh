@@ -61,13 +61,16 @@ section() {
   [ "$_s_rc" -eq 0 ] || status=1
 }
 
-# fail MESSAGE [STATUS]: prints "FAIL: MESSAGE" and the tail of each log in $FAIL_LOGS (default
+# fail MESSAGE [STATUS]: prints "FAIL: MESSAGE", the first warnings and the tail of each log in $FAIL_LOGS (default
 # /tmp/*.log), runs $FAIL_HOOK when set (swap-2vm: tell VM a to stop), and exits with STATUS
 # (default 80).
 fail() {
   echo "FAIL: $1"
   for _f_log in ${FAIL_LOGS:-/tmp/*.log}; do
-    [ -e "$_f_log" ] && { echo "--- $_f_log"; tail -20 "$_f_log"; }
+    [ -e "$_f_log" ] || continue
+    # The first warnings say what went wrong first; the tail says where it ended.
+    echo "--- $_f_log (first warnings)"; grep -m 15 -E "WARN|ERROR" "$_f_log"
+    echo "--- $_f_log (last lines)"; tail -20 "$_f_log"
   done
   if [ -n "${FAIL_HOOK:-}" ]; then eval "$FAIL_HOOK"; fi
   exit "${2:-80}"

@@ -250,14 +250,15 @@ fn status(a: StatusArgs) -> Result<(), Failed> {
             v["io_errors"],
         );
         println!(
-            "  {} chunks of {} MiB, {} replica(s): {} degraded, {} lost, {} rebuilt, {} moved",
+            "  {} chunks of {} MiB, {} replica(s): {} degraded, {} lost, {} rebuilt, {} moved ({} MiB copied)",
             st["chunks"],
             st["chunk_size"].as_u64().unwrap_or(0) >> 20,
             st["replicas"],
             st["degraded"],
             st["lost"],
             st["rebuilt"],
-            st["moved"]
+            st["moved"],
+            st["copied_bytes"].as_u64().unwrap_or(0) >> 20
         );
         for d in st["donors"].as_array().into_iter().flatten() {
             println!(

@@ -261,6 +261,7 @@ pub fn serve<S: Read + Write>(
         let cookie = &hdr[8..16];
         let off = u64::from_be_bytes(hdr[16..24].try_into().expect("8 bytes"));
         let len = u32::from_be_bytes(hdr[24..28].try_into().expect("4 bytes")) as usize;
+        let started = std::time::Instant::now();
         let mut reply = [0u8; 16];
         reply[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
         reply[8..16].copy_from_slice(cookie);
@@ -275,6 +276,7 @@ pub fn serve<S: Read + Write>(
                     Ok(()) => {
                         sock.write_all(&reply)?;
                         sock.write_all(buf)?;
+                        warn_if_slow(started, cmd, off, len);
                         continue;
                     }
                     Err(errno) => set_err(&mut reply, errno as u32),
@@ -301,5 +303,17 @@ pub fn serve<S: Read + Write>(
             _ => set_err(&mut reply, EINVAL),
         }
         sock.write_all(&reply)?;
+        warn_if_slow(started, cmd, off, len);
+    }
+}
+
+/// A request answered after this long is logged: the kernel drops the whole device once one
+/// waits past its timeout, and this says what the daemon was doing on the way there.
+const SLOW: std::time::Duration = std::time::Duration::from_secs(5);
+
+fn warn_if_slow(started: std::time::Instant, cmd: u16, off: u64, len: usize) {
+    let took = started.elapsed();
+    if took >= SLOW {
+        tracing::warn!(cmd, off, len, secs = took.as_secs_f64(), "slow NBD request");
     }
 }

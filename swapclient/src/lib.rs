@@ -19,6 +19,7 @@ pub mod reserve;
 pub mod status;
 pub mod store;
 pub mod swapfile;
+pub mod written;
 
 pub use region::{Backing, PollMode, Region, RegionConfig, RegionError, RegionStats};
 pub use store::{DonorSpec, Store, StoreConfig, StoreError, StoreStatus};

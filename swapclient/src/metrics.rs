@@ -153,6 +153,12 @@ impl Collector for DeviceCollector {
             "Chunks moved off a reclaiming donor.",
             store.moved,
         )?;
+        one(
+            "rmem_swap_copied_bytes",
+            c,
+            "Bytes copied by rebuilds and moves (parts never written are not copied).",
+            store.copied_bytes,
+        )?;
         let donors: [DonorFamily; 5] = [
             (
                 "rmem_swap_donor_up",
@@ -239,6 +245,7 @@ mod tests {
                 lost: 1,
                 rebuilt: 7,
                 moved: 8,
+                copied_bytes: 3 << 20,
                 donors: vec![
                     donor("10.0.0.2:7470", true, 0),
                     donor("10.0.0.3:7470", false, 9),
@@ -253,6 +260,7 @@ mod tests {
             format!("rmem_swap_io_errors_total{{{dev}}} 2"),
             format!("rmem_swap_chunks_degraded{{{dev}}} 5"),
             format!("rmem_swap_chunks_lost{{{dev}}} 1"),
+            format!("rmem_swap_copied_bytes_total{{{dev}}} 3145728"),
             format!(r#"rmem_swap_donor_up{{{dev},donor="10.0.0.2:7470",domain="rack\"1"}} 1"#),
             format!(r#"rmem_swap_donor_up{{{dev},donor="10.0.0.3:7470",domain="rack\"1"}} 0"#),
             format!(

@@ -16,6 +16,8 @@ use rmem_memserver::{Client, ClientConfig, ClientError, Notice, SlabGrant};
 use rmem_transport::Provider;
 use serde::Serialize;
 
+use crate::written::WrittenMap;
+
 /// Store failures.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -125,6 +127,8 @@ pub struct StoreStatus {
     pub lost: usize,
     pub rebuilt: u64,
     pub moved: u64,
+    /// Bytes rebuilds and moves copied: only parts ever written cross (see [`WrittenMap`]).
+    pub copied_bytes: u64,
     pub donors: Vec<DonorStatus>,
 }
 
@@ -135,6 +139,8 @@ pub struct Store {
     replicas: usize,
     donors: Vec<Donor>,
     chunks: Vec<Mutex<Vec<Replica>>>,
+    /// What was ever written: a rebuild copies only that.
+    written: WrittenMap,
     /// The repair copy buffer, allocated (and locked with the daemon's memory) up front: a
     /// rebuild runs when memory may be short, and the I/O path waits on each piece it copies.
     copy_buf: Mutex<Vec<u8>>,
@@ -142,6 +148,7 @@ pub struct Store {
     stopping: AtomicBool,
     rebuilt: AtomicU64,
     moved: AtomicU64,
+    copied: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -234,7 +241,7 @@ impl Store {
             }
             granted[i].reverse();
         }
-        let chunks = plan
+        let chunks: Vec<_> = plan
             .iter()
             .map(|ds| {
                 // Room for a new copy of each leaving one while it fills: repair never reallocates.
@@ -256,11 +263,13 @@ impl Store {
             chunk,
             replicas: cfg.replicas,
             donors,
+            written: WrittenMap::new(chunks.len(), chunk),
             chunks,
             copy_buf: Mutex::new(vec![0u8; (1 << 20).min(chunk as usize)]),
             stopping: AtomicBool::new(false),
             rebuilt: AtomicU64::new(0),
             moved: AtomicU64::new(0),
+            copied: AtomicU64::new(0),
         }))
     }
 
@@ -348,6 +357,8 @@ impl Store {
     pub fn write(&self, off: u64, data: &[u8]) -> Result<(), StoreError> {
         for (c, within, r) in self.pieces(off, data.len() as u64)? {
             let mut reps = lock(&self.chunks[c]);
+            // Before any copy takes it: a rebuild must copy this part, whichever copies fail.
+            self.written.mark(c, within..within + r.len() as u64);
             let mut ok = 0;
             // Replicas that missed this write, by index (a chunk has at most 2 x MAX_REPLICAS + 1).
             let mut missed = 0u64;
@@ -549,9 +560,12 @@ impl Store {
             filling: true,
         });
         let dst = &self.donors[to];
-        let mut off = 0;
-        while off < self.chunk {
-            let n = buf.len().min((self.chunk - off) as usize);
+        // Only the parts ever written: the rest is zeros on both copies. A write marks its part
+        // before it goes out, and from here on every write reaches the new copy too.
+        let mut next = 0;
+        while let Some(run) = self.written.next_run(c, next, self.chunk, buf.len() as u64) {
+            let (off, n) = (run.start, (run.end - run.start) as usize);
+            next = run.end;
             let mut reps = lock(&self.chunks[c]);
             // A write to it failed (and dropped it), or the chunk lost its last copy.
             if !reps.iter().any(ours) {
@@ -577,6 +591,7 @@ impl Store {
                     reps.retain(|r| !ours(r));
                     return false;
                 }
+                self.copied.fetch_add(n as u64, Ordering::Relaxed);
                 copied = true;
                 break;
             }
@@ -584,7 +599,6 @@ impl Store {
                 reps.retain(|r| !ours(r));
                 return false;
             }
-            off += n as u64;
         }
         let mut reps = lock(&self.chunks[c]);
         reps.retain(|r| self.donors[r.donor].healthy.load(Ordering::Acquire));
@@ -650,6 +664,7 @@ impl Store {
             lost,
             rebuilt: self.rebuilt.load(Ordering::Relaxed),
             moved: self.moved.load(Ordering::Relaxed),
+            copied_bytes: self.copied.load(Ordering::Relaxed),
             donors: self
                 .donors
                 .iter()

@@ -184,6 +184,49 @@ async fn replicas_survive_donor_deaths_and_are_rebuilt() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_copies_only_what_was_written() {
+    // 8 chunks of 1 MiB; three pieces written, the rest never touched.
+    let a = donor(16).await;
+    let b = donor(16).await;
+    let c = donor(16).await;
+    let store = Store::create(&config(8 * MIB, 2, &[&a, &b, &c]))
+        .await
+        .unwrap();
+    let pieces = [
+        (100 * 1024, 8 * 1024),
+        (3 * MIB - 4096, 12 * 1024),
+        (7 * MIB + 4096, 4096),
+    ];
+    let mut want = vec![0u8; 8 * MIB as usize];
+    for (k, &(off, len)) in pieces.iter().enumerate() {
+        let piece = pattern(len, k as u8 + 1);
+        want[off as usize..off as usize + len].copy_from_slice(&piece);
+        let s = store.clone();
+        blocking(move || s.write(off, &piece).unwrap()).await;
+    }
+    a.kill().await;
+    // As the daemon does once a's control connection closes.
+    store.mark_failed(0, "killed");
+    assert_eq!(store.repair().await, 0);
+    let st = store.status();
+    assert_eq!((st.degraded, st.lost), (0, 0), "{st:?}");
+    assert!(st.rebuilt > 0);
+    // Parts of 1 MiB / 64 = 16 KiB: the written pieces touch at most 2 + 2 + 1 of them, and a
+    // rebuilt chunk the pieces missed copies nothing at all.
+    assert!(st.copied_bytes > 0, "{st:?}");
+    assert!(
+        st.copied_bytes <= 5 * 16 * 1024,
+        "copied {} bytes",
+        st.copied_bytes
+    );
+
+    // With b gone too, some chunks live only on rebuilt copies: written bytes and zeros intact.
+    b.kill().await;
+    assert!(read_all(&store).await.unwrap() == want);
+    assert_eq!(store.status().lost, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_replicas_a_dead_donor_means_errors_not_wrong_data() {
     let a = donor(8).await;
     let store = Store::create(&config(4 * MIB, 1, &[&a])).await.unwrap();
