@@ -82,6 +82,11 @@ up() {
     sleep 1
   done
   echo "== rmem swap up $* ($(cut -d' ' -f1 /proc/uptime) s)"; cat /proc/swaps
+  # The kernel may hand over at most 32 requests of 256 KiB: none waits near its timeout.
+  q=/sys/block/$(awk '/nbd/ {sub("/dev/", "", $1); print $1; exit}' /proc/swaps)/queue
+  echo "== NBD queue: nr_requests $(cat "$q/nr_requests"), max_sectors_kb $(cat "$q/max_sectors_kb")"
+  [ "$(cat "$q/nr_requests")" -le 32 ] && [ "$(cat "$q/max_sectors_kb")" -le 256 ] ||
+    fail "the NBD queue is not limited" 81
 }
 
 down() { swap_down; }

@@ -30,7 +30,13 @@ const NBD_SET_TIMEOUT: libc::c_ulong = 0xab09;
 const NBD_SET_FLAGS: libc::c_ulong = 0xab0a;
 
 /// Largest request we let the kernel send (`max_sectors_kb`); buffers are sized for it.
-pub const MAX_REQUEST: usize = 1 << 20;
+pub const MAX_REQUEST: usize = 256 << 10;
+/// Most requests the kernel may hand over at once (`nr_requests`). Its timeout runs from the
+/// hand-over, and this side serves them in turn: a request can wait behind QUEUE_DEPTH x
+/// MAX_REQUEST bytes. At the driver's default (128 x 1 MiB) a replicated swap-out over a
+/// 2 MiB/s link left one waiting past the timeout, and the kernel dropped the device with
+/// every swapped page on it. 8 MiB keeps that wait at seconds.
+pub const QUEUE_DEPTH: usize = 32;
 
 /// NBD device failures.
 #[derive(Debug, thiserror::Error)]
@@ -72,11 +78,17 @@ pub fn start(
     };
     let (attached, sock) = attach(&dev, store.size(), timeout_secs)?;
     if let Some(name) = dev.file_name() {
-        // Requests no larger than our buffers.
-        let _ = std::fs::write(
-            format!("/sys/block/{}/queue/max_sectors_kb", name.to_string_lossy()),
-            (MAX_REQUEST / 1024).to_string(),
-        );
+        let queue = format!("/sys/block/{}/queue", name.to_string_lossy());
+        // Requests no larger than our buffers (larger ones are refused, not lost), and few
+        // enough at once that none waits near the kernel's timeout (see QUEUE_DEPTH).
+        for (knob, value) in [
+            ("max_sectors_kb", MAX_REQUEST / 1024),
+            ("nr_requests", QUEUE_DEPTH),
+        ] {
+            if let Err(e) = std::fs::write(format!("{queue}/{knob}"), value.to_string()) {
+                tracing::warn!(knob, value, error = %e, "could not limit the NBD queue");
+            }
+        }
     }
     let server = std::thread::Builder::new()
         .name("nbd-serve".into())
