@@ -491,6 +491,35 @@ impl Client {
         Ok(())
     }
 
+    /// Posts a WRITE of `data` (at most [`Client::MAX_POSTED`] bytes) and returns without
+    /// waiting for it: a caller writing several replicas posts each donor's WRITE before
+    /// waiting for any. This client's data path stays the request's until
+    /// [`PostedWrite::finish`] (or the drop) reaps it; a caller posting to several clients
+    /// must take them in one fixed order, and never one client twice.
+    pub fn post_write(
+        &self,
+        remote: RemoteBuf,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<PostedWrite<'_>, ClientError> {
+        check_bounds(&remote, offset, data.len())?;
+        if data.len() > BOUNCE {
+            return Err(ClientError::OutOfBounds {
+                offset,
+                len: data.len(),
+                size: BOUNCE as u64,
+            });
+        }
+        let d = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        d.bounce.write_at(0, data)?;
+        let s = [d.bounce.sge(0, data.len())?];
+        d.qp.post_send(&[SendWr::write(0, &s, remote.at(offset))])?;
+        Ok(PostedWrite { d: Some(d) })
+    }
+
+    /// The most one [`Client::post_write`] carries.
+    pub const MAX_POSTED: usize = BOUNCE;
+
     /// READ through any descriptor.
     pub fn read_remote(
         &self,
@@ -507,6 +536,30 @@ impl Client {
             d.bounce.read_at(0, chunk)?;
         }
         Ok(())
+    }
+}
+
+/// A WRITE posted on a client's data path and not yet reaped.
+pub struct PostedWrite<'a> {
+    d: Option<std::sync::MutexGuard<'a, DataPath>>,
+}
+
+impl PostedWrite<'_> {
+    /// Waits for the WRITE's completion (bounded by the client's operation timeout).
+    pub fn finish(mut self) -> Result<(), ClientError> {
+        match self.d.take() {
+            Some(d) => complete(&d.cq, d.op_wait),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for PostedWrite<'_> {
+    fn drop(&mut self) {
+        // Never leave a completion behind for the next request to take as its own.
+        if let Some(d) = self.d.take() {
+            let _ = complete(&d.cq, d.op_wait);
+        }
     }
 }
 

@@ -16,6 +16,8 @@ use rmem_memserver::{Client, ClientConfig, ClientError, Notice, SlabGrant};
 use rmem_transport::Provider;
 use serde::Serialize;
 
+use arrayvec::ArrayVec;
+
 use crate::written::WrittenMap;
 
 /// Store failures.
@@ -66,6 +68,10 @@ impl std::str::FromStr for DonorSpec {
 
 /// More copies than any failure model needs; it bounds a chunk's replica list.
 pub const MAX_REPLICAS: usize = 16;
+/// The most replicas a chunk lists at once: each copy plus a new one filling for each.
+const REPLICA_SLOTS: usize = 2 * MAX_REPLICAS + 1;
+/// One write's result per replica, by index.
+type Outcomes = ArrayVec<Result<(), ClientError>, REPLICA_SLOTS>;
 
 /// How to build a store.
 #[derive(Debug, Clone)]
@@ -362,14 +368,9 @@ impl Store {
             let mut ok = 0;
             // Replicas that missed this write, by index (a chunk has at most 2 x MAX_REPLICAS + 1).
             let mut missed = 0u64;
-            for (k, rep) in reps.iter().enumerate() {
+            let results = self.write_replicas(&reps, within, &data[r.clone()]);
+            for (k, (rep, res)) in reps.iter().zip(results).enumerate() {
                 let d = &self.donors[rep.donor];
-                let res = if d.healthy.load(Ordering::Acquire) {
-                    d.client
-                        .write_remote(rep.grant.remote, within, &data[r.clone()])
-                } else {
-                    Err(ClientError::Closed)
-                };
                 match res {
                     Ok(()) => {
                         d.bytes_written.fetch_add(r.len() as u64, Ordering::Relaxed);
@@ -403,6 +404,57 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// Every replica's WRITE of `piece` at `within`, by replica index: posted together (one
+    /// donor after another in donor order, so two writers never wait on each other's donors)
+    /// and then reaped, so a write costs the slowest replica's round trip, not their sum.
+    /// One at a time when a piece exceeds what one request carries or two replicas share a
+    /// donor. A donor marked failed takes nothing. Nothing here touches the heap: the I/O path
+    /// runs when memory is short.
+    fn write_replicas(&self, reps: &[Replica], within: u64, piece: &[u8]) -> Outcomes {
+        let mut out: ArrayVec<Option<Result<(), ClientError>>, REPLICA_SLOTS> = ArrayVec::new();
+        let mut order: ArrayVec<usize, REPLICA_SLOTS> = ArrayVec::new();
+        for (k, rep) in reps.iter().enumerate().take(REPLICA_SLOTS) {
+            if self.donors[rep.donor].healthy.load(Ordering::Acquire) {
+                out.push(None);
+                order.push(k);
+            } else {
+                out.push(Some(Err(ClientError::Closed)));
+            }
+        }
+        order.sort_unstable_by_key(|&k| reps[k].donor);
+        let distinct = order
+            .windows(2)
+            .all(|w| reps[w[0]].donor != reps[w[1]].donor);
+        if piece.len() > Client::MAX_POSTED || !distinct {
+            for k in order {
+                let rep = &reps[k];
+                out[k] = Some(self.donors[rep.donor].client.write_remote(
+                    rep.grant.remote,
+                    within,
+                    piece,
+                ));
+            }
+        } else {
+            let mut posted: ArrayVec<_, REPLICA_SLOTS> = ArrayVec::new();
+            for k in order {
+                let rep = &reps[k];
+                match self.donors[rep.donor]
+                    .client
+                    .post_write(rep.grant.remote, within, piece)
+                {
+                    Ok(p) => posted.push((k, p)),
+                    Err(e) => out[k] = Some(Err(e)),
+                }
+            }
+            for (k, p) in posted {
+                out[k] = Some(p.finish());
+            }
+        }
+        out.into_iter()
+            .map(|o| o.unwrap_or(Err(ClientError::Closed)))
+            .collect()
     }
 
     /// Zeroes a range (TRIM / WRITE_ZEROES), in pieces of at most `scratch.len()` bytes.

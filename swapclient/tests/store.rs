@@ -445,8 +445,8 @@ async fn replica_writes_from_many_threads_survive_a_donor_dying_mid_run() {
         .await
         .unwrap();
     let mut data = fill(&store, 1).await;
-    // Four writers, 2 MiB each, rewrite their part in 64 KiB pieces until told to stop; a
-    // donor dies while they write.
+    // Four writers, 2 MiB each, rewrite their part in 64 KiB pieces (every replica's WRITE
+    // posted before any is reaped) until told to stop; a donor dies while they write.
     let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..4u64)
         .map(|w| {
@@ -472,9 +472,10 @@ async fn replica_writes_from_many_threads_survive_a_donor_dying_mid_run() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Release);
     for w in writers {
+        // Writers taking several donors' data paths at once must never wait on each other.
         let (w, last) = tokio::time::timeout(Duration::from_secs(60), w)
             .await
-            .expect("writers stuck")
+            .expect("writers stuck: replica writes deadlocked")
             .unwrap();
         let at = w * 2 * MIB as usize;
         data[at..at + last.len()].copy_from_slice(&last);
