@@ -3,19 +3,16 @@
 //! other end. Works on any kernel with the nbd module; no nbd-client binary needed.
 
 use std::fs::File;
-use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rmem_memserver::nbd_wire::{
-    CMD_DISC, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, EINVAL, REQUEST_MAGIC,
-    SIMPLE_REPLY_MAGIC, TF_HAS_FLAGS, TF_SEND_FLUSH, TF_SEND_TRIM,
-};
+use rmem_memserver::nbd_wire::{TF_HAS_FLAGS, TF_SEND_FLUSH, TF_SEND_TRIM};
 
-use crate::blockio::{self, IoCounters};
+use crate::blockio::IoCounters;
 use crate::front::Device;
+use crate::nbd_serve::{serve, StoreOps};
 use crate::store::Store;
 
 // <linux/nbd.h>: _IO(0xab, n).
@@ -32,11 +29,14 @@ const NBD_SET_FLAGS: libc::c_ulong = 0xab0a;
 /// Largest request we let the kernel send (`max_sectors_kb`); buffers are sized for it.
 pub const MAX_REQUEST: usize = 256 << 10;
 /// Most requests the kernel may hand over at once (`nr_requests`). Its timeout runs from the
-/// hand-over, and this side serves them in turn: a request can wait behind QUEUE_DEPTH x
-/// MAX_REQUEST bytes. At the driver's default (128 x 1 MiB) a replicated swap-out over a
-/// 2 MiB/s link left one waiting past the timeout, and the kernel dropped the device with
-/// every swapped page on it. 8 MiB keeps that wait at seconds.
+/// hand-over: a request can wait behind QUEUE_DEPTH x MAX_REQUEST bytes. At the driver's
+/// default (128 x 1 MiB) a replicated swap-out over a 2 MiB/s link left one waiting past the
+/// timeout, and the kernel dropped the device with every swapped page on it. 8 MiB keeps
+/// that wait at seconds, and is still four requests for each worker.
 pub const QUEUE_DEPTH: usize = 32;
+/// Requests carried out at once (each worker owns a [`MAX_REQUEST`] buffer): a READ waiting on
+/// one donor holds up no other request.
+pub const WORKERS: usize = 8;
 
 /// NBD device failures.
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +93,11 @@ pub fn start(
     let server = std::thread::Builder::new()
         .name("nbd-serve".into())
         .spawn(move || {
-            if let Err(e) = serve(sock, &store, &io) {
+            let ops = StoreOps {
+                store: &store,
+                io: &io,
+            };
+            if let Err(e) = serve(sock, &ops, WORKERS, MAX_REQUEST) {
                 tracing::error!(error = %e, "NBD socket failed");
             }
         })
@@ -244,88 +248,4 @@ pub fn disconnect(path: &Path) -> Result<(), NbdError> {
             source,
         })?;
     ioctl(&dev, path, "NBD_DISCONNECT", NBD_DISCONNECT, 0)
-}
-
-/// Answers the kernel's requests until it disconnects. Buffers are allocated once, here; the
-/// loop itself allocates nothing.
-pub fn serve<S: Read + Write>(
-    mut sock: S,
-    store: &Store,
-    io: &Arc<IoCounters>,
-) -> std::io::Result<()> {
-    let mut data = vec![0u8; MAX_REQUEST];
-    let mut scratch = vec![0u8; MAX_REQUEST];
-    let mut hdr = [0u8; 28];
-    loop {
-        match sock.read_exact(&mut hdr) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e),
-        }
-        let magic = u32::from_be_bytes(hdr[0..4].try_into().expect("4 bytes"));
-        if magic != REQUEST_MAGIC {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "bad NBD request magic",
-            ));
-        }
-        let cmd = u16::from_be_bytes(hdr[6..8].try_into().expect("2 bytes"));
-        let cookie = &hdr[8..16];
-        let off = u64::from_be_bytes(hdr[16..24].try_into().expect("8 bytes"));
-        let len = u32::from_be_bytes(hdr[24..28].try_into().expect("4 bytes")) as usize;
-        let started = std::time::Instant::now();
-        let mut reply = [0u8; 16];
-        reply[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-        reply[8..16].copy_from_slice(cookie);
-        let set_err = |reply: &mut [u8; 16], e: u32| reply[4..8].copy_from_slice(&e.to_be_bytes());
-        match cmd {
-            CMD_READ => {
-                if len > data.len() {
-                    data.resize(len, 0);
-                }
-                let buf = &mut data[..len];
-                match blockio::read(store, io, off, buf) {
-                    Ok(()) => {
-                        sock.write_all(&reply)?;
-                        sock.write_all(buf)?;
-                        warn_if_slow(started, cmd, off, len);
-                        continue;
-                    }
-                    Err(errno) => set_err(&mut reply, errno as u32),
-                }
-            }
-            CMD_WRITE => {
-                if len > data.len() {
-                    data.resize(len, 0);
-                }
-                let buf = &mut data[..len];
-                sock.read_exact(buf)?;
-                if let Err(errno) = blockio::write(store, io, off, buf) {
-                    set_err(&mut reply, errno as u32);
-                }
-            }
-            // Every write reached the donors' memory before it was acknowledged.
-            CMD_FLUSH => {}
-            CMD_TRIM | CMD_WRITE_ZEROES => {
-                if let Err(errno) = blockio::zero(store, io, off, len as u64, &mut scratch) {
-                    set_err(&mut reply, errno as u32);
-                }
-            }
-            CMD_DISC => return Ok(()),
-            _ => set_err(&mut reply, EINVAL),
-        }
-        sock.write_all(&reply)?;
-        warn_if_slow(started, cmd, off, len);
-    }
-}
-
-/// A request answered after this long is logged: the kernel drops the whole device once one
-/// waits past its timeout, and this says what the daemon was doing on the way there.
-const SLOW: std::time::Duration = std::time::Duration::from_secs(5);
-
-fn warn_if_slow(started: std::time::Instant, cmd: u16, off: u64, len: usize) {
-    let took = started.elapsed();
-    if took >= SLOW {
-        tracing::warn!(cmd, off, len, secs = took.as_secs_f64(), "slow NBD request");
-    }
 }
