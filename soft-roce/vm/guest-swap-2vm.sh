@@ -87,6 +87,8 @@ up() {
   echo "== NBD queue: nr_requests $(cat "$q/nr_requests"), max_sectors_kb $(cat "$q/max_sectors_kb")"
   [ "$(cat "$q/nr_requests")" -le 32 ] && [ "$(cat "$q/max_sectors_kb")" -le 256 ] ||
     fail "the NBD queue is not limited" 81
+  # Watermark boosting is off while the device is swap (see docs/swap.md).
+  [ "$(cat /proc/sys/vm/watermark_boost_factor)" = 0 ] || fail "watermark boosting still on" 81
 }
 
 down() { swap_down; }

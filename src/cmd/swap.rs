@@ -80,7 +80,8 @@ pub struct UpArgs {
     /// raises it to 64 MiB (an eighth of RAM on hosts under 512 MiB) when lower, a size (e.g.
     /// 128M) to at least that, keep leaves it. Each page swapped out needs socket memory on its
     /// way to a donor; without headroom a host that runs out of memory altogether stalls its
-    /// own swap. The old value comes back at `rmem swap down`.
+    /// own swap. Watermark boosting (vm.watermark_boost_factor) is off meanwhile: a boost
+    /// raises that minimum too. keep leaves both. The old values come back at `rmem swap down`.
     #[arg(long, default_value = "auto", value_name = "auto|keep|SIZE")]
     min_free: MinFree,
     /// Print the ready line as JSON.

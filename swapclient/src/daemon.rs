@@ -150,7 +150,7 @@ pub fn run(opts: SwapOptions, ready: impl FnOnce(&Ready)) -> Result<(), SwapErro
     let _reserve = if opts.swapon {
         raise_reserve(opts.min_free)
     } else {
-        None
+        Vec::new()
     };
 
     let result = rt.block_on(serve_device(
@@ -183,8 +183,30 @@ pub fn run(opts: SwapOptions, ready: impl FnOnce(&Ready)) -> Result<(), SwapErro
 }
 
 /// Raises vm.min_free_kbytes for the device's life; a failure (no root, a read-only /proc/sys)
-/// is a warning: swap still works while the host as a whole keeps some memory free.
-fn raise_reserve(want: reserve::MinFree) -> Option<reserve::Raised> {
+/// is a warning: swap still works while the host as a whole keeps some memory free. Watermark
+/// boosting goes off with it (see [`reserve`]); `--min-free keep` leaves both.
+fn raise_reserve(want: reserve::MinFree) -> Vec<reserve::Raised> {
+    if want == reserve::MinFree::Keep {
+        return Vec::new();
+    }
+    let mut held: Vec<reserve::Raised> = raise_min_free(want).into_iter().collect();
+    match reserve::set(std::path::Path::new(reserve::BOOST_SYSCTL), 0) {
+        Ok(Some(r)) => {
+            tracing::info!(
+                from = r.old_kib(),
+                "vm.watermark_boost_factor 0 while swapping to rmem (a boost raises the minimum \
+                 the daemon's own allocations wait at)"
+            );
+            held.push(r);
+        }
+        Ok(None) => {}
+        // Kernels before 5.0 have no boosting.
+        Err(e) => tracing::debug!(error = %e, "vm.watermark_boost_factor left as is"),
+    }
+    held
+}
+
+fn raise_min_free(want: reserve::MinFree) -> Option<reserve::Raised> {
     let r = reserve::mem_total_kib()
         .and_then(|total| reserve::raise(std::path::Path::new(reserve::SYSCTL), want, total));
     match r {

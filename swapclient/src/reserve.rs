@@ -1,4 +1,5 @@
-//! The kernel's free-memory reserve while rmem swap is up (`vm.min_free_kbytes`).
+//! The kernel's free-memory reserve while rmem swap is up (`vm.min_free_kbytes`, and
+//! `vm.watermark_boost_factor`).
 //!
 //! Swapping to rmem needs memory: each page written out travels through the daemon's sockets
 //! to a donor, and the kernel allocates those socket buffers as the daemon sends. A process
@@ -8,11 +9,20 @@
 //! the kernel reclaim (by swapping) while that headroom is still there. Measured in a 384 MiB
 //! guest: the kernel's default (2.2 MiB) stalls within seconds; 64 MiB swaps twice the guest's
 //! RAM through.
+//!
+//! Watermark boosting undoes that headroom: after an allocation falls back to another
+//! migrate type (socket buffers are such allocations) the kernel raises every watermark, the
+//! minimum included, until kswapd has reclaimed the boost, which on a host whose only
+//! reclaimable memory is swap only this daemon can let it do. Seen in the two-VM test: free
+//! memory 44 MiB, the minimum 40 MiB plus a 6 MiB boost, the daemon's sends waiting and swap
+//! stopped for over a minute until the kernel dropped the device. So boosting is off
+//! (`watermark_boost_factor` 0) while the device is swap.
 
 use std::path::Path;
 use std::str::FromStr;
 
 pub const SYSCTL: &str = "/proc/sys/vm/min_free_kbytes";
+pub const BOOST_SYSCTL: &str = "/proc/sys/vm/watermark_boost_factor";
 
 /// What `--min-free` asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -64,7 +74,8 @@ pub fn target(want: MinFree, current_kib: u64, mem_total_kib: u64) -> Option<u64
     (t > current_kib).then_some(t)
 }
 
-/// A raised reserve: the old value comes back on drop, unless someone else changed it since.
+/// A sysctl set for the device's life: the old value comes back on drop, unless someone else
+/// changed it since.
 #[derive(Debug)]
 pub struct Raised {
     path: std::path::PathBuf,
@@ -83,21 +94,17 @@ impl Raised {
 
 impl Drop for Raised {
     fn drop(&mut self) {
+        let name = self.path.display();
         match read_kib(&self.path) {
             Ok(now) if now == self.set => {
                 if let Err(e) = std::fs::write(&self.path, self.old.to_string()) {
-                    tracing::warn!(error = %e, "could not restore vm.min_free_kbytes");
+                    tracing::warn!(error = %e, "could not restore {name}");
                 } else {
-                    tracing::info!(kib = self.old, "vm.min_free_kbytes restored");
+                    tracing::info!(value = self.old, "{name} restored");
                 }
             }
-            Ok(now) => {
-                tracing::info!(
-                    now,
-                    "vm.min_free_kbytes changed by someone else; left as is"
-                )
-            }
-            Err(e) => tracing::warn!(error = %e, "could not read vm.min_free_kbytes"),
+            Ok(now) => tracing::info!(now, "{name} changed by someone else; left as is"),
+            Err(e) => tracing::warn!(error = %e, "could not read {name}"),
         }
     }
 }
@@ -129,6 +136,20 @@ pub fn raise(path: &Path, want: MinFree, mem_total_kib: u64) -> std::io::Result<
         path: path.to_path_buf(),
         old,
         set,
+    }))
+}
+
+/// Sets `path` (a sysctl, or a file in tests) to `value` when it holds another.
+pub fn set(path: &Path, value: u64) -> std::io::Result<Option<Raised>> {
+    let old = read_kib(path)?;
+    if old == value {
+        return Ok(None);
+    }
+    std::fs::write(path, value.to_string())?;
+    Ok(Some(Raised {
+        path: path.to_path_buf(),
+        old,
+        set: value,
     }))
 }
 
@@ -179,6 +200,21 @@ mod tests {
 
         assert!(raise(&p, MinFree::Kib(4096), 1 << 20).unwrap().is_none());
         assert_eq!(read_kib(&p).unwrap(), 100000);
+        let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
+    fn set_lowers_too_and_leaves_an_equal_value_alone() {
+        let p = std::env::temp_dir().join(format!("rmem-boost-test-{}", std::process::id()));
+        std::fs::write(&p, "15000\n").unwrap();
+        let r = set(&p, 0).unwrap().unwrap();
+        assert_eq!(read_kib(&p).unwrap(), 0);
+        assert!(
+            set(&p, 0).unwrap().is_none(),
+            "already 0: nothing to restore"
+        );
+        drop(r);
+        assert_eq!(read_kib(&p).unwrap(), 15000);
         let _ = std::fs::remove_file(&p);
     }
 }
