@@ -62,6 +62,8 @@ struct Job {
 /// A request answered after this long is logged: the kernel drops the whole device once one
 /// waits past its timeout, and the log says what the daemon was doing on the way there.
 const SLOW: Duration = Duration::from_secs(5);
+/// A worker's stack: a request goes through the store and the transport, a few calls deep.
+const WORKER_STACK: usize = 256 << 10;
 
 /// The reply header: `error` 0 for success.
 fn reply_header(cookie: &[u8; 8], error: u32) -> [u8; 16] {
@@ -101,6 +103,8 @@ pub fn serve(
             let (job_rx, free_tx, send, failed) = (job_rx.clone(), free_tx.clone(), &send, &failed);
             std::thread::Builder::new()
                 .name(format!("nbd-io-{i}"))
+                // The daemon locks its memory: a default 2 MiB stack would all be resident.
+                .stack_size(WORKER_STACK)
                 .spawn_scoped(s, move || {
                     let mut scratch = vec![0u8; max_request];
                     for mut job in job_rx.iter() {

@@ -33,6 +33,10 @@ use crate::{Access, Error, Result};
 pub(crate) use cq::TcpCq;
 use qp::{QpShared, TcpQp};
 
+/// The target thread's stack: its loop is shallow. A process that locks its memory (the swap
+/// daemon: mlockall with MCL_FUTURE) pays for every stack page up front, 2 MiB by default.
+const TARGET_STACK: usize = 256 << 10;
+
 /// Counters shared by every target thread of a context.
 #[derive(Default)]
 pub(crate) struct Counters {
@@ -94,6 +98,7 @@ impl TcpContext {
         let t = shared.clone();
         let handle = std::thread::Builder::new()
             .name(format!("rmem-tgt-{num}"))
+            .stack_size(TARGET_STACK)
             .spawn(move || target::serve(t))
             .map_err(|e| Error::os("spawn target thread", e))?;
         Ok(Arc::new(TcpQp {
