@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::auth;
 use crate::protocol::{
     decode, read_frame, write_msg, ClientMsg, DonorStats, ErrorCode, FrameError, ServerMsg,
-    SlabGrant, VERSION,
+    SlabGrant, MAX_LANES, VERSION,
 };
 
 /// Client failures.
@@ -88,6 +88,12 @@ pub struct ClientConfig {
     /// Bounds [`Client::connect`] as a whole (TCP connect, hello, challenge, welcome and the
     /// data queue pair's connection) and [`Client::reconnect`]'s new queue pair.
     pub connect_timeout: Duration,
+    /// Data queue pairs (lanes), each with its own bounce buffer: as many one-sided
+    /// operations as lanes run at once, from as many threads (1 to [`MAX_LANES`]).
+    pub lanes: usize,
+    /// Each lane's bounce buffer: larger operations go through it in pieces, and
+    /// [`Client::post_write`] carries at most this much.
+    pub bounce: usize,
 }
 
 impl ClientConfig {
@@ -100,6 +106,8 @@ impl ClientConfig {
             device: None,
             op_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
+            lanes: 1,
+            bounce: 1 << 20,
         }
     }
 }
@@ -131,12 +139,12 @@ pub struct Client {
     session: String,
     slab_size: u64,
     lease: Duration,
-    data: Mutex<DataPath>,
+    /// One data path per lane; an operation takes a free one (see [`Client::lane`]).
+    data: Vec<Mutex<DataPath>>,
     /// Where the data queue pair connected (the donor's data listener).
     data_addr: SocketAddr,
 }
 
-const BOUNCE: usize = 1 << 20;
 /// A donor that does not answer a control request within this is treated as dead.
 const REPLY_WAIT: Duration = Duration::from_secs(30);
 
@@ -211,6 +219,12 @@ impl Client {
     /// Authenticates (both ways) and connects the data queue pair, all within
     /// `cfg.connect_timeout` ([`ClientError::Timeout`] past it).
     pub async fn connect(cfg: ClientConfig) -> Result<Client, ClientError> {
+        if cfg.lanes == 0 || cfg.lanes > usize::from(MAX_LANES) || cfg.bounce == 0 {
+            return Err(ClientError::Protocol(format!(
+                "{} lanes of {} bytes: 1 to {MAX_LANES} lanes of at least a byte",
+                cfg.lanes, cfg.bounce
+            )));
+        }
         let deadline = tokio::time::Instant::now() + cfg.connect_timeout;
         let w = match tokio::time::timeout_at(deadline, handshake(&cfg, deadline)).await {
             Ok(w) => w?,
@@ -224,7 +238,7 @@ impl Client {
         let held = Arc::new(Mutex::new(HashMap::new()));
         let (tx, rx) = mpsc::unbounded_channel();
         let reader = tokio::spawn(read_control(r, pending.clone(), held.clone(), tx));
-        Ok(Client {
+        let mut client = Client {
             cfg,
             writer: tokio::sync::Mutex::new(wr),
             pending,
@@ -235,9 +249,59 @@ impl Client {
             session: w.session,
             slab_size: w.slab_size,
             lease: w.lease,
-            data: Mutex::new(w.data),
+            data: vec![Mutex::new(w.data)],
             data_addr: w.data_addr,
-        })
+        };
+        for lane in 1..client.cfg.lanes {
+            let path = tokio::time::timeout_at(deadline, client.open_lane(lane as u8))
+                .await
+                .map_err(|_| ClientError::Timeout(client.cfg.connect_timeout))??;
+            client.data.push(Mutex::new(path));
+        }
+        Ok(client)
+    }
+
+    /// A new data path for `lane`, asked of the donor on the control connection.
+    async fn open_lane(&self, lane: u8) -> Result<DataPath, ClientError> {
+        let (addr, token) = match self.request(|id| ClientMsg::Reconnect { id, lane }).await? {
+            ServerMsg::Reconnect {
+                data_addr,
+                data_token,
+                ..
+            } => (parse_addr(&data_addr)?, data_token),
+            other => return Err(unexpected(other)),
+        };
+        let limit = self.cfg.connect_timeout;
+        let deadline = tokio::time::Instant::now() + limit;
+        tokio::time::timeout_at(deadline, connect_data(&self.cfg, addr, token, deadline))
+            .await
+            .map_err(|_| ClientError::Timeout(limit))?
+    }
+
+    /// A data path for one operation: a free lane, trying this thread's own first (so a
+    /// thread keeps to one lane while there are enough), else waiting for that one.
+    fn lane(&self) -> std::sync::MutexGuard<'_, DataPath> {
+        thread_local! {
+            static HINT: usize = {
+                static NEXT: AtomicUsize = AtomicUsize::new(0);
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            };
+        }
+        let n = self.data.len();
+        let first = HINT.with(|h| *h) % n;
+        for k in 0..n {
+            match self.data[(first + k) % n].try_lock() {
+                Ok(g) => return g,
+                Err(std::sync::TryLockError::Poisoned(e)) => return e.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+        }
+        lock(&self.data[first])
+    }
+
+    /// Lanes this client runs.
+    pub fn lanes(&self) -> usize {
+        self.data.len()
     }
 
     pub fn session(&self) -> &str {
@@ -371,21 +435,10 @@ impl Client {
     /// Replaces the data queue pair, keeping the session and its slabs: needed after a
     /// one-sided operation failed (the queue pair is then in the error state, as on any RC QP).
     pub async fn reconnect(&self) -> Result<(), ClientError> {
-        let (addr, token) = match self.request(|id| ClientMsg::Reconnect { id }).await? {
-            ServerMsg::Reconnect {
-                data_addr,
-                data_token,
-                ..
-            } => (parse_addr(&data_addr)?, data_token),
-            other => return Err(unexpected(other)),
-        };
-        let limit = self.cfg.connect_timeout;
-        let deadline = tokio::time::Instant::now() + limit;
-        let fresh =
-            tokio::time::timeout_at(deadline, connect_data(&self.cfg, addr, token, deadline))
-                .await
-                .map_err(|_| ClientError::Timeout(limit))??;
-        *self.data.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+        for (lane, slot) in self.data.iter().enumerate() {
+            let fresh = self.open_lane(lane as u8).await?;
+            *lock(slot) = fresh;
+        }
         Ok(())
     }
 
@@ -428,7 +481,7 @@ impl Client {
             .ok_or_else(|| ClientError::Protocol("donor granted no slab".into()))?;
         let (src, dst) = (self.clone(), dest.clone());
         let copied = tokio::task::spawn_blocking(move || {
-            let mut buf = vec![0u8; BOUNCE.min(slab.remote.len as usize)];
+            let mut buf = vec![0u8; src.cfg.bounce.min(slab.remote.len as usize)];
             let mut off = 0u64;
             while off < slab.remote.len {
                 let n = buf.len().min((slab.remote.len - off) as usize);
@@ -477,25 +530,22 @@ impl Client {
         data: &[u8],
     ) -> Result<(), ClientError> {
         check_bounds(&remote, offset, data.len())?;
-        let d = self.data.lock().unwrap_or_else(|e| e.into_inner());
-        for (k, chunk) in data.chunks(BOUNCE).enumerate() {
+        let d = self.lane();
+        let piece = self.cfg.bounce;
+        for (k, chunk) in data.chunks(piece).enumerate() {
             d.bounce.write_at(0, chunk)?;
             let s = [d.bounce.sge(0, chunk.len())?];
-            d.qp.post_send(&[SendWr::write(
-                0,
-                &s,
-                remote.at(offset + (k * BOUNCE) as u64),
-            )])?;
+            d.qp.post_send(&[SendWr::write(0, &s, remote.at(offset + (k * piece) as u64))])?;
             complete(&d.cq, d.op_wait)?;
         }
         Ok(())
     }
 
-    /// Posts a WRITE of `data` (at most [`Client::MAX_POSTED`] bytes) and returns without
+    /// Posts a WRITE of `data` (at most [`Client::max_posted`] bytes) and returns without
     /// waiting for it: a caller writing several replicas posts each donor's WRITE before
-    /// waiting for any. This client's data path stays the request's until
-    /// [`PostedWrite::finish`] (or the drop) reaps it; a caller posting to several clients
-    /// must take them in one fixed order, and never one client twice.
+    /// waiting for any. The lane it took stays the request's until [`PostedWrite::finish`]
+    /// (or the drop) reaps it; a caller posting to several clients must take them in one
+    /// fixed order, and never one client twice.
     pub fn post_write(
         &self,
         remote: RemoteBuf,
@@ -503,14 +553,14 @@ impl Client {
         data: &[u8],
     ) -> Result<PostedWrite<'_>, ClientError> {
         check_bounds(&remote, offset, data.len())?;
-        if data.len() > BOUNCE {
+        if data.len() > self.cfg.bounce {
             return Err(ClientError::OutOfBounds {
                 offset,
                 len: data.len(),
-                size: BOUNCE as u64,
+                size: self.cfg.bounce as u64,
             });
         }
-        let d = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        let d = self.lane();
         d.bounce.write_at(0, data)?;
         let s = [d.bounce.sge(0, data.len())?];
         d.qp.post_send(&[SendWr::write(0, &s, remote.at(offset))])?;
@@ -518,7 +568,9 @@ impl Client {
     }
 
     /// The most one [`Client::post_write`] carries.
-    pub const MAX_POSTED: usize = BOUNCE;
+    pub fn max_posted(&self) -> usize {
+        self.cfg.bounce
+    }
 
     /// READ through any descriptor.
     pub fn read_remote(
@@ -528,10 +580,11 @@ impl Client {
         out: &mut [u8],
     ) -> Result<(), ClientError> {
         check_bounds(&remote, offset, out.len())?;
-        let d = self.data.lock().unwrap_or_else(|e| e.into_inner());
-        for (k, chunk) in out.chunks_mut(BOUNCE).enumerate() {
+        let d = self.lane();
+        let piece = self.cfg.bounce;
+        for (k, chunk) in out.chunks_mut(piece).enumerate() {
             let s = [d.bounce.sge(0, chunk.len())?];
-            d.qp.post_send(&[SendWr::read(0, &s, remote.at(offset + (k * BOUNCE) as u64))])?;
+            d.qp.post_send(&[SendWr::read(0, &s, remote.at(offset + (k * piece) as u64))])?;
             complete(&d.cq, d.op_wait)?;
             d.bounce.read_at(0, chunk)?;
         }
@@ -654,6 +707,7 @@ async fn connect_data(
     let mut o = OpenOptions::new(cfg.provider);
     o.device = cfg.device.clone();
     let op_timeout = cfg.op_timeout;
+    let bounce = cfg.bounce;
     let left = deadline
         .saturating_duration_since(tokio::time::Instant::now())
         .max(Duration::from_millis(1));
@@ -665,7 +719,7 @@ async fn connect_data(
             .op_timeout(op_timeout)
             .connect_timeout(left);
         let conn = ctx.connect(addr, &qc, token.as_bytes())?;
-        let bounce = pd.alloc_mr(BOUNCE, Access::LOCAL_WRITE)?;
+        let bounce = pd.alloc_mr(bounce, Access::LOCAL_WRITE)?;
         Ok(DataPath {
             _ctx: ctx,
             cq,

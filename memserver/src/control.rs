@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use crate::auth;
 use crate::donor::{error, lock, Inner, Session};
 use crate::protocol::{
-    decode, read_frame, write_msg, ClientMsg, ErrorCode, FrameError, ServerMsg, VERSION,
+    decode, read_frame, write_msg, ClientMsg, ErrorCode, FrameError, ServerMsg, MAX_LANES, VERSION,
 };
 
 pub(crate) async fn serve(
@@ -105,7 +105,7 @@ async fn handshake(
         }
     };
     let ip = s.local_addr()?.ip();
-    let (data_addr, token) = match inner.open_data(&session, ip) {
+    let (data_addr, token) = match inner.open_data(&session, ip, 0) {
         Ok(x) => x,
         Err(e) => {
             inner.drop_session(&session);
@@ -185,7 +185,12 @@ async fn requests(
                 ErrorCode::BadRequest,
                 format!("{e}: {}", e.source_text()),
             ),
-            Ok(ClientMsg::Reconnect { id }) => match inner.open_data(session, ip) {
+            Ok(ClientMsg::Reconnect { id, lane }) if lane >= MAX_LANES => error(
+                Some(id),
+                ErrorCode::TooMany,
+                format!("lane {lane}: at most {MAX_LANES} data queue pairs a session"),
+            ),
+            Ok(ClientMsg::Reconnect { id, lane }) => match inner.open_data(session, ip, lane) {
                 Ok((addr, token)) => ServerMsg::Reconnect {
                     id,
                     data_addr: addr.to_string(),

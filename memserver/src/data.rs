@@ -83,13 +83,15 @@ impl DataConfig {
 pub(crate) trait DataSession: Send + Sync {
     fn id(&self) -> u64;
     fn pd(&self) -> &Pd;
-    /// Takes the session's new data queue pair (replacing and shutting down an older one).
-    fn install(&self, qp: Qp);
+    /// Takes the session's new data queue pair for `lane` (replacing and shutting down an older
+    /// one there).
+    fn install(&self, lane: u8, qp: Qp);
 }
 
 struct Grant {
     session: Weak<dyn DataSession>,
     session_id: u64,
+    lane: u8,
     issued: Instant,
 }
 
@@ -154,8 +156,8 @@ impl DataPlane {
         self.port
     }
 
-    /// A fresh single-use token for `session`'s next data connection.
-    pub(crate) fn issue(&self, session: &Arc<dyn DataSession>) -> String {
+    /// A fresh single-use token for `session`'s next data connection on `lane`.
+    pub(crate) fn issue(&self, session: &Arc<dyn DataSession>, lane: u8) -> String {
         let token = hex::encode(rand::rng().random::<[u8; 16]>());
         let id = session.id();
         let mut t = lock(&self.tokens);
@@ -177,6 +179,7 @@ impl DataPlane {
             Grant {
                 session: Arc::downgrade(session),
                 session_id: id,
+                lane,
                 issued: Instant::now(),
             },
         );
@@ -230,7 +233,7 @@ fn accept_loop(
             t.expire(ttl);
             t.live.remove(k)
         });
-        let Some(session) = grant.and_then(|g| g.session.upgrade()) else {
+        let Some((session, lane)) = grant.and_then(|g| Some((g.session.upgrade()?, g.lane))) else {
             refused += 1;
             tracing::debug!(%peer, "data connection with an unknown or used token refused");
             if last_warn.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10)) {
@@ -252,7 +255,7 @@ fn accept_loop(
         match req.accept(&QpConfig::new(session.pd(), &cq), b"") {
             Ok(qp) => {
                 tracing::debug!(session = session.id(), %peer, "data queue pair accepted");
-                session.install(qp);
+                session.install(lane, qp);
             }
             Err(e) => {
                 tracing::info!(session = session.id(), %peer, error = %e, "data connection failed")

@@ -31,7 +31,8 @@ pub(crate) struct Session {
     pub(crate) id: u64,
     pub(crate) client: String,
     pub(crate) pd: Pd,
-    pub(crate) qp: Mutex<Option<Qp>>,
+    /// The data queue pairs, by lane.
+    pub(crate) qps: Mutex<HashMap<u8, Qp>>,
     pub(crate) slabs: Mutex<HashMap<u32, Mr>>,
     pub(crate) lease_until: Mutex<Instant>,
     /// Fired when the lease expires or the donor shuts down.
@@ -55,9 +56,9 @@ impl crate::data::DataSession for Session {
     fn pd(&self) -> &Pd {
         &self.pd
     }
-    fn install(&self, qp: Qp) {
+    fn install(&self, lane: u8, qp: Qp) {
         // A replaced queue pair is shut down when it drops here.
-        let old = lock(&self.qp).replace(qp);
+        let old = lock(&self.qps).insert(lane, qp);
         drop(old);
     }
 }
@@ -215,7 +216,7 @@ impl Inner {
             id: self.next_session.fetch_add(1, Ordering::Relaxed),
             client: client.to_string(),
             pd: self.ctx.alloc_pd()?,
-            qp: Mutex::new(None),
+            qps: Mutex::new(HashMap::new()),
             slabs: Mutex::new(HashMap::new()),
             lease_until: Mutex::new(Instant::now() + self.cfg.lease()),
             ended: Notify::new(),
@@ -230,11 +231,12 @@ impl Inner {
         &self,
         s: &Arc<Session>,
         ip: std::net::IpAddr,
+        lane: u8,
     ) -> rmem_transport::Result<(SocketAddr, String)> {
         let session: Arc<dyn crate::data::DataSession> = s.clone();
         Ok((
             SocketAddr::new(ip, self.data.port()),
-            self.data.issue(&session),
+            self.data.issue(&session, lane),
         ))
     }
 
@@ -254,7 +256,7 @@ impl Inner {
             return;
         }
         self.data.revoke(s.id);
-        if let Some(qp) = lock(&s.qp).take() {
+        for (_, qp) in lock(&s.qps).drain() {
             qp.shutdown();
         }
         let slabs: Vec<(u32, Mr)> = lock(&s.slabs).drain().collect();

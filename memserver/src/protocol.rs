@@ -28,6 +28,13 @@
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+/// Data queue pairs one session may hold at once (lanes 0 to MAX_LANES - 1).
+pub const MAX_LANES: u8 = 16;
+
+fn is_zero(v: &u8) -> bool {
+    *v == 0
+}
+
 use rmem_transport::RemoteBuf;
 
 /// Protocol version spoken by this build.
@@ -68,9 +75,13 @@ pub enum ClientMsg {
     Stats {
         id: u64,
     },
-    /// A new data queue pair (the old one failed, e.g. after a remote access error).
+    /// A new data queue pair for `lane` (the old one failed, e.g. after a remote access error,
+    /// or the client wants another lane: one queue pair per I/O thread, up to [`MAX_LANES`]).
     Reconnect {
         id: u64,
+        /// Omitted for lane 0, so a one-lane client speaks exactly as before lanes.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        lane: u8,
     },
 }
 

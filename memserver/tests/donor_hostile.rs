@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rmem_memserver::protocol::{read_frame, write_msg, ClientMsg, ServerMsg, VERSION};
-use rmem_memserver::{ByteSize, ClientConfig, ServerConfig};
+use rmem_memserver::{ByteSize, ClientConfig, ErrorCode, ServerConfig};
 use rmem_transport::exchange::{Hello, Kind};
 use rmem_transport::tcp::wire::{request_hello, ReqOp, Request, Role};
 
@@ -123,13 +123,24 @@ async fn a_reconnect_flood_costs_no_threads_descriptors_or_other_clients_time() 
     assert!(matches!(m, ServerMsg::Welcome { .. }), "{m:?}");
     let mut tokens = Vec::new();
     for id in 0..600 {
-        write_msg(&mut s, &ClientMsg::Reconnect { id })
+        write_msg(&mut s, &ClientMsg::Reconnect { id, lane: 0 })
             .await
             .unwrap();
         match serde_json::from_slice(&read_frame(&mut s).await.unwrap()).unwrap() {
             ServerMsg::Reconnect { data_token, .. } => tokens.push(data_token),
             m => panic!("{m:?}"),
         }
+    }
+    // Lanes past the bound are refused, not given a token.
+    write_msg(&mut s, &ClientMsg::Reconnect { id: 600, lane: 16 })
+        .await
+        .unwrap();
+    match serde_json::from_slice(&read_frame(&mut s).await.unwrap()).unwrap() {
+        ServerMsg::Error {
+            code: ErrorCode::TooMany,
+            ..
+        } => {}
+        m => panic!("lane 16 got {m:?}"),
     }
     let after = threads_and_fds();
     assert!(

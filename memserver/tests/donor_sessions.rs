@@ -47,6 +47,64 @@ async fn borrow_write_read_and_give_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_serve_many_threads_at_once_and_reconnect_together() {
+    let (addr, _stop) = donor(4, 30).await;
+    for lanes in [0, 17] {
+        let mut cfg = ClientConfig::new(addr, SECRET.to_vec());
+        cfg.lanes = lanes;
+        assert!(
+            matches!(Client::connect(cfg).await, Err(ClientError::Protocol(_))),
+            "{lanes} lanes accepted"
+        );
+    }
+    let mut cfg = ClientConfig::new(addr, SECRET.to_vec());
+    cfg.name = "lanes".into();
+    cfg.lanes = 4;
+    // Smaller than an operation: every one goes through its lane's buffer in pieces.
+    cfg.bounce = 48 << 10;
+    let c = Arc::new(Client::connect(cfg).await.unwrap());
+    assert_eq!(c.lanes(), 4);
+    let slab = c.alloc(1).await.unwrap()[0];
+    let other = client(addr, "other").await.alloc(1).await.unwrap()[0];
+
+    // Eight threads, each rewriting and checking its own 128 KiB, all at once.
+    let round = |c: Arc<Client>, seed: u8| {
+        let threads: Vec<_> = (0..8u64)
+            .map(|t| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    for n in 0..16u8 {
+                        let data: Vec<u8> = (0..128 << 10)
+                            .map(|i: usize| (i as u8) ^ (t as u8) ^ n.wrapping_add(seed))
+                            .collect();
+                        c.write(&slab, t * (128 << 10), &data).unwrap();
+                        let mut back = vec![0u8; data.len()];
+                        c.read(&slab, t * (128 << 10), &mut back).unwrap();
+                        assert!(back == data, "thread {t} round {n}");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    };
+    let c2 = c.clone();
+    blocking(move || round(c2, 0)).await;
+
+    // An access error breaks a lane (as on any RC queue pair); reconnect renews them all, and
+    // every thread's lane works again.
+    let c2 = c.clone();
+    let e = blocking(move || c2.read_remote(other.remote, 0, &mut [0u8; 8]))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ClientError::Completion(_)), "{e}");
+    c.reconnect().await.unwrap();
+    let c2 = c.clone();
+    blocking(move || round(c2, 1)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_secret_is_refused_and_the_donor_keeps_serving() {
     let (addr, _stop) = donor(2, 30).await;
     let mut bad = ClientConfig::new(addr, b"not the secret at all".to_vec());

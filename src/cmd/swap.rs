@@ -72,6 +72,10 @@ pub struct UpArgs {
     /// path before `swap up` gives up on it (exit status 5).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     connect_timeout: u64,
+    /// Data queue pairs to each donor (1-16): as many requests to one donor run at once. Each
+    /// costs a connection (two with the tcp provider) and a locked 256 KiB buffer.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=16))]
+    lanes: u8,
     /// Serve Prometheus metrics (I/O, replica health, per-donor traffic) at
     /// http://ADDR/metrics, e.g. 127.0.0.1:9472.
     #[arg(long)]
@@ -140,6 +144,11 @@ fn up(a: UpArgs) -> Result<(), Failed> {
                 30
             })),
             connect_timeout: Duration::from_secs(a.connect_timeout),
+            lanes: usize::from(a.lanes),
+            // The largest request either kernel driver sends: every write's replicas go out
+            // together.
+            bounce: rmem_swapclient::kernel_nbd::MAX_REQUEST
+                .max(rmem_swapclient::kernel_ublk::MAX_REQUEST as usize),
         },
         backend: a.backend,
         device: a.nbd.clone(),

@@ -4,7 +4,8 @@
 //! throughput. Compare with `rmem perf loopback --op read|write --bw -s 4096 --tx-depth N`
 //! and `-s 1M`, run on the same host at the same time.
 //!
-//! `cargo run --release -p rmem-swapclient --example store_bench [replicas] [donors] [seconds]`
+//! `cargo run --release -p rmem-swapclient --example store_bench [replicas] [donors] [seconds]
+//! [lanes]` (lanes: data queue pairs to each donor, 4 as `rmem swap up` has by default)
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -48,6 +49,7 @@ fn main() {
     let replicas = arg(1, 2.0) as usize;
     let donors = (arg(2, 2.0) as usize).max(replicas);
     let secs = arg(3, 2.0);
+    let lanes = (arg(4, 4.0) as usize).clamp(1, 16);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -89,6 +91,8 @@ fn main() {
         name: "store-bench".into(),
         op_timeout: Duration::from_secs(10),
         connect_timeout: Duration::from_secs(10),
+        lanes,
+        bounce: 1 << 20,
     };
     let store: Arc<Store> = rt.block_on(Store::create(&cfg)).expect("store");
     // Every block written once, so reads move data.
@@ -97,7 +101,7 @@ fn main() {
         store.write(off, &fill).expect("fill");
     }
     println!(
-        "store of {} MiB, {replicas} replica(s) on {donors} donor(s), tcp provider on loopback, {secs} s a row",
+        "store of {} MiB, {replicas} replica(s) on {donors} donor(s), {lanes} lane(s) each, tcp provider on loopback, {secs} s a row",
         SIZE >> 20
     );
     println!("{:<28} {:>10} {:>12}", "row", "IOPS", "MiB/s");

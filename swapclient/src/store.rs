@@ -87,6 +87,11 @@ pub struct StoreConfig {
     pub op_timeout: Duration,
     /// Bounds connecting to each donor (handshake and data path).
     pub connect_timeout: Duration,
+    /// Data queue pairs to each donor: that many operations on one donor at once.
+    pub lanes: usize,
+    /// Each lane's buffer: the largest piece one operation carries, and the largest write
+    /// whose replicas are posted together.
+    pub bounce: usize,
 }
 
 struct Donor {
@@ -188,6 +193,8 @@ impl Store {
             cc.device = cfg.device.clone();
             cc.op_timeout = cfg.op_timeout;
             cc.connect_timeout = cfg.connect_timeout;
+            cc.lanes = cfg.lanes;
+            cc.bounce = cfg.bounce;
             let client = Client::connect(cc)
                 .await
                 .map_err(|source| StoreError::Donor {
@@ -427,7 +434,10 @@ impl Store {
         let distinct = order
             .windows(2)
             .all(|w| reps[w[0]].donor != reps[w[1]].donor);
-        if piece.len() > Client::MAX_POSTED || !distinct {
+        let postable = order
+            .iter()
+            .all(|&k| piece.len() <= self.donors[reps[k].donor].client.max_posted());
+        if !postable || !distinct {
             for k in order {
                 let rep = &reps[k];
                 out[k] = Some(self.donors[rep.donor].client.write_remote(

@@ -49,6 +49,9 @@ fn config(size: u64, replicas: usize, donors: &[&TestDonor]) -> StoreConfig {
         name: "store-test".into(),
         op_timeout: Duration::from_secs(2),
         connect_timeout: Duration::from_secs(10),
+        // Two lanes: writers from several threads take a donor's lanes at once.
+        lanes: 2,
+        bounce: 1 << 20,
     }
 }
 

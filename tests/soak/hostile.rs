@@ -169,7 +169,7 @@ pub fn start(control: SocketAddr, data: SocketAddr, nbd: SocketAddr, secret: &[u
                 let mut id = 0;
                 while !stop.load(Ordering::Relaxed) {
                     id += 1;
-                    if write_msg(&mut s, &ClientMsg::Reconnect { id })
+                    if write_msg(&mut s, &ClientMsg::Reconnect { id, lane: 0 })
                         .await
                         .is_err()
                         || read_frame(&mut s).await.is_err()
