@@ -490,3 +490,78 @@ async fn replica_writes_from_many_threads_survive_a_donor_dying_mid_run() {
     assert_eq!(store.repair().await, 0, "rebuilt on the donors left");
     assert!(read_all(&store).await.unwrap() == data);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_donor_dying_with_64_requests_in_flight_fails_none_and_loses_nothing() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let (a, b, c) = (donor(16).await, donor(16).await, donor(16).await);
+    let store = Store::create(&config(8 * MIB, 2, &[&a, &b, &c]))
+        .await
+        .unwrap();
+    let data = fill(&store, 3).await;
+    // 64 threads, each owning every 64th 4 KiB block: each writes a block then reads back one
+    // of its own, in turn, until told to stop. Two lanes a donor: most of them wait for one.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ops = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = (0..64u64)
+        .map(|t| {
+            let (s, stop, ops) = (store.clone(), stop.clone(), ops.clone());
+            let mut mine: Vec<(u64, Vec<u8>)> = (0..(8 * MIB / 4096 / 64))
+                .map(|k| {
+                    let off = (k * 64 + t) * 4096;
+                    (off, data[off as usize..off as usize + 4096].to_vec())
+                })
+                .collect();
+            std::thread::spawn(move || {
+                let mut n = 0usize;
+                while !stop.load(Ordering::Acquire) {
+                    let i = n % mine.len();
+                    let block = pattern(4096, (t as u8) ^ (n as u8));
+                    s.write(mine[i].0, &block)
+                        .expect("a copy is left for every chunk: the write must succeed");
+                    mine[i].1 = block;
+                    let j = (n * 7 + 3) % mine.len();
+                    let mut back = vec![0u8; 4096];
+                    s.read(mine[j].0, &mut back).expect("reads succeed");
+                    assert!(back == mine[j].1, "thread {t}: block {} wrong", mine[j].0);
+                    n += 1;
+                    ops.fetch_add(1, Ordering::Relaxed);
+                }
+                mine
+            })
+        })
+        .collect();
+    support::wait_until("requests flowing", Duration::from_secs(10), || {
+        std::future::ready(ops.load(Ordering::Relaxed) > 200)
+    })
+    .await;
+    a.kill().await;
+    let at_kill = ops.load(Ordering::Relaxed);
+    support::wait_until(
+        "requests flowing past the death",
+        Duration::from_secs(30),
+        || std::future::ready(ops.load(Ordering::Relaxed) > at_kill + 500),
+    )
+    .await;
+    stop.store(true, Ordering::Release);
+    let mut want = data.clone();
+    let joined = blocking(move || {
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("no thread panicked"))
+            .collect::<Vec<_>>()
+    });
+    // None hangs: every thread's request in flight ends within the operation timeout.
+    for mine in tokio::time::timeout(Duration::from_secs(60), joined)
+        .await
+        .expect("requests hung after a donor died")
+    {
+        for (off, block) in mine {
+            want[off as usize..off as usize + 4096].copy_from_slice(&block);
+        }
+    }
+    let st = store.status();
+    assert!(!st.donors[0].healthy, "the dead donor is marked failed");
+    assert_eq!(st.lost, 0);
+    assert!(read_all(&store).await.unwrap() == want, "every write kept");
+}
