@@ -68,7 +68,7 @@ async fn lanes_serve_many_threads_at_once_and_reconnect_together() {
     let other = client(addr, "other").await.alloc(1).await.unwrap()[0];
 
     // Eight threads, each rewriting and checking its own 128 KiB, all at once.
-    let round = |c: Arc<Client>, seed: u8| {
+    let round = move |c: Arc<Client>, seed: u8| {
         let threads: Vec<_> = (0..8u64)
             .map(|t| {
                 let c = c.clone();

@@ -55,6 +55,15 @@ fn config(size: u64, replicas: usize, donors: &[&TestDonor]) -> StoreConfig {
     }
 }
 
+/// Three donors of 16 MiB and an 8 MiB store with two replicas on them.
+async fn two_replicas_on_three() -> (TestDonor, TestDonor, TestDonor, Arc<Store>) {
+    let (a, b, c) = (donor(16).await, donor(16).await, donor(16).await);
+    let store = Store::create(&config(8 * MIB, 2, &[&a, &b, &c]))
+        .await
+        .unwrap();
+    (a, b, c, store)
+}
+
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
@@ -151,12 +160,7 @@ async fn writes_during_a_rebuild_reach_the_new_copy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_survive_donor_deaths_and_are_rebuilt() {
-    let a = donor(16).await;
-    let b = donor(16).await;
-    let c = donor(16).await;
-    let store = Store::create(&config(8 * MIB, 2, &[&a, &b, &c]))
-        .await
-        .unwrap();
+    let (a, b, _c, store) = two_replicas_on_three().await;
     let st = store.status();
     assert_eq!((st.chunks, st.degraded, st.lost), (8, 0, 0));
     assert_eq!(st.donors.iter().map(|d| d.slabs).sum::<usize>(), 16);
@@ -189,12 +193,7 @@ async fn replicas_survive_donor_deaths_and_are_rebuilt() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_copies_only_what_was_written() {
     // 8 chunks of 1 MiB; three pieces written, the rest never touched.
-    let a = donor(16).await;
-    let b = donor(16).await;
-    let c = donor(16).await;
-    let store = Store::create(&config(8 * MIB, 2, &[&a, &b, &c]))
-        .await
-        .unwrap();
+    let (a, b, _c, store) = two_replicas_on_three().await;
     let pieces = [
         (100 * 1024, 8 * 1024),
         (3 * MIB - 4096, 12 * 1024),
@@ -443,10 +442,7 @@ async fn ublk_requests_read_write_discard_and_fail_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_writes_from_many_threads_survive_a_donor_dying_mid_run() {
     use std::sync::atomic::{AtomicBool, Ordering};
-    let (a, b, c) = (donor(16).await, donor(16).await, donor(16).await);
-    let store = Store::create(&config(8 * MIB, 2, &[&a, &b, &c]))
-        .await
-        .unwrap();
+    let (_a, b, _c, store) = two_replicas_on_three().await;
     let mut data = fill(&store, 1).await;
     // Four writers, 2 MiB each, rewrite their part in 64 KiB pieces (every replica's WRITE
     // posted before any is reaped) until told to stop; a donor dies while they write.
@@ -494,10 +490,7 @@ async fn replica_writes_from_many_threads_survive_a_donor_dying_mid_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_donor_dying_with_64_requests_in_flight_fails_none_and_loses_nothing() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    let (a, b, c) = (donor(16).await, donor(16).await, donor(16).await);
-    let store = Store::create(&config(8 * MIB, 2, &[&a, &b, &c]))
-        .await
-        .unwrap();
+    let (a, _b, _c, store) = two_replicas_on_three().await;
     let data = fill(&store, 3).await;
     // 64 threads, each owning every 64th 4 KiB block: each writes a block then reads back one
     // of its own, in turn, until told to stop. Two lanes a donor: most of them wait for one.
