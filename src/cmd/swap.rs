@@ -72,9 +72,11 @@ pub struct UpArgs {
     /// path before `swap up` gives up on it (exit status 5).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     connect_timeout: u64,
-    /// Data queue pairs to each donor (1-16): as many requests to one donor run at once. Each
-    /// costs a connection (two with the tcp provider) and a locked 256 KiB buffer.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u8).range(1..=16))]
+    /// Data queue pairs to each donor (1-16): as many requests to one donor run at once, each
+    /// on its own caller thread. Each costs a connection (two with the tcp provider) and a
+    /// locked 256 KiB buffer. More than one pays off only with cores to run those threads on
+    /// (on 2 cores, 4 lanes measured no faster than 1: docs/perf.md).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16))]
     lanes: u8,
     /// Serve Prometheus metrics (I/O, replica health, per-donor traffic) at
     /// http://ADDR/metrics, e.g. 127.0.0.1:9472.

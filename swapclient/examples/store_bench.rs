@@ -5,7 +5,7 @@
 //! and `-s 1M`, run on the same host at the same time.
 //!
 //! `cargo run --release -p rmem-swapclient --example store_bench [replicas] [donors] [seconds]
-//! [lanes]` (lanes: data queue pairs to each donor, 4 as `rmem swap up` has by default)
+//! [lanes]` (lanes: data queue pairs to each donor, default 1 as `rmem swap up`)
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -49,7 +49,7 @@ fn main() {
     let replicas = arg(1, 2.0) as usize;
     let donors = (arg(2, 2.0) as usize).max(replicas);
     let secs = arg(3, 2.0);
-    let lanes = (arg(4, 4.0) as usize).clamp(1, 16);
+    let lanes = (arg(4, 1.0) as usize).clamp(1, 16);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
