@@ -432,8 +432,9 @@ impl Client {
         }
     }
 
-    /// Replaces the data queue pair, keeping the session and its slabs: needed after a
-    /// one-sided operation failed (the queue pair is then in the error state, as on any RC QP).
+    /// Replaces every lane's data queue pair, keeping the session and its slabs: needed after
+    /// a one-sided operation failed (the queue pair is then in the error state, as on any RC
+    /// QP). Each lane waits for the operation it carries to end before it is replaced.
     pub async fn reconnect(&self) -> Result<(), ClientError> {
         for (lane, slot) in self.data.iter().enumerate() {
             let fresh = self.open_lane(lane as u8).await?;
