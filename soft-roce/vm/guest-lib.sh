@@ -61,9 +61,9 @@ section() {
   [ "$_s_rc" -eq 0 ] || status=1
 }
 
-# fail MESSAGE [STATUS]: prints "FAIL: MESSAGE", the first warnings and the tail of each log in $FAIL_LOGS (default
-# /tmp/*.log), runs $FAIL_HOOK when set (swap-2vm: tell VM a to stop), and exits with STATUS
-# (default 80).
+# fail MESSAGE [STATUS]: prints "FAIL: MESSAGE", then the first warnings and the tail of each
+# log in $FAIL_LOGS (default /tmp/*.log), runs $FAIL_HOOK when set (swap-2vm: tell VM a to
+# stop), and exits with STATUS (default 80).
 fail() {
   echo "FAIL: $1"
   for _f_log in ${FAIL_LOGS:-/tmp/*.log}; do
