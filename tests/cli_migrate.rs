@@ -407,7 +407,11 @@ fn a_connection_cut_before_the_switch_over_leaves_the_source_running() {
     let mut err = String::new();
     let _ = std::io::Read::read_to_string(&mut send.stderr.take().unwrap(), &mut err);
     let code = send.wait().unwrap().code();
-    assert_eq!(code, Some(5), "the other agent gone: exit 5; stderr:\n{err}");
+    assert_eq!(
+        code,
+        Some(5),
+        "the other agent gone: exit 5; stderr:\n{err}"
+    );
     // The source runs on, its memory intact.
     let mut q = rmem_migrate::Qmp::connect(p.src.qmp_path(), Duration::from_secs(10)).unwrap();
     let t = std::time::Instant::now();

@@ -74,7 +74,7 @@ pub struct UpArgs {
     connect_timeout: u64,
     /// Data queue pairs to each donor (1-16): as many requests to one donor run at once, each
     /// on its own caller thread. Each costs a connection (two with the tcp provider) and a
-    /// locked 256 KiB buffer. More than one pays off only with cores to run those threads on
+    /// locked 1 MiB buffer. More than one pays off only with cores to run those threads on
     /// (on 2 cores, 4 lanes measured no faster than 1: docs/perf.md).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16))]
     lanes: u8,
@@ -147,9 +147,10 @@ fn up(a: UpArgs) -> Result<(), Failed> {
             })),
             connect_timeout: Duration::from_secs(a.connect_timeout),
             lanes: usize::from(a.lanes),
-            // The largest request either kernel driver sends: every write's replicas go out
-            // together.
-            bounce: rmem_swapclient::kernel_nbd::MAX_REQUEST
+            // A rebuild's whole piece in one operation, and any request either kernel driver
+            // sends, so every write's replicas go out together.
+            bounce: rmem_swapclient::store::COPY_PIECE
+                .max(rmem_swapclient::kernel_nbd::MAX_REQUEST)
                 .max(rmem_swapclient::kernel_ublk::MAX_REQUEST as usize),
         },
         backend: a.backend,

@@ -70,6 +70,8 @@ impl std::str::FromStr for DonorSpec {
 pub const MAX_REPLICAS: usize = 16;
 /// The most replicas a chunk lists at once: each copy plus a new one filling for each.
 const REPLICA_SLOTS: usize = 2 * MAX_REPLICAS + 1;
+/// The most a rebuild copies under a chunk's lock at a time (I/O to the chunk waits that long).
+pub const COPY_PIECE: usize = 1 << 20;
 /// One write's result per replica, by index.
 type Outcomes = ArrayVec<Result<(), ClientError>, REPLICA_SLOTS>;
 
@@ -278,7 +280,7 @@ impl Store {
             donors,
             written: WrittenMap::new(chunks.len(), chunk),
             chunks,
-            copy_buf: Mutex::new(vec![0u8; (1 << 20).min(chunk as usize)]),
+            copy_buf: Mutex::new(vec![0u8; COPY_PIECE.min(chunk as usize)]),
             stopping: AtomicBool::new(false),
             rebuilt: AtomicU64::new(0),
             moved: AtomicU64::new(0),
