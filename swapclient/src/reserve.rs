@@ -128,15 +128,20 @@ pub fn mem_total_kib() -> std::io::Result<u64> {
 /// Raises the reserve at `path` (the sysctl, or a file in tests) as `want` asks.
 pub fn raise(path: &Path, want: MinFree, mem_total_kib: u64) -> std::io::Result<Option<Raised>> {
     let old = read_kib(path)?;
-    let Some(set) = target(want, old, mem_total_kib) else {
-        return Ok(None);
-    };
-    std::fs::write(path, set.to_string())?;
-    Ok(Some(Raised {
+    match target(want, old, mem_total_kib) {
+        Some(value) => hold(path, old, value).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Writes `value` to `path`, which held `old`: the guard puts `old` back.
+fn hold(path: &Path, old: u64, value: u64) -> std::io::Result<Raised> {
+    std::fs::write(path, value.to_string())?;
+    Ok(Raised {
         path: path.to_path_buf(),
         old,
-        set,
-    }))
+        set: value,
+    })
 }
 
 /// Sets `path` (a sysctl, or a file in tests) to `value` when it holds another.
@@ -145,12 +150,7 @@ pub fn set(path: &Path, value: u64) -> std::io::Result<Option<Raised>> {
     if old == value {
         return Ok(None);
     }
-    std::fs::write(path, value.to_string())?;
-    Ok(Some(Raised {
-        path: path.to_path_buf(),
-        old,
-        set: value,
-    }))
+    hold(path, old, value).map(Some)
 }
 
 #[cfg(test)]
