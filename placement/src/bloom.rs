@@ -66,7 +66,7 @@ fn mix(mut x: u64) -> u64 {
 impl Bloom {
     pub fn new(params: BloomParams) -> Result<Bloom, BloomError> {
         if params.bits == 0
-            || params.bits % 64 != 0
+            || !params.bits.is_multiple_of(64)
             || params.bits > 1 << 32
             || !(1..=32).contains(&params.hashes)
         {
