@@ -249,7 +249,8 @@ impl Pool {
         }
     }
 
-    fn charge(&mut self, i: usize) {
+    /// Takes one slab from donor `i` (and its share of the link).
+    pub fn charge(&mut self, i: usize) {
         self.unindex(i);
         let s = &mut self.slots[i];
         s.free -= 1;
@@ -355,29 +356,44 @@ impl Chooser {
             pool.ensure_index();
         }
         let mut donors = Vec::with_capacity(chunks * replicas);
+        let mut one = [0u32; MAX_REPLICAS];
         for c in 0..chunks {
-            let start = donors.len();
-            for _ in 0..replicas {
-                let taken: arrayvec_like::Domains = donors[start..]
-                    .iter()
-                    .map(|&i: &u32| pool.slots[i as usize].domain)
-                    .collect();
-                match self.choose(pool, taken.as_slice()) {
-                    Some(i) => {
-                        pool.charge(i);
-                        donors.push(i as u32);
-                    }
-                    None => {
-                        for &i in &donors {
-                            pool.refund(i as usize);
-                        }
-                        return Err(PlaceError::NoDonor { chunk: c });
-                    }
+            if self.pick(pool, &mut one[..replicas]).is_err() {
+                for &i in &donors {
+                    pool.refund(i as usize);
                 }
+                return Err(PlaceError::NoDonor { chunk: c });
             }
-            self.turn = self.turn.wrapping_add(1);
+            for &i in &one[..replicas] {
+                pool.charge(i as usize);
+                donors.push(i);
+            }
         }
         Ok(Plan { replicas, donors })
+    }
+
+    /// Donors for one chunk's replicas (`out.len()` of them, in distinct domains) without
+    /// charging the pool: a caller deciding on a view it does not own charges the truth itself.
+    pub fn pick(&mut self, pool: &mut Pool, out: &mut [u32]) -> Result<(), PlaceError> {
+        if out.is_empty() || out.len() > MAX_REPLICAS {
+            return Err(PlaceError::Replicas {
+                replicas: out.len(),
+                max: MAX_REPLICAS,
+            });
+        }
+        if self.strategy == Strategy::LeastLoaded {
+            pool.ensure_index();
+        }
+        let mut domains = [0u32; MAX_REPLICAS];
+        for r in 0..out.len() {
+            let i = self
+                .choose(pool, &domains[..r])
+                .ok_or(PlaceError::NoDonor { chunk: 0 })?;
+            out[r] = i as u32;
+            domains[r] = pool.slots[i].domain;
+        }
+        self.turn = self.turn.wrapping_add(1);
+        Ok(())
     }
 
     /// One donor for one replica, outside the domains in `taken`.
@@ -465,36 +481,6 @@ fn best_by(pool: &Pool, taken: &[u32], aware: bool, score: impl Fn(&Slot) -> f32
         }
     }
     best.map(|(_, i)| i)
-}
-
-/// A chunk's domains so far, without a heap allocation per replica.
-mod arrayvec_like {
-    use super::MAX_REPLICAS;
-
-    pub struct Domains {
-        len: usize,
-        v: [u32; MAX_REPLICAS],
-    }
-
-    impl Domains {
-        pub fn as_slice(&self) -> &[u32] {
-            &self.v[..self.len]
-        }
-    }
-
-    impl FromIterator<u32> for Domains {
-        fn from_iter<I: IntoIterator<Item = u32>>(it: I) -> Domains {
-            let mut d = Domains {
-                len: 0,
-                v: [0; MAX_REPLICAS],
-            };
-            for x in it.into_iter().take(MAX_REPLICAS) {
-                d.v[d.len] = x;
-                d.len += 1;
-            }
-            d
-        }
-    }
 }
 
 #[cfg(test)]

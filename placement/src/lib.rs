@@ -11,6 +11,9 @@
 
 pub mod bloom;
 pub mod choice;
+pub mod client;
 pub mod links;
 pub mod registry;
 pub mod reserve;
+pub mod service;
+pub mod sim;

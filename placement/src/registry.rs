@@ -237,6 +237,11 @@ impl Table {
         self.ids.get(id).copied()
     }
 
+    /// Donor `i` as the decision core sees it.
+    pub fn pool_slot(&self, i: usize) -> Option<Slot> {
+        self.pool.slots().get(i).copied()
+    }
+
     pub fn entry_at(&self, i: usize) -> Option<&DonorEntry> {
         self.entries.get(i).and_then(Option::as_ref)
     }
