@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Installs what building rmem needs on Debian/Ubuntu: a C toolchain, and rdma-core's headers plus
-# libclang for the verbs provider's bindings. Rust (1.87 or newer) comes from rustup.
+# Installs what building rmem needs on Debian/Ubuntu: a C toolchain, rdma-core's headers plus
+# libclang for the verbs provider's bindings, and protoc with the protobuf headers for the etcd
+# client's generated code (placement's shared registry). Rust (1.87 or newer) comes from rustup.
 set -euo pipefail
-pkgs=(build-essential pkg-config libibverbs-dev librdmacm-dev libclang-dev clang)
+pkgs=(build-essential pkg-config libibverbs-dev librdmacm-dev libclang-dev clang protobuf-compiler libprotobuf-dev)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

@@ -7,9 +7,10 @@ cd "$(dirname "$0")/.."
 scripts/deps.sh
 # Real NBD clients for the donor's NBD export tests; QEMU for the migration engine's QMP tests,
 # and for its test guest (migrate/guest/build.sh: a static /init built with gcc, packed with cpio
-# and gzip, booting a Debian kernel from /boot).
+# and gzip, booting a Debian kernel from /boot); etcd (server and etcdctl) for the placement
+# registry's etcd backend, which its conformance suite always runs against.
 tools=()
-for p in libnbd-bin qemu-utils qemu-system-x86 gcc libc6-dev cpio gzip linux-image-amd64; do
+for p in libnbd-bin qemu-utils qemu-system-x86 gcc libc6-dev cpio gzip linux-image-amd64 etcd-server etcd-client; do
   dpkg -s "$p" >/dev/null 2>&1 || tools+=("$p")
 done
 if ((${#tools[@]})); then

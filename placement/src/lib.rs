@@ -12,6 +12,7 @@
 pub mod bloom;
 pub mod choice;
 pub mod client;
+pub mod etcd;
 pub mod links;
 pub mod registry;
 pub mod reserve;

@@ -259,17 +259,23 @@ impl Table {
         self.ids.is_empty()
     }
 
-    /// The pool for a decision: donors whose lease lapsed by `now` have nothing free in it.
-    pub fn pool_at(&mut self, now: Instant) -> &mut Pool {
+    /// The pool decisions are made on. Lapsed donors leave it at the next [`Table::lapse`],
+    /// which the service runs four times a second, so a decision costs no scan of the table.
+    pub fn pool(&mut self) -> &mut Pool {
+        &mut self.pool
+    }
+
+    /// Removes the donors whose lease ended by `now`; returns their ids.
+    pub fn lapse(&mut self, now: Instant) -> Vec<String> {
         let lapsed: Vec<String> = self
             .donors()
             .filter(|e| e.deadline <= now)
             .map(|e| e.report.id.clone())
             .collect();
-        for id in lapsed {
-            self.remove(&id);
+        for id in &lapsed {
+            self.remove(id);
         }
-        &mut self.pool
+        lapsed
     }
 
     /// Sets the link load the pool scores donor `id` with.
@@ -279,6 +285,18 @@ impl Table {
             s.load = load;
             self.pool.set(i, s);
         }
+    }
+
+    /// Gives back slabs granted from donor `i` (to its entry and the pool).
+    pub fn release_pending(&mut self, i: usize, slabs: u32) {
+        let Some(e) = self.entries.get_mut(i).and_then(Option::as_mut) else {
+            return;
+        };
+        let back = slabs.min(e.pending);
+        e.pending -= back;
+        let mut s = self.pool.slots()[i];
+        s.free = (s.free + back).min(s.total);
+        self.pool.set(i, s);
     }
 
     /// Records slabs handed out from donor `i` by a decision already charged to the pool.
@@ -304,6 +322,13 @@ pub trait Registry: Send + Sync + 'static {
     /// the last slab never both succeed.
     fn grant(&self, id: &str, slabs: u32)
         -> impl Future<Output = Result<(), RegistryError>> + Send;
+
+    /// Gives back slabs granted by a placement that could not be completed.
+    fn release(
+        &self,
+        id: &str,
+        slabs: u32,
+    ) -> impl Future<Output = Result<(), RegistryError>> + Send;
 
     /// The local view. `Err(Unavailable)` when it can no longer be trusted (the backend has been
     /// unreachable for longer than a lease).
@@ -344,7 +369,7 @@ impl InProcess {
     }
 }
 
-fn check_lease(lease: Duration) -> Result<(), RegistryError> {
+pub(crate) fn check_lease(lease: Duration) -> Result<(), RegistryError> {
     if !(MIN_LEASE..=MAX_LEASE).contains(&lease) {
         return Err(RegistryError::Invalid(format!(
             "lease must be {} to {} s",
@@ -422,6 +447,15 @@ impl Registry for InProcess {
         Ok(())
     }
 
+    async fn release(&self, id: &str, slabs: u32) -> Result<(), RegistryError> {
+        let mut t = self.lock();
+        let i = t
+            .index_of(id)
+            .ok_or_else(|| RegistryError::Unknown(id.to_owned()))?;
+        t.release_pending(i, slabs);
+        Ok(())
+    }
+
     fn table(&self) -> Result<MutexGuard<'_, Table>, RegistryError> {
         Ok(self.lock())
     }
@@ -431,10 +465,7 @@ impl Registry for InProcess {
     }
 
     fn sweep(&self) -> usize {
-        let mut t = self.lock();
-        let before = t.len();
-        t.pool_at(Instant::now());
-        let gone = before - t.len();
+        let gone = self.lock().lapse(Instant::now()).len();
         self.expired
             .fetch_add(gone as u64, std::sync::atomic::Ordering::Relaxed);
         gone

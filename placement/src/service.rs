@@ -439,7 +439,7 @@ impl<R: Registry> Service<R> {
         // Decide and charge the view under one lock, then commit each donor's share.
         let (plan, ids, chunks_out) = {
             let mut table = self.registry.table()?;
-            let pool = table.pool_at(Instant::now());
+            let pool = table.pool();
             let plan = lock(&self.chooser).place(pool, chunks as usize, req.replicas)?;
             let mut per: HashMap<u32, u32> = HashMap::new();
             for &i in &plan.donors {
@@ -467,8 +467,14 @@ impl<R: Registry> Service<R> {
         let mut granted: Vec<&(String, u32)> = Vec::new();
         for g in &ids {
             if let Err(e) = self.registry.grant(&g.0, g.1).await {
-                // Another placement took them first: this answer is void, the view resyncs.
+                // Another placement took them first: this answer is void; what it did take goes
+                // back, and the view resyncs from the backend.
                 tracing::info!(donor = %g.0, error = %e, "grant lost; the request is refused");
+                for (id, n) in granted {
+                    if let Err(e) = self.registry.release(id, *n).await {
+                        tracing::warn!(donor = %id, error = %e, "could not give a grant back");
+                    }
+                }
                 return Err(e.into());
             }
             granted.push(g);
@@ -703,11 +709,10 @@ pub async fn serve<R: Registry>(
 type Answer = Result<Response, Refusal>;
 
 async fn donors<R: Registry>(State(s): State<Arc<Service<R>>>) -> Answer {
+    // The candidate set exactly: a lapsed donor leaves it (and this list) at the next sweep.
     let t = s.registry.table()?;
-    let now = Instant::now();
     let v: Vec<DonorView> = t
         .donors()
-        .filter(|e| e.deadline > now)
         .map(|e| DonorView {
             id: e.report.id.clone(),
             addr: e.report.addr.clone(),
