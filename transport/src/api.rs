@@ -9,6 +9,7 @@ use crate::backend::{ContextOps, CqOps, IncomingOps, ListenerOps, PdOps, QpOps, 
 use crate::gate::ListenLimits;
 use crate::memory::{HugePages, Region};
 use crate::mr::{Mr, MrInner};
+use crate::rate::{PeerBytes, PeerCounter, PeerTraffic, TokenBucket};
 use crate::types::{DeviceInfo, PollMode, Provider, QpCaps, TargetStats, MAX_PRIVATE_DATA};
 use crate::{Access, Completion, Error, RecvWr, Result, SendWr};
 
@@ -16,11 +17,21 @@ use crate::{Access, Completion, Error, RecvWr, Result, SendWr};
 #[derive(Clone)]
 pub struct Context {
     ops: Arc<dyn ContextOps>,
+    peers: Arc<PeerTraffic>,
 }
 
 impl Context {
     pub(crate) fn from_ops(ops: Arc<dyn ContextOps>) -> Context {
-        Context { ops }
+        Context {
+            ops,
+            peers: Arc::default(),
+        }
+    }
+
+    /// Bytes this host's queue pairs moved to and from each peer host since the context opened
+    /// (as initiator: WRITE and SEND out, READ in).
+    pub fn peer_traffic(&self) -> Vec<PeerBytes> {
+        self.peers.snapshot()
     }
 
     pub fn provider(&self) -> Provider {
@@ -61,6 +72,7 @@ impl Context {
     pub fn listen_with(&self, addr: SocketAddr, limits: ListenLimits) -> Result<Listener> {
         Ok(Listener {
             ops: self.ops.listen(addr, limits)?,
+            peers: self.peers.clone(),
         })
     }
     /// Connects a new queue pair to a peer's [`Listener`], sending `private` (at most
@@ -72,7 +84,11 @@ impl Context {
             .ops
             .connect(addr, &spec, private, cfg.connect_timeout)?;
         Ok(Connected {
-            qp: Qp { ops },
+            qp: Qp {
+                ops,
+                counter: self.peers.counter(addr.ip()),
+                limit: None,
+            },
             private,
         })
     }
@@ -354,16 +370,42 @@ impl QpConfig {
 /// A reliable-connected queue pair.
 pub struct Qp {
     ops: Arc<dyn QpOps>,
+    counter: Arc<PeerCounter>,
+    limit: Option<Arc<TokenBucket>>,
 }
 
 impl Qp {
     pub fn qp_num(&self) -> u32 {
         self.ops.qp_num()
     }
+    /// Paces every later post to `bucket`'s rate (a bandwidth grant); `None` lifts the limit.
+    pub fn set_rate_limit(&mut self, bucket: Option<Arc<TokenBucket>>) {
+        self.limit = bucket;
+    }
     /// Posts a chain of send-queue work requests in one call. On error the requests before the
-    /// rejected one ([`Error::Rejected`]'s `index`) were posted.
+    /// rejected one ([`Error::Rejected`]'s `index`) were posted. Under a rate limit the call
+    /// first waits until the chain's bytes are within the rate.
     pub fn post_send(&self, wrs: &[SendWr<'_>]) -> Result<()> {
-        self.ops.post_send(wrs)
+        if let Some(b) = &self.limit {
+            let n: u64 = wrs
+                .iter()
+                .flat_map(|w| w.sgl.iter())
+                .map(|s| u64::from(s.len()))
+                .sum();
+            b.acquire(n);
+        }
+        match self.ops.post_send(wrs) {
+            Ok(()) => {
+                self.counter.count(wrs);
+                Ok(())
+            }
+            Err(e) => {
+                if let Error::Rejected { index, .. } = &e {
+                    self.counter.count(&wrs[..(*index).min(wrs.len())]);
+                }
+                Err(e)
+            }
+        }
     }
     /// Posts receive buffers.
     pub fn post_recv(&self, wrs: &[RecvWr<'_>]) -> Result<()> {
@@ -408,6 +450,7 @@ pub struct Connected {
 /// ```
 pub struct Listener {
     ops: Box<dyn ListenerOps>,
+    peers: Arc<PeerTraffic>,
 }
 
 impl Listener {
@@ -421,6 +464,7 @@ impl Listener {
     pub fn incoming(&self, timeout: Option<Duration>) -> Result<Incoming> {
         Ok(Incoming {
             ops: Some(self.ops.next(timeout)?),
+            peers: self.peers.clone(),
         })
     }
 
@@ -460,6 +504,7 @@ impl Listener {
 /// pair, or reject it; dropping it rejects it.
 pub struct Incoming {
     ops: Option<Box<dyn IncomingOps>>,
+    peers: Arc<PeerTraffic>,
 }
 
 impl Incoming {
@@ -486,8 +531,11 @@ impl Incoming {
                 return Err(e);
             }
         };
+        let peer = ops.peer().ip();
         Ok(Qp {
             ops: ops.accept(&spec, private)?,
+            counter: self.peers.counter(peer),
+            limit: None,
         })
     }
 

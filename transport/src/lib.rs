@@ -42,6 +42,7 @@ mod gate;
 mod memory;
 mod mr;
 mod open;
+pub mod rate;
 mod remote;
 pub mod tcp;
 mod types;

@@ -255,3 +255,61 @@ pub fn receiver_not_ready(setup: &Setup) {
     let c = wait(&l.a.cq);
     assert_eq!((c.wr_id, c.status), (1, WcStatus::RnrRetryExcErr), "{c:?}");
 }
+
+/// Each queue pair counts what it moves per peer host (WRITE out, READ in), and a rate limit
+/// paces its posts to the bucket's rate.
+pub fn traffic_and_pacing(setup: &Setup) {
+    let mut l = link(setup, plain);
+    let local = l.a.pd.alloc_mr(1 << 20, rw()).expect("local mr");
+    let remote_mr = l.b.pd.alloc_mr(1 << 20, rw()).expect("remote mr");
+    let remote = remote_mr.remote();
+    let before = l.a.ctx.peer_traffic();
+    let base = |p: std::net::IpAddr| {
+        before
+            .iter()
+            .find(|b| b.peer == p)
+            .map_or((0, 0), |b| (b.tx_bytes, b.rx_bytes))
+    };
+    let peer = setup.listen.ip();
+    let sge = [local.sge(0, 100_000).expect("sge")];
+    l.a.qp
+        .post_send(&[SendWr::write(1, &sge, remote.at(0))])
+        .expect("post write");
+    wait_ok(&l.a.cq, 1);
+    let sge = [local.sge(0, 50_000).expect("sge")];
+    l.a.qp
+        .post_send(&[SendWr::read(2, &sge, remote.at(0))])
+        .expect("post read");
+    wait_ok(&l.a.cq, 2);
+    let after = l.a.ctx.peer_traffic();
+    let now = after
+        .iter()
+        .find(|b| b.peer == peer)
+        .unwrap_or_else(|| panic!("no counter for peer {peer}: {after:?}"));
+    let (tx0, rx0) = base(peer);
+    assert_eq!(
+        (now.tx_bytes - tx0, now.rx_bytes - rx0),
+        (100_000, 50_000),
+        "bytes counted for {peer}"
+    );
+
+    // 2 MB at 20 MB/s in 256 KiB WRITEs: at least 100 ms less one burst.
+    let bucket = Arc::new(crate::rate::TokenBucket::new(20e6, 256 << 10));
+    l.a.qp.set_rate_limit(Some(bucket));
+    let start = Instant::now();
+    let sge = [local.sge(0, 256 << 10).expect("sge")];
+    let pieces = 2_000_000u64.div_ceil(256 << 10);
+    for i in 0..pieces {
+        l.a.qp
+            .post_send(&[SendWr::write(10 + i, &sge, remote.at(0))])
+            .expect("post paced write");
+        wait_ok(&l.a.cq, 10 + i);
+    }
+    let took = start.elapsed().as_secs_f64();
+    let floor = ((pieces - 1) * (256 << 10)) as f64 / 20e6;
+    assert!(
+        took >= floor * 0.98,
+        "{took} s: faster than the limit ({floor} s)"
+    );
+    l.a.qp.set_rate_limit(None);
+}

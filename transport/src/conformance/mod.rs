@@ -19,7 +19,7 @@ pub use atomics::{atomics, atomics_concurrent};
 pub use connection::refused_connection;
 pub use data::{
     chain_unsignaled, read_write_integrity, receiver_not_ready, scatter_gather, send_recv,
-    write_imm_and_send_ordering,
+    traffic_and_pacing, write_imm_and_send_ordering,
 };
 pub use errors::{access_errors, local_errors, peer_death};
 pub use scale::{async_and_blocking_wait, concurrent_posters, deep_queue, many_qps};
@@ -182,6 +182,7 @@ pub const CASES: &[Case] = &[
     ("async_and_blocking_wait", async_and_blocking_wait),
     ("concurrent_posters", concurrent_posters),
     ("refused_connection", refused_connection),
+    ("traffic_and_pacing", traffic_and_pacing),
 ];
 
 /// Expands to one `#[test]` per conformance case for the given [`Setup`] expression.
@@ -192,7 +193,7 @@ macro_rules! conformance_tests {
             read_write_integrity scatter_gather chain_unsignaled write_imm_and_send_ordering
             send_recv receiver_not_ready atomics atomics_concurrent access_errors local_errors
             peer_death many_qps deep_queue async_and_blocking_wait concurrent_posters
-            refused_connection);
+            refused_connection traffic_and_pacing);
     };
     (@cases $setup:expr; $($case:ident)*) => {
         $(
