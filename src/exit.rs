@@ -34,6 +34,9 @@ pub struct Failed {
 }
 
 impl Failed {
+    pub fn code(&self) -> Code {
+        self.code
+    }
     pub fn new(code: Code, error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
         Failed {
             code,

@@ -27,6 +27,9 @@ use serde::{Deserialize, Serialize};
 /// keeps a path's latency flat.
 pub const DEFAULT_MAX_LOAD: f32 = 0.9;
 
+/// Link use up to which a link counts as idle in scoring.
+pub const DEFAULT_COMFORT: f32 = 0.5;
+
 /// Draws per wanted sample before a sampling strategy gives up on luck and scans: only a nearly
 /// full pool gets there.
 const DRAWS_PER_SAMPLE: usize = 8;
@@ -67,9 +70,13 @@ impl Slot {
         self.free.min(self.total) as f32 / self.total as f32
     }
 
-    /// min(free memory, link headroom): a donor is as good as its scarcer resource.
-    pub fn score(&self) -> f32 {
-        self.free_fraction().min(1.0 - self.load)
+    /// min(free memory, link headroom): a donor is as good as its scarcer resource. Headroom
+    /// counts as plenty (1.0) while the link is no busier than `comfort`, and shrinks to 0 as
+    /// it fills from there: a link at 40% is not the scarce resource of a donor with 30% of
+    /// its memory free, and counting it as such would leave busy-link donors' memory idle.
+    pub fn score(&self, comfort: f32) -> f32 {
+        let headroom = ((1.0 - self.load) / (1.0 - comfort).max(1e-3)).min(1.0);
+        self.free_fraction().min(headroom)
     }
 }
 
@@ -159,6 +166,8 @@ pub struct Pool {
     /// Load each slab placed adds to its donor's link (0 when loads come only from measurement).
     slab_load: f32,
     max_load: f32,
+    /// Link use below which headroom is not scored down ([`Slot::score`]).
+    comfort: f32,
     /// Ordered by utilization, kept only once `LeastLoaded` asks for it.
     by_use: Option<BTreeSet<(u64, u32)>>,
 }
@@ -169,6 +178,7 @@ impl Pool {
             slots,
             slab_load: 0.0,
             max_load: DEFAULT_MAX_LOAD,
+            comfort: DEFAULT_COMFORT,
             by_use: None,
         }
     }
@@ -177,6 +187,16 @@ impl Pool {
     pub fn with_slab_load(mut self, load: f32) -> Pool {
         self.slab_load = load;
         self
+    }
+
+    /// Headroom is scored down only once a link is busier than `comfort` (0.0-0.99).
+    pub fn with_comfort(mut self, comfort: f32) -> Pool {
+        self.set_comfort(comfort);
+        self
+    }
+
+    pub fn set_comfort(&mut self, comfort: f32) {
+        self.comfort = comfort.clamp(0.0, 0.99);
     }
 
     /// Link-aware strategies keep every link at or below this share.
@@ -407,7 +427,7 @@ impl Chooser {
             Strategy::Scan => scan(pool, taken, self.turn),
             Strategy::Random => self
                 .sample(pool, taken, 1, aware, |_| 0.0)
-                .or_else(|| best_by(pool, taken, aware, |s| s.score())),
+                .or_else(|| best_by(pool, taken, aware, |s| s.score(pool.comfort))),
             Strategy::LeastLoaded => {
                 let ix = pool.by_use.as_ref()?;
                 ix.iter()
@@ -418,8 +438,10 @@ impl Chooser {
                 .sample(pool, taken, 2, aware, |s| -(s.used_fraction() as f32))
                 .or_else(|| best_by(pool, taken, aware, |s| s.free_fraction())),
             Strategy::Weighted { d } => self
-                .sample(pool, taken, usize::from(d.max(1)), aware, Slot::score)
-                .or_else(|| best_by(pool, taken, aware, Slot::score)),
+                .sample(pool, taken, usize::from(d.max(1)), aware, |s| {
+                    s.score(pool.comfort)
+                })
+                .or_else(|| best_by(pool, taken, aware, |s| s.score(pool.comfort))),
         }
     }
 

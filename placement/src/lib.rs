@@ -13,6 +13,8 @@ pub mod bloom;
 pub mod choice;
 pub mod client;
 pub mod etcd;
+pub mod fingerprint;
+pub mod heartbeat;
 pub mod links;
 pub mod registry;
 pub mod reserve;

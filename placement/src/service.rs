@@ -47,6 +47,8 @@ pub struct ServiceConfig {
     pub nonces: usize,
     /// The most chunks one `/place` may ask for.
     pub max_chunks: usize,
+    /// Link use below which headroom is not scored down (see `Slot::score`).
+    pub link_comfort: f32,
 }
 
 impl Default for ServiceConfig {
@@ -59,6 +61,7 @@ impl Default for ServiceConfig {
             bloom: BloomParams::default_cluster(),
             nonces: 1 << 18,
             max_chunks: 1 << 16,
+            link_comfort: crate::choice::DEFAULT_COMFORT,
         }
     }
 }
@@ -323,6 +326,9 @@ pub fn unix_ms() -> u64 {
 
 impl<R: Registry> Service<R> {
     pub fn new(registry: R, secret: Vec<u8>, cfg: ServiceConfig) -> Service<R> {
+        if let Ok(mut t) = registry.table() {
+            t.pool().set_comfort(cfg.link_comfort);
+        }
         Service {
             registry,
             chooser: Mutex::new(Chooser::new(cfg.strategy, cfg.seed)),

@@ -69,6 +69,8 @@ pub struct Setup {
     /// Decisions between refreshes of a stale view (and per timed batch).
     pub refresh: u64,
     pub seed: u64,
+    /// Link use below which headroom is not scored down.
+    pub comfort: f32,
 }
 
 /// What one run measured.
@@ -134,7 +136,7 @@ fn takes(truth: &Pool, i: usize, aware: bool, max_load: f32, slab_load: f32) -> 
 /// Runs one setup to the end.
 pub fn run(s: &Setup) -> Row {
     let started = Instant::now();
-    let mut truth = world(s.world, s.donors, s.racks, s.seed);
+    let mut truth = world(s.world, s.donors, s.racks, s.seed).with_comfort(s.comfort);
     let slab_load = if s.world == World::Heterogeneous {
         HET_SLAB_LOAD
     } else {
@@ -259,6 +261,7 @@ mod tests {
             decisions: 100_000,
             refresh: 1000,
             seed: 42,
+            comfort: crate::choice::DEFAULT_COMFORT,
         }
     }
 

@@ -6,6 +6,7 @@ mod devices;
 mod memcheck;
 mod migrate;
 mod perf;
+mod place;
 mod server;
 mod swap;
 
@@ -53,6 +54,10 @@ pub enum Command {
     /// Measure READ/WRITE/atomic latency and bandwidth, perftest-style.
     #[command(subcommand)]
     Perf(perf::PerfCmd),
+    /// Choose donors, links and migration targets: the placement service (`serve`) and its
+    /// queries, and a simulation of donor choice at cluster scale (`sim`).
+    #[command(subcommand)]
+    Place(place::PlaceCmd),
     /// Run the transport conformance suite against a provider (e.g. a real RDMA device).
     Conformance(conformance::ConformanceArgs),
     /// Fill memory with checksummed pages and verify them (run it under a memory limit to test
@@ -96,6 +101,7 @@ pub fn run(cli: Cli) -> Result<(), Failed> {
         Command::Migrate(c) => migrate::run(c),
         Command::Demo(a) => demo::run(a),
         Command::Perf(c) => perf::run(c),
+        Command::Place(c) => place::run(c),
         Command::Conformance(a) => conformance::run(a),
         Command::Devices(a) => devices::run(a),
         Command::Memcheck(a) => memcheck::run(a),

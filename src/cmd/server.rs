@@ -91,9 +91,46 @@ struct RunArgs {
     /// workload they serve (tests, demos), where the borrower's own paging is the pressure.
     #[arg(long)]
     no_pressure: bool,
+    /// Register with this placement service (`rmem place serve`, e.g. http://10.0.0.9:7480)
+    /// and heartbeat to it, so borrowers asking it find this donor.
+    #[arg(long, env = "RMEM_PLACEMENT")]
+    placement: Option<String>,
+    /// The address borrowers reach this donor at [default: the listen address, or when that
+    /// is 0.0.0.0 the local address facing the placement service].
+    #[arg(long)]
+    advertise: Option<std::net::SocketAddr>,
+    /// This donor's failure domain (rack, power feed): replicas of one block never share one
+    /// [default: the advertised IP address].
+    #[arg(long)]
+    domain: Option<String>,
+    /// The donor's link rate in bits per second (e.g. 10G, 100M) for the link map [default:
+    /// unknown].
+    #[arg(long, value_parser = link_rate)]
+    link_rate: Option<u64>,
+    /// Seconds of the donor's lease with the placement service (heartbeats every quarter).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+    placement_lease: u64,
     /// Print the start-up line as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// A rate like 10G, 100M or 1000000 (bits per second, decimal units).
+fn link_rate(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('G' | 'g') => (&s[..s.len() - 1], 1_000_000_000),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1_000_000),
+        Some('K' | 'k') => (&s[..s.len() - 1], 1_000),
+        _ => (s, 1),
+    };
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a rate (e.g. 10G, 100M)"))?;
+    if !(n.is_finite() && n > 0.0) {
+        return Err(format!("{s:?}: the rate must be more than 0"));
+    }
+    Ok((n * mult as f64) as u64)
 }
 
 /// A positive amount of memory.
@@ -282,13 +319,82 @@ fn serve(a: RunArgs) -> Result<(), Failed> {
                 println!("NBD exports {} on {a}", names.join(", "));
             }
         }
+        let _heartbeats = match &a.placement {
+            Some(url) => Some(register(&a, url, &server, &cfg)?),
+            None => None,
+        };
         server.run(shutdown_signal()).await;
         Ok(())
     })
 }
 
+/// Starts heartbeating this donor to the placement service at `url`.
+fn register(
+    a: &RunArgs,
+    url: &str,
+    server: &Server,
+    cfg: &ServerConfig,
+) -> Result<rmem_placement::heartbeat::Heartbeats, Failed> {
+    use rmem_placement::client::PlaceClient;
+    let secret = cfg.load_secret().map_err(|e| Failed::new(Code::Usage, e))?;
+    let client = PlaceClient::new(url, secret, std::time::Duration::from_secs(5));
+    let local = server.local_addr();
+    let advertise = match a.advertise {
+        Some(x) => x,
+        None if !local.ip().is_unspecified() => local,
+        None => {
+            let ip = facing(url).ok_or_else(|| {
+                Failed::new(
+                    Code::Usage,
+                    "cannot tell which address borrowers reach this donor at: give --advertise",
+                )
+            })?;
+            std::net::SocketAddr::new(ip, local.port())
+        }
+    };
+    let st = server.stats();
+    let report = rmem_placement::registry::DonorReport {
+        id: advertise.to_string(),
+        addr: advertise.to_string(),
+        domain: a
+            .domain
+            .clone()
+            .unwrap_or_else(|| advertise.ip().to_string()),
+        slab_bytes: st.slab_size,
+        total_slabs: st.slabs_total - st.slabs_retired,
+        free_slabs: st.slabs_free,
+        link_bps: a.link_rate.unwrap_or(0),
+        labels: Default::default(),
+    };
+    let control = server.control();
+    Ok(rmem_placement::heartbeat::start(
+        client,
+        report,
+        std::time::Duration::from_secs(a.placement_lease),
+        Box::new(move || {
+            let s = control.stats();
+            (s.slabs_free, s.slabs_total - s.slabs_retired)
+        }),
+    ))
+}
+
+/// The local IP address that routes to the host in `url` (no packet is sent).
+fn facing(url: &str) -> Option<std::net::IpAddr> {
+    use std::net::ToSocketAddrs;
+    let hostport = url.split("://").last()?.split('/').next()?;
+    let peer = hostport.to_socket_addrs().ok()?.next()?;
+    let bind = if peer.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let s = std::net::UdpSocket::bind(bind).ok()?;
+    s.connect(peer).ok()?;
+    Some(s.local_addr().ok()?.ip())
+}
+
 /// SIGINT or SIGTERM: stop taking clients, end every session (slabs zeroed), exit 0.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match (
         signal(SignalKind::interrupt()),

@@ -30,9 +30,14 @@ pub struct UpArgs {
     #[arg(long)]
     size: rmem_memserver::ByteSize,
     /// A donor HOST:PORT[@DOMAIN] (repeatable). Replicas go to distinct failure domains; the
-    /// domain defaults to the host's address.
-    #[arg(long = "donor", required = true)]
+    /// domain defaults to the host's address. With --placement these are the fallback when the
+    /// service cannot be reached.
+    #[arg(long = "donor", required_unless_present = "placement")]
     donors: Vec<DonorSpec>,
+    /// Ask this placement service (`rmem place serve`) which donors to use, e.g.
+    /// http://10.0.0.9:7480; it signs with the same shared secret.
+    #[arg(long, env = "RMEM_PLACEMENT")]
+    placement: Option<String>,
     /// Copies of every block, each on a donor in another failure domain.
     #[arg(long, default_value_t = 1)]
     replicas: usize,
@@ -131,11 +136,26 @@ fn up(a: UpArgs) -> Result<(), Failed> {
         ..Default::default()
     };
     let secret = cfg.load_secret().map_err(|e| Failed::new(Code::Usage, e))?;
+    let (donors, plan) = match &a.placement {
+        Some(url) => match placed(url, &secret, a.size.0, a.replicas) {
+            Ok((d, p)) => (d, Some(p)),
+            Err(e) if !a.donors.is_empty() && e.code() == Code::Peer => {
+                tracing::warn!(error = %e.error, "placement unreachable; choosing among --donor");
+                eprintln!("warning: {}; choosing among the --donor list", e.error);
+                (a.donors.clone(), None)
+            }
+            Err(e) => return Err(e),
+        },
+        None => (a.donors.clone(), None),
+    };
+    let n_donors = donors.len();
+    let secret_for_traffic = secret.clone();
     let opts = SwapOptions {
         store: StoreConfig {
             size: a.size.0,
             replicas: a.replicas,
-            donors: a.donors.clone(),
+            donors,
+            plan,
             secret,
             provider: a.provider,
             device: a.device.clone(),
@@ -162,6 +182,10 @@ fn up(a: UpArgs) -> Result<(), Failed> {
         nbd_timeout: 60,
         metrics: a.metrics,
         min_free: a.min_free,
+        traffic: a
+            .placement
+            .as_ref()
+            .map(|url| traffic_reporter(url, &secret_for_traffic)),
     };
     let json = a.json;
     daemon::run(opts, |r| {
@@ -172,7 +196,7 @@ fn up(a: UpArgs) -> Result<(), Failed> {
                 "{} ready: {} MiB on {} donor(s), {} replica(s){}; `rmem swap status`, `rmem swap down`",
                 r.device,
                 r.size >> 20,
-                a.donors.len(),
+                n_donors,
                 a.replicas,
                 if r.swapon { ", swap on" } else { "" }
             );
@@ -193,6 +217,77 @@ fn up(a: UpArgs) -> Result<(), Failed> {
         };
         Failed::new(code, e)
     })
+}
+
+/// Posts the daemon's per-donor traffic to the placement service's link map.
+fn traffic_reporter(url: &str, secret: &[u8]) -> rmem_swapclient::daemon::TrafficReport {
+    let c = rmem_placement::client::PlaceClient::new(url, secret.to_vec(), Duration::from_secs(5));
+    let host = hostname();
+    rmem_swapclient::daemon::TrafficReport(std::sync::Arc::new(move |deltas| {
+        let t = rmem_placement::service::Traffic {
+            host: host.clone(),
+            deltas: deltas
+                .into_iter()
+                .map(|(peer, tx, rx)| rmem_placement::links::TrafficDelta {
+                    peer,
+                    tx_bytes: tx,
+                    rx_bytes: rx,
+                })
+                .collect(),
+        };
+        if let Err(e) = c.traffic(&t) {
+            tracing::debug!(error = %e, "traffic report not taken");
+        }
+    }))
+}
+
+/// Asks the placement service for donors: the distinct donors, and each chunk's as indices.
+fn placed(
+    url: &str,
+    secret: &[u8],
+    size: u64,
+    replicas: usize,
+) -> Result<(Vec<DonorSpec>, Vec<Vec<usize>>), Failed> {
+    use rmem_placement::client::{ClientError, PlaceClient};
+    let c = PlaceClient::new(url, secret.to_vec(), Duration::from_secs(10));
+    let p = c
+        .place(&rmem_placement::service::PlaceRequest {
+            client: hostname(),
+            bytes: size,
+            replicas,
+        })
+        .map_err(|e| {
+            let code = match &e {
+                ClientError::Unreachable { .. } => Code::Peer,
+                ClientError::Refused { status: 401, .. } => Code::Usage,
+                ClientError::Refused { .. } => Code::Refused,
+                ClientError::Decode(_) => Code::Failure,
+            };
+            Failed::new(code, format!("placement: {e}"))
+        })?;
+    let mut donors: Vec<DonorSpec> = Vec::new();
+    let mut plan = Vec::with_capacity(p.chunks.len());
+    for chunk in &p.chunks {
+        let mut ix = Vec::with_capacity(chunk.len());
+        for r in chunk {
+            let spec: DonorSpec = format!("{}@{}", r.addr, r.domain).parse().map_err(|e| {
+                Failed::new(
+                    Code::Failure,
+                    format!("placement named donor {:?}: {e}", r.addr),
+                )
+            })?;
+            let i = match donors.iter().position(|d| d.addr == spec.addr) {
+                Some(i) => i,
+                None => {
+                    donors.push(spec);
+                    donors.len() - 1
+                }
+            };
+            ix.push(i);
+        }
+        plan.push(ix);
+    }
+    Ok((donors, plan))
 }
 
 fn hostname() -> String {

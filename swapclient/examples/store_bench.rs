@@ -93,6 +93,7 @@ fn main() {
         connect_timeout: Duration::from_secs(10),
         lanes,
         bounce: 1 << 20,
+        plan: None,
     };
     let store: Arc<Store> = rt.block_on(Store::create(&cfg)).expect("store");
     // Every block written once, so reads move data.

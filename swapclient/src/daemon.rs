@@ -88,7 +88,26 @@ pub struct SwapOptions {
     pub metrics: Option<std::net::SocketAddr>,
     /// The kernel's free-memory reserve while the device is swap (see [`reserve`]).
     pub min_free: reserve::MinFree,
+    /// Called every [`TRAFFIC_EVERY`] with the bytes written to and read from each donor since
+    /// the last call, as (donor address, written, read): a placement service's link map.
+    pub traffic: Option<TrafficReport>,
 }
+
+/// Receives per-donor traffic deltas; it runs on the blocking pool (it may do network I/O).
+#[derive(Clone)]
+pub struct TrafficReport(pub Arc<dyn Fn(Vec<DonorTraffic>) + Send + Sync>);
+
+/// (donor address, bytes written to it, bytes read from it) since the last report.
+pub type DonorTraffic = (String, u64, u64);
+
+impl std::fmt::Debug for TrafficReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TrafficReport")
+    }
+}
+
+/// How often traffic is reported.
+pub const TRAFFIC_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What `up` reports once the device is in use.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -343,6 +362,32 @@ async fn serve_device(
         }
         None => None,
     };
+    let reporter = opts.traffic.clone().map(|report| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut last: std::collections::HashMap<String, (u64, u64)> = Default::default();
+            let mut tick = tokio::time::interval(TRAFFIC_EVERY);
+            loop {
+                tick.tick().await;
+                let now: Vec<(String, u64, u64)> = store
+                    .status()
+                    .donors
+                    .into_iter()
+                    .map(|d| (d.addr, d.bytes_written, d.bytes_read))
+                    .collect();
+                let deltas = now
+                    .iter()
+                    .map(|(a, w, r)| {
+                        let (lw, lr) = last.get(a).copied().unwrap_or((0, 0));
+                        (a.clone(), w.saturating_sub(lw), r.saturating_sub(lr))
+                    })
+                    .collect();
+                last = now.into_iter().map(|(a, w, r)| (a, (w, r))).collect();
+                let report = report.0.clone();
+                let _ = tokio::task::spawn_blocking(move || report(deltas)).await;
+            }
+        })
+    });
     if opts.swapon {
         let (d, prio) = (dev.to_path_buf(), opts.priority);
         tokio::task::spawn_blocking(move || swapfile::swapon(&d, prio))
@@ -400,6 +445,9 @@ async fn serve_device(
                 if let Some(m) = &metrics {
                     m.abort();
                 }
+                if let Some(r) = &reporter {
+                    r.abort();
+                }
                 return Ok(false);
             }
             c = listener.accept() => {
@@ -435,6 +483,9 @@ async fn serve_device(
     repair.stop();
     if let Some(m) = &metrics {
         m.abort();
+    }
+    if let Some(r) = &reporter {
+        r.abort();
     }
     Ok(opts.swapon)
 }

@@ -52,6 +52,7 @@ fn config(size: u64, replicas: usize, donors: &[&TestDonor]) -> StoreConfig {
         // Two lanes: writers from several threads take a donor's lanes at once.
         lanes: 2,
         bounce: 1 << 20,
+        plan: None,
     }
 }
 
@@ -336,6 +337,40 @@ async fn refuses_impossible_layouts_and_out_of_range_io() {
     let s = store.clone();
     let e = blocking(move || s.read(2 * MIB - 10, &mut [0u8; 20])).await;
     assert!(matches!(e, Err(StoreError::OutOfRange { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_placement_plan_is_followed_and_a_bad_one_refused() {
+    let (a, b, c) = (donor(4).await, donor(4).await, donor(4).await);
+    // Chunks 0-2 on a and c, chunk 3 on b and c: b gets one slab, though a scan would split evenly.
+    let mut cfg = config(4 * MIB, 2, &[&a, &b, &c]);
+    cfg.plan = Some(vec![vec![0, 2], vec![0, 2], vec![0, 2], vec![1, 2]]);
+    let store = Store::create(&cfg).await.unwrap();
+    let slabs: Vec<usize> = store.status().donors.iter().map(|d| d.slabs).collect();
+    assert_eq!(slabs, [3, 1, 4]);
+    let data = fill(&store, 7).await;
+    assert_eq!(read_all(&store).await.unwrap(), data);
+    store.release().await;
+    for (plan, why) in [
+        (vec![vec![0, 2]; 3], "three chunks for a four-chunk device"),
+        (vec![vec![0, 0]; 4], "two replicas on one donor's domain"),
+        (vec![vec![0, 7]; 4], "a donor that is not there"),
+        (vec![vec![0]; 4], "one replica where two were asked"),
+    ] {
+        let mut cfg = config(4 * MIB, 2, &[&a, &b, &c]);
+        cfg.plan = Some(plan);
+        assert!(
+            matches!(Store::create(&cfg).await, Err(StoreError::Config(_))),
+            "{why}"
+        );
+    }
+    // More than a donor has free.
+    let mut cfg = config(8 * MIB, 1, &[&a, &b, &c]);
+    cfg.plan = Some(vec![vec![0]; 8]);
+    assert!(matches!(
+        Store::create(&cfg).await,
+        Err(StoreError::Full(_))
+    ));
 }
 
 /// A request as the ublk driver describes it.

@@ -96,6 +96,9 @@ pub struct StoreConfig {
     /// Each lane's buffer: the largest piece one operation carries, and the largest write
     /// whose replicas are posted together.
     pub bounce: usize,
+    /// Donors for each chunk (indices into `donors`, one per replica) chosen by a placement
+    /// service; without it the store chooses (the donor with the most free slabs first).
+    pub plan: Option<Vec<Vec<usize>>>,
 }
 
 struct Donor {
@@ -237,7 +240,13 @@ impl Store {
             })?;
             free.push(st.slabs_free as usize);
         }
-        let plan = place(n, cfg.replicas, &donors, &mut free)?;
+        let plan = match &cfg.plan {
+            Some(p) => {
+                check_plan(p, n, cfg.replicas, &donors, &free)?;
+                p.clone()
+            }
+            None => place(n, cfg.replicas, &donors, &mut free)?,
+        };
         // One allocation per donor, then hand the slabs out in plan order.
         let mut granted: Vec<Vec<SlabGrant>> = vec![Vec::new(); donors.len()];
         for (i, d) in donors.iter().enumerate() {
@@ -574,6 +583,54 @@ impl Store {
             }
         }
     }
+}
+
+/// Checks a plan made elsewhere: `n` chunks of `replicas` known donors in distinct domains, no
+/// donor asked for more than it has free.
+fn check_plan(
+    plan: &[Vec<usize>],
+    n: usize,
+    replicas: usize,
+    donors: &[Donor],
+    free: &[usize],
+) -> Result<(), StoreError> {
+    let bad = |why: String| Err(StoreError::Config(format!("the placement's plan: {why}")));
+    if plan.len() != n {
+        return bad(format!("{} chunks where the device needs {n}", plan.len()));
+    }
+    let mut want = vec![0usize; donors.len()];
+    for (c, chunk) in plan.iter().enumerate() {
+        if chunk.len() != replicas {
+            return bad(format!(
+                "chunk {c} has {} replicas, not {replicas}",
+                chunk.len()
+            ));
+        }
+        for (k, &i) in chunk.iter().enumerate() {
+            let Some(d) = donors.get(i) else {
+                return bad(format!("chunk {c} names donor {i} of {}", donors.len()));
+            };
+            if chunk[..k]
+                .iter()
+                .any(|&j| donors[j].spec.domain == d.spec.domain)
+            {
+                return bad(format!(
+                    "chunk {c} has two replicas in domain {}",
+                    d.spec.domain
+                ));
+            }
+            want[i] += 1;
+        }
+    }
+    for (i, (&w, &f)) in want.iter().zip(free).enumerate() {
+        if w > f {
+            return Err(StoreError::Full(format!(
+                "the placement asked donor {} for {w} slabs; it has {f} free",
+                donors[i].spec.addr
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Chooses `replicas` donors in distinct domains for each of `n` chunks, taking from the donor
