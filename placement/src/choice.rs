@@ -170,11 +170,15 @@ pub struct Pool {
     comfort: f32,
     /// Ordered by utilization, kept only once `LeastLoaded` asks for it.
     by_use: Option<BTreeSet<(u64, u32)>>,
+    /// Sum of `free` over all slots, kept as they change (a decision must not sum 10,000).
+    free_total: u64,
 }
 
 impl Pool {
     pub fn new(slots: Vec<Slot>) -> Pool {
+        let free_total = slots.iter().map(|s| u64::from(s.free)).sum();
         Pool {
+            free_total,
             slots,
             slab_load: 0.0,
             max_load: DEFAULT_MAX_LOAD,
@@ -218,18 +222,20 @@ impl Pool {
     }
 
     pub fn free_slabs(&self) -> u64 {
-        self.slots.iter().map(|s| u64::from(s.free)).sum()
+        self.free_total
     }
 
     /// Replaces one donor's figures (a heartbeat, a refreshed view).
     pub fn set(&mut self, i: usize, slot: Slot) {
         self.unindex(i);
+        self.free_total = self.free_total - u64::from(self.slots[i].free) + u64::from(slot.free);
         self.slots[i] = slot;
         self.index(i);
     }
 
     /// Adds a donor; returns its index.
     pub fn push(&mut self, slot: Slot) -> usize {
+        self.free_total += u64::from(slot.free);
         self.slots.push(slot);
         let i = self.slots.len() - 1;
         self.index(i);
@@ -275,6 +281,7 @@ impl Pool {
         let s = &mut self.slots[i];
         s.free -= 1;
         s.load += self.slab_load;
+        self.free_total -= 1;
         self.index(i);
     }
 
@@ -283,7 +290,21 @@ impl Pool {
         let s = &mut self.slots[i];
         s.free += 1;
         s.load -= self.slab_load;
+        self.free_total += 1;
         self.index(i);
+    }
+
+    /// How many failure domains have a donor with a free slab (a scan; for error reports).
+    pub fn domains_with_free(&self) -> usize {
+        let mut d: Vec<u32> = self
+            .slots
+            .iter()
+            .filter(|s| s.free > 0)
+            .map(|s| s.domain)
+            .collect();
+        d.sort_unstable();
+        d.dedup();
+        d.len()
     }
 
     /// Whether donor `i` can take one more slab for a chunk whose other replicas sit in `taken`.
@@ -356,22 +377,6 @@ impl Chooser {
         if wanted > free {
             return Err(PlaceError::Full { wanted, free });
         }
-        if replicas > 1 {
-            let mut domains: Vec<u32> = pool
-                .slots
-                .iter()
-                .filter(|s| s.free > 0)
-                .map(|s| s.domain)
-                .collect();
-            domains.sort_unstable();
-            domains.dedup();
-            if domains.len() < replicas {
-                return Err(PlaceError::TooFewDomains {
-                    replicas,
-                    domains: domains.len(),
-                });
-            }
-        }
         if self.strategy == Strategy::LeastLoaded {
             pool.ensure_index();
         }
@@ -381,6 +386,11 @@ impl Chooser {
             if self.pick(pool, &mut one[..replicas]).is_err() {
                 for &i in &donors {
                     pool.refund(i as usize);
+                }
+                // Only now count domains (a scan): say why when the reason is too few of them.
+                let domains = pool.domains_with_free();
+                if domains < replicas {
+                    return Err(PlaceError::TooFewDomains { replicas, domains });
                 }
                 return Err(PlaceError::NoDonor { chunk: c });
             }

@@ -9,6 +9,7 @@
 //! - [`bloom`]: page fingerprints, to rank migration targets by the memory they already hold.
 //! - [`reserve`]: bandwidth reservations with deadlines.
 
+pub mod bench;
 pub mod bloom;
 pub mod choice;
 pub mod client;

@@ -678,7 +678,10 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Refusal> {
 /// The router over a service.
 pub fn router<R: Registry>(svc: Arc<Service<R>>) -> Router {
     Router::new()
-        .route("/health", get(|| async { "ok\n" }))
+        .route(
+            "/health",
+            get(|| async { Json(serde_json::json!({ "ok": true })) }),
+        )
         .route("/donors", get(donors::<R>))
         .route("/links", get(links::<R>))
         .route("/metrics", get(metrics::<R>))

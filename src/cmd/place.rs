@@ -39,6 +39,31 @@ pub enum PlaceCmd {
     Reserve(ReserveArgs),
     /// Simulate donor choice at cluster scale (seeded) and compare strategies side by side.
     Sim(SimArgs),
+    /// Measure the service: place() latency over HTTP with concurrent clients on loopback, and
+    /// the registry's timings, in-process and (with --etcd) etcd side by side.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Donors registered before measuring.
+    #[arg(long, default_value_t = 1000)]
+    donors: usize,
+    /// Failure domains they are spread over.
+    #[arg(long, default_value_t = 100)]
+    racks: usize,
+    /// Concurrent HTTP clients.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Requests per client.
+    #[arg(long, default_value_t = 2000)]
+    requests: u64,
+    /// Also measure with an etcd registry at these endpoints (a scratch prefix is used).
+    #[arg(long = "etcd")]
+    etcd: Vec<String>,
+    /// One JSON object per measurement.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Where the service is and how to sign requests to it.
@@ -231,6 +256,80 @@ pub fn run(c: PlaceCmd) -> Result<(), Failed> {
         PlaceCmd::Rank(a) => rank(a),
         PlaceCmd::Reserve(a) => reserve(a),
         PlaceCmd::Sim(a) => simulate(a),
+        PlaceCmd::Bench(a) => bench(a),
+    }
+}
+
+fn bench(a: BenchArgs) -> Result<(), Failed> {
+    use rmem_placement::bench;
+    use rmem_placement::registry::InProcess;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failed::new(Code::Failure, e))?;
+    let slab = ServiceConfig::default().slab_bytes;
+    let print = |v: serde_json::Value| {
+        if a.json {
+            println!("{v}");
+        } else {
+            let fields: Vec<String> = v
+                .as_object()
+                .map(|o| o.iter().map(|(k, x)| format!("{k}={x}")).collect())
+                .unwrap_or_default();
+            println!("{}", fields.join(" "));
+        }
+    };
+    rt.block_on(async {
+        let to_json = |x: &dyn erased::Json| x.json();
+        let prefix = format!("/rmem-bench-{}", unix_ms());
+        let http = bench::http_place(
+            InProcess::new(slab),
+            "in-process",
+            a.donors,
+            a.racks,
+            a.clients,
+            a.requests,
+        )
+        .await
+        .map_err(|e| Failed::new(Code::Failure, e))?;
+        for h in &http {
+            print(to_json(h));
+        }
+        let r = InProcess::new(slab);
+        let f = bench::registry(&r, &r, "in-process", slab, 20_000)
+            .await
+            .map_err(|e| Failed::new(Code::Failure, e))?;
+        print(to_json(&f));
+        if !a.etcd.is_empty() {
+            let connect = || {
+                rmem_placement::etcd::Etcd::connect(&a.etcd, &prefix, slab, Duration::from_secs(30))
+            };
+            let reg = connect().await.map_err(|e| Failed::new(Code::Peer, e))?;
+            let http =
+                bench::http_place(reg, "etcd", a.donors, a.racks, a.clients, a.requests / 10)
+                    .await
+                    .map_err(|e| Failed::new(Code::Failure, e))?;
+            print(to_json(&http[0]));
+            let x = connect().await.map_err(|e| Failed::new(Code::Peer, e))?;
+            let y = connect().await.map_err(|e| Failed::new(Code::Peer, e))?;
+            let f = bench::registry(&x, &y, "etcd", slab, 2_000)
+                .await
+                .map_err(|e| Failed::new(Code::Failure, e))?;
+            print(to_json(&f));
+        }
+        Ok(())
+    })
+}
+
+/// Any serializable figure as JSON.
+mod erased {
+    pub trait Json {
+        fn json(&self) -> serde_json::Value;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn json(&self) -> serde_json::Value {
+            serde_json::to_value(self).unwrap_or_default()
+        }
     }
 }
 

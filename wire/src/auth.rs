@@ -212,14 +212,15 @@ fn verify_admin_at(
 /// Bounded: entries leave when their request could no longer pass the time check, and when
 /// `max` are held a new request is refused ([`AdminRefusal::Busy`]) rather than remembered.
 pub struct AdminNonces {
-    seen: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// Nonce -> its request's time, and the second the map was last pruned.
+    seen: std::sync::Mutex<(std::collections::HashMap<String, u64>, u64)>,
     max: usize,
 }
 
 impl AdminNonces {
     pub fn new(max: usize) -> AdminNonces {
         AdminNonces {
-            seen: std::sync::Mutex::new(std::collections::HashMap::new()),
+            seen: std::sync::Mutex::new((std::collections::HashMap::new(), 0)),
             max,
         }
     }
@@ -230,9 +231,15 @@ impl AdminNonces {
     }
 
     fn take_at(&self, signed: &AdminSigned, now: u64) -> Result<(), AdminRefusal> {
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        // A request signed at `ts` passes the time check until ts + skew.
-        seen.retain(|_, ts| ts.saturating_add(ADMIN_SKEW_SECS) >= now);
+        let mut guard = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let (seen, pruned) = &mut *guard;
+        // A request signed at `ts` passes the time check until ts + skew. Pruning walks the
+        // whole map, so it runs once a second (or when full), not on every request: an entry
+        // kept a second too long only refuses a replay the time check refuses anyway.
+        if now > *pruned || seen.len() >= self.max {
+            seen.retain(|_, ts| ts.saturating_add(ADMIN_SKEW_SECS) >= now);
+            *pruned = now;
+        }
         if seen.contains_key(&signed.nonce) {
             return Err(AdminRefusal::Replayed);
         }
@@ -245,7 +252,7 @@ impl AdminNonces {
 
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.seen.lock().unwrap().len()
+        self.seen.lock().unwrap().0.len()
     }
 }
 
