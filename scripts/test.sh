@@ -19,6 +19,12 @@ if ((${#tools[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${tools[@]}" >/dev/null
 fi
 cargo test --workspace --locked
+# Shaped links between network namespaces (placement's probe and link map): needs root.
+if [[ $(id -u) -eq 0 ]]; then
+  cargo test --locked --test netns_links -- --ignored
+else
+  echo "NOTE: not root: the shaped-link test (tests/netns_links.rs) was NOT run"
+fi
 if [[ "${RMEM_SKIP_VM:-0}" == 1 ]]; then
   echo "NOTE: RMEM_SKIP_VM=1: the verbs conformance suite on Soft-RoCE was NOT run"
   exit 0

@@ -17,6 +17,7 @@ pub mod etcd;
 pub mod fingerprint;
 pub mod heartbeat;
 pub mod links;
+pub mod probe;
 pub mod registry;
 pub mod reserve;
 pub mod service;

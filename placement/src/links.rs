@@ -183,12 +183,12 @@ impl LinkMap {
         (self.capacity(from, to) - self.used(from, to) - reserved).max(0.0)
     }
 
-    /// Every path with a capacity or traffic, for display.
+    /// Every path with a capacity or traffic, the most headroom first.
     pub fn view(&self) -> Vec<LinkView> {
         let mut paths: Vec<&Path> = self.rates.keys().chain(self.capacity.keys()).collect();
         paths.sort();
         paths.dedup();
-        paths
+        let mut v: Vec<LinkView> = paths
             .into_iter()
             .map(|(f, t)| LinkView {
                 from: f.clone(),
@@ -197,7 +197,9 @@ impl LinkMap {
                 used_bps: self.used(f, t) * 8.0,
                 headroom_bps: self.headroom(f, t, 0.0) * 8.0,
             })
-            .collect()
+            .collect();
+        v.sort_by(|a, b| b.headroom_bps.total_cmp(&a.headroom_bps));
+        v
     }
 }
 

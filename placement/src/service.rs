@@ -142,6 +142,15 @@ pub struct Ranked {
     pub score: f64,
 }
 
+/// Body of `POST /capacity`: a measured capacity for a path (`rmem place probe`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Capacity {
+    pub from: String,
+    pub to: String,
+    pub bytes_per_sec: f64,
+}
+
 /// Body of `POST /reserve`: `bytes` from `from` to `to`, times in Unix milliseconds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -692,6 +701,7 @@ pub fn router<R: Registry>(svc: Arc<Service<R>>) -> Router {
         .route("/fingerprint", post(fingerprint::<R>))
         .route("/rank", post(rank::<R>))
         .route("/reserve", post(reserve::<R>))
+        .route("/capacity", post(capacity::<R>))
         .layer(axum::extract::DefaultBodyLimit::max(4 << 20))
         .with_state(svc)
 }
@@ -857,6 +867,34 @@ async fn rank<R: Registry>(State(s): State<Arc<Service<R>>>, h: HeaderMap, body:
     signed(&s, "/rank", &h, &body, false, |r: RankRequest| async {
         s.rank(r)
     })
+    .await
+}
+
+async fn capacity<R: Registry>(
+    State(s): State<Arc<Service<R>>>,
+    h: HeaderMap,
+    body: Bytes,
+) -> Answer {
+    let svc = s.clone();
+    signed(
+        &s,
+        "/capacity",
+        &h,
+        &body,
+        false,
+        |c: Capacity| async move {
+            let s = svc;
+            if !(c.bytes_per_sec.is_finite() && c.bytes_per_sec > 0.0) {
+                return Err(Refusal::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid",
+                    "bytes_per_sec must be a positive number",
+                ));
+            }
+            s.set_capacity(&c.from, &c.to, c.bytes_per_sec);
+            Ok(Done { ok: true })
+        },
+    )
     .await
 }
 

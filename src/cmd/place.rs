@@ -39,9 +39,41 @@ pub enum PlaceCmd {
     Reserve(ReserveArgs),
     /// Simulate donor choice at cluster scale (seeded) and compare strategies side by side.
     Sim(SimArgs),
+    /// Measure a path: an 8-byte READ for the round trip and a short, rate-capped burst of
+    /// WRITEs for its rate, against an `rmem perf server`; with --from and --to, publish the
+    /// rate as the path's capacity in the link map.
+    ///
+    /// Example: rmem place probe --target 10.0.0.2:18515 --from $(hostname) --to donor2
+    Probe(ProbeArgs),
     /// Measure the service: place() latency over HTTP with concurrent clients on loopback, and
     /// the registry's timings, in-process and (with --etcd) etcd side by side.
     Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ProbeArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    provider: crate::cmd::ProviderArgs,
+    /// The `rmem perf server` at the path's far end.
+    #[arg(long)]
+    target: SocketAddr,
+    /// Bytes written in the burst.
+    #[arg(long, default_value = "8M")]
+    burst: rmem_memserver::ByteSize,
+    /// The probe's own ceiling in bits per second (e.g. 10G): it never sends faster.
+    #[arg(long, default_value = "10G", value_parser = crate::cmd::server::link_rate)]
+    max_rate: u64,
+    /// Start after a random delay of up to this many milliseconds.
+    #[arg(long, default_value_t = 0)]
+    jitter_ms: u64,
+    /// Publish the measured rate as the capacity of the path FROM -> TO (names as the link map
+    /// knows them: donors by their id, other hosts by name).
+    #[arg(long, requires = "to")]
+    from: Option<String>,
+    #[arg(long, requires = "from")]
+    to: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -257,7 +289,62 @@ pub fn run(c: PlaceCmd) -> Result<(), Failed> {
         PlaceCmd::Reserve(a) => reserve(a),
         PlaceCmd::Sim(a) => simulate(a),
         PlaceCmd::Bench(a) => bench(a),
+        PlaceCmd::Probe(a) => probe(a),
     }
+}
+
+fn probe(a: ProbeArgs) -> Result<(), Failed> {
+    use rmem_placement::probe::{probe, ProbeConfig};
+    let ctx = rmem_transport::open(&a.provider.open_options()).map_err(Failed::from)?;
+    let cfg = ProbeConfig {
+        burst: a.burst.0,
+        max_rate: a.max_rate as f64 / 8.0,
+        jitter: Duration::from_millis(a.jitter_ms),
+        ..ProbeConfig::default()
+    };
+    let p = probe(&ctx, a.target, &cfg).map_err(|e| match e {
+        rmem_placement::probe::ProbeError::Transport(t) => Failed::from(t),
+        rmem_placement::probe::ProbeError::Invalid(_) => Failed::new(Code::Usage, e),
+        other => Failed::new(Code::Peer, other),
+    })?;
+    if let (Some(from), Some(to)) = (&a.from, &a.to) {
+        let _: serde_json::Value = a
+            .common
+            .client()?
+            .post(
+                "/capacity",
+                &rmem_placement::service::Capacity {
+                    from: from.clone(),
+                    to: to.clone(),
+                    bytes_per_sec: p.bytes_per_sec,
+                },
+            )
+            .map_err(failed)?;
+    }
+    if a.common.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "target": a.target.to_string(),
+                "rtt_us": p.rtt_us,
+                "bits_per_sec": p.bytes_per_sec * 8.0,
+                "bytes": p.bytes,
+                "seconds": p.seconds,
+                "published": a.from.is_some(),
+            })
+        );
+    } else {
+        println!(
+            "{}: {:.1} Mbit/s ({} bytes in {:.3} s), round trip {:.0} us{}",
+            a.target,
+            p.bytes_per_sec * 8.0 / 1e6,
+            p.bytes,
+            p.seconds,
+            p.rtt_us,
+            if a.from.is_some() { "; published" } else { "" }
+        );
+    }
+    Ok(())
 }
 
 fn bench(a: BenchArgs) -> Result<(), Failed> {

@@ -116,7 +116,7 @@ struct RunArgs {
 }
 
 /// A rate like 10G, 100M or 1000000 (bits per second, decimal units).
-fn link_rate(s: &str) -> Result<u64, String> {
+pub(crate) fn link_rate(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, mult) = match s.chars().last() {
         Some('G' | 'g') => (&s[..s.len() - 1], 1_000_000_000),

@@ -1,0 +1,188 @@
+//! The link map against real shaped links: two network namespaces joined by a veth pair, the
+//! sending side's HTB qdisc shaping 100 Mbit/s to one address and 200 Mbit/s to another.
+//! `rmem place probe` measures both paths (each against an `rmem perf server`), publishes the
+//! rates to a placement service, and the service ranks the faster path first.
+//!
+//! Needs root (namespaces, veth, tc): `scripts/test.sh` runs it with `--ignored`; a plain
+//! `cargo test` lists it as ignored rather than passing it unrun.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+struct Net {
+    a: String,
+    b: String,
+    children: Vec<Child>,
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `rmem ARGS` inside namespace `ns`, started in the background; returns it and its first line.
+fn spawn_in(ns: &str, args: &[&str]) -> (Child, serde_json::Value) {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_rmem")])
+        .args(args)
+        .env("RMEM_SECRET", SECRET)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (
+        child,
+        serde_json::from_str(&line).unwrap_or_else(|_| panic!("{args:?}: {line:?}")),
+    )
+}
+
+/// `rmem ARGS` inside `ns`, to completion; its JSON output.
+fn run_in(ns: &str, args: &[&str]) -> serde_json::Value {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_rmem")])
+        .args(args)
+        .env("RMEM_SECRET", SECRET)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+const SECRET: &str = "netns-links-test-secret-0123456";
+
+#[test]
+#[ignore = "needs root for network namespaces and tc; scripts/test.sh runs it"]
+fn probed_rates_match_the_shaping_and_the_faster_path_ranks_first() {
+    assert_eq!(
+        effective_uid(),
+        0,
+        "this test needs root (network namespaces, veth, tc)"
+    );
+    let id = std::process::id() % 100_000;
+    let mut net = Net {
+        a: format!("rmemA{id}"),
+        b: format!("rmemB{id}"),
+        children: Vec::new(),
+    };
+    let (va, vb) = (format!("rva{id}"), format!("rvb{id}"));
+    let (a, b) = (net.a.clone(), net.b.clone());
+    sh(&["ip", "netns", "add", &a]);
+    sh(&["ip", "netns", "add", &b]);
+    sh(&[
+        "ip", "link", "add", &va, "type", "veth", "peer", "name", &vb,
+    ]);
+    sh(&["ip", "link", "set", &va, "netns", &a]);
+    sh(&["ip", "link", "set", &vb, "netns", &b]);
+    sh(&["ip", "-n", &a, "addr", "add", "10.77.0.1/24", "dev", &va]);
+    sh(&["ip", "-n", &b, "addr", "add", "10.77.0.2/24", "dev", &vb]);
+    sh(&["ip", "-n", &b, "addr", "add", "10.77.0.3/24", "dev", &vb]);
+    for (ns, dev) in [(&a, &va), (&b, &vb)] {
+        sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
+        sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+    }
+    // HTB on A's egress: 100 Mbit/s to .2, 200 Mbit/s to .3.
+    sh(&[
+        "tc", "-n", &a, "qdisc", "add", "dev", &va, "root", "handle", "1:", "htb", "default", "30",
+    ]);
+    sh(&[
+        "tc", "-n", &a, "class", "add", "dev", &va, "parent", "1:", "classid", "1:1", "htb",
+        "rate", "1gbit",
+    ]);
+    for (class, rate) in [("1:10", "100mbit"), ("1:20", "200mbit"), ("1:30", "1gbit")] {
+        sh(&[
+            "tc", "-n", &a, "class", "add", "dev", &va, "parent", "1:1", "classid", class, "htb",
+            "rate", rate, "ceil", rate,
+        ]);
+    }
+    for (dst, class) in [("10.77.0.2/32", "1:10"), ("10.77.0.3/32", "1:20")] {
+        sh(&[
+            "tc", "-n", &a, "filter", "add", "dev", &va, "protocol", "ip", "parent", "1:", "prio",
+            "1", "u32", "match", "ip", "dst", dst, "flowid", class,
+        ]);
+    }
+    for ip in ["10.77.0.2", "10.77.0.3"] {
+        let listen = format!("{ip}:18515");
+        let (c, _) = spawn_in(
+            &b,
+            &[
+                "perf",
+                "server",
+                "--listen",
+                &listen,
+                "--max-size",
+                "1M",
+                "--json",
+            ],
+        );
+        net.children.push(c);
+    }
+    let (c, info) = spawn_in(&a, &["place", "serve", "--listen", "127.0.0.1:0", "--json"]);
+    net.children.push(c);
+    let url = format!("http://{}", info["listening"].as_str().unwrap());
+
+    let mut rates = Vec::new();
+    for (ip, to, shaped) in [("10.77.0.2", "d2", 100e6), ("10.77.0.3", "d3", 200e6)] {
+        let target = format!("{ip}:18515");
+        let p = run_in(
+            &a,
+            &[
+                "place", "probe", "--target", &target, "--from", "a", "--to", to, "--url", &url,
+                "--json",
+            ],
+        );
+        let bits = p["bits_per_sec"].as_f64().unwrap();
+        eprintln!(
+            "{target}: {:.1} Mbit/s measured, {:.0} shaped",
+            bits / 1e6,
+            shaped / 1e6
+        );
+        assert!(
+            (bits - shaped).abs() <= shaped * 0.15,
+            "{target}: {bits} bit/s against {shaped} shaped"
+        );
+        rates.push(bits);
+    }
+    let links = run_in(&a, &["place", "links", "--url", &url, "--json"]);
+    let first = &links[0];
+    assert_eq!(
+        first["to"], "d3",
+        "the 200 Mbit/s path ranks first: {links}"
+    );
+    assert_eq!(links[1]["to"], "d2", "{links}");
+}
+
+/// The effective user id (reading /proc avoids an FFI call for one number).
+fn effective_uid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2))
+                .and_then(|u| u.parse().ok())
+        })
+        .unwrap_or(u32::MAX)
+}
