@@ -56,7 +56,7 @@ impl std::fmt::Debug for PlaceClient {
 }
 
 impl PlaceClient {
-    /// `url` like `http://10.0.0.5:7480` (a bare `host:port` gets `http://`).
+    /// `url` like `http://10.0.0.5:7460` (a bare `host:port` gets `http://`).
     pub fn new(url: &str, secret: Vec<u8>, timeout: Duration) -> PlaceClient {
         let base = if url.contains("://") {
             url.trim_end_matches('/').to_owned()

@@ -22,7 +22,7 @@ pub enum PlaceCmd {
     /// Run the placement service: donors register and heartbeat here, borrowers ask it where
     /// to put their slabs, migrations ask it where to go and reserve bandwidth.
     ///
-    /// Example: RMEM_SECRET=... rmem place serve --listen 0.0.0.0:7480
+    /// Example: RMEM_SECRET=... rmem place serve --listen 0.0.0.0:7460
     ///          RMEM_SECRET=... rmem place serve --etcd http://10.0.0.9:2379   (shared registry)
     Serve(ServeArgs),
     /// List the donors with a live lease: free and total slabs, failure domain, link load.
@@ -102,7 +102,7 @@ pub struct BenchArgs {
 #[derive(Args, Debug)]
 pub struct Common {
     /// The placement service.
-    #[arg(long, env = "RMEM_PLACEMENT", default_value = "http://127.0.0.1:7480")]
+    #[arg(long, env = "RMEM_PLACEMENT", default_value = "http://127.0.0.1:7460")]
     url: String,
     /// File with the cluster's shared secret (else RMEM_SECRET).
     #[arg(long)]
@@ -142,7 +142,7 @@ fn failed(e: ClientError) -> Failed {
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// Address of the HTTP/JSON endpoint.
-    #[arg(long, default_value = "127.0.0.1:7480")]
+    #[arg(long, default_value = "127.0.0.1:7460")]
     listen: SocketAddr,
     /// TOML file with the service's settings (slab_bytes, strategy, seed, smoothing, bloom,
     /// nonces, max_chunks); flags override it.

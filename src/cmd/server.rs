@@ -91,7 +91,7 @@ struct RunArgs {
     /// workload they serve (tests, demos), where the borrower's own paging is the pressure.
     #[arg(long)]
     no_pressure: bool,
-    /// Register with this placement service (`rmem place serve`, e.g. http://10.0.0.9:7480)
+    /// Register with this placement service (`rmem place serve`, e.g. http://10.0.0.9:7460)
     /// and heartbeat to it, so borrowers asking it find this donor.
     #[arg(long, env = "RMEM_PLACEMENT")]
     placement: Option<String>,

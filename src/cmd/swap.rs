@@ -35,7 +35,7 @@ pub struct UpArgs {
     #[arg(long = "donor", required_unless_present = "placement")]
     donors: Vec<DonorSpec>,
     /// Ask this placement service (`rmem place serve`) which donors to use, e.g.
-    /// http://10.0.0.9:7480; it signs with the same shared secret.
+    /// http://10.0.0.9:7460; it signs with the same shared secret.
     #[arg(long, env = "RMEM_PLACEMENT")]
     placement: Option<String>,
     /// Copies of every block, each on a donor in another failure domain.
