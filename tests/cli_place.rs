@@ -3,11 +3,10 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
-use support::{donor, wait_until};
+use support::{donor, spawn_json, wait_until};
 
 const SECRET: &str = "cli-place-test-secret-0123456789";
 
@@ -25,25 +24,19 @@ impl Drop for Service {
 
 /// `rmem place serve` on a free port with 1 MiB slabs.
 fn service() -> Service {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rmem"))
-        .args([
-            "place",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--slab-size",
-            "1M",
-            "--json",
-        ])
-        .env("RMEM_SECRET", SECRET)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_str(&line).expect("start-up line");
+    let (child, v) = spawn_json(
+        Command::new(env!("CARGO_BIN_EXE_rmem"))
+            .args([
+                "place",
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--slab-size",
+                "1M",
+                "--json",
+            ])
+            .env("RMEM_SECRET", SECRET),
+    );
     Service {
         child,
         url: format!("http://{}", v["listening"].as_str().unwrap()),

@@ -6,8 +6,9 @@
 //! Needs root (namespaces, veth, tc): `scripts/test.sh` runs it with `--ignored`; a plain
 //! `cargo test` lists it as ignored rather than passing it unrun.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod support;
+
+use std::process::{Child, Command};
 
 struct Net {
     a: String,
@@ -38,20 +39,11 @@ fn sh(args: &[&str]) {
 
 /// `rmem ARGS` inside namespace `ns`, started in the background; returns it and its first line.
 fn spawn_in(ns: &str, args: &[&str]) -> (Child, serde_json::Value) {
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_rmem")])
-        .args(args)
-        .env("RMEM_SECRET", SECRET)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    (
-        child,
-        serde_json::from_str(&line).unwrap_or_else(|_| panic!("{args:?}: {line:?}")),
+    support::spawn_json(
+        Command::new("ip")
+            .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_rmem")])
+            .args(args)
+            .env("RMEM_SECRET", SECRET),
     )
 }
 

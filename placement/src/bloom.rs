@@ -210,7 +210,10 @@ mod tests {
         for overlap in [0.05, 0.30] {
             for seed in [1, 2, 3] {
                 let e = shared_error(65_536, 131_072, overlap, seed);
-                eprintln!("overlap {overlap}, seed {seed}: error {:.3}% of the VM", e * 100.0);
+                eprintln!(
+                    "overlap {overlap}, seed {seed}: error {:.3}% of the VM",
+                    e * 100.0
+                );
                 assert!(e < 0.01, "overlap {overlap}, seed {seed}: error {e}");
             }
         }

@@ -350,12 +350,7 @@ impl Registry for Etcd {
     }
 
     async fn heartbeat(&self, hb: Heartbeat) -> Result<(), RegistryError> {
-        if hb.free_slabs > hb.total_slabs {
-            return Err(RegistryError::Invalid(format!(
-                "{} free of {} slabs",
-                hb.free_slabs, hb.total_slabs
-            )));
-        }
+        hb.validate()?;
         let Some((rec, _)) = self.read(&hb.id).await? else {
             return Err(RegistryError::Unknown(hb.id));
         };

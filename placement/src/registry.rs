@@ -63,6 +63,19 @@ pub struct Heartbeat {
     pub traffic: Vec<crate::links::TrafficDelta>,
 }
 
+impl Heartbeat {
+    /// Refuses figures no donor could report.
+    pub fn validate(&self) -> Result<(), RegistryError> {
+        if self.free_slabs > self.total_slabs {
+            return Err(RegistryError::Invalid(format!(
+                "{} free of {} slabs",
+                self.free_slabs, self.total_slabs
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// A donor as the registry holds it.
 #[derive(Debug, Clone, Serialize)]
 pub struct DonorEntry {
@@ -411,12 +424,7 @@ impl Registry for InProcess {
                 last: e.seq,
             });
         }
-        if hb.free_slabs > hb.total_slabs {
-            return Err(RegistryError::Invalid(format!(
-                "{} free of {} slabs",
-                hb.free_slabs, hb.total_slabs
-            )));
-        }
+        hb.validate()?;
         let lease = Duration::from_millis(e.lease_ms);
         let mut e = e.clone();
         e.seq = hb.seq;

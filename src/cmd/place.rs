@@ -128,6 +128,14 @@ fn secret(file: Option<&std::path::Path>) -> Result<Vec<u8>, Failed> {
     })
 }
 
+fn print_json(v: &impl serde::Serialize) -> Result<(), Failed> {
+    println!(
+        "{}",
+        serde_json::to_string(v).map_err(|e| Failed::new(Code::Failure, e))?
+    );
+    Ok(())
+}
+
 /// The exit status of a failed call: refusals are 6 (nothing changed), an unreachable service 5.
 fn failed(e: ClientError) -> Failed {
     let code = match &e {
@@ -589,10 +597,7 @@ fn place(a: PlaceArgs) -> Result<(), Failed> {
         })
         .map_err(failed)?;
     if a.common.json {
-        println!(
-            "{}",
-            serde_json::to_string(&p).map_err(|e| Failed::new(Code::Failure, e))?
-        );
+        print_json(&p)?;
         return Ok(());
     }
     if p.stale {
@@ -706,10 +711,7 @@ fn rank(a: RankArgs) -> Result<(), Failed> {
         })
         .map_err(failed)?;
     if a.common.json {
-        println!(
-            "{}",
-            serde_json::to_string(&ranked).map_err(|e| Failed::new(Code::Failure, e))?
-        );
+        print_json(&ranked)?;
         return Ok(());
     }
     println!("{pages} non-zero pages in the VM's RAM; destinations, best first:");
@@ -748,10 +750,7 @@ fn reserve(a: ReserveArgs) -> Result<(), Failed> {
     match a.common.client()?.reserve(&req) {
         Ok(g) => {
             if a.common.json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&g).map_err(|e| Failed::new(Code::Failure, e))?
-                );
+                print_json(&g)?;
             } else {
                 println!(
                     "granted: {:.1} Mbit/s from +{:.1} s to +{:.1} s (grant {})",

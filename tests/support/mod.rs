@@ -40,20 +40,27 @@ impl Drop for Donor {
 /// `rmem server --listen 127.0.0.1:0 --hugepages never --no-pressure --json` plus `args`,
 /// with `secret` in RMEM_SECRET; returns once it printed its start-up line.
 pub fn donor(secret: &str, args: &[&str]) -> Donor {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rmem"))
-        .args(["server", "--listen", "127.0.0.1:0", "--hugepages", "never"])
-        .args(["--no-pressure", "--json"])
-        .args(args)
-        .env("RMEM_SECRET", secret)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (child, info) = spawn_json(
+        Command::new(env!("CARGO_BIN_EXE_rmem"))
+            .args(["server", "--listen", "127.0.0.1:0", "--hugepages", "never"])
+            .args(["--no-pressure", "--json"])
+            .args(args)
+            .env("RMEM_SECRET", secret),
+    );
+    Donor { child, info }
+}
+
+/// Starts `cmd` with its stdout piped and returns it with its first line, a JSON start-up line
+/// (a daemon's `--json` "listening" line).
+pub fn spawn_json(cmd: &mut Command) -> (Child, serde_json::Value) {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let info = serde_json::from_str(&line).expect("start-up line");
-    Donor { child, info }
+    let info = serde_json::from_str(&line)
+        .unwrap_or_else(|_| panic!("{cmd:?}: no JSON start-up line but {line:?}"));
+    (child, info)
 }
 
 /// Polls `ready` every 10 ms until it holds; panics naming `what` once `timeout` has passed.
