@@ -10,7 +10,7 @@ scripts/deps.sh
 # and gzip, booting a Debian kernel from /boot); etcd (server and etcdctl) for the placement
 # registry's etcd backend, which its conformance suite always runs against.
 tools=()
-for p in libnbd-bin qemu-utils qemu-system-x86 gcc libc6-dev cpio gzip linux-image-amd64 etcd-server etcd-client; do
+for p in libnbd-bin qemu-utils qemu-system-x86 gcc libc6-dev cpio gzip linux-image-amd64 etcd-server etcd-client systemd; do
   dpkg -s "$p" >/dev/null 2>&1 || tools+=("$p")
 done
 if ((${#tools[@]})); then

@@ -80,9 +80,10 @@ impl Slot {
     }
 }
 
-/// How donors are picked. `Weighted` is the one rmem uses; the others are baselines.
+/// How donors are picked. `Weighted` is the one rmem uses; the others are baselines. Written
+/// as its name (`weighted-d2`, `p2c`, ...) in JSON and TOML.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(try_from = "String", into = "String")]
 pub enum Strategy {
     /// The donor with the most free slabs, by a full scan (rmem swap's own choice without a
     /// placement service): O(donors), and it fills the largest donors first.
@@ -113,6 +114,19 @@ impl std::fmt::Display for Strategy {
             Strategy::P2c => f.write_str("p2c"),
             Strategy::Weighted { d } => write!(f, "weighted-d{d}"),
         }
+    }
+}
+
+impl From<Strategy> for String {
+    fn from(s: Strategy) -> String {
+        s.to_string()
+    }
+}
+
+impl TryFrom<String> for Strategy {
+    type Error = String;
+    fn try_from(s: String) -> Result<Strategy, String> {
+        s.parse()
     }
 }
 

@@ -3,6 +3,7 @@
 mod conformance;
 mod demo;
 mod devices;
+mod dist;
 mod memcheck;
 mod migrate;
 mod perf;
@@ -65,6 +66,12 @@ pub enum Command {
     Memcheck(memcheck::MemcheckArgs),
     /// List RDMA devices, ports and GIDs (verbs).
     Devices(devices::DevicesArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    ///
+    /// Example: rmem completions bash > /etc/bash_completion.d/rmem
+    Completions(dist::CompletionsArgs),
+    /// Write the man pages (rmem.1 and one per subcommand) into a directory.
+    Man(dist::ManArgs),
 }
 
 /// Which provider and device to open.
@@ -105,6 +112,20 @@ pub fn run(cli: Cli) -> Result<(), Failed> {
         Command::Conformance(a) => conformance::run(a),
         Command::Devices(a) => devices::run(a),
         Command::Memcheck(a) => memcheck::run(a),
+        Command::Completions(a) => dist::completions(a),
+        Command::Man(a) => dist::man(a),
+    }
+}
+
+/// Tells systemd that a `Type=notify` daemon is ready (does nothing outside systemd: no
+/// NOTIFY_SOCKET). `status` shows in `systemctl status`.
+pub fn notify_ready(status: &str) {
+    let state = [
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(status),
+    ];
+    if let Err(e) = sd_notify::notify(false, &state) {
+        tracing::warn!(error = %e, "could not tell systemd the daemon is ready");
     }
 }
 

@@ -149,23 +149,24 @@ fn failed(e: ClientError) -> Failed {
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Address of the HTTP/JSON endpoint.
-    #[arg(long, default_value = "127.0.0.1:7460")]
-    listen: SocketAddr,
-    /// TOML file with the service's settings (slab_bytes, strategy, seed, smoothing, bloom,
-    /// nonces, max_chunks); flags override it.
+    /// Address of the HTTP/JSON endpoint [default: 127.0.0.1:7460].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// TOML file: listen, etcd, etcd_prefix, stale_limit, secret_file, and a [service] table
+    /// (slab_bytes, strategy, seed, link_comfort, smoothing, bloom, nonces, max_chunks); flags
+    /// override it.
     #[arg(long, short)]
     config: Option<PathBuf>,
     /// Keep the registry in etcd (repeatable endpoints) so several services share it; without
     /// it the registry lives in this process.
     #[arg(long = "etcd")]
     etcd: Vec<String>,
-    /// Key prefix in etcd (clusters sharing one etcd use different prefixes).
-    #[arg(long, default_value = "/rmem")]
-    etcd_prefix: String,
-    /// Seconds answers may come from the cached view while etcd is unreachable.
-    #[arg(long, default_value_t = 30)]
-    stale_limit: u64,
+    /// Key prefix in etcd (clusters sharing one etcd use different prefixes) [default: /rmem].
+    #[arg(long)]
+    etcd_prefix: Option<String>,
+    /// Seconds answers may come from the cached view while etcd is unreachable [default: 30].
+    #[arg(long)]
+    stale_limit: Option<u64>,
     /// The cluster's slab size: donors with another are refused [default: 16M].
     #[arg(long)]
     slab_size: Option<rmem_memserver::ByteSize>,
@@ -182,6 +183,20 @@ pub struct ServeArgs {
     /// Print the start-up line as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// `rmem place serve`'s config file.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlaceFile {
+    listen: Option<SocketAddr>,
+    #[serde(default)]
+    etcd: Vec<String>,
+    etcd_prefix: Option<String>,
+    stale_limit: Option<u64>,
+    secret_file: Option<PathBuf>,
+    #[serde(default)]
+    service: ServiceConfig,
 }
 
 #[derive(Args, Debug)]
@@ -429,15 +444,16 @@ mod erased {
 }
 
 fn serve(a: ServeArgs) -> Result<(), Failed> {
-    let mut cfg = match &a.config {
+    let file = match &a.config {
         Some(p) => {
             let text = std::fs::read_to_string(p)
                 .map_err(|e| Failed::new(Code::Usage, format!("{}: {e}", p.display())))?;
-            toml::from_str::<ServiceConfig>(&text)
+            toml::from_str::<PlaceFile>(&text)
                 .map_err(|e| Failed::new(Code::Usage, format!("{}: {e}", p.display())))?
         }
-        None => ServiceConfig::default(),
+        None => PlaceFile::default(),
     };
+    let mut cfg = file.service;
     if let Some(s) = a.slab_size {
         cfg.slab_bytes = s.0;
     }
@@ -453,20 +469,31 @@ fn serve(a: ServeArgs) -> Result<(), Failed> {
             "the slab size must be a multiple of 4096",
         ));
     }
-    let secret = secret(a.secret_file.as_deref())?;
+    let listen = a
+        .listen
+        .or(file.listen)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7460)));
+    let etcd = if a.etcd.is_empty() { file.etcd } else { a.etcd };
+    let etcd_prefix = a
+        .etcd_prefix
+        .or(file.etcd_prefix)
+        .unwrap_or_else(|| "/rmem".into());
+    let stale_limit = a.stale_limit.or(file.stale_limit).unwrap_or(30);
+    let secret_file = a.secret_file.or(file.secret_file);
+    let secret = secret(secret_file.as_deref())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| Failed::new(Code::Failure, e))?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(a.listen)
+        let listener = tokio::net::TcpListener::bind(listen)
             .await
-            .map_err(|e| Failed::new(Code::Failure, format!("{}: {e}", a.listen)))?;
+            .map_err(|e| Failed::new(Code::Failure, format!("{listen}: {e}")))?;
         let addr = listener.local_addr().map_err(|e| Failed::new(Code::Failure, e))?;
-        let registry = if a.etcd.is_empty() {
+        let registry = if etcd.is_empty() {
             "in-process".to_owned()
         } else {
-            format!("etcd {}", a.etcd.join(","))
+            format!("etcd {}", etcd.join(","))
         };
         let started = |slab: u64| {
             if a.json {
@@ -484,10 +511,11 @@ fn serve(a: ServeArgs) -> Result<(), Failed> {
                     slab >> 20
                 );
             }
+            crate::cmd::notify_ready(&format!("serving on http://{addr} ({registry} registry)"));
         };
         let slab = cfg.slab_bytes;
         let stop = crate::cmd::server::shutdown_signal();
-        if a.etcd.is_empty() {
+        if etcd.is_empty() {
             let svc = Arc::new(Service::new(
                 rmem_placement::registry::InProcess::new(slab),
                 secret,
@@ -500,10 +528,10 @@ fn serve(a: ServeArgs) -> Result<(), Failed> {
             }
         } else {
             let reg = rmem_placement::etcd::Etcd::connect(
-                &a.etcd,
-                &a.etcd_prefix,
+                &etcd,
+                &etcd_prefix,
                 slab,
-                Duration::from_secs(a.stale_limit),
+                Duration::from_secs(stale_limit),
             )
             .await
             .map_err(|e| Failed::new(Code::Peer, e))?;

@@ -323,6 +323,11 @@ fn serve(a: RunArgs) -> Result<(), Failed> {
             Some(url) => Some(register(&a, url, &server, &cfg)?),
             None => None,
         };
+        super::notify_ready(&format!(
+            "lending {} slabs on {}",
+            st.slabs_total,
+            server.local_addr()
+        ));
         server.run(shutdown_signal()).await;
         Ok(())
     })

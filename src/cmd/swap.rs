@@ -17,7 +17,7 @@ pub enum SwapCmd {
     /// the device (run it under systemd, or with `&`) until `rmem swap down` or SIGTERM.
     ///
     /// Example: RMEM_SECRET=... rmem swap up --size 8G --donor 10.0.0.2:7470 --donor 10.0.0.3:7470 --replicas 2
-    Up(UpArgs),
+    Up(Box<UpArgs>),
     /// Take swap devices down: swapoff (pages come back in), device detached, slabs returned.
     Down(DownArgs),
     /// Show devices, donors, replicas and bytes in and out.
@@ -26,35 +26,40 @@ pub enum SwapCmd {
 
 #[derive(Args, Debug)]
 pub struct UpArgs {
+    /// TOML file with any of these settings (e.g. /etc/rmem/swap/NAME.toml, as
+    /// rmem-swap@NAME.service reads it; keys as the flags, `swapon`/`mlock` for the negated
+    /// ones, `donors` a list); flags given as well override it.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
     /// Device size (e.g. 8G; a multiple of 4 KiB).
-    #[arg(long)]
-    size: rmem_memserver::ByteSize,
+    #[arg(long, required_unless_present = "config")]
+    size: Option<rmem_memserver::ByteSize>,
     /// A donor HOST:PORT[@DOMAIN] (repeatable). Replicas go to distinct failure domains; the
     /// domain defaults to the host's address. With --placement these are the fallback when the
     /// service cannot be reached.
-    #[arg(long = "donor", required_unless_present = "placement")]
+    #[arg(long = "donor")]
     donors: Vec<DonorSpec>,
     /// Ask this placement service (`rmem place serve`) which donors to use, e.g.
     /// http://10.0.0.9:7460; it signs with the same shared secret.
     #[arg(long, env = "RMEM_PLACEMENT")]
     placement: Option<String>,
-    /// Copies of every block, each on a donor in another failure domain.
-    #[arg(long, default_value_t = 1)]
-    replicas: usize,
+    /// Copies of every block, each on a donor in another failure domain [default: 1].
+    #[arg(long)]
+    replicas: Option<usize>,
     /// File with the donors' shared secret (else RMEM_SECRET).
     #[arg(long)]
     secret_file: Option<PathBuf>,
-    /// Transport provider: tcp or verbs.
-    #[arg(long, default_value = "tcp", env = "RMEM_PROVIDER")]
-    provider: Provider,
+    /// Transport provider: tcp or verbs [default: tcp].
+    #[arg(long, env = "RMEM_PROVIDER")]
+    provider: Option<Provider>,
     /// verbs: device name.
     #[arg(long, env = "RMEM_DEVICE")]
     device: Option<String>,
     /// Kernel block driver: ublk (Linux 6.4+ with ublk_drv loaded; requests on io_uring),
     /// nbd (any kernel with the nbd module; a local socket), or auto: ublk where
-    /// /dev/ublk-control exists and works, else nbd.
-    #[arg(long, default_value = "auto")]
-    backend: Backend,
+    /// /dev/ublk-control exists and works, else nbd [default: auto].
+    #[arg(long)]
+    backend: Option<Backend>,
     /// The NBD device to use (implies --backend nbd under auto) [default: the first free
     /// /dev/nbdN].
     #[arg(long)]
@@ -74,15 +79,15 @@ pub struct UpArgs {
     #[arg(long)]
     op_timeout: Option<u64>,
     /// Seconds a donor may take to accept the connection, authenticate and connect the data
-    /// path before `swap up` gives up on it (exit status 5).
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
-    connect_timeout: u64,
+    /// path before `swap up` gives up on it (exit status 5) [default: 10].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    connect_timeout: Option<u64>,
     /// Data queue pairs to each donor (1-16): as many requests to one donor run at once, each
     /// on its own caller thread. Each costs a connection (two with the tcp provider) and a
     /// locked 1 MiB buffer. More than one pays off only with cores to run those threads on
     /// (on 2 cores, 4 lanes measured no faster than 1: docs/perf.md).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16))]
-    lanes: u8,
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=16))]
+    lanes: Option<u8>,
     /// Serve Prometheus metrics (I/O, replica health, per-donor traffic) at
     /// http://ADDR/metrics, e.g. 127.0.0.1:9472.
     #[arg(long)]
@@ -93,8 +98,8 @@ pub struct UpArgs {
     /// way to a donor; without headroom a host that runs out of memory altogether stalls its
     /// own swap. Watermark boosting (vm.watermark_boost_factor) is off meanwhile: a boost
     /// raises that minimum too. keep leaves both. The old values come back at `rmem swap down`.
-    #[arg(long, default_value = "auto", value_name = "auto|keep|SIZE")]
-    min_free: MinFree,
+    #[arg(long, value_name = "auto|keep|SIZE")]
+    min_free: Option<MinFree>,
     /// Print the ready line as JSON.
     #[arg(long)]
     json: bool,
@@ -124,20 +129,140 @@ pub struct StatusArgs {
 
 pub fn run(c: SwapCmd) -> Result<(), Failed> {
     match c {
-        SwapCmd::Up(a) => up(a),
+        SwapCmd::Up(a) => up(*a),
         SwapCmd::Down(a) => down(a),
         SwapCmd::Status(a) => status(a),
     }
 }
 
-fn up(a: UpArgs) -> Result<(), Failed> {
+/// `rmem swap up`'s settings once the config file and the flags are merged.
+struct Up {
+    size: u64,
+    donors: Vec<DonorSpec>,
+    placement: Option<String>,
+    replicas: usize,
+    secret_file: Option<PathBuf>,
+    provider: Provider,
+    device: Option<String>,
+    backend: Backend,
+    nbd: Option<PathBuf>,
+    swapon: bool,
+    priority: Option<u16>,
+    mlock: bool,
+    op_timeout: Option<u64>,
+    connect_timeout: u64,
+    lanes: u8,
+    metrics: Option<std::net::SocketAddr>,
+    min_free: MinFree,
+    json: bool,
+    run_dir: PathBuf,
+}
+
+/// The swap config file: every key optional, as the flags.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SwapFile {
+    size: Option<rmem_memserver::ByteSize>,
+    #[serde(default)]
+    donors: Vec<String>,
+    placement: Option<String>,
+    replicas: Option<usize>,
+    secret_file: Option<PathBuf>,
+    provider: Option<Provider>,
+    device: Option<String>,
+    backend: Option<String>,
+    nbd: Option<PathBuf>,
+    swapon: Option<bool>,
+    priority: Option<u16>,
+    mlock: Option<bool>,
+    op_timeout: Option<u64>,
+    connect_timeout: Option<u64>,
+    lanes: Option<u8>,
+    metrics: Option<std::net::SocketAddr>,
+    min_free: Option<String>,
+}
+
+/// Merges the config file (if any) under the flags; checks what neither can say alone.
+fn resolve(a: UpArgs) -> Result<Up, Failed> {
+    let usage = |m: String| Failed::new(Code::Usage, m);
+    let f: SwapFile = match &a.config {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).map_err(|e| usage(format!("{}: {e}", p.display())))?;
+            toml::from_str(&text).map_err(|e| usage(format!("{}: {e}", p.display())))?
+        }
+        None => SwapFile::default(),
+    };
+    let parse = |what: &str, v: &str| usage(format!("{what} {v:?} in the config file"));
+    let file_donors = f
+        .donors
+        .iter()
+        .map(|d| {
+            d.parse::<DonorSpec>()
+                .map_err(|e| usage(format!("donor {d:?}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let backend = match (a.backend, &f.backend) {
+        (Some(b), _) => b,
+        (None, Some(b)) => b.parse().map_err(|_| parse("backend", b))?,
+        (None, None) => Backend::Auto,
+    };
+    let min_free = match (a.min_free, &f.min_free) {
+        (Some(m), _) => m,
+        (None, Some(m)) => m.parse().map_err(|_| parse("min_free", m))?,
+        (None, None) => MinFree::Auto,
+    };
+    let lanes = a.lanes.or(f.lanes).unwrap_or(1);
+    if !(1..=16).contains(&lanes) {
+        return Err(usage(format!("lanes must be 1 to 16, not {lanes}")));
+    }
+    let up = Up {
+        size: a
+            .size
+            .or(f.size)
+            .ok_or_else(|| usage("no size: give --size or size in the config file".into()))?
+            .0,
+        donors: if a.donors.is_empty() {
+            file_donors
+        } else {
+            a.donors
+        },
+        placement: a.placement.or(f.placement),
+        replicas: a.replicas.or(f.replicas).unwrap_or(1),
+        secret_file: a.secret_file.or(f.secret_file),
+        provider: a.provider.or(f.provider).unwrap_or(Provider::Tcp),
+        device: a.device.or(f.device),
+        backend,
+        nbd: a.nbd.or(f.nbd),
+        swapon: !a.no_swapon && f.swapon.unwrap_or(true),
+        priority: a.priority.or(f.priority),
+        mlock: !a.no_mlock && f.mlock.unwrap_or(true),
+        op_timeout: a.op_timeout.or(f.op_timeout),
+        connect_timeout: a.connect_timeout.or(f.connect_timeout).unwrap_or(10).max(1),
+        lanes,
+        metrics: a.metrics.or(f.metrics),
+        min_free,
+        json: a.json,
+        run_dir: a.run_dir,
+    };
+    if up.donors.is_empty() && up.placement.is_none() {
+        return Err(usage(
+            "no donors: give --donor (repeatable), --placement, or either in the config file"
+                .into(),
+        ));
+    }
+    Ok(up)
+}
+
+fn up(args: UpArgs) -> Result<(), Failed> {
+    let a = resolve(args)?;
     let cfg = rmem_memserver::ServerConfig {
         secret_file: a.secret_file.clone(),
         ..Default::default()
     };
     let secret = cfg.load_secret().map_err(|e| Failed::new(Code::Usage, e))?;
     let (donors, plan) = match &a.placement {
-        Some(url) => match placed(url, &secret, a.size.0, a.replicas) {
+        Some(url) => match placed(url, &secret, a.size, a.replicas) {
             Ok((d, p)) => (d, Some(p)),
             Err(e) if !a.donors.is_empty() && e.code() == Code::Peer => {
                 tracing::warn!(error = %e.error, "placement unreachable; choosing among --donor");
@@ -152,7 +277,7 @@ fn up(a: UpArgs) -> Result<(), Failed> {
     let secret_for_traffic = secret.clone();
     let opts = SwapOptions {
         store: StoreConfig {
-            size: a.size.0,
+            size: a.size,
             replicas: a.replicas,
             donors,
             plan,
@@ -175,9 +300,9 @@ fn up(a: UpArgs) -> Result<(), Failed> {
         },
         backend: a.backend,
         device: a.nbd.clone(),
-        swapon: !a.no_swapon,
+        swapon: a.swapon,
         priority: a.priority,
-        mlock: !a.no_mlock,
+        mlock: a.mlock,
         run_dir: a.run_dir.clone(),
         nbd_timeout: 60,
         metrics: a.metrics,
@@ -189,6 +314,12 @@ fn up(a: UpArgs) -> Result<(), Failed> {
     };
     let json = a.json;
     daemon::run(opts, |r| {
+        super::notify_ready(&format!(
+            "{} ready, {} MiB{}",
+            r.device,
+            r.size >> 20,
+            if r.swapon { ", swap on" } else { "" }
+        ));
         if json {
             println!("{}", serde_json::to_string(r).unwrap_or_default());
         } else {

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Builds the Debian package: the release binary and preload library, man pages and shell
+# completions generated from the clap definitions (target/dist/), then cargo-deb. Prints the
+# .deb's path. Installs cargo-deb (cargo) and lintian (apt) when missing, and runs lintian.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/deps.sh
+command -v cargo-deb >/dev/null || cargo install --locked cargo-deb
+cargo build --release --locked -p rmem -p rmem-preload
+out=target/dist
+rm -rf "$out"; mkdir -p "$out/man" "$out/completions"
+target/release/rmem man --dir "$out/man" 2>/dev/null
+gzip -9n "$out"/man/*.1
+target/release/rmem completions bash > "$out/completions/rmem.bash"
+target/release/rmem completions zsh > "$out/completions/_rmem"
+target/release/rmem completions fish > "$out/completions/rmem.fish"
+deb=$(cargo deb --no-build -p rmem | tail -1)
+if ! command -v lintian >/dev/null; then
+  sudo=""; [[ $(id -u) -ne 0 ]] && sudo=sudo
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq lintian >/dev/null
+fi
+# Overrides with their reasons: dist/lintian-overrides.
+lintian --suppress-tags-from-file dist/lintian-overrides "$deb" >&2 || true
+echo "$deb"
