@@ -14,7 +14,8 @@ gzip -9n "$out"/man/*.1
 target/release/rmem completions bash > "$out/completions/rmem.bash"
 target/release/rmem completions zsh > "$out/completions/_rmem"
 target/release/rmem completions fish > "$out/completions/rmem.fish"
-deb=$(cargo deb --no-build -p rmem | tail -1)
+# Stripped: a backtrace still names functions; full debug info is for the build tree.
+deb=$(cargo deb --no-build --strip -p rmem | tail -1)
 if ! command -v lintian >/dev/null; then
   sudo=""; [[ $(id -u) -ne 0 ]] && sudo=sudo
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq lintian >/dev/null

@@ -25,6 +25,14 @@ if [[ $(id -u) -eq 0 ]]; then
 else
   echo "NOTE: not root: the shaped-link test (tests/netns_links.rs) was NOT run"
 fi
+# The Debian package: built (cargo-deb, lintian), installed on a clean Debian 12 root
+# (debootstrap), run, its man pages and units checked there. Needs root and the Debian mirror.
+if [[ $(id -u) -eq 0 ]]; then
+  echo "== the Debian package on a clean Debian 12 root"
+  scripts/package-test.sh
+else
+  echo "NOTE: not root: the package install test (scripts/package-test.sh) was NOT run"
+fi
 if [[ "${RMEM_SKIP_VM:-0}" == 1 ]]; then
   echo "NOTE: RMEM_SKIP_VM=1: the verbs conformance suite on Soft-RoCE was NOT run"
   exit 0
