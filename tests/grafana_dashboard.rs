@@ -56,9 +56,10 @@ fn queried(dashboard: &serde_json::Value, out: &mut BTreeSet<String>) {
 #[test]
 fn every_metric_the_dashboard_queries_is_exported() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dash: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root.join("dist/grafana/rmem.json")).unwrap())
-            .expect("the dashboard is JSON");
+    let dash: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("dist/grafana/rmem.json")).unwrap(),
+    )
+    .expect("the dashboard is JSON");
     let mut wanted = BTreeSet::new();
     queried(&dash, &mut wanted);
     assert!(wanted.len() >= 20, "{wanted:?}");
@@ -68,9 +69,19 @@ fn every_metric_the_dashboard_queries_is_exported() {
     );
     let donor = support::donor(
         SECRET,
-        &["--size", "16M", "--slab-size", "1M", "--admin-listen", "127.0.0.1:0"],
+        &[
+            "--size",
+            "16M",
+            "--slab-size",
+            "1M",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ],
     );
-    exported.extend(names(&get(donor.info["admin"].as_str().unwrap(), "/metrics")));
+    exported.extend(names(&get(
+        donor.info["admin"].as_str().unwrap(),
+        "/metrics",
+    )));
 
     let (mut place, info) = support::spawn_json(
         Command::new(env!("CARGO_BIN_EXE_rmem"))
@@ -80,7 +91,14 @@ fn every_metric_the_dashboard_queries_is_exported() {
     let addr = info["listening"].as_str().unwrap().to_owned();
     // One refused placement makes the labelled families (decisions, refusals) appear.
     let refused = Command::new(env!("CARGO_BIN_EXE_rmem"))
-        .args(["place", "place", "--size", "1M", "--url", &format!("http://{addr}")])
+        .args([
+            "place",
+            "place",
+            "--size",
+            "1M",
+            "--url",
+            &format!("http://{addr}"),
+        ])
         .env("RMEM_SECRET", SECRET)
         .output()
         .unwrap();

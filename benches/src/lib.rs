@@ -7,6 +7,7 @@
 //! an HdrHistogram or a wall-clock span of the whole run, never from a sample.
 
 mod clock;
+pub mod plot;
 
 pub use clock::{Clock, ClockKind};
 
@@ -47,6 +48,16 @@ pub enum PerfOp {
     Write,
     /// 8-byte fetch-and-add.
     Atomic,
+}
+
+impl PerfOp {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PerfOp::Read => "read",
+            PerfOp::Write => "write",
+            PerfOp::Atomic => "atomic",
+        }
+    }
 }
 
 impl std::str::FromStr for PerfOp {
@@ -132,7 +143,17 @@ pub struct LatStats {
     pub p50_us: f64,
     pub p99_us: f64,
     pub p999_us: f64,
+    /// The distribution as (latency in us, share of operations at or below it) points, for a
+    /// CDF plot: every 5% to 90%, then ever finer to the maximum.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cdf: Vec<[f64; 2]>,
 }
+
+/// Quantiles a latency CDF is drawn through.
+const CDF_QUANTILES: &[f64] = &[
+    0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8,
+    0.85, 0.9, 0.925, 0.95, 0.975, 0.99, 0.995, 0.999, 0.9995, 0.9999, 1.0,
+];
 
 /// Bandwidth of a whole run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -377,6 +398,10 @@ impl Client {
                 p50_us: us(hist.value_at_quantile(0.5)),
                 p99_us: us(hist.value_at_quantile(0.99)),
                 p999_us: us(hist.value_at_quantile(0.999)),
+                cdf: CDF_QUANTILES
+                    .iter()
+                    .map(|&q| [us(hist.value_at_quantile(q)), q])
+                    .collect(),
             }),
             bw: None,
         })

@@ -10,7 +10,7 @@ use rmem_bench::{Client, PerfConfig, PerfMode, PerfOp, Report};
 use rmem_transport::open;
 
 use super::{parse_size, ProviderArgs};
-use crate::exit::Failed;
+use crate::exit::{Code, Failed};
 
 #[derive(Subcommand, Debug)]
 pub enum PerfCmd {
@@ -24,11 +24,25 @@ pub enum PerfCmd {
     Client(ClientArgs),
     /// Run a server and a client in this process over loopback (a quick self-check).
     Loopback(LoopbackArgs),
+    /// Draw saved `--json` reports in one SVG picture, to compare runs (providers, hosts).
+    ///
+    /// Example: rmem perf plot --input tcp=tcp.json --input verbs=verbs.json --out read.svg
+    Plot(PlotArgs),
     /// Measure a donor's slab allocation: latency of one slab (allocate and free), and slabs
     /// served per second in batches. Uses RMEM_SECRET.
     ///
     /// Example: RMEM_SECRET=... rmem perf alloc 10.0.0.2:7470 -n 2000
     Alloc(AllocArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PlotArgs {
+    /// A run: LABEL=FILE.json (the JSON `rmem perf client --json` printed); repeatable.
+    #[arg(long, required = true)]
+    input: Vec<String>,
+    /// The SVG file to write.
+    #[arg(long)]
+    out: std::path::PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -112,6 +126,10 @@ pub struct RunArgs {
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// Also draw the results as an SVG picture: the latency distribution (a CDF per message
+    /// size), or bandwidth by message size with --bw.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<std::path::PathBuf>,
 }
 
 /// A size of at least one byte: a zero-byte operation measures nothing.
@@ -173,6 +191,7 @@ pub fn run(cmd: PerfCmd) -> Result<(), Failed> {
         }
         PerfCmd::Loopback(a) => loopback(a),
         PerfCmd::Alloc(a) => alloc(a),
+        PerfCmd::Plot(a) => plot(a),
     }
 }
 
@@ -220,7 +239,43 @@ fn client(ctx: &rmem_transport::Context, server: SocketAddr, a: &RunArgs) -> Res
     }
     c.finish()?;
     print_report(&report, a.json);
+    if let Some(path) = &a.plot {
+        draw(&[(report.provider.clone(), report)], path)?;
+    }
     Ok(())
+}
+
+/// Draws `runs` (label, report) into `path`.
+fn draw(runs: &[(String, Report)], path: &std::path::Path) -> Result<(), Failed> {
+    let series: Vec<rmem_bench::plot::Series<'_>> = runs
+        .iter()
+        .map(|(label, report)| rmem_bench::plot::Series {
+            label: label.clone(),
+            report,
+        })
+        .collect();
+    rmem_bench::plot::plot(&series, path).map_err(|e| Failed::new(Code::Failure, e))?;
+    eprintln!("drew {}", path.display());
+    Ok(())
+}
+
+fn plot(a: PlotArgs) -> Result<(), Failed> {
+    let mut runs = Vec::new();
+    for spec in &a.input {
+        let (label, file) = spec.split_once('=').ok_or_else(|| {
+            Failed::new(Code::Usage, format!("{spec:?}: expected LABEL=FILE.json"))
+        })?;
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| Failed::new(Code::Usage, format!("{file}: {e}")))?;
+        let report: Report = serde_json::from_str(&text).map_err(|e| {
+            Failed::new(
+                Code::Usage,
+                format!("{file}: not an `rmem perf --json` report: {e}"),
+            )
+        })?;
+        runs.push((label.to_owned(), report));
+    }
+    draw(&runs, &a.out)
 }
 
 fn loopback(a: LoopbackArgs) -> Result<(), Failed> {
