@@ -2,7 +2,7 @@
 # rmem perf over the tcp provider next to qperf (tcp_lat, tcp_bw) and ucx_perftest (UCX_TLS=tcp),
 # all on loopback, in one run, so the figures share the machine's state.
 #
-#   benches/compare-tcp.sh [--json FILE]
+#   benches/compare-tcp.sh [--json FILE] [--svg FILE]
 #
 # Prints one table: 4 KiB READ latency (rmem, p50/p99) against the TCP round trip (twice qperf's
 # one-way tcp_lat) and UCX's ucp_get; 64 KiB WRITE bandwidth against qperf tcp_bw and UCX's
@@ -10,8 +10,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-json_out=""
-[[ "${1:-}" == "--json" ]] && json_out="${2:?--json needs a file}"
+json_out="" svg_out=""
+while (($#)); do
+  case $1 in
+    --json) json_out=${2:?--json needs a file}; shift 2 ;;
+    --svg) svg_out=${2:?--svg needs a file}; shift 2 ;;
+    *) echo "usage: $0 [--json FILE] [--svg FILE]" >&2; exit 2 ;;
+  esac
+done
 
 need=()
 command -v qperf >/dev/null || need+=(qperf)
@@ -55,9 +61,9 @@ rmem_run() { # tag extra-args...
 rmem_run adaptive
 rmem_run busy --busy-poll
 
-python3 - "$work" "$json_out" <<'PY'
+python3 - "$work" "$json_out" "$work/bars.json" <<'PY'
 import json, re, sys
-w, out = sys.argv[1], sys.argv[2]
+w, out, bars = sys.argv[1], sys.argv[2], sys.argv[3]
 def num(path, pat):
     m = re.search(pat, open(f"{w}/{path}").read())
     return float(m.group(1)), m.group(2) if m.lastindex and m.lastindex > 1 else None
@@ -86,8 +92,16 @@ for name, a, b, q, u in rows:
 print(f"\nqperf tcp_lat one-way {lat_one_way:.1f} us -> round trip {rtt:.1f} us")
 print(f"targets: READ p50 <= 1.5 x RTT = {1.5*rtt:.1f} us: adaptive {'met' if r['adaptive']['p50'] <= 1.5*rtt else 'MISSED'}, busy {'met' if r['busy']['p50'] <= 1.5*rtt else 'MISSED'}")
 print(f"         WRITE bw >= 0.8 x qperf = {0.8*qperf_bw/1e9:.2f} GB/s: adaptive {'met' if r['adaptive']['bw'] >= 0.8*qperf_bw else 'MISSED'}, busy {'met' if r['busy']['bw'] >= 0.8*qperf_bw else 'MISSED'}")
+tools = ("rmem adaptive", "rmem busy-poll", "qperf TCP", "UCX tcp")
+json.dump(dict(title="rmem tcp provider vs qperf and UCX on loopback", groups=[
+    dict(measure=name.rsplit(" (", 1)[0], unit=name.rsplit(" (", 1)[1].rstrip(")"),
+         bars=[[t, v] for t, v in zip(tools, vals)])
+    for name, *vals in rows]), open(bars, "w"))
 if out:
     json.dump(dict(qperf=dict(tcp_lat_one_way_us=lat_one_way, tcp_bw_bytes_per_sec=qperf_bw),
                    ucx=dict(ucp_get_4k_p50_us=ucx_lat, ucp_put_bw_64k_bytes_per_sec=ucx_bw),
                    rmem=r), open(out, "w"), indent=2)
 PY
+if [[ -n $svg_out ]]; then
+  "$rmem" perf plot --bars "$work/bars.json" --out "$svg_out"
+fi

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::Report;
 
@@ -322,5 +323,141 @@ mod tests {
             Err(PlotError::Empty(_))
         ));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// A comparison of single figures: groups (one measure each) of bars (one tool each), as the
+/// `benches/compare-*.sh` scripts write it for `rmem perf plot --bars`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Bars {
+    pub title: String,
+    pub groups: Vec<BarGroup>,
+}
+
+/// One measure: its name, unit, and each tool's figure (absent where a tool has none).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct BarGroup {
+    pub measure: String,
+    pub unit: String,
+    pub bars: Vec<(String, Option<f64>)>,
+}
+
+/// Draws one panel per measure, side by side, each with its own scale.
+pub fn bars(b: &Bars, path: &Path) -> Result<(), PlotError> {
+    if b.groups.is_empty() || b.groups.iter().all(|g| g.bars.is_empty()) {
+        return Err(PlotError::Empty("figures"));
+    }
+    let e = draw_err(path);
+    let root = SVGBackend::new(path, (420 * b.groups.len() as u32, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    let root = root
+        .titled(&b.title, ("sans-serif", 22))
+        .map_err(|x| e(x.to_string()))?;
+    let panels = root.split_evenly((1, b.groups.len()));
+    // One color per tool across panels, in order of first appearance.
+    let mut tools: Vec<&str> = Vec::new();
+    for g in &b.groups {
+        for (t, _) in &g.bars {
+            if !tools.contains(&t.as_str()) {
+                tools.push(t);
+            }
+        }
+    }
+    for (g, area) in b.groups.iter().zip(&panels) {
+        let top = g
+            .bars
+            .iter()
+            .filter_map(|(_, v)| *v)
+            .fold(0.0f64, f64::max)
+            .max(1e-9)
+            * 1.15;
+        let n = g.bars.len().max(1);
+        let mut chart = ChartBuilder::on(area)
+            .caption(&g.measure, ("sans-serif", 15))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(56)
+            .build_cartesian_2d((0..n).into_segmented(), 0.0..top)
+            .map_err(|x| e(x.to_string()))?;
+        let names: Vec<String> = g.bars.iter().map(|(t, _)| t.clone()).collect();
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(n)
+            .x_label_formatter(&|x| match x {
+                SegmentValue::CenterOf(i) => names.get(*i).cloned().unwrap_or_default(),
+                _ => String::new(),
+            })
+            .y_desc(g.unit.as_str())
+            .draw()
+            .map_err(|x| e(x.to_string()))?;
+        for (i, (tool, v)) in g.bars.iter().enumerate() {
+            let Some(v) = v else { continue };
+            let k = tools.iter().position(|t| t == tool).unwrap_or(0);
+            let c = COLORS[k % COLORS.len()];
+            let mut bar = Rectangle::new(
+                [
+                    (SegmentValue::Exact(i), 0.0),
+                    (SegmentValue::Exact(i + 1), *v),
+                ],
+                c.filled(),
+            );
+            bar.set_margin(0, 0, 12, 12);
+            chart
+                .draw_series(std::iter::once(bar))
+                .map_err(|x| e(x.to_string()))?;
+            chart
+                .draw_series(std::iter::once(Text::new(
+                    format!("{v:.2}"),
+                    (SegmentValue::CenterOf(i), *v + top * 0.04),
+                    TextStyle::from(("sans-serif", 13).into_font())
+                        .pos(Pos::new(HPos::Center, VPos::Bottom)),
+                )))
+                .map_err(|x| e(x.to_string()))?;
+        }
+    }
+    root.present().map_err(|x| e(x.to_string()))
+}
+
+#[cfg(test)]
+mod bar_tests {
+    use super::*;
+
+    #[test]
+    fn one_panel_per_measure_one_bar_per_tool_with_its_figure() {
+        let path = std::env::temp_dir().join(format!("rmem-bars-{}.svg", std::process::id()));
+        let b = Bars {
+            title: "rmem against qperf".into(),
+            groups: vec![
+                BarGroup {
+                    measure: "4 KiB READ p50".into(),
+                    unit: "us".into(),
+                    bars: vec![("rmem".into(), Some(9.25)), ("qperf".into(), Some(12.5))],
+                },
+                BarGroup {
+                    measure: "64 KiB WRITE".into(),
+                    unit: "GB/s".into(),
+                    bars: vec![("rmem".into(), Some(4.1)), ("qperf".into(), None)],
+                },
+            ],
+        };
+        bars(&b, &path).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        for t in [
+            "rmem against qperf",
+            "4 KiB READ p50",
+            "64 KiB WRITE",
+            "9.25",
+            "12.50",
+            "4.10",
+        ] {
+            assert!(svg.contains(t), "{t} missing");
+        }
+        let _ = std::fs::remove_file(&path);
+        let none = Bars {
+            title: "x".into(),
+            groups: vec![],
+        };
+        assert!(matches!(bars(&none, &path), Err(PlotError::Empty(_))));
     }
 }

@@ -38,8 +38,12 @@ pub enum PerfCmd {
 #[derive(Args, Debug)]
 pub struct PlotArgs {
     /// A run: LABEL=FILE.json (the JSON `rmem perf client --json` printed); repeatable.
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "bars")]
     input: Vec<String>,
+    /// Instead: single figures of several tools side by side, as the benches/compare-*.sh
+    /// scripts write them ({title, groups: [{measure, unit, bars: [[tool, value]]}]}).
+    #[arg(long, conflicts_with = "input")]
+    bars: Option<std::path::PathBuf>,
     /// The SVG file to write.
     #[arg(long)]
     out: std::path::PathBuf,
@@ -260,6 +264,15 @@ fn draw(runs: &[(String, Report)], path: &std::path::Path) -> Result<(), Failed>
 }
 
 fn plot(a: PlotArgs) -> Result<(), Failed> {
+    if let Some(file) = &a.bars {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| Failed::new(Code::Usage, format!("{}: {e}", file.display())))?;
+        let b: rmem_bench::plot::Bars = serde_json::from_str(&text)
+            .map_err(|e| Failed::new(Code::Usage, format!("{}: {e}", file.display())))?;
+        rmem_bench::plot::bars(&b, &a.out).map_err(|e| Failed::new(Code::Failure, e))?;
+        eprintln!("drew {}", a.out.display());
+        return Ok(());
+    }
     let mut runs = Vec::new();
     for spec in &a.input {
         let (label, file) = spec.split_once('=').ok_or_else(|| {
