@@ -7,13 +7,16 @@ cd "$(dirname "$0")/.."
 scripts/deps.sh
 command -v cargo-deb >/dev/null || cargo install --locked cargo-deb
 cargo build --release --locked -p rmem -p rmem-preload
+# cargo-deb finds target/release/ wherever CARGO_TARGET_DIR puts it; the generated pages and
+# completions stay in this tree's target/dist, where the package metadata names them.
+rmem=${CARGO_TARGET_DIR:-target}/release/rmem
 out=target/dist
 rm -rf "$out"; mkdir -p "$out/man" "$out/completions"
-target/release/rmem man --dir "$out/man" 2>/dev/null
+"$rmem" man --dir "$out/man" 2>/dev/null
 gzip -9n "$out"/man/*.1
-target/release/rmem completions bash > "$out/completions/rmem.bash"
-target/release/rmem completions zsh > "$out/completions/_rmem"
-target/release/rmem completions fish > "$out/completions/rmem.fish"
+"$rmem" completions bash > "$out/completions/rmem.bash"
+"$rmem" completions zsh > "$out/completions/_rmem"
+"$rmem" completions fish > "$out/completions/rmem.fish"
 # Stripped: a backtrace still names functions; full debug info is for the build tree.
 deb=$(cargo deb --no-build --strip -p rmem | tail -1)
 if ! command -v lintian >/dev/null; then

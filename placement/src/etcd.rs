@@ -461,25 +461,3 @@ impl Registry for Etcd {
         lapsed.len() + self.shared.departed.swap(0, Ordering::Relaxed) as usize
     }
 }
-
-/// Donor records as `HashMap` for tests and tools: what etcd holds right now.
-pub async fn records(
-    endpoints: &[String],
-    prefix: &str,
-) -> Result<HashMap<String, u32>, RegistryError> {
-    let mut c = Client::connect(endpoints, None)
-        .await
-        .map_err(unavailable)?;
-    let r = c
-        .get(
-            format!("{}/donors/", prefix.trim_end_matches('/')),
-            Some(GetOptions::new().with_prefix()),
-        )
-        .await
-        .map_err(unavailable)?;
-    Ok(r.kvs()
-        .iter()
-        .filter_map(|kv| serde_json::from_slice::<Record>(kv.value()).ok())
-        .map(|r| (r.report.id, r.report.free_slabs.saturating_sub(r.pending)))
-        .collect())
-}
