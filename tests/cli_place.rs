@@ -181,42 +181,20 @@ fn a_reservation_that_cannot_finish_names_the_deadline_that_would() {
         .as_str()
         .unwrap()
         .to_owned();
+    // 100 MiB from the donor to b1 within `deadline` seconds, on its 100 Mbit/s link.
+    let reserve = |deadline: &str, extra: &[&str]| {
+        let mut args = vec!["reserve", "--from", &id, "--to", "b1", "--size", "100M"];
+        args.extend(["--deadline", deadline]);
+        args.extend(extra);
+        place(&svc.url, SECRET, &args)
+    };
     // 100 Mbit/s: 125 MB in 10 s.
-    let (code, out, err) = place(
-        &svc.url,
-        SECRET,
-        &[
-            "reserve",
-            "--from",
-            &id,
-            "--to",
-            "b1",
-            "--size",
-            "100M",
-            "--deadline",
-            "20",
-            "--json",
-        ],
-    );
+    let (code, out, err) = reserve("20", &["--json"]);
     assert_eq!(code, 0, "{err}");
     let g: serde_json::Value = serde_json::from_str(&out).unwrap();
     let rate = g["rate"].as_f64().unwrap();
     assert!(rate <= 12.5e6 * 1.0001 && rate > 12.5e6 * 0.99, "{g}");
-    let (code, _, err) = place(
-        &svc.url,
-        SECRET,
-        &[
-            "reserve",
-            "--from",
-            &id,
-            "--to",
-            "b1",
-            "--size",
-            "100M",
-            "--deadline",
-            "5",
-        ],
-    );
+    let (code, _, err) = reserve("5", &[]);
     assert_eq!(code, 6, "{err}");
     assert!(err.contains("earliest deadline that fits"), "{err}");
 }

@@ -62,6 +62,64 @@ pub fn plot(series: &[Series<'_>], path: &Path) -> Result<(), PlotError> {
     }
 }
 
+/// A line chart's layout: axes, ranges, legend corner, whether points are marked.
+struct Lines<'a> {
+    title: String,
+    x_desc: &'a str,
+    y_desc: &'a str,
+    x: std::ops::Range<f64>,
+    y: std::ops::Range<f64>,
+    x_label: &'a dyn Fn(&f64) -> String,
+    legend: SeriesLabelPosition,
+    points: bool,
+}
+
+/// Draws `lines` (name, points), one color each, with a legend.
+fn draw_lines(
+    path: &Path,
+    l: Lines<'_>,
+    lines: &[(String, Vec<(f64, f64)>)],
+) -> Result<(), PlotError> {
+    let e = draw_err(path);
+    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(&l.title, ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(l.x, l.y)
+        .map_err(|x| e(x.to_string()))?;
+    chart
+        .configure_mesh()
+        .x_desc(l.x_desc)
+        .y_desc(l.y_desc)
+        .x_label_formatter(l.x_label)
+        .draw()
+        .map_err(|x| e(x.to_string()))?;
+    for (i, (name, pts)) in lines.iter().enumerate() {
+        let c = COLORS[i % COLORS.len()];
+        chart
+            .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))
+            .map_err(|x| e(x.to_string()))?
+            .label(name.clone())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], c.stroke_width(2)));
+        if l.points {
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 3, c.filled())))
+                .map_err(|x| e(x.to_string()))?;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .position(l.legend)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|x| e(x.to_string()))?;
+    root.present().map_err(|x| e(x.to_string()))
+}
+
 fn latency_cdf(series: &[Series<'_>], path: &Path) -> Result<(), PlotError> {
     let mut lines: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     for s in series {
@@ -84,42 +142,17 @@ fn latency_cdf(series: &[Series<'_>], path: &Path) -> Result<(), PlotError> {
         .flat_map(|(_, pts)| pts.iter().filter(|p| p.1 <= 0.999).map(|p| p.0))
         .fold(1.0f64, f64::max)
         * 1.1;
-    let e = draw_err(path);
-    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
-    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
-    let op = common_op(series);
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            format!("rmem perf: {op} latency distribution"),
-            ("sans-serif", 22),
-        )
-        .margin(16)
-        .x_label_area_size(44)
-        .y_label_area_size(56)
-        .build_cartesian_2d(0.0..x_max, 0.0..1.0)
-        .map_err(|x| e(x.to_string()))?;
-    chart
-        .configure_mesh()
-        .x_desc("latency (us)")
-        .y_desc("share of operations at or below")
-        .draw()
-        .map_err(|x| e(x.to_string()))?;
-    for (i, (name, pts)) in lines.iter().enumerate() {
-        let c = COLORS[i % COLORS.len()];
-        chart
-            .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))
-            .map_err(|x| e(x.to_string()))?
-            .label(name.clone())
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], c.stroke_width(2)));
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|x| e(x.to_string()))?;
-    root.present().map_err(|x| e(x.to_string()))
+    let layout = Lines {
+        title: format!("rmem perf: {} latency distribution", common_op(series)),
+        x_desc: "latency (us)",
+        y_desc: "share of operations at or below",
+        x: 0.0..x_max,
+        y: 0.0..1.0,
+        x_label: &|x| format!("{x:.1}"),
+        legend: SeriesLabelPosition::LowerRight,
+        points: false,
+    };
+    draw_lines(path, layout, &lines)
 }
 
 fn bandwidth(series: &[Series<'_>], path: &Path) -> Result<(), PlotError> {
@@ -153,46 +186,18 @@ fn bandwidth(series: &[Series<'_>], path: &Path) -> Result<(), PlotError> {
     if x1 <= x0 {
         x1 = x0 + 1.0;
     }
-    let e = draw_err(path);
-    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
-    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
-    let op = common_op(series);
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            format!("rmem perf: {op} bandwidth by message size"),
-            ("sans-serif", 22),
-        )
-        .margin(16)
-        .x_label_area_size(44)
-        .y_label_area_size(64)
-        .build_cartesian_2d(x0 - 0.5..x1 + 0.5, 0.0..y1 * 1.1)
-        .map_err(|x| e(x.to_string()))?;
-    chart
-        .configure_mesh()
-        .x_desc("message size (bytes)")
-        .y_desc("MiB/s")
-        .x_label_formatter(&|x| human_bytes(2f64.powf(x.round())))
-        .draw()
-        .map_err(|x| e(x.to_string()))?;
-    for (i, (name, pts)) in lines.iter().enumerate() {
-        let c = COLORS[i % COLORS.len()];
-        chart
-            .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))
-            .map_err(|x| e(x.to_string()))?
-            .label(name.clone())
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], c.stroke_width(2)));
-        chart
-            .draw_series(pts.iter().map(|&p| Circle::new(p, 3, c.filled())))
-            .map_err(|x| e(x.to_string()))?;
-    }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|x| e(x.to_string()))?;
-    root.present().map_err(|x| e(x.to_string()))
+    let layout = Lines {
+        title: format!("rmem perf: {} bandwidth by message size", common_op(series)),
+        x_desc: "message size (bytes)",
+        y_desc: "MiB/s",
+        // Sizes are drawn on a log2 axis and labelled in binary units.
+        x: x0 - 0.5..x1 + 0.5,
+        y: 0.0..y1 * 1.1,
+        x_label: &|x| human_bytes(2f64.powf(x.round())),
+        legend: SeriesLabelPosition::UpperLeft,
+        points: true,
+    };
+    draw_lines(path, layout, &lines)
 }
 
 fn human_bytes(b: f64) -> String {
