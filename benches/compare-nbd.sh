@@ -3,15 +3,16 @@
 # measured with fio's nbd engine in one run: 4 KiB random read/write IOPS (iodepth 16) and
 # 1 MiB sequential write and read throughput.
 #
-#   benches/compare-nbd.sh [--size 1G] [--runtime 10]
+#   benches/compare-nbd.sh [--size 1G] [--runtime 10] [--svg FILE]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-size=1G runtime=10
+size=1G runtime=10 svg_out=""
 while (($#)); do
   case $1 in
     --size) size=$2; shift 2 ;;
     --runtime) runtime=$2; shift 2 ;;
-    *) echo "usage: $0 [--size 1G] [--runtime 10]" >&2; exit 2 ;;
+    --svg) svg_out=$2; shift 2 ;;
+    *) echo "usage: $0 [--size 1G] [--runtime 10] [--svg FILE]" >&2; exit 2 ;;
   esac
 done
 need=()
@@ -49,6 +50,7 @@ done
 python3 - "$work" <<'PY'
 import json, sys
 w = sys.argv[1]
+bars_file = f"{w}/bars.json"
 def job(name):
     text = open(f"{w}/{name}.json").read()   # the nbd engine prints a line before the JSON
     return json.loads(text[text.index("{"):])["jobs"][0]
@@ -64,4 +66,12 @@ for t, ri, wi, sw, sr in rows:
     print(f"| {t} | {ri:,.0f} | {wi:,.0f} | {sw:.2f} | {sr:.2f} |")
 (rm, nk) = rows
 print("\nrmem / nbdkit: " + ", ".join(f"{a / b:.2f}" for a, b in zip(rm[1:], nk[1:])) + "  (target: at least 1.0)")
+measures = [("4 KiB randrw read", "IOPS"), ("4 KiB randrw write", "IOPS"),
+            ("1 MiB seq write", "GiB/s"), ("1 MiB seq read", "GiB/s")]
+json.dump(dict(title="rmem's NBD export vs nbdkit memory (fio nbd engine, loopback)", groups=[
+    dict(measure=m, unit=u, bars=[[r[0], r[i + 1]] for r in rows])
+    for i, (m, u) in enumerate(measures)]), open(bars_file, "w"))
 PY
+if [[ -n $svg_out ]]; then
+  target/release/rmem perf plot --bars "$work/bars.json" --out "$svg_out"
+fi

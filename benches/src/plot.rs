@@ -381,7 +381,7 @@ pub fn bars(b: &Bars, path: &Path) -> Result<(), PlotError> {
             .caption(&g.measure, ("sans-serif", 15))
             .margin(12)
             .x_label_area_size(40)
-            .y_label_area_size(56)
+            .y_label_area_size(72)
             .build_cartesian_2d((0..n).into_segmented(), 0.0..top)
             .map_err(|x| e(x.to_string()))?;
         let names: Vec<String> = g.bars.iter().map(|(t, _)| t.clone()).collect();
@@ -394,6 +394,13 @@ pub fn bars(b: &Bars, path: &Path) -> Result<(), PlotError> {
                 _ => String::new(),
             })
             .y_desc(g.unit.as_str())
+            .y_label_formatter(&|y| {
+                if top >= 100.0 {
+                    format!("{y:.0}")
+                } else {
+                    format!("{y:.1}")
+                }
+            })
             .draw()
             .map_err(|x| e(x.to_string()))?;
         for (i, (tool, v)) in g.bars.iter().enumerate() {
