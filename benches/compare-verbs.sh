@@ -2,22 +2,30 @@
 # rmem perf over the verbs provider next to perftest and qperf, on Soft-RoCE in one VM run
 # (soft-roce/vm/run.sh perf), printed as one table.
 #
-#   benches/compare-verbs.sh [--log FILE]     (--log: parse an existing console log instead)
+#   benches/compare-verbs.sh [--log FILE] [--svg FILE]
+#     --log: parse an existing console log instead; --svg: draw the table as bars
 #
 # Latency is the typical (median) time. perftest's ib_read_lat and ib_atomic_lat, qperf and rmem
 # time a whole operation (one round trip); ib_write_lat reports half of a WRITE ping-pong, so
 # the table doubles it to compare it with rmem's WRITE (post to completion, one round trip).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-log=""
-if [[ "${1:-}" == "--log" ]]; then
-  log=${2:?--log needs a file}
-else
+log="" svg_out=""
+while (($#)); do
+  case $1 in
+    --log) log=${2:?--log needs a file}; shift 2 ;;
+    --svg) svg_out=${2:?--svg needs a file}; shift 2 ;;
+    *) echo "usage: $0 [--log FILE] [--svg FILE]" >&2; exit 2 ;;
+  esac
+done
+if [[ -z $log ]]; then
   log=$(mktemp)
   RMEM_VM_LOG=$log soft-roce/vm/run.sh perf >/dev/null 2>"$log.stderr" || {
     echo "the VM run failed; its output:" >&2; cat "$log.stderr" >&2; exit 1; }
 fi
-python3 - "$log" <<'PY'
+bars=$(mktemp)
+trap 'rm -f "$bars"' EXIT
+python3 - "$log" "$bars" <<'PY'
 import json, re, sys
 text = open(sys.argv[1], errors="replace").read().replace("\r", "")
 sec = dict(re.findall(r"=== BEGIN (\S+)\n(.*?)=== END \1 rc=0", text, re.S))
@@ -70,8 +78,15 @@ for name, r, p, q, kind in rows:
     met = ratio is not None and (ratio <= 1.10 if kind == "lat" else ratio >= 0.95)
     ok &= met
     print(f"| {name} | {f(r)} | {f(p)} | {f(q)} | {f(ratio)} | {target} {'met' if met else 'MISSED'} |")
+json.dump(dict(title="rmem verbs vs perftest and qperf on Soft-RoCE (one VM)", groups=[
+    dict(measure=name.rsplit(" (", 1)[0], unit=name.rsplit(" (", 1)[1].rstrip(")"),
+         bars=[["rmem", r], ["perftest", p], ["qperf", q]])
+    for name, r, p, q, kind in rows]), open(sys.argv[2], "w"))
 missing = [n for n in ("rmem_read_lat_8", "perftest_read_lat_8", "rmem_write_bw", "perftest_write_bw") if n not in sec]
 if missing:
     print("sections missing or failed:", ", ".join(missing))
 sys.exit(0)
 PY
+if [[ -n $svg_out ]]; then
+  target/release/rmem perf plot --bars "$bars" --out "$svg_out"
+fi

@@ -6,6 +6,7 @@
 # fresh destination waiting with -incoming defer, both with their RAM in a file on /dev/shm.
 #
 #   benches/migrate-compare.sh [--runs N | --quick] [--out FILE] [--rmem PATH] [--rows 1,2,...]
+#                              [--svg FILE]   (the medians drawn as bars, QEMU's rows next to rmem's)
 #                              [--keep]   (keep each run's logs: serial, heartbeat, QEMU, rmem)
 #
 # Rows: 1 QEMU tcp (QEMU's defaults), 2 QEMU tcp with max-bandwidth 10 GiB/s, 3 QEMU post-copy
@@ -26,7 +27,7 @@ cd "$(dirname "$0")/.."
 repo=$(pwd)
 
 usage() {
-  echo "usage: $0 [--runs N | --quick] [--out FILE] [--rmem PATH] [--rows 1,2,...,9] [--keep]" >&2
+  echo "usage: $0 [--runs N | --quick] [--out FILE] [--rmem PATH] [--rows 1,2,...,9] [--keep] [--svg FILE]" >&2
   exit 2
 }
 runs=5
@@ -41,6 +42,7 @@ while (($#)); do
     --quick) runs=1; shift ;;
     --out) [[ -n ${2:-} ]] || usage; out=$2; shift 2 ;;
     --rmem) [[ -n ${2:-} ]] || usage; rmem=$2; shift 2 ;;
+    --svg) [[ -n ${2:-} ]] || usage; svg_out=$2; shift 2 ;;
     --rows) [[ ${2:-} =~ ^[1-9](,[1-9])*$ ]] || usage; rows=$2; shift 2 ;;
     --keep) keep=1; shift ;;
     -h|--help) usage ;;
@@ -488,8 +490,30 @@ def table(outfile, rows, runs, info):
         print(f"- Heartbeat: the guest's longest gap in the 3 s before each migration was "
               f"{stats(base)} ms (the noise floor of this host under TCG).")
 
+def bars(outfile, rows, barsfile):
+    """The medians of each row as `rmem perf plot --bars` input."""
+    recs = [json.loads(l) for l in open(outfile) if l.strip()]
+    short = {"qemu-tcp": "QEMU tcp", "qemu-tcp-10g": "QEMU 10G", "qemu-postcopy-unix": "QEMU post",
+             "rmem-stream": "stream", "rmem-stop-copy": "stop-copy", "rmem-precopy": "precopy",
+             "rmem-postcopy": "post-copy", "rmem-hybrid": "hybrid", "rmem-precopy-exact": "exact"}
+    measures = [("total", "ms", "total_ms", 1), ("downtime (tool's own)", "ms", "tool_downtime_ms", 1),
+                ("heartbeat gap", "ms", "heartbeat_gap_ms", 1), ("moved", "MB", "wire_bytes", 1e6),
+                ("source CPU", "s", "src_cpu_s", 1)]
+    groups = []
+    for title, unit, key, scale in measures:
+        bs = []
+        for row in rows:
+            xs = [r[key] / scale for r in recs if r["row"] == row and r["ok"] and r.get(key) is not None]
+            bs.append([short.get(row, row), statistics.median(xs) if xs else None])
+        groups.append(dict(measure=title, unit=unit, bars=bs))
+    json.dump(dict(title="Live migration of a 128 MiB guest: QEMU (first three) and rmem", groups=groups),
+              open(barsfile, "w"))
+
 def main():
     cmd, a = sys.argv[1], sys.argv[2:]
+    if cmd == "bars":
+        bars(a[0], a[1].split(","), a[2])
+        return
     if cmd == "console":
         console(a[0])
     elif cmd == "wait-boot":
@@ -696,3 +720,7 @@ helper table "$out" "$(IFS=,; echo "${names[*]}")" "$runs" \
   "- MB moved: QEMU rows query-migrate \`ram.transferred\` (RAM pages and their headers; device state, a few hundred KB, not counted); rmem rows page_bytes + stream_bytes of the result (pages WRITTEN plus QEMU's stream relayed, both directions)." \
   "- source CPU: utime+stime of the source QEMU (/proc/PID/stat, guest execution included) over the migration, plus for rmem rows \`rmem migrate send\`'s own (wait4 rusage)." \
   "- Host: $(nproc) cores, $(uname -r), load average at start $load0; run time $(( $(date +%s) - start )) s."
+if [[ -n ${svg_out:-} ]]; then
+  helper bars "$out" "$(IFS=,; echo "${names[*]}")" "$work/bars.json"
+  "$rmem" perf plot --bars "$work/bars.json" --out "$svg_out"
+fi

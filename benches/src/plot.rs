@@ -24,13 +24,17 @@ pub struct Series<'a> {
     pub report: &'a Report,
 }
 
-const COLORS: [RGBColor; 6] = [
+const COLORS: [RGBColor; 10] = [
     RGBColor(31, 119, 180),
     RGBColor(255, 127, 14),
     RGBColor(44, 160, 44),
     RGBColor(214, 39, 40),
     RGBColor(148, 103, 189),
     RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
 ];
 
 /// The operation all runs share, for the title ("" when they differ).
@@ -353,12 +357,19 @@ pub fn bars(b: &Bars, path: &Path) -> Result<(), PlotError> {
         return Err(PlotError::Empty("figures"));
     }
     let e = draw_err(path);
-    let root = SVGBackend::new(path, (420 * b.groups.len() as u32, 480)).into_drawing_area();
+    // Panels wide enough for every bar's label under it, at most three to a row.
+    let most = b.groups.iter().map(|g| g.bars.len()).max().unwrap_or(1) as u32;
+    let panel = (90 * most).max(420);
+    let n = b.groups.len();
+    let cols = if most > 4 { n.min(2) } else { n.min(3) };
+    let rows = n.div_ceil(cols);
+    let root =
+        SVGBackend::new(path, (panel * cols as u32, 40 + 440 * rows as u32)).into_drawing_area();
     root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
     let root = root
         .titled(&b.title, ("sans-serif", 22))
         .map_err(|x| e(x.to_string()))?;
-    let panels = root.split_evenly((1, b.groups.len()));
+    let panels = root.split_evenly((rows, cols));
     // One color per tool across panels, in order of first appearance.
     let mut tools: Vec<&str> = Vec::new();
     for g in &b.groups {
@@ -397,8 +408,10 @@ pub fn bars(b: &Bars, path: &Path) -> Result<(), PlotError> {
             .y_label_formatter(&|y| {
                 if top >= 100.0 {
                     format!("{y:.0}")
-                } else {
+                } else if top >= 2.0 {
                     format!("{y:.1}")
+                } else {
+                    format!("{y:.2}")
                 }
             })
             .draw()
