@@ -5,15 +5,33 @@
 # swap. Prints one table. Under TCG the figures compare backends with each other; they are not
 # the speed of any of them on real hardware.
 #
-#   benches/swap-compare.sh [seq=SIZE random=SIZE limit=SIZE]   (a smaller workload: a quick check)
+#   benches/swap-compare.sh [--svg FILE] [seq=SIZE random=SIZE limit=SIZE]
+#     (a smaller workload: a quick check; --svg: the table drawn as bars)
 #   Environment: RMEM_VM_KERNEL, RMEM_VM_DISK_DIR, RMEM_VM_TIMEOUT...: see soft-roce/vm/run.sh --help
 set -euo pipefail
 cd "$(dirname "$0")/.."
+svg_out=""
+if [[ "${1:-}" == "--svg" ]]; then svg_out=${2:?--svg needs a file}; shift 2; fi
 log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+trap 'rm -f "$log" "$log.table" "$log.bars"' EXIT
 rc=0
 RMEM_VM_LOG=$log soft-roce/vm/run.sh swap-compare "$@" || rc=$?
 echo
 tr -d '\r' < "$log" | grep '^== swap backends' || true
-tr -d '\r' < "$log" | sed -n '/^=== BEGIN swap-compare table/,/^=== END swap-compare table/p' | sed '1d;$d'
+tr -d '\r' < "$log" | sed -n '/^=== BEGIN swap-compare table/,/^=== END swap-compare table/p' | sed '1d;$d' | tee "$log.table"
+if [[ -n $svg_out && -s $log.table ]]; then
+  python3 - "$log.table" "$log.bars" <<'PY'
+import json, sys
+rows = [[c.strip() for c in l.strip().strip("|").split("|")] for l in open(sys.argv[1]) if l.startswith("|")]
+head, body = rows[0], [r for r in rows[2:] if len(r) == len(rows[0])]
+# Short names, so each fits under its bar.
+short = lambda n: (n.replace("rmem swap, ", "rmem ").replace(" (rxe0)", "")
+                   .replace("swap file, ext4, virtio", "swap file"))
+groups = [dict(measure=head[i].rsplit(" ", 1)[0], unit=head[i].rsplit(" ", 1)[1],
+               bars=[[short(r[0]), float(r[i])] for r in body]) for i in (1, 2, 3)]
+json.dump(dict(title="Swap backends in one VM (TCG): rmem swap vs zram and a swap file", groups=groups),
+          open(sys.argv[2], "w"))
+PY
+  target/release/rmem perf plot --bars "$log.bars" --out "$svg_out"
+fi
 exit "$rc"

@@ -18,6 +18,9 @@ echo "== apt install the package (with man-db and systemd to check pages and uni
 chroot "$root" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq man-db systemd /tmp/rmem.deb >/dev/null
 chroot "$root" rmem --version
 chroot "$root" dpkg -s rmem | grep -E "^(Version|Depends):"
+page=$(chroot "$root" env MANPAGER=cat COLUMNS=100 man rmem-swap 2>/dev/null)
+grep -q "rmem-swap-up" <<<"$page" || { echo "man rmem-swap does not list rmem-swap-up" >&2; exit 1; }
+echo "man rmem-swap: $(wc -l <<<"$page") lines"
 page=$(chroot "$root" env MANPAGER=cat COLUMNS=100 man rmem-swap-up 2>/dev/null)
 grep -q -- "--placement" <<<"$page" || { echo "man rmem-swap-up lacks --placement" >&2; exit 1; }
 echo "man rmem-swap-up: $(wc -l <<<"$page") lines"
