@@ -68,40 +68,15 @@ fn donors(url: &str) -> serde_json::Value {
 #[test]
 fn donors_register_through_the_server_and_placements_spread_over_their_domains() {
     let svc = service();
-    let _a = donor(
-        SECRET,
-        &[
-            "--size",
-            "16M",
-            "--slab-size",
-            "1M",
-            "--no-admin",
-            "--placement",
-            &svc.url,
-            "--domain",
-            "rack-a",
-            "--link-rate",
-            "10G",
-            "--placement-lease",
-            "300",
-        ],
-    );
-    let _b = donor(
-        SECRET,
-        &[
-            "--size",
-            "16M",
-            "--slab-size",
-            "1M",
-            "--no-admin",
-            "--placement",
-            &svc.url,
-            "--domain",
-            "rack-b",
-            "--placement-lease",
-            "300",
-        ],
-    );
+    // 16 slabs each, a long lease so no heartbeat resets a grant during the test.
+    let registered = |extra: &[&str]| {
+        let mut args = vec!["--size", "16M", "--slab-size", "1M", "--no-admin"];
+        args.extend(["--placement", &svc.url, "--placement-lease", "300"]);
+        args.extend(extra);
+        donor(SECRET, &args)
+    };
+    let _a = registered(&["--domain", "rack-a", "--link-rate", "10G"]);
+    let _b = registered(&["--domain", "rack-b"]);
     wait_until("both donors registered", Duration::from_secs(20), || {
         donors(&svc.url)["donors"].as_array().map_or(0, |d| d.len()) == 2
     });
