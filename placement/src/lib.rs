@@ -16,6 +16,7 @@ pub mod client;
 pub mod etcd;
 pub mod fingerprint;
 pub mod heartbeat;
+pub mod http;
 pub mod links;
 pub mod probe;
 pub mod registry;

@@ -1,4 +1,5 @@
-//! `rmem place serve`: the placement service over HTTP/JSON.
+//! `rmem place serve`: the placement service, its requests and answers; [`crate::http`] puts
+//! it on HTTP/JSON.
 //!
 //! Reads are open: `GET /donors`, `/links`, `/metrics` (Prometheus), `/health`. Everything that
 //! changes state is a signed `POST` (the donor admin endpoint's `rmem-hmac` scheme, with the
@@ -10,15 +11,12 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::body::Bytes;
-use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -173,7 +171,7 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn new(status: StatusCode, code: &'static str, message: impl ToString) -> Refusal {
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl ToString) -> Refusal {
         Refusal {
             status,
             code,
@@ -620,13 +618,21 @@ impl<R: Registry> Service<R> {
         gone
     }
 
+    /// The Prometheus text of `/metrics`, gauges refreshed first.
+    pub(crate) fn metrics_text(&self) -> Result<String, std::fmt::Error> {
+        self.refresh_gauges();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.metrics.registry)?;
+        Ok(text)
+    }
+
     fn refresh_gauges(&self) {
         if let Ok(t) = self.registry.table() {
             self.metrics.donors.set(t.len() as i64);
         }
     }
 
-    fn refused(&self, r: &Refusal) {
+    pub(crate) fn refused(&self, r: &Refusal) {
         self.metrics
             .refusals
             .get_or_create(&ResultLabel { result: r.code })
@@ -634,7 +640,7 @@ impl<R: Registry> Service<R> {
     }
 
     /// Checks a POST's signature; `once` also refuses a replay.
-    fn authorized(
+    pub(crate) fn authorized(
         &self,
         path: &str,
         h: &HeaderMap,
@@ -664,247 +670,4 @@ impl<R: Registry> Service<R> {
     }
 }
 
-/// Donors as `GET /donors` lists them.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DonorView {
-    pub id: String,
-    pub addr: String,
-    pub domain: String,
-    pub free_slabs: u32,
-    pub total_slabs: u32,
-    pub pending_slabs: u32,
-    pub slab_bytes: u64,
-    pub seq: u64,
-    pub lease_ms: u64,
-    pub link_load: f32,
-    pub labels: std::collections::BTreeMap<String, String>,
-}
-
-fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Refusal> {
-    serde_json::from_slice(body).map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, "malformed", e))
-}
-
-/// The router over a service.
-pub fn router<R: Registry>(svc: Arc<Service<R>>) -> Router {
-    Router::new()
-        .route(
-            "/health",
-            get(|| async { Json(serde_json::json!({ "ok": true })) }),
-        )
-        .route("/donors", get(donors::<R>))
-        .route("/links", get(links::<R>))
-        .route("/metrics", get(metrics::<R>))
-        .route("/register", post(register::<R>))
-        .route("/heartbeat", post(heartbeat::<R>))
-        .route("/traffic", post(traffic::<R>))
-        .route("/place", post(place::<R>))
-        .route("/fingerprint", post(fingerprint::<R>))
-        .route("/rank", post(rank::<R>))
-        .route("/reserve", post(reserve::<R>))
-        .route("/capacity", post(capacity::<R>))
-        .layer(axum::extract::DefaultBodyLimit::max(4 << 20))
-        .with_state(svc)
-}
-
-/// Serves until the listener fails, sweeping lapsed leases four times a second (a lapsed donor
-/// is already out of every decision; the sweep keeps `/donors` and the gauges true).
-pub async fn serve<R: Registry>(
-    listener: tokio::net::TcpListener,
-    svc: Arc<Service<R>>,
-) -> std::io::Result<()> {
-    let sweeper = svc.clone();
-    let sweep = tokio::spawn(async move {
-        let mut t = tokio::time::interval(Duration::from_millis(250));
-        loop {
-            t.tick().await;
-            sweeper.sweep();
-        }
-    });
-    let r = axum::serve(listener, router(svc)).await;
-    sweep.abort();
-    r
-}
-
-type Answer = Result<Response, Refusal>;
-
-async fn donors<R: Registry>(State(s): State<Arc<Service<R>>>) -> Answer {
-    // The candidate set exactly: a lapsed donor leaves it (and this list) at the next sweep.
-    let t = s.registry.table()?;
-    let v: Vec<DonorView> = t
-        .donors()
-        .map(|e| DonorView {
-            id: e.report.id.clone(),
-            addr: e.report.addr.clone(),
-            domain: e.report.domain.clone(),
-            free_slabs: e.report.free_slabs.saturating_sub(e.pending),
-            total_slabs: e.report.total_slabs,
-            pending_slabs: e.pending,
-            slab_bytes: e.report.slab_bytes,
-            seq: e.seq,
-            lease_ms: e.lease_ms,
-            link_load: t
-                .index_of(&e.report.id)
-                .and_then(|i| t.pool_slot(i))
-                .map_or(0.0, |s| s.load),
-            labels: e.report.labels.clone(),
-        })
-        .collect();
-    Ok(Json(serde_json::json!({ "stale": s.registry.stale(), "donors": v })).into_response())
-}
-
-async fn links<R: Registry>(State(s): State<Arc<Service<R>>>) -> Answer {
-    Ok(Json(s.links()).into_response())
-}
-
-async fn metrics<R: Registry>(State(s): State<Arc<Service<R>>>) -> Response {
-    s.refresh_gauges();
-    let mut text = String::new();
-    match prometheus_client::encoding::text::encode(&mut text, &s.metrics.registry) {
-        Ok(()) => (
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            text,
-        )
-            .into_response(),
-        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
-    }
-}
-
-/// Runs a signed POST: authorization, parsing, the handler, and the refusal counter.
-async fn signed<R: Registry, T, F, Fut, O>(
-    s: &Arc<Service<R>>,
-    path: &str,
-    h: &HeaderMap,
-    body: &Bytes,
-    once: bool,
-    f: F,
-) -> Answer
-where
-    T: serde::de::DeserializeOwned,
-    F: FnOnce(T) -> Fut,
-    Fut: std::future::Future<Output = Result<O, Refusal>>,
-    O: Serialize,
-{
-    let r = async {
-        s.authorized(path, h, body, once)?;
-        let req: T = parse(body)?;
-        f(req).await
-    }
-    .await;
-    match r {
-        Ok(o) => Ok(Json(o).into_response()),
-        Err(e) => {
-            s.refused(&e);
-            Err(e)
-        }
-    }
-}
-
-#[derive(Serialize)]
-struct Done {
-    ok: bool,
-}
-
-async fn register<R: Registry>(
-    State(s): State<Arc<Service<R>>>,
-    h: HeaderMap,
-    body: Bytes,
-) -> Answer {
-    signed(&s, "/register", &h, &body, true, |r: Register| async {
-        s.register(r).await.map(|()| Done { ok: true })
-    })
-    .await
-}
-
-async fn heartbeat<R: Registry>(
-    State(s): State<Arc<Service<R>>>,
-    h: HeaderMap,
-    body: Bytes,
-) -> Answer {
-    signed(&s, "/heartbeat", &h, &body, false, |hb: Heartbeat| async {
-        s.heartbeat(hb).await.map(|()| Done { ok: true })
-    })
-    .await
-}
-
-async fn traffic<R: Registry>(
-    State(s): State<Arc<Service<R>>>,
-    h: HeaderMap,
-    body: Bytes,
-) -> Answer {
-    signed(&s, "/traffic", &h, &body, false, |t: Traffic| async {
-        s.traffic(t).map(|()| Done { ok: true })
-    })
-    .await
-}
-
-async fn place<R: Registry>(State(s): State<Arc<Service<R>>>, h: HeaderMap, body: Bytes) -> Answer {
-    signed(&s, "/place", &h, &body, true, |r: PlaceRequest| async {
-        s.place(r).await
-    })
-    .await
-}
-
-async fn fingerprint<R: Registry>(
-    State(s): State<Arc<Service<R>>>,
-    h: HeaderMap,
-    body: Bytes,
-) -> Answer {
-    signed(
-        &s,
-        "/fingerprint",
-        &h,
-        &body,
-        false,
-        |f: Fingerprint| async { s.fingerprint(f).map(|()| Done { ok: true }) },
-    )
-    .await
-}
-
-async fn rank<R: Registry>(State(s): State<Arc<Service<R>>>, h: HeaderMap, body: Bytes) -> Answer {
-    signed(&s, "/rank", &h, &body, false, |r: RankRequest| async {
-        s.rank(r)
-    })
-    .await
-}
-
-async fn capacity<R: Registry>(
-    State(s): State<Arc<Service<R>>>,
-    h: HeaderMap,
-    body: Bytes,
-) -> Answer {
-    let svc = s.clone();
-    signed(
-        &s,
-        "/capacity",
-        &h,
-        &body,
-        false,
-        |c: Capacity| async move {
-            let s = svc;
-            if !(c.bytes_per_sec.is_finite() && c.bytes_per_sec > 0.0) {
-                return Err(Refusal::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "invalid",
-                    "bytes_per_sec must be a positive number",
-                ));
-            }
-            s.set_capacity(&c.from, &c.to, c.bytes_per_sec);
-            Ok(Done { ok: true })
-        },
-    )
-    .await
-}
-
-async fn reserve<R: Registry>(
-    State(s): State<Arc<Service<R>>>,
-    h: HeaderMap,
-    body: Bytes,
-) -> Answer {
-    signed(&s, "/reserve", &h, &body, true, |r: ReserveRequest| async {
-        s.reserve(r)
-    })
-    .await
-}
+pub use crate::http::{router, serve, DonorView};
