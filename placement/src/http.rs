@@ -57,7 +57,54 @@ pub fn router<R: Registry>(svc: Arc<Service<R>>) -> Router {
         .route("/reserve", post(reserve::<R>))
         .route("/capacity", post(capacity::<R>))
         .layer(axum::extract::DefaultBodyLimit::max(4 << 20))
+        .layer(axum::middleware::from_fn_with_state(
+            Bounds::of(&svc),
+            bounded,
+        ))
         .with_state(svc)
+}
+
+/// What one client can hold: a slot among `max_in_flight`, for at most `timeout`.
+#[derive(Clone)]
+struct Bounds {
+    slots: Arc<tokio::sync::Semaphore>,
+    timeout: Duration,
+}
+
+impl Bounds {
+    fn of<R: Registry>(svc: &Service<R>) -> Bounds {
+        let c = svc.config();
+        Bounds {
+            slots: Arc::new(tokio::sync::Semaphore::new(c.max_in_flight.max(1))),
+            timeout: Duration::from_millis(c.request_timeout_ms.max(1)),
+        }
+    }
+}
+
+/// Refuses a request beyond the in-flight bound and ends one that takes too long (a client
+/// that sends its body slowly or not at all), so no client holds a slot or a task for ever.
+async fn bounded(
+    State(b): State<Bounds>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Ok(_slot) = b.slots.try_acquire() else {
+        return Refusal::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            "too many requests in flight; try again",
+        )
+        .into_response();
+    };
+    match tokio::time::timeout(b.timeout, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => Refusal::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            format!("the request took over {} ms", b.timeout.as_millis()),
+        )
+        .into_response(),
+    }
 }
 
 /// Serves until the listener fails, sweeping lapsed leases four times a second (a lapsed donor

@@ -47,6 +47,10 @@ pub struct ServiceConfig {
     pub max_chunks: usize,
     /// Link use below which headroom is not scored down (see `Slot::score`).
     pub link_comfort: f32,
+    /// Requests served at once; more are refused with 503 rather than queued.
+    pub max_in_flight: usize,
+    /// How long one request may take, its body included (408 after).
+    pub request_timeout_ms: u64,
 }
 
 impl Default for ServiceConfig {
@@ -60,6 +64,8 @@ impl Default for ServiceConfig {
             nonces: 1 << 18,
             max_chunks: 1 << 16,
             link_comfort: crate::choice::DEFAULT_COMFORT,
+            max_in_flight: 1024,
+            request_timeout_ms: 10_000,
         }
     }
 }

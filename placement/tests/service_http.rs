@@ -374,3 +374,66 @@ fn destinations_rank_by_the_pages_they_already_hold() {
         "{ranked:?}"
     );
 }
+
+#[test]
+fn a_client_that_never_sends_its_body_is_cut_off_and_others_are_served() {
+    let (c, _) = start(ServiceConfig {
+        request_timeout_ms: 300,
+        ..cfg()
+    });
+    three_donors(&c);
+    let addr = c.url().trim_start_matches("http://").to_owned();
+    let mut slow = std::net::TcpStream::connect(&addr).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    use std::io::{Read, Write};
+    // Headers promising 100 bytes of body, then nothing.
+    write!(
+        slow,
+        "POST /place HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+    )
+    .unwrap();
+    let t = Instant::now();
+    // Meanwhile another client is served.
+    assert_eq!(c.donors().unwrap().0.len(), 3);
+    let mut answer = String::new();
+    let _ = slow.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(answer.contains("\"timeout\""), "{answer}");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+}
+
+#[test]
+fn requests_beyond_the_in_flight_bound_are_refused_not_queued() {
+    let (c, _) = start(ServiceConfig {
+        max_in_flight: 1,
+        request_timeout_ms: 2000,
+        ..cfg()
+    });
+    let addr = c.url().trim_start_matches("http://").to_owned();
+    // One request holds the only slot (its body never comes)...
+    let mut hold = std::net::TcpStream::connect(&addr).unwrap();
+    use std::io::Write;
+    write!(
+        hold,
+        "POST /place HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n"
+    )
+    .unwrap();
+    // ...so the next is refused at once with 503 busy, until the first times out.
+    let t = Instant::now();
+    let mut busy = false;
+    while t.elapsed() < Duration::from_secs(1) {
+        match c.donors() {
+            Err(ClientError::Refused {
+                status: 503, code, ..
+            }) => {
+                assert_eq!(code, "busy");
+                busy = true;
+                break;
+            }
+            _ => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    assert!(busy, "no 503 while the slot was held");
+    std::thread::sleep(Duration::from_millis(2200));
+    assert!(c.donors().is_ok(), "the slot came back after the timeout");
+}
