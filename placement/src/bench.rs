@@ -83,7 +83,7 @@ pub async fn http_place<R: Registry>(
     }
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = l.local_addr()?;
-    let server = tokio::spawn(crate::service::serve(l, svc));
+    let server = tokio::spawn(crate::http::serve(l, svc));
     let url = format!("http://{addr}");
     let place = run_clients(url.clone(), secret.clone(), clients, requests, slab, false).await?;
     let floor = run_clients(url, secret, clients, requests, slab, true).await?;

@@ -6,10 +6,11 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::http::DonorView;
 use crate::registry::{DonorReport, Heartbeat};
 use crate::reserve::Grant;
 use crate::service::{
-    DonorView, PlaceRequest, Placement, RankRequest, Ranked, Register, ReserveRequest, Traffic,
+    PlaceRequest, Placement, RankRequest, Ranked, Register, ReserveRequest, Traffic,
 };
 
 /// Why a call to the service failed.

@@ -1,5 +1,5 @@
 //! `rmem place serve`: the placement service, its requests and answers; [`crate::http`] puts
-//! it on HTTP/JSON.
+//! it on HTTP/JSON (`http::serve`).
 //!
 //! Reads are open: `GET /donors`, `/links`, `/metrics` (Prometheus), `/health`. Everything that
 //! changes state is a signed `POST` (the donor admin endpoint's `rmem-hmac` scheme, with the
@@ -675,5 +675,3 @@ impl<R: Registry> Service<R> {
         })
     }
 }
-
-pub use crate::http::{router, serve, DonorView};

@@ -305,7 +305,7 @@ fn serve(a: ServeArgs) -> Result<(), Failed> {
             ));
             started(slab);
             tokio::select! {
-                r = rmem_placement::service::serve(listener, svc) => r.map_err(|e| Failed::new(Code::Failure, e))?,
+                r = rmem_placement::http::serve(listener, svc) => r.map_err(|e| Failed::new(Code::Failure, e))?,
                 _ = stop => {}
             }
         } else {
@@ -320,7 +320,7 @@ fn serve(a: ServeArgs) -> Result<(), Failed> {
             let svc = Arc::new(Service::new(reg, secret, cfg));
             started(slab);
             tokio::select! {
-                r = rmem_placement::service::serve(listener, svc) => r.map_err(|e| Failed::new(Code::Failure, e))?,
+                r = rmem_placement::http::serve(listener, svc) => r.map_err(|e| Failed::new(Code::Failure, e))?,
                 _ = stop => {}
             }
         }
