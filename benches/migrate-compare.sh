@@ -193,6 +193,63 @@ def console(d):
             for line in lines:
                 logs[name].write(f"{t:.6f} {line.decode('utf-8', 'replace').rstrip()}\n")
 
+def events(d, timeout):
+    """Connects to both QEMUs' second QMP monitor (d/{src,dst}.ev) and logs every event with
+    QEMU's own timestamp (host realtime, microseconds) to d/{src,dst}.ev.log: `ts NAME`.
+    The source's STOP and the destination's RESUME give the pause every row shares, taken
+    the same way whoever drives the migration."""
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+    conns = {}
+    end = mono() + timeout
+    while len(conns) < 2:
+        for who in ("src", "dst"):
+            if who in conns:
+                continue
+            try:
+                s = socket.socket(socket.AF_UNIX)
+                s.connect(os.path.join(d, who + ".ev"))
+                s.sendall(b'{"execute":"qmp_capabilities"}\n')
+                conns[who] = s
+            except OSError:
+                s.close()
+        if mono() > end:
+            sys.exit("no event monitor to connect to")
+        time.sleep(0.05)
+    open(os.path.join(d, "events.ready"), "w").close()
+    sel = selectors.DefaultSelector()
+    bufs = {}
+    for who, s in conns.items():
+        sel.register(s, selectors.EVENT_READ, who)
+        bufs[who] = (b"", open(os.path.join(d, who + ".ev.log"), "a", buffering=1))
+    while True:
+        for key, _ in sel.select():
+            who = key.data
+            data = key.fileobj.recv(65536)
+            if not data:
+                sel.unregister(key.fileobj)
+                continue
+            buf, log = bufs[who]
+            *lines, rest = (buf + data).split(b"\n")
+            bufs[who] = (rest, log)
+            for line in lines:
+                try:
+                    m = json.loads(line)
+                except ValueError:
+                    continue
+                if "event" in m:
+                    ts = m.get("timestamp", {})
+                    log.write(f"{ts.get('seconds', 0) + ts.get('microseconds', 0) / 1e6:.6f} {m['event']}\n")
+
+def pause_ms(d):
+    """From the source's last STOP to the destination's first RESUME, by QEMU's own event
+    timestamps (one host clock); None when either is missing."""
+    stops = [float(t) for t, e in read_log(d, "src.ev") if e == "STOP"]
+    resumes = [float(t) for t, e in read_log(d, "dst.ev") if e == "RESUME"]
+    if not stops or not resumes:
+        return None
+    after = [t for t in resumes if t >= stops[-1]]
+    return (after[0] - stops[-1]) * 1e3 if after else None
+
 def read_log(d, name):
     try:
         with open(os.path.join(d, name + ".log")) as f:
@@ -272,6 +329,7 @@ def check(d, t0, t1, timeout):
         "ok": why is None,
         "why": why,
         "heartbeat_gap_ms": gap * 1e3 if hb else None,
+        "pause_ms": pause_ms(d),
         "heartbeat_gap_from_start_ms": (gap_at - t0) * 1e3 if gap_at else None,
         "heartbeat_gap_before_ms": base * 1e3 if hb else None,
         "src_last_tick": last_src[1] if last_src else None,
@@ -458,8 +516,8 @@ def table(outfile, rows, runs, info):
         "rmem-precopy-exact": "9. rmem precopy, exact dirty pages",
     }
     print(f"\n## Live migration of a 128 MiB TCG guest between two QEMUs on this host ({runs} run(s) a row)\n")
-    print("| row | runs ok | total ms | downtime ms (tool's own) | downtime ms (QEMU) | heartbeat gap ms | MB moved | source CPU s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| row | runs ok | total ms | downtime ms (tool's own) | downtime ms (QEMU) | pause ms (QMP events) | heartbeat gap ms | MB moved | source CPU s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         rs = [r for r in recs if r["row"] == row]
         ok = [r for r in rs if r["ok"]]
@@ -470,7 +528,7 @@ def table(outfile, rows, runs, info):
         g = lambda k, scale=1, p=0: stats(
             [r.get(k) / scale if r.get(k) is not None else None for r in ok], p)
         print(f"| {names[row]} | {status} | {g('total_ms')} | {g('tool_downtime_ms')} | "
-              f"{g('qemu_downtime_ms')} | {g('heartbeat_gap_ms')} | {g('wire_bytes', 1e6, 1)} | "
+              f"{g('qemu_downtime_ms')} | {g('pause_ms')} | {g('heartbeat_gap_ms')} | {g('wire_bytes', 1e6, 1)} | "
               f"{g('src_cpu_s', 1, 2)} |")
     print()
     # QEMU's defaults as a fresh source QEMU reported them (before a row changed anything).
@@ -497,7 +555,7 @@ def bars(outfile, rows, barsfile):
              "rmem-stream": "stream", "rmem-stop-copy": "stop-copy", "rmem-precopy": "precopy",
              "rmem-postcopy": "post-copy", "rmem-hybrid": "hybrid", "rmem-precopy-exact": "exact"}
     measures = [("total", "ms", "total_ms", 1), ("downtime (tool's own)", "ms", "tool_downtime_ms", 1),
-                ("heartbeat gap", "ms", "heartbeat_gap_ms", 1), ("moved", "MB", "wire_bytes", 1e6),
+                ("pause (QMP events)", "ms", "pause_ms", 1), ("heartbeat gap", "ms", "heartbeat_gap_ms", 1), ("moved", "MB", "wire_bytes", 1e6),
                 ("source CPU", "s", "src_cpu_s", 1)]
     groups = []
     for title, unit, key, scale in measures:
@@ -516,6 +574,8 @@ def main():
         return
     if cmd == "console":
         console(a[0])
+    elif cmd == "events":
+        events(a[0], float(a[1]))
     elif cmd == "wait-boot":
         wait_boot(a[0], float(a[1]))
     elif cmd == "wait-file":
@@ -570,7 +630,7 @@ def main():
         f = lambda v, p=0: "-" if v is None else f"{v:.{p}f}"
         print(f"  {r['row']} run {r['run']}: {'ok' if r['ok'] else 'FAILED: ' + str(r['why'])}; "
               f"total {f(r.get('total_ms'))} ms, downtime {f(r.get('tool_downtime_ms'))} ms "
-              f"(QEMU {f(r.get('qemu_downtime_ms'))}), heartbeat gap {f(r.get('heartbeat_gap_ms'))} ms, "
+              f"(QEMU {f(r.get('qemu_downtime_ms'))}), pause {f(r.get('pause_ms'))} ms, heartbeat gap {f(r.get('heartbeat_gap_ms'))} ms, "
               f"{f((r.get('wire_bytes') or 0) / 1e6, 1)} MB, source CPU {f(r.get('src_cpu_s'), 2)} s",
               flush=True)
     elif cmd == "fail":
@@ -622,7 +682,7 @@ start_qemu() {
     -kernel "$kernel" -initrd "$initrd" -append "console=ttyS0 quiet panic=-1 rmem.heartbeat" \
     -object "memory-backend-file,id=pc.ram,size=128M,mem-path=$shm-$who,share=on" \
     -machine memory-backend=pc.ram \
-    -qmp "unix:$d/$who.qmp,server=on,wait=off" \
+    -qmp "unix:$d/$who.qmp,server=on,wait=off" -qmp "unix:$d/$who.ev,server=on,wait=off" \
     -chardev "socket,id=ser0,path=$d/$who.ser" -serial chardev:ser0 \
     -chardev "socket,id=ser1,path=$d/$who.hb" -serial chardev:ser1 \
     "${extra[@]}" </dev/null >"$d/$who.qemu.log" 2>&1 &
@@ -645,7 +705,7 @@ end_run() {
 
 # One migration: boots both guests, migrates, checks, appends a JSON line to $out.
 run_one() {
-  local row=$1 run=$2 d="$work/$1-$2" con src dst recv_pid="" send_rc=0 addr mode
+  local row=$1 run=$2 d="$work/$1-$2" con ev src dst recv_pid="" send_rc=0 addr mode
   mkdir -p "$d"
   # Background processes are started as python3/QEMU themselves (not through a function, whose
   # subshell's pid would be all a kill reaches), their output in files.
@@ -661,7 +721,10 @@ run_one() {
   esac
   start_qemu src "$d" $pre; src=$qpid
   start_qemu dst "$d" $pre; dst=$qpid
+  python3 "$work/helper.py" events "$d" 30 </dev/null >"$d/events.err" 2>&1 &
+  ev=$!; pids+=("$ev")
   if ! helper wait-file "$d/src.hb.connected" 30 || ! helper wait-file "$d/dst.hb.connected" 30 ||
+     ! helper wait-file "$d/events.ready" 30 ||
      ! helper wait-boot "$d" "$BOOT" 2>"$d/boot.err"; then
     helper fail "$row" "$d" "guest did not boot: $(tail -q -n 2 "$d/boot.err" "$d"/*.qemu.log | tr '\n' ' ')"
   elif [[ $row == qemu-* ]]; then
@@ -692,7 +755,7 @@ run_one() {
     fi
   fi
   helper check "$d" "$run" "$out" "$AFTER" || echo "$row run $run: the check itself failed (above); not recorded" >&2
-  end_run ${recv_pid:+"$recv_pid"} "$src" "$dst" "$con"
+  end_run ${recv_pid:+"$recv_pid"} "$src" "$dst" "$con" "$ev"
 }
 
 qemu_version=$(qemu-system-x86_64 --version | head -n 1)
@@ -716,6 +779,7 @@ helper table "$out" "$(IFS=,; echo "${names[*]}")" "$runs" \
   "- QEMU rows: QEMU's defaults but for what the row names (row 3: postcopy-ram on both sides, migrate-start-postcopy right after migrate; max-postcopy-bandwidth 0, unlimited)." \
   "- Cells: median (min-max) over the runs that passed. total: from the migrate command (QEMU) or the start of \`rmem migrate send\` until the source completed and the destination ran (QEMU post-copy: until the last page was sent; rmem: until \`send\` printed its result)." \
   "- downtime (tool's own): QEMU rows query-migrate \`downtime\` on the source; rmem rows \`downtime_ms\` of \`rmem migrate send --json\` (stream mode: from QEMU's pause). downtime (QEMU): query-migrate \`downtime\` on the source in every row (rmem page modes: the device-state pass only)." \
+  "- pause (QMP events): from the source QEMU's STOP event to the destination QEMU's RESUME event, by the timestamps QEMU puts in them (one host clock): the same measure for every row, whoever drives the migration." \
   "- heartbeat gap: longest gap between the guest's ttyS1 bytes (one every 10 ms) as this host received them, from the start of the migration to 2 s after its end: the pause the guest really saw." \
   "- MB moved: QEMU rows query-migrate \`ram.transferred\` (RAM pages and their headers; device state, a few hundred KB, not counted); rmem rows page_bytes + stream_bytes of the result (pages WRITTEN plus QEMU's stream relayed, both directions)." \
   "- source CPU: utime+stime of the source QEMU (/proc/PID/stat, guest execution included) over the migration, plus for rmem rows \`rmem migrate send\`'s own (wait4 rusage)." \

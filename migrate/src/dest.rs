@@ -404,13 +404,19 @@ impl Receiver {
             let mut puller: Option<std::thread::ScopedJoinHandle<'_, Result<Pulled, PullError>>> =
                 None;
             let out = (|| {
-                // Serve the source until QEMU has loaded the device state.
+                // Serve the source until QEMU has loaded the device state and, in the page
+                // modes, the source has said its pages are done (in post-copy the device state
+                // travels alongside that message).
+                let mut pages_done = !moves;
                 let loaded = loop {
                     // Short: the device state's arrival ends the guest's pause.
-                    match pipe.recv_msg(Duration::from_millis(2)) {
+                    match pipe.recv_msg(Duration::from_millis(1)) {
                         Ok(m) => match Msg::decode(&m)? {
                             Msg::HashRequest => send_hashes(pipe, &regions)?,
-                            Msg::PagesDone => self.qmp.pages_done(),
+                            Msg::PagesDone => {
+                                pages_done = true;
+                                self.qmp.pages_done();
+                            }
                             Msg::DedupOffer { pages } => {
                                 let have = self.fill_from_index(pipe, &regions, pages)?;
                                 pipe.send_msg(&Msg::DedupHave { bitmaps: have }.encode())?;
@@ -477,7 +483,7 @@ impl Receiver {
                         }
                     }
                     let s = self.qmp.status()?;
-                    if s != "inmigrate" {
+                    if s != "inmigrate" && pages_done {
                         break s;
                     }
                     if t0.elapsed() > total {
@@ -494,6 +500,7 @@ impl Receiver {
                         .unwrap_or("loading the device state failed");
                     return Err(MigrateError::Qemu(why.to_string()));
                 }
+                tracing::debug!(status = %loaded, "switch-over: device state loaded");
                 pipe.send_msg(&Msg::Loaded { status: loaded }.encode())?;
                 let run = loop {
                     match Msg::decode(&pipe.recv_msg(reply)?)? {
@@ -511,6 +518,7 @@ impl Receiver {
                     }
                 };
                 *started = true;
+                tracing::debug!(run, "switch-over: start");
                 if run && self.qmp.status()? != "running" {
                     self.qmp.execute("cont", None)?;
                 }

@@ -103,6 +103,13 @@ pub(super) fn wait_migrated(
         match v.get("status").and_then(Value::as_str).unwrap_or("") {
             "completed" => return Ok(v),
             "failed" | "cancelled" => {
+                // The relay shut QEMU's socket because the other agent went away: say so.
+                if relay.lost() {
+                    let why = pipe
+                        .failure()
+                        .unwrap_or_else(|| "the relay lost the other agent".into());
+                    return Err(PipeError::Failed(why).into());
+                }
                 let why = v
                     .get("error-desc")
                     .and_then(Value::as_str)
@@ -123,6 +130,47 @@ pub(super) fn wait_migrated(
             progress(Progress::Stream { bytes: b });
         }
         // The guest is paused while QEMU finishes: poll often (a QMP round trip is cheap).
-        std::thread::sleep(Duration::from_millis(2));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Page modes: waits for the destination to say it loaded the device state, which ends the
+/// pause sooner than QEMU's own "completed" on this side would. QEMU failing or cancelling
+/// here, a cancel, or the time running out end the wait with an error.
+pub(super) fn wait_loaded(
+    q: &mut Control,
+    opts: &SendOptions,
+    cancel: &AtomicBool,
+    peer: &Peer,
+) -> Result<(), MigrateError> {
+    let t = Instant::now();
+    let mut asked = Instant::now();
+    loop {
+        if cancel.load(Ordering::Acquire) {
+            return Err(MigrateError::Cancelled);
+        }
+        match peer.recv(Duration::from_millis(1)) {
+            Ok(Msg::Loaded { .. }) => return Ok(()),
+            Ok(m) => return Err(unexpected("loaded", &m)),
+            Err(MigrateError::Peer(PipeError::Timeout(_))) => {}
+            Err(e) => return Err(e),
+        }
+        if asked.elapsed() >= Duration::from_millis(5) {
+            asked = Instant::now();
+            let v = q.execute("query-migrate", None)?;
+            if let Some(st @ ("failed" | "cancelled")) = v.get("status").and_then(Value::as_str) {
+                let why = v
+                    .get("error-desc")
+                    .and_then(Value::as_str)
+                    .unwrap_or("no reason given");
+                return Err(MigrateError::Qemu(format!("QEMU's migration {st}: {why}")));
+            }
+        }
+        if t.elapsed() > opts.timeouts.total {
+            return Err(MigrateError::Qemu(format!(
+                "the destination did not load the device state within {:?}",
+                opts.timeouts.total
+            )));
+        }
     }
 }

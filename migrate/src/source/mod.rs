@@ -37,7 +37,7 @@ mod hypervisor;
 mod passes;
 mod peer;
 
-use hypervisor::{pause, restore, saved_settings, set_capability, wait_migrated};
+use hypervisor::{pause, restore, saved_settings, set_capability, wait_loaded, wait_migrated};
 use passes::{collect, dedup_offer, differing, dirty_logs, map_regions, send_all, send_round};
 use peer::{connect, unexpected, Peer};
 
@@ -220,6 +220,10 @@ fn run(
     q.execute("migrate-set-parameters", Some(params))?;
 
     let mut paused_at = None;
+    // QEMU's migration of the device state, once started: its relay and when it began.
+    let mut device: Option<(Relay, Instant)> = None;
+    // Post-copy: the scan for zero pages among those the destination still needs.
+    let mut zero_scan: Option<Box<dyn FnOnce() + Send>> = None;
     // Kept to the end: in post-copy the destination READs from it after the switch-over.
     let regions = if moves {
         map_regions(&peer._pd, rams, opts.mode.postcopy())?
@@ -360,6 +364,7 @@ fn run(
             .into(),
         });
         paused_at = Some(pause(q, undo)?);
+        tracing::debug!("switch-over: source paused");
         let last_pass = Instant::now();
         if !opts.mode.postcopy() {
             undo.take(Event::Stop)?;
@@ -385,12 +390,17 @@ fn run(
             peer.send(&Msg::Needed {
                 bitmaps: encode_sets(&needed),
             })?;
-            // The zero pages among them, found while device state travels (the source is
-            // paused for good: what is zero now stays zero).
+            // Device state (RAM left out) travels now. Loading it may read guest RAM (some
+            // devices' post-load does): a page not there yet faults and is pulled. Stop-copy
+            // and pre-copy send it only after their last pass, as QEMU orders its own stream.
+            device = Some(start_device_state(q, peer, opts, undo)?);
+            // The zero pages among them, found once the destination runs (the source is paused
+            // for good: what is zero now stays zero). Scanning during the switch-over would
+            // take a core from QEMU saving and loading the device state.
             let bufs: Vec<Buffer> = regions.iter().map(|r| r.buf.clone()).collect();
             let pipe = peer.pipe.clone();
             let known_zero = dest_zero.clone();
-            std::thread::spawn(move || {
+            zero_scan = Some(Box::new(move || {
                 let bitmaps = bufs
                     .iter()
                     .zip(&needed)
@@ -407,7 +417,7 @@ fn run(
                     .collect::<Vec<_>>();
                 let bitmaps = encode_sets(&bitmaps);
                 let _ = pipe.send_msg(&Msg::ZeroPages { bitmaps }.encode());
-            });
+            }));
         } else {
             match unsent {
                 None => {
@@ -458,22 +468,13 @@ fn run(
     progress(Progress::Phase {
         phase: if moves { "device-state" } else { "stream" }.into(),
     });
-    let sock = opts.run_dir.join(format!(
-        "rmem-migrate-{}-{}.sock",
-        std::process::id(),
-        &auth::nonce()[..8]
-    ));
     if moves {
         peer.send(&Msg::PagesDone)?;
     }
-    let device_state = Instant::now();
-    let relay = Relay::source(peer.pipe.clone(), &sock)
-        .map_err(|e| MigrateError::io(format!("relay socket {}", sock.display()), e))?;
-    q.execute(
-        "migrate",
-        Some(json!({"uri": format!("unix:{}", sock.display())})),
-    )?;
-    undo.migrating = true;
+    let (relay, device_state) = match device.take() {
+        Some(d) => d,
+        None => start_device_state(q, peer, opts, undo)?,
+    };
     if !moves {
         undo.take(Event::Start)?;
         if opts.qemu_capabilities.iter().any(|c| c == "postcopy-ram") {
@@ -481,9 +482,9 @@ fn run(
             q.execute("migrate-start-postcopy", None)?;
         }
     }
-    let done = wait_migrated(q, opts, cancel, &relay, &peer.pipe, progress)?;
-    report.qemu_downtime_ms = done.get("downtime").and_then(Value::as_u64);
     if !moves {
+        let done = wait_migrated(q, opts, cancel, &relay, &peer.pipe, progress)?;
+        report.qemu_downtime_ms = done.get("downtime").and_then(Value::as_u64);
         // QEMU paused the guest itself for its last pass, `downtime` ago, and the destination
         // QEMU resumes it by itself once loaded: the switch-over is now, whatever the other
         // agent says next.
@@ -496,12 +497,16 @@ fn run(
         undo.take(Event::Stop)?;
         undo.take(Event::AllSent)?;
     }
-    let loaded = peer.recv(opts.timeouts.total)?;
-    let Msg::Loaded { .. } = loaded else {
-        return Err(unexpected("loaded", &loaded));
-    };
+    if moves {
+        wait_loaded(q, opts, cancel, peer)?;
+    } else {
+        let loaded = peer.recv(opts.timeouts.total)?;
+        let Msg::Loaded { .. } = loaded else {
+            return Err(unexpected("loaded", &loaded));
+        };
+    }
     report.device_state_ms = Some(device_state.elapsed().as_secs_f64() * 1e3);
-    report.stream_bytes = relay.close();
+    tracing::debug!("switch-over: the destination loaded the device state");
     // The switch-over: from here the source stays paused whatever happens.
     if moves {
         undo.take(if opts.mode.postcopy() {
@@ -517,9 +522,23 @@ fn run(
     let Msg::Started { status } = started else {
         return Err(unexpected("started", &started));
     };
+    tracing::debug!(%status, "switch-over: the destination started");
+    if let Some(scan) = zero_scan.take() {
+        std::thread::spawn(scan);
+    }
     if let Some(p) = paused_at {
         report.downtime_ms = Some(p.elapsed().as_secs_f64() * 1e3);
     }
+    if moves {
+        // QEMU's own figure for its part; done by now, or about to be. The destination runs
+        // already: a failure here is reported, not acted on.
+        match wait_migrated(q, opts, cancel, &relay, &peer.pipe, progress) {
+            Ok(done) => report.qemu_downtime_ms = done.get("downtime").and_then(Value::as_u64),
+            Err(e) => tracing::warn!(error = %e, "the source QEMU after the switch-over"),
+        }
+    }
+    // Closed after the switch-over: closing waits for its threads.
+    report.stream_bytes = relay.close();
     if opts.mode.postcopy() {
         // The destination runs on this side's RAM until it has every page.
         progress(Progress::Phase {
@@ -538,6 +557,31 @@ fn run(
     report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
     report.status = format!("source {}, destination {status}", q.status()?);
     Ok(report)
+}
+
+/// Starts QEMU's own migration into a relay socket (device state only in the page modes);
+/// returns the relay and when it started.
+fn start_device_state(
+    q: &mut Control,
+    peer: &Peer,
+    opts: &SendOptions,
+    undo: &mut Undo,
+) -> Result<(Relay, Instant), MigrateError> {
+    let sock = opts.run_dir.join(format!(
+        "rmem-migrate-{}-{}.sock",
+        std::process::id(),
+        &auth::nonce()[..8]
+    ));
+    let started = Instant::now();
+    let relay = Relay::source(peer.pipe.clone(), &sock)
+        .map_err(|e| MigrateError::io(format!("relay socket {}", sock.display()), e))?;
+    q.execute(
+        "migrate",
+        Some(json!({"uri": format!("unix:{}", sock.display())})),
+    )?;
+    tracing::debug!("switch-over: QEMU's migration started");
+    undo.migrating = true;
+    Ok((relay, started))
 }
 
 fn pulled_pages(r: &Report) -> usize {
