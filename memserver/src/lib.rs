@@ -26,7 +26,7 @@ pub use admin::Amount;
 pub use auth::admin_authorization;
 /// For tools that speak the control protocol ([`protocol`]) themselves.
 pub use auth::{client_proof, nonce};
-pub use client::{Client, ClientConfig, ClientError, Notice, PostedWrite};
+pub use client::{Channel, Client, ClientConfig, ClientError, Notice, PostedWrite};
 pub use config::{ByteSize, ExportConfig, ServerConfig};
 pub use donor::{Control, ShrinkReport};
 pub use protocol::{DonorStats, ErrorCode, SlabGrant};

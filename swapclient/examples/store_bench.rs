@@ -4,6 +4,10 @@
 //! throughput. Compare with `rmem perf loopback --op read|write --bw -s 4096 --tx-depth N`
 //! and `-s 1M`, run on the same host at the same time.
 //!
+//! Then the same rows through a [`StoreChannel`]: one thread keeping that many requests in
+//! flight on a channel to every donor, reading into and writing from its own registered
+//! buffer.
+//!
 //! `cargo run --release -p rmem-swapclient --example store_bench [replicas] [donors] [seconds]
 //! [lanes]` (lanes: data queue pairs to each donor, default 1 as `rmem swap up`)
 
@@ -14,8 +18,8 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rmem_memserver::{ByteSize, Server, ServerConfig};
-use rmem_swapclient::{DonorSpec, Store, StoreConfig};
-use rmem_transport::{HugePages, Provider};
+use rmem_swapclient::{DonorSpec, IoOp, IoReq, Store, StoreChannel, StoreConfig};
+use rmem_transport::{Buffer, HugePages, Provider};
 
 const SECRET: &[u8] = b"store bench secret";
 const SIZE: u64 = 64 << 20;
@@ -41,6 +45,49 @@ fn run(depth: usize, secs: f64, op: impl Fn(usize, u64) + Sync) -> f64 {
         stop.store(true, Ordering::Relaxed);
     });
     done.load(Ordering::Relaxed) as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Keeps `depth` requests of `len` bytes in flight on one channel for `secs`; `next(n)` gives
+/// the n-th request's offset. Returns requests per second.
+fn run_channel(
+    ch: &mut StoreChannel<'_>,
+    depth: usize,
+    len: usize,
+    op: IoOp,
+    secs: f64,
+    next: impl Fn(u64) -> u64,
+) -> f64 {
+    let t = Instant::now();
+    let end = t + Duration::from_secs_f64(secs);
+    let (mut sent, mut done) = (0u64, 0u64);
+    let mut free: Vec<usize> = (0..depth).collect();
+    let mut out = Vec::with_capacity(depth);
+    loop {
+        while Instant::now() < end && !free.is_empty() {
+            // The slot names the request: unique among those in flight.
+            let slot = free.pop().expect("a free slot");
+            ch.submit(IoReq {
+                tag: slot as u64,
+                op,
+                off: next(sent),
+                len,
+                at: slot * len,
+            })
+            .expect("submit");
+            sent += 1;
+        }
+        if ch.in_flight() == 0 && Instant::now() >= end {
+            break;
+        }
+        out.clear();
+        ch.reap(&mut out, true).expect("reap");
+        for (tag, r) in out.drain(..) {
+            r.expect("request");
+            done += 1;
+            free.push(tag as usize);
+        }
+    }
+    done as f64 / t.elapsed().as_secs_f64()
 }
 
 fn main() {
@@ -143,5 +190,35 @@ fn main() {
         let name = format!("1 MiB sequential {}", if write { "write" } else { "read" });
         println!("{name:<28} {mbs:>10.0} {mbs:>12.1}");
     }
+    // Through channels: one thread, many requests in flight.
+    let depth_max = 64;
+    let buf = Buffer::alloc(depth_max << 20, HugePages::Never).expect("buffer");
+    let mut ch = rt
+        .block_on(store.open_channel(buf, depth_max))
+        .expect("channel");
+    for depth in [1usize, 16, 64] {
+        for op in [IoOp::Read, IoOp::Write] {
+            let iops = run_channel(&mut ch, depth, 4096, op, secs, |n| {
+                StdRng::seed_from_u64(n).random_range(0..blocks) * 4096
+            });
+            let name = format!(
+                "channel 4 KiB random {} qd {depth}",
+                if op == IoOp::Write { "write" } else { "read" }
+            );
+            println!(
+                "{name:<34} {iops:>10.0} {:>12.1}",
+                iops * 4096.0 / 1048576.0
+            );
+        }
+    }
+    for op in [IoOp::Read, IoOp::Write] {
+        let mbs = run_channel(&mut ch, 16, 1 << 20, op, secs, |n| (n % (SIZE >> 20)) << 20);
+        let name = format!(
+            "channel 1 MiB sequential {} qd 16",
+            if op == IoOp::Write { "write" } else { "read" }
+        );
+        println!("{name:<34} {mbs:>10.0} {mbs:>12.1}");
+    }
+    drop(ch);
     drop(stops);
 }

@@ -23,4 +23,6 @@ pub mod swapfile;
 pub mod written;
 
 pub use region::{Backing, PollMode, Region, RegionConfig, RegionError, RegionStats};
-pub use store::{DonorSpec, Store, StoreConfig, StoreError, StoreStatus};
+pub use store::{
+    DonorSpec, IoOp, IoReq, Store, StoreChannel, StoreConfig, StoreError, StoreStatus,
+};

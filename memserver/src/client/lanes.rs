@@ -3,16 +3,26 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+pub(super) use std::sync::atomic::AtomicUsize as LaneCounter;
 use std::time::Duration;
 
-use rmem_transport::{open, Access, Context, Cq, Mr, OpenOptions, Qp, QpConfig, RemoteBuf, SendWr};
+use rmem_transport::{
+    open, Access, Buffer, Completion, Context, Cq, Mr, OpenOptions, Pd, Qp, QpConfig, RemoteBuf,
+    SendWr,
+};
 
 use super::{lock, Client, ClientConfig, ClientError};
 use crate::protocol::SlabGrant;
 
+/// Completions a lane's queue holds: a [`Channel`] keeps at most this many requests in flight.
+const CQ_DEPTH: usize = 256;
+
 /// One-sided data path to the donor.
 pub(super) struct DataPath {
     _ctx: Context,
+    /// Where a [`Channel`]'s caller registers its own buffers.
+    pd: Pd,
     cq: Cq,
     op_wait: Duration,
     qp: Qp,
@@ -168,7 +178,7 @@ pub(super) async fn connect_data(
     tokio::task::spawn_blocking(move || -> Result<DataPath, ClientError> {
         let ctx = open(&o)?;
         let pd = ctx.alloc_pd()?;
-        let cq = ctx.create_cq(64)?;
+        let cq = ctx.create_cq(CQ_DEPTH)?;
         let qc = QpConfig::new(&pd, &cq)
             .op_timeout(op_timeout)
             .connect_timeout(left);
@@ -176,6 +186,7 @@ pub(super) async fn connect_data(
         let bounce = pd.alloc_mr(bounce, Access::LOCAL_WRITE)?;
         Ok(DataPath {
             _ctx: ctx,
+            pd,
             cq,
             op_wait: op_timeout + Duration::from_secs(1),
             qp: conn.qp,
@@ -204,5 +215,140 @@ fn complete(cq: &Cq, wait: Duration) -> Result<(), ClientError> {
         Ok(())
     } else {
         Err(ClientError::Completion(c.status))
+    }
+}
+
+/// A data queue pair of its own for one thread's many requests in flight: READs into and
+/// WRITEs from the caller's registered memory (no bounce copy), each named by the caller's
+/// `wr_id`, reaped in whatever order they complete. Nothing in it is shared with other
+/// threads or with the client's lanes, so no lock sits on its path.
+pub struct Channel {
+    d: DataPath,
+    in_flight: usize,
+}
+
+impl Client {
+    /// Opens a channel: a new data queue pair to the donor (a lane of the session beyond the
+    /// client's own; a session has [`MAX_LANES`](crate::protocol::MAX_LANES) at most).
+    pub async fn open_channel(&self) -> Result<Channel, ClientError> {
+        let lane = self.next_lane.fetch_add(1, Ordering::Relaxed);
+        if lane >= usize::from(crate::protocol::MAX_LANES) {
+            return Err(ClientError::Protocol(format!(
+                "a session has {} data queue pairs at most (lanes and channels together)",
+                crate::protocol::MAX_LANES
+            )));
+        }
+        Ok(Channel {
+            d: self.open_lane(lane as u8).await?,
+            in_flight: 0,
+        })
+    }
+}
+
+impl Channel {
+    /// Requests in flight at most.
+    pub const DEPTH: usize = CQ_DEPTH;
+
+    /// Registers `buf` for this channel's requests (once, before the first).
+    pub fn register(&self, buf: &Buffer) -> Result<Mr, ClientError> {
+        Ok(self
+            .d
+            .pd
+            .register_buffer(buf, 0, buf.len(), Access::LOCAL_WRITE)?)
+    }
+
+    /// Requests posted and not yet reaped.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Posts a READ of `len` bytes at `offset` of `remote` into `local[at..]`.
+    pub fn post_read(
+        &mut self,
+        wr_id: u64,
+        local: &Mr,
+        at: usize,
+        len: usize,
+        remote: RemoteBuf,
+        offset: u64,
+    ) -> Result<(), ClientError> {
+        self.post(wr_id, local, at, len, remote, offset, false)
+    }
+
+    /// Posts a WRITE of `local[at..at + len]` to `offset` of `remote`.
+    pub fn post_write(
+        &mut self,
+        wr_id: u64,
+        local: &Mr,
+        at: usize,
+        len: usize,
+        remote: RemoteBuf,
+        offset: u64,
+    ) -> Result<(), ClientError> {
+        self.post(wr_id, local, at, len, remote, offset, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn post(
+        &mut self,
+        wr_id: u64,
+        local: &Mr,
+        at: usize,
+        len: usize,
+        remote: RemoteBuf,
+        offset: u64,
+        write: bool,
+    ) -> Result<(), ClientError> {
+        check_bounds(&remote, offset, len)?;
+        if self.in_flight >= Self::DEPTH {
+            return Err(ClientError::Protocol(format!(
+                "a channel holds {} requests in flight at most",
+                Self::DEPTH
+            )));
+        }
+        let s = [local.sge(at, len)?];
+        let wr = if write {
+            SendWr::write(wr_id, &s, remote.at(offset))
+        } else {
+            SendWr::read(wr_id, &s, remote.at(offset))
+        };
+        self.d.qp.post_send(&[wr])?;
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// Completions ready now (none waited for).
+    pub fn poll(&mut self, out: &mut [Completion]) -> Result<usize, ClientError> {
+        let n = self.d.cq.poll(out)?;
+        self.in_flight = self.in_flight.saturating_sub(n);
+        Ok(n)
+    }
+
+    /// Waits for at least one completion (bounded by the client's operation timeout: the
+    /// queue pair fails its requests by then on a dead donor); `Timeout` when none came.
+    pub fn wait(&mut self, out: &mut [Completion]) -> Result<usize, ClientError> {
+        if self.in_flight == 0 {
+            return Ok(0);
+        }
+        let wait = self.d.op_wait;
+        let n = self.d.cq.wait(out, Some(wait)).map_err(|e| match e {
+            rmem_transport::Error::Timeout(t) => ClientError::Timeout(t),
+            e => e.into(),
+        })?;
+        self.in_flight = self.in_flight.saturating_sub(n);
+        Ok(n)
+    }
+}
+
+impl Drop for Channel {
+    fn drop(&mut self) {
+        // The lane goes back clean: nothing of this channel's left for its next user to reap.
+        let mut done = [Completion::default(); 16];
+        while self.in_flight > 0 {
+            match self.wait(&mut done) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
     }
 }

@@ -29,8 +29,8 @@ use tokio::sync::{mpsc, oneshot};
 
 mod lanes;
 
-pub use lanes::PostedWrite;
 use lanes::{connect_data, DataPath};
+pub use lanes::{Channel, PostedWrite};
 
 use crate::auth;
 use crate::protocol::{
@@ -137,6 +137,8 @@ pub struct Client {
     data: Vec<Mutex<DataPath>>,
     /// Where the data queue pair connected (the donor's data listener).
     data_addr: SocketAddr,
+    /// The next lane number a channel takes (after the client's own lanes).
+    next_lane: lanes::LaneCounter,
 }
 
 /// A donor that does not answer a control request within this is treated as dead.
@@ -228,6 +230,7 @@ impl Client {
             }
         };
         let (r, wr) = w.stream.into_split();
+        let cfg_lanes = cfg.lanes;
         let pending = Arc::new(Mutex::new(Some(HashMap::new())));
         let held = Arc::new(Mutex::new(HashMap::new()));
         let (tx, rx) = mpsc::unbounded_channel();
@@ -245,6 +248,7 @@ impl Client {
             lease: w.lease,
             data: vec![Mutex::new(w.data)],
             data_addr: w.data_addr,
+            next_lane: lanes::LaneCounter::new(cfg_lanes),
         };
         for lane in 1..client.cfg.lanes {
             let path = tokio::time::timeout_at(deadline, client.open_lane(lane as u8))

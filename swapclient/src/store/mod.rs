@@ -8,7 +8,7 @@
 //! with an error: never stale or zeroed data.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -20,7 +20,10 @@ use arrayvec::ArrayVec;
 
 use crate::written::WrittenMap;
 
+mod channel;
 mod repair;
+
+pub use channel::{IoOp, IoReq, StoreChannel};
 
 /// Store failures.
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +160,11 @@ pub struct Store {
     replicas: usize,
     donors: Vec<Donor>,
     chunks: Vec<Mutex<Vec<Replica>>>,
+    /// Per chunk: pieces of channel requests in flight ([`StoreChannel`]); a rebuild copies a
+    /// piece of the chunk only when none is.
+    inflight: Vec<AtomicU32>,
+    /// Per chunk: a rebuild is copying a piece of it; channel requests wait to start.
+    copying: Vec<AtomicBool>,
     /// What was ever written: a rebuild copies only that.
     written: WrittenMap,
     /// The repair copy buffer, allocated (and locked with the daemon's memory) up front: a
@@ -290,6 +298,8 @@ impl Store {
             replicas: cfg.replicas,
             donors,
             written: WrittenMap::new(chunks.len(), chunk),
+            inflight: (0..chunks.len()).map(|_| AtomicU32::new(0)).collect(),
+            copying: (0..chunks.len()).map(|_| AtomicBool::new(false)).collect(),
             chunks,
             copy_buf: Mutex::new(vec![0u8; COPY_PIECE.min(chunk as usize)]),
             stopping: AtomicBool::new(false),

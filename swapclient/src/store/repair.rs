@@ -1,7 +1,9 @@
 //! Rebuilding: chunks left short of replicas (a donor failed) or on a reclaiming donor get a
 //! new copy elsewhere, and failed donors are tried again.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::MutexGuard;
+use std::time::Duration;
 
 use rmem_memserver::SlabGrant;
 
@@ -130,7 +132,12 @@ impl Store {
         while let Some(run) = self.written.next_run(c, next, self.chunk, buf.len() as u64) {
             let (off, n) = (run.start, (run.end - run.start) as usize);
             next = run.end;
-            let mut reps = lock(&self.chunks[c]);
+            let Some(mut held) = self.quiesce(c) else {
+                // Channel requests on the chunk did not finish: leave it to the next pass.
+                lock(&self.chunks[c]).retain(|r| !ours(r));
+                return false;
+            };
+            let reps = &mut held.reps;
             // A write to it failed (and dropped it), or the chunk lost its last copy.
             if !reps.iter().any(ours) {
                 return false;
@@ -201,5 +208,45 @@ impl Store {
             }
         }
         any
+    }
+}
+
+/// A chunk held for a rebuild's piece: its lock, with no channel request in flight on it and
+/// none starting until this is dropped.
+pub(super) struct Quiet<'a> {
+    pub(super) reps: MutexGuard<'a, Vec<Replica>>,
+    flag: &'a AtomicBool,
+}
+
+impl Drop for Quiet<'_> {
+    fn drop(&mut self) {
+        self.flag.store(false, Ordering::Release);
+    }
+}
+
+/// How long a rebuild waits for channel requests on a chunk to finish.
+const QUIESCE_WAIT: Duration = Duration::from_secs(30);
+
+impl Store {
+    /// Stops new channel requests on chunk `c`, waits for those in flight, and takes the
+    /// chunk's lock; `None` when they did not finish within [`QUIESCE_WAIT`].
+    pub(super) fn quiesce(&self, c: usize) -> Option<Quiet<'_>> {
+        let flag = &self.copying[c];
+        flag.store(true, Ordering::Release);
+        let until = std::time::Instant::now() + QUIESCE_WAIT;
+        loop {
+            if self.inflight[c].load(Ordering::Acquire) == 0 {
+                let reps = lock(&self.chunks[c]);
+                // Checked again under the lock, which every request takes to start.
+                if self.inflight[c].load(Ordering::Acquire) == 0 {
+                    return Some(Quiet { reps, flag });
+                }
+            }
+            if std::time::Instant::now() > until {
+                flag.store(false, Ordering::Release);
+                return None;
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
     }
 }

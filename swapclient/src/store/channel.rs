@@ -1,0 +1,486 @@
+//! Many block requests in flight from one thread: a [`StoreChannel`] holds a data queue pair
+//! of its own to every donor, READs into and WRITEs from one buffer the caller registers once
+//! (ublk's per-tag buffers, an NBD loop's buffers), and completes requests in whatever order
+//! the donors answer.
+//!
+//! The failure rules are [`Store::read`]'s and [`Store::write`]'s: a read tries the chunk's
+//! complete replicas in turn and fails only when none answers; a write goes to every replica at
+//! once and succeeds when one complete copy took it, dropping the copies that missed it. A
+//! chunk's lock is held to take a snapshot of its replicas and to apply a write's outcome,
+//! never across a remote operation; a rebuild copying a piece of the chunk waits until the
+//! requests in flight on it are done, and new ones wait for the piece (see `Store::quiesce`).
+
+use std::sync::atomic::Ordering;
+
+use arrayvec::ArrayVec;
+use rmem_memserver::{Channel, ClientError};
+use rmem_transport::{Buffer, Completion, Mr, RemoteBuf};
+
+use super::{lock, Store, StoreError, REPLICA_SLOTS};
+
+/// What a request does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoOp {
+    Read,
+    Write,
+}
+
+/// One block request: `len` bytes at device offset `off`, to or from the channel's buffer at
+/// `at`. `tag` names it in the completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoReq {
+    pub tag: u64,
+    pub op: IoOp,
+    pub off: u64,
+    pub len: usize,
+    pub at: usize,
+}
+
+/// A replica as a piece saw it when it was sent.
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    donor: usize,
+    slab: u32,
+    remote: RemoteBuf,
+    filling: bool,
+}
+
+/// The part of a request inside one chunk.
+#[derive(Debug, Clone)]
+struct Piece {
+    chunk: usize,
+    within: u64,
+    at: usize,
+    len: usize,
+    targets: ArrayVec<Target, REPLICA_SLOTS>,
+    /// Read: the target being read. Write: WRITEs not yet reaped.
+    cursor: usize,
+    /// Write: complete copies that took it, and the targets that missed it (by index).
+    ok: usize,
+    missed: u64,
+    done: bool,
+}
+
+#[derive(Debug)]
+struct Slot {
+    req: IoReq,
+    pieces: Vec<Piece>,
+    left: usize,
+    err: Option<StoreError>,
+}
+
+/// wr_id: slot (32 bits), piece (16), target (16).
+fn wr_id(slot: usize, piece: usize, target: usize) -> u64 {
+    ((slot as u64) << 32) | ((piece as u64 & 0xffff) << 16) | (target as u64 & 0xffff)
+}
+
+fn unpack(id: u64) -> (usize, usize, usize) {
+    (
+        (id >> 32) as usize,
+        ((id >> 16) & 0xffff) as usize,
+        (id & 0xffff) as usize,
+    )
+}
+
+/// One thread's view of a [`Store`] with many requests in flight.
+pub struct StoreChannel<'s> {
+    store: &'s Store,
+    buf: Buffer,
+    /// Per donor: its channel and the buffer registered there.
+    chans: Vec<(Channel, Mr)>,
+    slots: Vec<Option<Slot>>,
+    free: Vec<usize>,
+    /// Requests finished and not yet handed out.
+    done: Vec<(u64, Result<(), StoreError>)>,
+    comps: Vec<Completion>,
+}
+
+impl Store {
+    /// Opens a channel to every donor for one thread's requests, READing into and WRITEing
+    /// from `buf`; at most `depth` requests in flight.
+    pub async fn open_channel(
+        &self,
+        buf: Buffer,
+        depth: usize,
+    ) -> Result<StoreChannel<'_>, StoreError> {
+        // A request lies in two chunks at most (see `submit`), so it puts at most two work
+        // requests on one donor's channel.
+        let depth = depth.clamp(1, Channel::DEPTH / 2);
+        let mut chans = Vec::with_capacity(self.donors.len());
+        for d in &self.donors {
+            let wrap = |source| StoreError::Donor {
+                addr: d.spec.addr,
+                source,
+            };
+            let ch = d.client.open_channel().await.map_err(wrap)?;
+            let mr = ch.register(&buf).map_err(wrap)?;
+            chans.push((ch, mr));
+        }
+        Ok(StoreChannel {
+            store: self,
+            buf,
+            chans,
+            slots: (0..depth).map(|_| None).collect(),
+            free: (0..depth).rev().collect(),
+            done: Vec::with_capacity(depth),
+            comps: vec![Completion::default(); 32],
+        })
+    }
+}
+
+impl StoreChannel<'_> {
+    /// The buffer requests read into and write from.
+    pub fn buffer(&self) -> &Buffer {
+        &self.buf
+    }
+
+    /// Requests submitted and not yet reaped.
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Sends a request. When all slots are busy, completions are reaped first (and kept for
+    /// [`StoreChannel::reap`]). A request that cannot start (out of range, outside the buffer)
+    /// completes at once with its error.
+    pub fn submit(&mut self, req: IoReq) -> Result<(), StoreError> {
+        while self.free.is_empty() {
+            self.progress(true)?;
+        }
+        let in_buf = req
+            .at
+            .checked_add(req.len)
+            .is_some_and(|e| e <= self.buf.len())
+            && req.len as u64 <= self.store.chunk;
+        let pieces: Vec<(usize, u64, std::ops::Range<usize>)> =
+            match self.store.pieces(req.off, req.len as u64) {
+                Ok(p) if in_buf => p.collect(),
+                Ok(_) => {
+                    self.done.push((
+                        req.tag,
+                        Err(StoreError::Config(format!(
+                            "buffer range {}+{} outside the channel's {}-byte buffer, or longer \
+                         than a chunk ({} bytes)",
+                            req.at,
+                            req.len,
+                            self.buf.len(),
+                            self.store.chunk
+                        ))),
+                    ));
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.done.push((req.tag, Err(e)));
+                    return Ok(());
+                }
+            };
+        let slot = self.free.pop().unwrap_or_default();
+        let mut s = Slot {
+            req,
+            pieces: Vec::with_capacity(pieces.len()),
+            left: pieces.len(),
+            err: None,
+        };
+        for (chunk, within, r) in pieces {
+            s.pieces.push(Piece {
+                chunk,
+                within,
+                at: req.at + r.start,
+                len: r.len(),
+                targets: ArrayVec::new(),
+                cursor: 0,
+                ok: 0,
+                missed: 0,
+                done: false,
+            });
+        }
+        let n = s.pieces.len();
+        self.slots[slot] = Some(s);
+        for p in 0..n {
+            self.start_piece(slot, p)?;
+        }
+        self.finish_if_done(slot);
+        Ok(())
+    }
+
+    /// Finished requests, as `(tag, result)`: those ready now, or with `block`, at least one
+    /// when any is in flight.
+    pub fn reap(
+        &mut self,
+        out: &mut Vec<(u64, Result<(), StoreError>)>,
+        block: bool,
+    ) -> Result<(), StoreError> {
+        if self.done.is_empty() {
+            self.progress(block && self.in_flight() > 0)?;
+        }
+        while self.done.is_empty() && block && self.in_flight() > 0 {
+            self.progress(true)?;
+        }
+        out.append(&mut self.done);
+        Ok(())
+    }
+
+    /// Takes the chunk's replicas for a piece (waiting out a rebuild's copy of it, while
+    /// reaping this channel's own completions) and sends it.
+    fn start_piece(&mut self, slot: usize, p: usize) -> Result<(), StoreError> {
+        let (op, chunk) = {
+            let s = self.slots[slot].as_ref().expect("live slot");
+            (s.req.op, s.pieces[p].chunk)
+        };
+        let store = self.store;
+        loop {
+            let reps = lock(&store.chunks[chunk]);
+            if store.copying[chunk].load(Ordering::Acquire) {
+                drop(reps);
+                // The copy waits for this channel's requests on the chunk: let them finish.
+                self.progress(false)?;
+                std::thread::yield_now();
+                continue;
+            }
+            let piece = &mut self.slots[slot].as_mut().expect("live slot").pieces[p];
+            if op == IoOp::Write {
+                // Before any copy takes it: a rebuild must copy this part, whichever fail.
+                store
+                    .written
+                    .mark(chunk, piece.within..piece.within + piece.len as u64);
+            }
+            piece.targets = reps
+                .iter()
+                .filter(|r| op == IoOp::Write || !r.filling)
+                .take(REPLICA_SLOTS)
+                .map(|r| Target {
+                    donor: r.donor,
+                    slab: r.grant.slab,
+                    remote: r.grant.remote,
+                    filling: r.filling,
+                })
+                .collect();
+            store.inflight[chunk].fetch_add(1, Ordering::AcqRel);
+            break;
+        }
+        match op {
+            IoOp::Read => self.send_read(slot, p),
+            IoOp::Write => self.send_writes(slot, p),
+        }
+        Ok(())
+    }
+
+    /// Posts the piece's READ to its next healthy target; none left ends the piece.
+    fn send_read(&mut self, slot: usize, p: usize) {
+        let store = self.store;
+        loop {
+            let piece = &mut self.slots[slot].as_mut().expect("live slot").pieces[p];
+            let Some(t) = piece.targets.get(piece.cursor).copied() else {
+                self.end_read(slot, p, false);
+                return;
+            };
+            if store.donors[t.donor].healthy.load(Ordering::Acquire) {
+                let (at, len, within, k) = (piece.at, piece.len, piece.within, piece.cursor);
+                let (ch, mr) = &mut self.chans[t.donor];
+                match ch.post_read(wr_id(slot, p, k), mr, at, len, t.remote, within) {
+                    Ok(()) => return,
+                    Err(e) => store.fail(t.donor, &e),
+                }
+            }
+            self.slots[slot].as_mut().expect("live slot").pieces[p].cursor += 1;
+        }
+    }
+
+    /// Posts the piece's WRITE to every target on a healthy donor, all before any is reaped.
+    fn send_writes(&mut self, slot: usize, p: usize) {
+        let store = self.store;
+        let piece = &mut self.slots[slot].as_mut().expect("live slot").pieces[p];
+        let (at, len, within) = (piece.at, piece.len, piece.within);
+        let targets = piece.targets.clone();
+        let mut posted = 0;
+        let mut missed = 0u64;
+        for (k, t) in targets.iter().enumerate() {
+            let d = &store.donors[t.donor];
+            if !d.healthy.load(Ordering::Acquire) {
+                missed |= 1 << k;
+                continue;
+            }
+            let (ch, mr) = &mut self.chans[t.donor];
+            match ch.post_write(wr_id(slot, p, k), mr, at, len, t.remote, within) {
+                Ok(()) => posted += 1,
+                Err(e) => {
+                    store.fail(t.donor, &e);
+                    missed |= 1 << k;
+                }
+            }
+        }
+        let piece = &mut self.slots[slot].as_mut().expect("live slot").pieces[p];
+        piece.cursor = posted;
+        piece.missed = missed;
+        if posted == 0 {
+            self.end_write(slot, p);
+        }
+    }
+
+    /// Reaps completions (waiting for one with `block`) and moves their requests on.
+    fn progress(&mut self, block: bool) -> Result<(), StoreError> {
+        let mut any = false;
+        for d in 0..self.chans.len() {
+            loop {
+                let n = match self.chans[d].0.poll(&mut self.comps) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        self.store.fail(d, &e);
+                        0
+                    }
+                };
+                if n == 0 {
+                    break;
+                }
+                any = true;
+                for i in 0..n {
+                    let c = self.comps[i];
+                    self.complete(d, c);
+                }
+            }
+        }
+        if any || !block {
+            return Ok(());
+        }
+        // Nothing ready: wait on a donor with requests in flight. Its queue pair fails them
+        // within the operation timeout on a dead donor, so this ends.
+        let Some(d) = (0..self.chans.len()).find(|&d| self.chans[d].0.in_flight() > 0) else {
+            return Ok(());
+        };
+        let n = match self.chans[d].0.wait(&mut self.comps) {
+            Ok(n) => n,
+            Err(ClientError::Timeout(_)) => 0,
+            Err(e) => {
+                self.store.fail(d, &e);
+                0
+            }
+        };
+        for i in 0..n {
+            let c = self.comps[i];
+            self.complete(d, c);
+        }
+        Ok(())
+    }
+
+    fn complete(&mut self, d: usize, c: Completion) {
+        let (slot, p, k) = unpack(c.wr_id);
+        let store = self.store;
+        let Some(s) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
+            return;
+        };
+        let Some(piece) = s.pieces.get_mut(p) else {
+            return;
+        };
+        let op = s.req.op;
+        let len = piece.len as u64;
+        let ok = c.is_ok();
+        let donor = &store.donors[d];
+        if !ok {
+            let e = ClientError::Completion(c.status);
+            if donor.healthy.load(Ordering::Acquire) {
+                store.fail(d, &e);
+            } else {
+                donor.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        match op {
+            IoOp::Read => {
+                if ok {
+                    donor.bytes_read.fetch_add(len, Ordering::Relaxed);
+                    self.end_read(slot, p, true);
+                } else {
+                    piece.cursor = k + 1;
+                    self.send_read(slot, p);
+                }
+            }
+            IoOp::Write => {
+                if ok {
+                    donor.bytes_written.fetch_add(len, Ordering::Relaxed);
+                    if !piece.targets[k].filling {
+                        piece.ok += 1;
+                    }
+                } else {
+                    piece.missed |= 1 << k;
+                }
+                piece.cursor -= 1;
+                if piece.cursor == 0 {
+                    self.end_write(slot, p);
+                }
+            }
+        }
+    }
+
+    fn end_read(&mut self, slot: usize, p: usize, ok: bool) {
+        let store = self.store;
+        let s = self.slots[slot].as_mut().expect("live slot");
+        let piece = &mut s.pieces[p];
+        if !ok {
+            // A replica still filling cannot serve: the chunk has no copy left to rebuild.
+            lock(&store.chunks[piece.chunk]).retain(|r| !r.filling);
+            s.err.get_or_insert(StoreError::Lost {
+                off: s.req.off + (piece.at - s.req.at) as u64,
+                end: s.req.off + (piece.at - s.req.at + piece.len) as u64,
+            });
+        }
+        piece.done = true;
+        store.inflight[piece.chunk].fetch_sub(1, Ordering::AcqRel);
+        s.left -= 1;
+        self.finish_if_done(slot);
+    }
+
+    /// Applies a write's outcome to the chunk, as [`Store::write`] does.
+    fn end_write(&mut self, slot: usize, p: usize) {
+        let store = self.store;
+        let s = self.slots[slot].as_mut().expect("live slot");
+        let piece = &mut s.pieces[p];
+        {
+            let mut reps = lock(&store.chunks[piece.chunk]);
+            let missed = |r: &super::Replica| {
+                piece.targets.iter().enumerate().any(|(k, t)| {
+                    piece.missed & (1 << k) != 0 && t.donor == r.donor && t.slab == r.grant.slab
+                })
+            };
+            if piece.ok > 0 {
+                // A replica that missed a write another copy took is stale: never read again.
+                reps.retain(|r| !missed(r));
+            } else {
+                // No copy took it: the write fails as a whole, the copies keep what they had.
+                reps.retain(|r| !r.filling);
+                s.err.get_or_insert(StoreError::Lost {
+                    off: s.req.off + (piece.at - s.req.at) as u64,
+                    end: s.req.off + (piece.at - s.req.at + piece.len) as u64,
+                });
+            }
+        }
+        piece.done = true;
+        store.inflight[piece.chunk].fetch_sub(1, Ordering::AcqRel);
+        s.left -= 1;
+        self.finish_if_done(slot);
+    }
+
+    fn finish_if_done(&mut self, slot: usize) {
+        let finished = self.slots[slot].as_ref().is_some_and(|s| s.left == 0);
+        if !finished {
+            return;
+        }
+        if let Some(s) = self.slots[slot].take() {
+            self.done.push((s.req.tag, s.err.map_or(Ok(()), Err)));
+            self.free.push(slot);
+        }
+    }
+}
+
+impl Drop for StoreChannel<'_> {
+    fn drop(&mut self) {
+        // Requests still in flight hold their chunks against a rebuild: finish them.
+        while self.in_flight() > 0 {
+            let before = self.in_flight();
+            if self.progress(true).is_err() {
+                break;
+            }
+            self.done.clear();
+            if self.in_flight() == before && self.chans.iter().all(|c| c.0.in_flight() == 0) {
+                break;
+            }
+        }
+    }
+}
