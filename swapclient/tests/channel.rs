@@ -177,34 +177,68 @@ fn check(store: &Store, shadow: &[Option<Vec<u8>>]) {
     }
 }
 
+/// A driving thread (see [`drive`]) started on `store`; stop it with the flag.
+struct Driver {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    run: tokio::task::JoinHandle<Run>,
+}
+
+fn start(store: &Arc<Store>, depth: usize, blocks: usize, expect_ok: bool) -> Driver {
+    let (stop, done) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let (s, st, d) = (store.clone(), stop.clone(), done.clone());
+    let run = tokio::task::spawn_blocking(move || drive(&s, depth, blocks, &st, &d, expect_ok));
+    Driver { stop, done, run }
+}
+
+impl Driver {
+    /// Waits until more than `n` requests have completed.
+    async fn past(&self, what: &str, n: u64) {
+        let done = &self.done;
+        support::wait_until(what, Duration::from_secs(30), || {
+            std::future::ready(done.load(SeqCst) > n)
+        })
+        .await;
+    }
+
+    fn count(&self) -> u64 {
+        self.done.load(SeqCst)
+    }
+
+    /// Stops it; every request in flight must end within a minute (none hangs).
+    async fn finish(self) -> Run {
+        self.stop.store(true, SeqCst);
+        tokio::time::timeout(Duration::from_secs(60), self.run)
+            .await
+            .expect("requests hung")
+            .unwrap()
+    }
+}
+
+async fn three_donors(slab_size: u64, slabs: u64) -> (TestDonor, TestDonor, TestDonor) {
+    (
+        donor(slabs, slab_size).await,
+        donor(slabs, slab_size).await,
+        donor(slabs, slab_size).await,
+    )
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_thread_keeps_64_requests_in_flight_and_they_complete_out_of_order() {
-    let (a, b, c) = (
-        donor(16, MIB).await,
-        donor(16, MIB).await,
-        donor(16, MIB).await,
-    );
+    let (a, b, c) = three_donors(MIB, 16).await;
     let store = Store::create(&config(8 * MIB, 2, &[&a, &b, &c]))
         .await
         .unwrap();
-    let (stop, done) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let run = {
-        let (s, stop, done) = (store.clone(), stop.clone(), done.clone());
-        tokio::task::spawn_blocking(move || drive(&s, 64, 2048, &stop, &done, true))
-    };
-    support::wait_until("4000 requests", Duration::from_secs(60), || {
-        std::future::ready(done.load(SeqCst) >= 4000)
-    })
-    .await;
-    stop.store(true, SeqCst);
-    let run = run.await.unwrap();
+    let d = start(&store, 64, 2048, true);
+    d.past("4000 requests", 4000).await;
+    let run = d.finish().await;
     assert_eq!(run.most_in_flight, 64, "{run:?}");
     assert!(
         run.out_of_order > 0,
@@ -216,40 +250,16 @@ async fn one_thread_keeps_64_requests_in_flight_and_they_complete_out_of_order()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_donor_dying_under_a_full_channel_fails_no_request_and_loses_nothing() {
-    let (a, b, c) = (
-        donor(16, MIB).await,
-        donor(16, MIB).await,
-        donor(16, MIB).await,
-    );
+    let (a, b, c) = three_donors(MIB, 16).await;
     let store = Store::create(&config(8 * MIB, 2, &[&a, &b, &c]))
         .await
         .unwrap();
-    let (stop, done) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let run = {
-        let (s, stop, done) = (store.clone(), stop.clone(), done.clone());
-        tokio::task::spawn_blocking(move || drive(&s, 64, 2048, &stop, &done, true))
-    };
-    support::wait_until("requests flowing", Duration::from_secs(30), || {
-        std::future::ready(done.load(SeqCst) > 500)
-    })
-    .await;
+    let d = start(&store, 64, 2048, true);
+    d.past("requests flowing", 500).await;
     a.kill().await;
-    let at_kill = done.load(SeqCst);
-    support::wait_until(
-        "requests flowing past the death",
-        Duration::from_secs(30),
-        || std::future::ready(done.load(SeqCst) > at_kill + 1000),
-    )
-    .await;
-    stop.store(true, SeqCst);
-    // None hangs: every request in flight ends within the operation timeout.
-    let run = tokio::time::timeout(Duration::from_secs(60), run)
-        .await
-        .expect("requests hung after a donor died")
-        .unwrap();
+    d.past("requests flowing past the death", d.count() + 1000)
+        .await;
+    let run = d.finish().await;
     let st = store.status();
     assert!(!st.donors[0].healthy, "the dead donor is marked failed");
     assert_eq!(st.lost, 0);
@@ -261,29 +271,11 @@ async fn a_donor_dying_under_a_full_channel_fails_no_request_and_loses_nothing()
 async fn without_replicas_a_dead_donor_fails_requests_and_hangs_none() {
     let (a, b) = (donor(16, MIB).await, donor(16, MIB).await);
     let store = Store::create(&config(8 * MIB, 1, &[&a, &b])).await.unwrap();
-    let (stop, done) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let run = {
-        let (s, stop, done) = (store.clone(), stop.clone(), done.clone());
-        tokio::task::spawn_blocking(move || drive(&s, 64, 2048, &stop, &done, false))
-    };
-    support::wait_until("requests flowing", Duration::from_secs(30), || {
-        std::future::ready(done.load(SeqCst) > 500)
-    })
-    .await;
+    let d = start(&store, 64, 2048, false);
+    d.past("requests flowing", 500).await;
     a.kill().await;
-    let at_kill = done.load(SeqCst);
-    support::wait_until("requests after the death", Duration::from_secs(30), || {
-        std::future::ready(done.load(SeqCst) > at_kill + 500)
-    })
-    .await;
-    stop.store(true, SeqCst);
-    let run = tokio::time::timeout(Duration::from_secs(60), run)
-        .await
-        .expect("requests hung after a donor died")
-        .unwrap();
+    d.past("requests after the death", d.count() + 500).await;
+    let run = d.finish().await;
     // Half the chunks were on the dead donor: their requests fail (checked to be `Lost` in
     // `drive`), the others go on, and no read returned wrong data.
     assert!(run.failed > 0, "{run:?}");
@@ -294,24 +286,12 @@ async fn without_replicas_a_dead_donor_fails_requests_and_hangs_none() {
 async fn channel_writes_during_a_rebuild_reach_the_new_copy() {
     // 4 MiB chunks, rebuilt in 1 MiB pieces; the channel's requests wait out each piece.
     // 32 MiB: the rebuild copies 32 pieces, long enough for requests to run between them.
-    let a = donor(16, 4 * MIB).await;
-    let b = donor(16, 4 * MIB).await;
-    let c = donor(16, 4 * MIB).await;
+    let (a, b, c) = three_donors(4 * MIB, 16).await;
     let store = Store::create(&config(32 * MIB, 2, &[&a, &b, &c]))
         .await
         .unwrap();
-    let (stop, done) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let run = {
-        let (s, stop, done) = (store.clone(), stop.clone(), done.clone());
-        tokio::task::spawn_blocking(move || drive(&s, 64, 8192, &stop, &done, true))
-    };
-    support::wait_until("requests flowing", Duration::from_secs(30), || {
-        std::future::ready(done.load(SeqCst) > 10000)
-    })
-    .await;
+    let d = start(&store, 64, 8192, true);
+    d.past("requests flowing", 10000).await;
     a.kill().await;
     support::wait_until("the dead donor noticed", Duration::from_secs(30), || {
         std::future::ready(!store.status().donors[0].healthy)
@@ -319,10 +299,8 @@ async fn channel_writes_during_a_rebuild_reach_the_new_copy() {
     .await;
     // The requests keep going while the rebuild copies (whether any completes inside its
     // window depends on the scheduler: only what they leave behind is asserted).
-    let s = store.clone();
-    assert_eq!(s.repair().await, 0);
-    stop.store(true, SeqCst);
-    let run = run.await.unwrap();
+    assert_eq!(store.repair().await, 0);
+    let run = d.finish().await;
     let st = store.status();
     assert!(st.rebuilt > 0 && st.degraded == 0, "{st:?}");
     // Only c and the rebuilt copies are left: every write made during the copy is in them.

@@ -58,7 +58,6 @@ struct Piece {
     /// Write: complete copies that took it, and the targets that missed it (by index).
     ok: usize,
     missed: u64,
-    done: bool,
 }
 
 #[derive(Debug)]
@@ -190,7 +189,6 @@ impl StoreChannel<'_> {
                 cursor: 0,
                 ok: 0,
                 missed: 0,
-                done: false,
             });
         }
         let n = s.pieces.len();
@@ -410,49 +408,46 @@ impl StoreChannel<'_> {
     }
 
     fn end_read(&mut self, slot: usize, p: usize, ok: bool) {
-        let store = self.store;
-        let s = self.slots[slot].as_mut().expect("live slot");
-        let piece = &mut s.pieces[p];
         if !ok {
+            let chunk = self.slots[slot].as_ref().expect("live slot").pieces[p].chunk;
             // A replica still filling cannot serve: the chunk has no copy left to rebuild.
-            lock(&store.chunks[piece.chunk]).retain(|r| !r.filling);
+            lock(&self.store.chunks[chunk]).retain(|r| !r.filling);
+        }
+        self.end_piece(slot, p, !ok);
+    }
+
+    /// Applies a write's outcome to the chunk, as [`Store::write`] does.
+    fn end_write(&mut self, slot: usize, p: usize) {
+        let piece = &self.slots[slot].as_ref().expect("live slot").pieces[p];
+        let mut reps = lock(&self.store.chunks[piece.chunk]);
+        let missed = |r: &super::Replica| {
+            piece.targets.iter().enumerate().any(|(k, t)| {
+                piece.missed & (1 << k) != 0 && t.donor == r.donor && t.slab == r.grant.slab
+            })
+        };
+        let lost = piece.ok == 0;
+        if lost {
+            // No copy took it: the write fails as a whole, the copies keep what they had.
+            reps.retain(|r| !r.filling);
+        } else {
+            // A replica that missed a write another copy took is stale: never read again.
+            reps.retain(|r| !missed(r));
+        }
+        drop(reps);
+        self.end_piece(slot, p, lost);
+    }
+
+    /// A piece is over (`lost`: no copy served it): its chunk is free for a rebuild again.
+    fn end_piece(&mut self, slot: usize, p: usize, lost: bool) {
+        let s = self.slots[slot].as_mut().expect("live slot");
+        let piece = &s.pieces[p];
+        if lost {
             s.err.get_or_insert(StoreError::Lost {
                 off: s.req.off + (piece.at - s.req.at) as u64,
                 end: s.req.off + (piece.at - s.req.at + piece.len) as u64,
             });
         }
-        piece.done = true;
-        store.inflight[piece.chunk].fetch_sub(1, Ordering::AcqRel);
-        s.left -= 1;
-        self.finish_if_done(slot);
-    }
-
-    /// Applies a write's outcome to the chunk, as [`Store::write`] does.
-    fn end_write(&mut self, slot: usize, p: usize) {
-        let store = self.store;
-        let s = self.slots[slot].as_mut().expect("live slot");
-        let piece = &mut s.pieces[p];
-        {
-            let mut reps = lock(&store.chunks[piece.chunk]);
-            let missed = |r: &super::Replica| {
-                piece.targets.iter().enumerate().any(|(k, t)| {
-                    piece.missed & (1 << k) != 0 && t.donor == r.donor && t.slab == r.grant.slab
-                })
-            };
-            if piece.ok > 0 {
-                // A replica that missed a write another copy took is stale: never read again.
-                reps.retain(|r| !missed(r));
-            } else {
-                // No copy took it: the write fails as a whole, the copies keep what they had.
-                reps.retain(|r| !r.filling);
-                s.err.get_or_insert(StoreError::Lost {
-                    off: s.req.off + (piece.at - s.req.at) as u64,
-                    end: s.req.off + (piece.at - s.req.at + piece.len) as u64,
-                });
-            }
-        }
-        piece.done = true;
-        store.inflight[piece.chunk].fetch_sub(1, Ordering::AcqRel);
+        self.store.inflight[piece.chunk].fetch_sub(1, Ordering::AcqRel);
         s.left -= 1;
         self.finish_if_done(slot);
     }
