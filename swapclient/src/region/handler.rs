@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rmem_memserver::ClientError;
+use rmem_memserver::{Channel, ClientError};
+use rmem_transport::{Buffer, Completion, HugePages, Mr, RemoteBuf};
 use userfaultfd::{Event, FaultKind, ReadWrite, Uffd};
 
 use super::raw::{copy_page, poison_page};
@@ -55,6 +56,8 @@ pub(crate) struct Handler {
     fifo: VecDeque<u32>,
     counters: Arc<Counters>,
     staging: Vec<u8>,
+    /// With the backing's channel: the staging pages registered there, READ into directly.
+    direct: Option<(Channel, Mr)>,
     zeros: Vec<u8>,
     history: VecDeque<i64>,
     stream: Option<Stream>,
@@ -76,7 +79,20 @@ impl Handler {
         counters: Arc<Counters>,
         poison: bool,
     ) -> Handler {
+        let mut backing = backing;
+        let slots = cfg.prefetch + 1;
+        let direct = backing.channel.take().and_then(|ch| {
+            let buf = Buffer::alloc(PAGE * slots, HugePages::Never).ok()?;
+            match ch.register(&buf) {
+                Ok(mr) => Some((ch, mr)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no registered staging: faults read through a copy");
+                    None
+                }
+            }
+        });
         Handler {
+            direct,
             uffd,
             base,
             pages,
@@ -86,7 +102,7 @@ impl Handler {
             state: vec![0; pages],
             fifo: VecDeque::new(),
             counters,
-            staging: vec![0u8; PAGE * (cfg.prefetch + 1)],
+            staging: vec![0u8; PAGE * slots],
             zeros: vec![0u8; PAGE],
             history: VecDeque::new(),
             stream: None,
@@ -331,11 +347,24 @@ impl Handler {
         loop {
             let (slab, _) = self.backing.locate(page);
             let remote = slab.remote;
-            match self.backing.client.read_remote(
-                remote,
-                off,
-                &mut self.staging[k * PAGE..(k + n) * PAGE],
-            ) {
+            let got = match &mut self.direct {
+                Some((ch, mr)) => read_direct(ch, mr, k * PAGE, n * PAGE, remote, off),
+                None => self.backing.client.read_remote(
+                    remote,
+                    off,
+                    &mut self.staging[k * PAGE..(k + n) * PAGE],
+                ),
+            };
+            if matches!(got, Err(ClientError::Timeout(_))) && self.direct.is_some() {
+                // A READ may still land in the staging pages: stop using them (dropping the
+                // channel waits out what it has in flight); faults read through the lanes.
+                tracing::warn!(
+                    page,
+                    "a direct READ timed out: faults read through a copy now"
+                );
+                self.direct = None;
+            }
+            match got {
                 Ok(()) => return true,
                 Err(e) => {
                     bump(&self.counters.remote_errors, 1);
@@ -361,9 +390,14 @@ impl Handler {
         self.state[page] = (self.state[page] & VALID) | RESIDENT | if wp { WP } else { DIRTY };
         self.fifo.push_back(page as u32);
         bump(&self.counters.resident, 1);
-        let src = match slot {
-            Source::Staged(k) => &self.staging[k * PAGE..(k + 1) * PAGE],
-            Source::Zeros | Source::Lost => &self.zeros[..],
+        let src = match (slot, &self.direct) {
+            // SAFETY: slot k of the registered staging pages, which the READ into it (reaped
+            // before this) filled; no request is in flight on it now.
+            (Source::Staged(k), Some((_, mr))) => unsafe {
+                std::slice::from_raw_parts(mr.as_ptr().add(k * PAGE), PAGE)
+            },
+            (Source::Staged(k), None) => &self.staging[k * PAGE..(k + 1) * PAGE],
+            (Source::Zeros | Source::Lost, _) => &self.zeros[..],
         };
         match copy_page(&self.uffd, src, self.addr(page), wp) {
             Ok(()) => {}
@@ -436,5 +470,30 @@ impl Handler {
         let data = unsafe { std::slice::from_raw_parts(addr as *const u8, PAGE) };
         let (slab, off) = self.backing.locate(page);
         self.backing.client.write_remote(slab.remote, off, data)
+    }
+}
+
+/// One READ of `len` bytes at `off` of `remote` into `mr[at..]`, waited for. Each READ
+/// carries its own number: a completion of an earlier one (given up on after a timeout) is
+/// passed over, never taken for this one's.
+fn read_direct(
+    ch: &mut Channel,
+    mr: &Mr,
+    at: usize,
+    len: usize,
+    remote: RemoteBuf,
+    off: u64,
+) -> Result<(), ClientError> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let id = NEXT.fetch_add(1, Ordering::Relaxed);
+    ch.post_read(id, mr, at, len, remote, off)?;
+    let mut c = [Completion::default(); 1];
+    loop {
+        match ch.wait(&mut c)? {
+            0 => return Err(ClientError::Timeout(Duration::ZERO)),
+            _ if c[0].wr_id != id => continue,
+            _ if c[0].is_ok() => return Ok(()),
+            _ => return Err(ClientError::Completion(c[0].status)),
+        }
     }
 }

@@ -141,6 +141,9 @@ pub struct Backing {
     client: Arc<Client>,
     slabs: Vec<SlabGrant>,
     slab_size: u64,
+    /// A data queue pair of the handler's own: faults READ straight into the page the
+    /// kernel then copies in (one copy), instead of through the client's bounce buffer.
+    channel: Option<rmem_memserver::Channel>,
 }
 
 impl Backing {
@@ -150,7 +153,15 @@ impl Backing {
             client,
             slabs,
             slab_size,
+            channel: None,
         }
+    }
+
+    /// Gives the fault handler a channel of its own (see [`Backing`]); without one, faults
+    /// read through the client's lanes.
+    pub async fn with_channel(mut self) -> Result<Backing, rmem_memserver::ClientError> {
+        self.channel = Some(self.client.open_channel().await?);
+        Ok(self)
     }
 
     /// The slab that holds page `page`, and the page's offset in it.
@@ -214,7 +225,13 @@ impl Region {
         let n = (cfg.size as u64).div_ceil(client.slab_size());
         let slabs = client.alloc(n as u32).await?;
         let ids: Vec<u32> = slabs.iter().map(|g| g.slab).collect();
-        let backing = Backing::new(client.clone(), slabs);
+        let backing = match Backing::new(client.clone(), slabs).with_channel().await {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = client.free(&ids).await;
+                return Err(e.into());
+            }
+        };
         match Region::new(cfg, backing) {
             Ok(r) => Ok(r),
             Err(e) => {
