@@ -127,6 +127,12 @@ impl Handler {
                 }
             };
             let Some(ev) = ev else {
+                // Idle: make room ahead of the next faults, a page at a time so a fault that
+                // arrives meanwhile waits for one eviction at most.
+                if self.fifo.len() > self.low_water() && self.evict_to(self.low_water(), 1) {
+                    idle_since = Instant::now();
+                    continue;
+                }
                 let spin = match mode {
                     PollMode::Busy { spin } => idle_since.elapsed() < spin,
                     PollMode::Blocking => false,
@@ -166,7 +172,8 @@ impl Handler {
                 } => self.write_protected(self.page_of(addr as usize)),
                 other => tracing::warn!(event = ?other, "unexpected userfaultfd event"),
             }
-            self.evict();
+            // Only past the budget itself: the idle loop keeps below it.
+            self.evict_to(self.budget, usize::MAX);
             idle_since = Instant::now();
         }
     }
@@ -409,19 +416,29 @@ impl Handler {
         }
     }
 
-    /// Evicts the oldest resident pages until the budget holds. A failed write-back keeps its
-    /// page and pauses eviction for a growing back-off.
-    fn evict(&mut self) {
+    /// Where idle time evicts down to: room for a fault and its prefetch window (and a
+    /// sixteenth of the budget) before the budget forces an eviction inline.
+    fn low_water(&self) -> usize {
+        let room = (self.prefetch + 1).max(self.budget / 16);
+        self.budget.saturating_sub(room.min(self.budget / 2))
+    }
+
+    /// Evicts the oldest resident pages, at most `max`, until no more than `target` are left;
+    /// true when it evicted any. A failed write-back keeps its page and pauses eviction for a
+    /// growing back-off.
+    fn evict_to(&mut self, target: usize, max: usize) -> bool {
         if let Some(until) = self.evict_paused_until {
             if Instant::now() < until {
-                return;
+                return false;
             }
             self.evict_paused_until = None;
         }
-        while self.fifo.len() > self.budget {
+        let mut evicted = 0;
+        while self.fifo.len() > target && evicted < max {
             let Some(v) = self.fifo.pop_front() else {
-                return;
+                break;
             };
+            evicted += 1;
             let v = v as usize;
             let a = self.addr(v);
             let st = self.state[v];
@@ -430,7 +447,7 @@ impl Handler {
                 if let Err(e) = self.uffd.write_protect(a as *mut _, PAGE) {
                     tracing::error!(page = v, error = %e, "write-protect failed; page kept");
                     self.fifo.push_back(v as u32);
-                    return;
+                    return evicted > 1;
                 }
                 self.state[v] |= WP;
             }
@@ -445,7 +462,7 @@ impl Handler {
                     self.fifo.push_front(v as u32);
                     self.evict_paused_until = Some(Instant::now() + self.evict_backoff);
                     self.evict_backoff = (self.evict_backoff * 2).min(EVICT_BACKOFF_MAX);
-                    return;
+                    return evicted > 1;
                 }
                 self.evict_backoff = EVICT_BACKOFF_MIN;
                 self.state[v] |= VALID;
@@ -462,6 +479,7 @@ impl Handler {
                 tracing::error!(page = v, error = %std::io::Error::last_os_error(), "MADV_DONTNEED failed");
             }
         }
+        evicted > 0
     }
 
     fn write_back(&mut self, page: usize, addr: usize) -> Result<(), ClientError> {
