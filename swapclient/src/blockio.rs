@@ -36,26 +36,38 @@ fn failed(
 
 /// A read of `buf.len()` bytes at `off`; Err is a positive errno.
 pub fn read(store: &Store, io: &IoCounters, off: u64, buf: &mut [u8]) -> Result<(), i32> {
-    match store.read(off, buf) {
-        Ok(()) => {
-            io.reads.fetch_add(1, Ordering::Relaxed);
-            io.bytes_read.fetch_add(buf.len() as u64, Ordering::Relaxed);
-            Ok(())
-        }
-        Err(e) => Err(failed(io, "read", off, buf.len(), &e, libc::EINVAL)),
-    }
+    let r = store.read(off, buf);
+    account(io, false, off, buf.len(), r)
 }
 
 /// A write of `buf` at `off`; Err is a positive errno.
 pub fn write(store: &Store, io: &IoCounters, off: u64, buf: &[u8]) -> Result<(), i32> {
-    match store.write(off, buf) {
-        Ok(()) => {
-            io.writes.fetch_add(1, Ordering::Relaxed);
-            io.bytes_written
-                .fetch_add(buf.len() as u64, Ordering::Relaxed);
+    let r = store.write(off, buf);
+    account(io, true, off, buf.len(), r)
+}
+
+/// Counts a READ (`write` false) or WRITE of `len` bytes at `off` that ended with `r`, the
+/// way [`read`] and [`write`] do; Err is a positive errno.
+pub fn account(
+    io: &IoCounters,
+    write: bool,
+    off: u64,
+    len: usize,
+    r: Result<(), StoreError>,
+) -> Result<(), i32> {
+    match (r, write) {
+        (Ok(()), false) => {
+            io.reads.fetch_add(1, Ordering::Relaxed);
+            io.bytes_read.fetch_add(len as u64, Ordering::Relaxed);
             Ok(())
         }
-        Err(e) => Err(failed(io, "write", off, buf.len(), &e, libc::ENOSPC)),
+        (Ok(()), true) => {
+            io.writes.fetch_add(1, Ordering::Relaxed);
+            io.bytes_written.fetch_add(len as u64, Ordering::Relaxed);
+            Ok(())
+        }
+        (Err(e), false) => Err(failed(io, "read", off, len, &e, libc::EINVAL)),
+        (Err(e), true) => Err(failed(io, "write", off, len, &e, libc::ENOSPC)),
     }
 }
 

@@ -9,9 +9,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rmem_memserver::nbd_wire::{TF_HAS_FLAGS, TF_SEND_FLUSH, TF_SEND_TRIM};
+use rmem_transport::{Buffer, HugePages};
 
 use crate::blockio::IoCounters;
 use crate::front::Device;
+use crate::nbd_channel;
 use crate::nbd_serve::{serve, StoreOps};
 use crate::store::Store;
 
@@ -32,11 +34,12 @@ pub const MAX_REQUEST: usize = 256 << 10;
 /// hand-over, so a request can wait behind QUEUE_DEPTH x MAX_REQUEST bytes, and the pages of
 /// every queued write stay in writeback until it completes: at the driver's default (128 x
 /// 1 MiB) the two-VM test had about 100 MiB of a 329 MiB guest in writeback when its swap
-/// stalled, close to a minute's work at the 2 MiB/s of its replicated phase. 8 MiB bounds both,
-/// and is still four requests for each worker.
+/// stalled, close to a minute's work at the 2 MiB/s of its replicated phase. 8 MiB bounds both.
+/// Served through a store channel, all of them are in flight at once (a slot of the channel's
+/// registered buffer each).
 pub const QUEUE_DEPTH: usize = 32;
-/// Requests carried out at once (each worker owns a [`MAX_REQUEST`] buffer): a READ waiting on
-/// one donor holds up no other request.
+/// Without a channel (no runtime to open one on, or the donors refused another queue pair):
+/// requests carried out at once by blocking workers, each with a [`MAX_REQUEST`] buffer.
 pub const WORKERS: usize = 8;
 
 /// NBD device failures.
@@ -91,6 +94,8 @@ pub fn start(
             }
         }
     }
+    // The channel (a data queue pair to every donor) is opened on the daemon's runtime.
+    let runtime = tokio::runtime::Handle::try_current().ok();
     let server = std::thread::Builder::new()
         .name("nbd-serve".into())
         .spawn(move || {
@@ -98,7 +103,19 @@ pub fn start(
                 store: &store,
                 io: &io,
             };
-            if let Err(e) = serve(sock, &ops, WORKERS, MAX_REQUEST) {
+            let channel = runtime.and_then(|rt| {
+                let buf = Buffer::alloc(QUEUE_DEPTH * MAX_REQUEST, HugePages::Never).ok()?;
+                rt.block_on(store.open_channel(buf, QUEUE_DEPTH))
+                    .map_err(|e| {
+                        tracing::warn!(error = %e, "no store channel: serving with blocking workers")
+                    })
+                    .ok()
+            });
+            let r = match channel {
+                Some(ch) => nbd_channel::serve(sock, ch, &store, &io, QUEUE_DEPTH, MAX_REQUEST),
+                None => serve(sock, &ops, WORKERS, MAX_REQUEST),
+            };
+            if let Err(e) = r {
                 tracing::error!(error = %e, "NBD socket failed");
             }
         })

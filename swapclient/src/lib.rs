@@ -14,6 +14,7 @@ pub mod front;
 pub mod kernel_nbd;
 pub mod kernel_ublk;
 pub mod metrics;
+pub mod nbd_channel;
 pub mod nbd_serve;
 pub mod region;
 pub mod reserve;

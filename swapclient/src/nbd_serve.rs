@@ -61,12 +61,12 @@ struct Job {
 
 /// A request answered after this long is logged: the kernel drops the whole device once one
 /// waits past its timeout, and the log says what the daemon was doing on the way there.
-const SLOW: Duration = Duration::from_secs(5);
+pub(crate) const SLOW: Duration = Duration::from_secs(5);
 /// A worker's stack: a request goes through the store and the transport, a few calls deep.
 const WORKER_STACK: usize = 256 << 10;
 
 /// The reply header: `error` 0 for success.
-fn reply_header(cookie: &[u8; 8], error: u32) -> [u8; 16] {
+pub(crate) fn reply_header(cookie: &[u8; 8], error: u32) -> [u8; 16] {
     let mut r = [0u8; 16];
     r[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
     r[4..8].copy_from_slice(&error.to_be_bytes());
@@ -141,25 +141,16 @@ fn read_requests(
     send: &dyn Fn(&[&[u8]]) -> std::io::Result<()>,
     max_request: usize,
 ) -> std::io::Result<()> {
-    let mut hdr = [0u8; 28];
     loop {
-        match sock.read_exact(&mut hdr) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e),
-        }
-        let magic = u32::from_be_bytes(hdr[0..4].try_into().expect("4 bytes"));
-        if magic != REQUEST_MAGIC {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "bad NBD request magic",
-            ));
-        }
-        let cmd = u16::from_be_bytes(hdr[6..8].try_into().expect("2 bytes"));
-        let mut cookie = [0u8; 8];
-        cookie.copy_from_slice(&hdr[8..16]);
-        let off = u64::from_be_bytes(hdr[16..24].try_into().expect("8 bytes"));
-        let len = u32::from_be_bytes(hdr[24..28].try_into().expect("4 bytes")) as usize;
+        let Some(Header {
+            cmd,
+            cookie,
+            off,
+            len,
+        }) = read_header(sock)?
+        else {
+            return Ok(());
+        };
         let started = Instant::now();
         let buf = match cmd {
             CMD_READ | CMD_WRITE if len > max_request => {
@@ -204,6 +195,39 @@ fn read_requests(
         })
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "workers gone"))?;
     }
+}
+
+/// One request's header.
+pub(crate) struct Header {
+    pub(crate) cmd: u16,
+    pub(crate) cookie: [u8; 8],
+    pub(crate) off: u64,
+    pub(crate) len: usize,
+}
+
+/// Reads the next request header; `None` at the end of the stream.
+pub(crate) fn read_header(mut sock: &UnixStream) -> std::io::Result<Option<Header>> {
+    let mut hdr = [0u8; 28];
+    match sock.read_exact(&mut hdr) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let magic = u32::from_be_bytes(hdr[0..4].try_into().expect("4 bytes"));
+    if magic != REQUEST_MAGIC {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "bad NBD request magic",
+        ));
+    }
+    let mut cookie = [0u8; 8];
+    cookie.copy_from_slice(&hdr[8..16]);
+    Ok(Some(Header {
+        cmd: u16::from_be_bytes(hdr[6..8].try_into().expect("2 bytes")),
+        cookie,
+        off: u64::from_be_bytes(hdr[16..24].try_into().expect("8 bytes")),
+        len: u32::from_be_bytes(hdr[24..28].try_into().expect("4 bytes")) as usize,
+    }))
 }
 
 /// Carries out one request and sends its reply.

@@ -309,3 +309,197 @@ async fn channel_writes_during_a_rebuild_reach_the_new_copy() {
     let s = store.clone();
     blocking(move || check(&s, &run.shadow)).await;
 }
+
+mod nbd {
+    //! The NBD server on a store channel, driven over a socket pair as the kernel drives it.
+
+    use super::*;
+    use rmem_memserver::nbd_wire::{
+        CMD_DISC, CMD_READ, CMD_TRIM, CMD_WRITE, EINVAL, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
+    };
+    use rmem_swapclient::blockio::IoCounters;
+    use rmem_swapclient::nbd_channel;
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+
+    const MAX: usize = 64 << 10;
+    const SLOTS: usize = 16;
+
+    fn request(cmd: u16, cookie: u64, off: u64, len: u32) -> [u8; 28] {
+        let mut h = [0u8; 28];
+        h[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        h[6..8].copy_from_slice(&cmd.to_be_bytes());
+        h[8..16].copy_from_slice(&cookie.to_be_bytes());
+        h[16..24].copy_from_slice(&off.to_be_bytes());
+        h[24..28].copy_from_slice(&len.to_be_bytes());
+        h
+    }
+
+    /// A reply: (cookie, error, data of `read_len(cookie)` bytes when it succeeded).
+    fn reply(c: &mut UnixStream, read_len: impl Fn(u64) -> usize) -> (u64, u32, Vec<u8>) {
+        let mut h = [0u8; 16];
+        c.read_exact(&mut h).unwrap();
+        assert_eq!(
+            u32::from_be_bytes(h[0..4].try_into().unwrap()),
+            SIMPLE_REPLY_MAGIC
+        );
+        let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
+        let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+        let mut data = vec![0u8; if err == 0 { read_len(cookie) } else { 0 }];
+        c.read_exact(&mut data).unwrap();
+        (cookie, err, data)
+    }
+
+    /// Serves one end of a socket pair from `store` on a blocking thread; returns the other.
+    fn serve(store: &Arc<Store>) -> (UnixStream, tokio::task::JoinHandle<std::io::Result<()>>) {
+        let (client, server) = UnixStream::pair().unwrap();
+        let s = store.clone();
+        let srv = tokio::task::spawn_blocking(move || {
+            let rt = tokio::runtime::Handle::current();
+            let buf = Buffer::alloc(SLOTS * MAX, HugePages::Never).unwrap();
+            let ch = rt.block_on(s.open_channel(buf, SLOTS)).unwrap();
+            let io = IoCounters::default();
+            nbd_channel::serve(server, ch, &s, &io, SLOTS, MAX)
+        });
+        (client, srv)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_in_flight_are_answered_once_by_cookie_with_the_right_data() {
+        let (a, b, c) = three_donors(MIB, 16).await;
+        let store = Store::create(&config(8 * MIB, 2, &[&a, &b, &c]))
+            .await
+            .unwrap();
+        let (client, srv) = serve(&store);
+        let got = blocking(move || {
+            let mut reader = client.try_clone().unwrap();
+            let mut client = client;
+            // 200 writes of distinct 4 KiB blocks sent without waiting, then 200 reads.
+            let w = std::thread::spawn(move || {
+                for i in 0..200u64 {
+                    client
+                        .write_all(&request(CMD_WRITE, 1000 + i, i * 8192, 4096))
+                        .unwrap();
+                    client.write_all(&block(i)).unwrap();
+                }
+                for i in 0..200u64 {
+                    client
+                        .write_all(&request(CMD_READ, 2000 + i, i * 8192, 4096))
+                        .unwrap();
+                }
+                client
+            });
+            let mut seen = std::collections::HashSet::new();
+            let mut out_of_order = 0;
+            let mut last = 0;
+            for _ in 0..400 {
+                let (c, e, d) = reply(&mut reader, |c| if c >= 2000 { 4096 } else { 0 });
+                assert_eq!(e, 0, "request {c}");
+                assert!(seen.insert(c), "cookie {c} answered twice");
+                if c < last {
+                    out_of_order += 1;
+                }
+                last = c;
+                if c >= 2000 {
+                    assert!(d == block(c - 2000), "read {c} returned other data");
+                }
+            }
+            let mut client = w.join().unwrap();
+            // A read past the device and an unknown command: errors, and the loop goes on.
+            client
+                .write_all(&request(CMD_READ, 7, 8 * MIB, 4096))
+                .unwrap();
+            assert_ne!(reply(&mut reader, |_| 4096).1, 0);
+            client
+                .write_all(&request(CMD_READ, 8, 0, MAX as u32 + 1))
+                .unwrap();
+            assert_eq!(reply(&mut reader, |_| 0).1, EINVAL);
+            client.write_all(&request(CMD_TRIM, 9, 0, 8192)).unwrap();
+            assert_eq!(reply(&mut reader, |_| 0).1, 0);
+            client.write_all(&request(CMD_READ, 10, 0, 4096)).unwrap();
+            assert_eq!(reply(&mut reader, |_| 4096), (10, 0, vec![0u8; 4096]));
+            client.write_all(&request(CMD_DISC, 11, 0, 0)).unwrap();
+            out_of_order
+        })
+        .await;
+        srv.await.unwrap().unwrap();
+        // 400 requests over two donors' queue pairs: completions interleave.
+        assert!(got > 0, "every reply came in request order");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_donor_dying_with_requests_in_flight_fails_none_and_the_data_is_whole() {
+        let (a, b, c) = three_donors(MIB, 16).await;
+        let store = Store::create(&config(8 * MIB, 2, &[&a, &b, &c]))
+            .await
+            .unwrap();
+        let (client, srv) = serve(&store);
+        let mut reader = client.try_clone().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = stop.clone();
+        // Rounds of 512 writes (blocks 0..512 with the round in them) sent without waiting.
+        let w = std::thread::spawn(move || {
+            let mut client = client;
+            let mut round = 0u64;
+            while !st.load(SeqCst) {
+                round += 1;
+                for i in 0..512u64 {
+                    client
+                        .write_all(&request(CMD_WRITE, round << 20 | i, i * 4096, 4096))
+                        .unwrap();
+                    client.write_all(&block(round << 20 | i)).unwrap();
+                }
+            }
+            (client, round)
+        });
+        let replies = Arc::new(AtomicU64::new(0));
+        let r = replies.clone();
+        let rd = std::thread::spawn(move || loop {
+            let (c, e, _) = reply(&mut reader, |_| 0);
+            assert_eq!(e, 0, "write {c:#x} failed: a copy is left for every chunk");
+            r.fetch_add(1, SeqCst);
+            if c == u64::MAX {
+                return reader;
+            }
+        });
+        let seen = |n: u64| {
+            let r = replies.clone();
+            move || std::future::ready(r.load(SeqCst) > n)
+        };
+        support::wait_until("writes answered", Duration::from_secs(30), seen(2000)).await;
+        a.kill().await;
+        let at = replies.load(SeqCst);
+        support::wait_until(
+            "writes past the death",
+            Duration::from_secs(60),
+            seen(at + 2000),
+        )
+        .await;
+        stop.store(true, SeqCst);
+        let (mut client, rounds) = w.join().unwrap();
+        // A marker read: answered after every write before it was.
+        client
+            .write_all(&request(CMD_READ, u64::MAX, 0, 4096))
+            .unwrap();
+        let mut reader = tokio::time::timeout(
+            Duration::from_secs(60),
+            tokio::task::spawn_blocking(move || rd.join().unwrap()),
+        )
+        .await
+        .expect("requests hung after a donor died")
+        .unwrap();
+        let mut d = vec![0u8; 4096];
+        reader.read_exact(&mut d).unwrap();
+        client.write_all(&request(CMD_DISC, 0, 0, 0)).unwrap();
+        srv.await.unwrap().unwrap();
+        // Every block holds the last round's data.
+        let s = store.clone();
+        blocking(move || {
+            let shadow: Vec<Option<Vec<u8>>> =
+                (0..512u64).map(|i| Some(block(rounds << 20 | i))).collect();
+            check(&s, &shadow);
+        })
+        .await;
+        assert!(!store.status().donors[0].healthy);
+    }
+}

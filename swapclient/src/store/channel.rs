@@ -133,9 +133,15 @@ impl StoreChannel<'_> {
         &self.buf
     }
 
-    /// Requests submitted and not yet reaped.
+    /// Requests submitted and not yet finished.
     pub fn in_flight(&self) -> usize {
         self.slots.len() - self.free.len()
+    }
+
+    /// Requests submitted and not yet reaped: in flight, or finished and waiting in
+    /// [`StoreChannel::reap`] (a request refused at submission finishes at once).
+    pub fn pending(&self) -> usize {
+        self.in_flight() + self.done.len()
     }
 
     /// Sends a request. When all slots are busy, completions are reaped first (and kept for
