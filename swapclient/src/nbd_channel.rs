@@ -12,12 +12,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
-use rmem_memserver::nbd_wire::{
-    CMD_DISC, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, EINVAL,
-};
+use rmem_memserver::nbd_wire::{CMD_READ, CMD_WRITE};
 
 use crate::blockio::{self, IoCounters};
-use crate::nbd_serve::{read_header, reply_header, Header, SLOW};
+use crate::nbd_serve::{next_request, reply_header, Header, SLOW};
 use crate::store::{IoOp, IoReq, Store, StoreChannel};
 
 /// A request handed from the reader to the I/O thread.
@@ -116,20 +114,9 @@ fn read_requests(
         cookie,
         off,
         len,
-    }) = read_header(sock)?
+    }) = next_request(sock, max_request, send)?
     {
         let job = match cmd {
-            CMD_READ | CMD_WRITE if len > max_request => {
-                if cmd == CMD_WRITE {
-                    // Its payload follows and cannot be skipped safely: the stream is lost.
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("an NBD write of {len} bytes (at most {max_request})"),
-                    ));
-                }
-                send(&[&reply_header(&cookie, EINVAL)])?;
-                continue;
-            }
             CMD_READ | CMD_WRITE => {
                 let slot = free.recv().map_err(|_| gone())?;
                 let write = cmd == CMD_WRITE;
@@ -146,21 +133,12 @@ fn read_requests(
                     slot,
                 }
             }
-            // Every write reached the donors' memory before it was acknowledged.
-            CMD_FLUSH => {
-                send(&[&reply_header(&cookie, 0)])?;
-                continue;
-            }
-            CMD_TRIM | CMD_WRITE_ZEROES => Job::Zero {
+            // TRIM or WRITE_ZEROES.
+            _ => Job::Zero {
                 cookie,
                 off,
                 len: len as u64,
             },
-            CMD_DISC => return Ok(()),
-            _ => {
-                send(&[&reply_header(&cookie, EINVAL)])?;
-                continue;
-            }
         };
         jobs.send(job).map_err(|_| gone())?;
     }

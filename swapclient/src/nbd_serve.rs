@@ -141,49 +141,24 @@ fn read_requests(
     send: &dyn Fn(&[&[u8]]) -> std::io::Result<()>,
     max_request: usize,
 ) -> std::io::Result<()> {
-    loop {
-        let Some(Header {
-            cmd,
-            cookie,
-            off,
-            len,
-        }) = read_header(sock)?
-        else {
-            return Ok(());
-        };
+    let gone = || std::io::Error::new(std::io::ErrorKind::BrokenPipe, "workers gone");
+    while let Some(Header {
+        cmd,
+        cookie,
+        off,
+        len,
+    }) = next_request(sock, max_request, send)?
+    {
         let started = Instant::now();
         let buf = match cmd {
-            CMD_READ | CMD_WRITE if len > max_request => {
-                if cmd == CMD_WRITE {
-                    // Its payload follows and cannot be skipped safely: the stream is lost.
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("an NBD write of {len} bytes (at most {max_request})"),
-                    ));
-                }
-                send(&[&reply_header(&cookie, EINVAL)])?;
-                continue;
-            }
             CMD_READ | CMD_WRITE => {
-                let mut b = free.recv().map_err(|_| {
-                    std::io::Error::new(std::io::ErrorKind::BrokenPipe, "workers gone")
-                })?;
+                let mut b = free.recv().map_err(|_| gone())?;
                 if cmd == CMD_WRITE {
                     sock.read_exact(&mut b[..len])?;
                 }
                 Some(b)
             }
-            // Every write reached the donors' memory before it was acknowledged.
-            CMD_FLUSH => {
-                send(&[&reply_header(&cookie, 0)])?;
-                continue;
-            }
-            CMD_TRIM | CMD_WRITE_ZEROES => None,
-            CMD_DISC => return Ok(()),
-            _ => {
-                send(&[&reply_header(&cookie, EINVAL)])?;
-                continue;
-            }
+            _ => None,
         };
         jobs.send(Job {
             cmd,
@@ -193,8 +168,9 @@ fn read_requests(
             buf,
             started,
         })
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "workers gone"))?;
+        .map_err(|_| gone())?;
     }
+    Ok(())
 }
 
 /// One request's header.
@@ -206,7 +182,7 @@ pub(crate) struct Header {
 }
 
 /// Reads the next request header; `None` at the end of the stream.
-pub(crate) fn read_header(mut sock: &UnixStream) -> std::io::Result<Option<Header>> {
+fn read_header(mut sock: &UnixStream) -> std::io::Result<Option<Header>> {
     let mut hdr = [0u8; 28];
     match sock.read_exact(&mut hdr) {
         Ok(()) => {}
@@ -228,6 +204,34 @@ pub(crate) fn read_header(mut sock: &UnixStream) -> std::io::Result<Option<Heade
         off: u64::from_be_bytes(hdr[16..24].try_into().expect("8 bytes")),
         len: u32::from_be_bytes(hdr[24..28].try_into().expect("4 bytes")) as usize,
     }))
+}
+
+/// The next request the storage must carry out (READ, WRITE, TRIM, WRITE_ZEROES), answering
+/// on the way those that need no storage (FLUSH, unknown commands, READs over `max_request`);
+/// `None` at a disconnect or the end of the stream. A WRITE over `max_request` is an error: its
+/// payload cannot be skipped safely, so the stream is lost.
+pub(crate) fn next_request(
+    sock: &UnixStream,
+    max_request: usize,
+    send: &dyn Fn(&[&[u8]]) -> std::io::Result<()>,
+) -> std::io::Result<Option<Header>> {
+    while let Some(h) = read_header(sock)? {
+        match h.cmd {
+            CMD_WRITE if h.len > max_request => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("an NBD write of {} bytes (at most {max_request})", h.len),
+                ));
+            }
+            CMD_READ if h.len > max_request => send(&[&reply_header(&h.cookie, EINVAL)])?,
+            CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES => return Ok(Some(h)),
+            // Every write reached the donors' memory before it was acknowledged.
+            CMD_FLUSH => send(&[&reply_header(&h.cookie, 0)])?,
+            CMD_DISC => return Ok(None),
+            _ => send(&[&reply_header(&h.cookie, EINVAL)])?,
+        }
+    }
+    Ok(None)
 }
 
 /// Carries out one request and sends its reply.
