@@ -474,7 +474,7 @@ fn status(a: StatusArgs) -> Result<(), Failed> {
     for v in &all {
         let st = &v["store"];
         println!(
-            "{} ({})  pid {}  {} MiB  swap {}  in {} MiB  out {} MiB  io errors {}",
+            "{} ({})  pid {}  {} MiB  swap {}  in {} MiB  out {} MiB  io errors {}  peak in flight {}",
             v["device"].as_str().unwrap_or("?"),
             v["backend"].as_str().unwrap_or("?"),
             v["pid"],
@@ -487,6 +487,7 @@ fn status(a: StatusArgs) -> Result<(), Failed> {
             v["bytes_in"].as_u64().unwrap_or(0) >> 20,
             v["bytes_out"].as_u64().unwrap_or(0) >> 20,
             v["io_errors"],
+            v["peak_in_flight"],
         );
         println!(
             "  {} chunks of {} MiB, {} replica(s): {} degraded, {} lost, {} rebuilt, {} moved ({} MiB copied)",

@@ -14,6 +14,33 @@ pub struct IoCounters {
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
     pub errors: AtomicU64,
+    /// The most requests ever in flight at once: the queue depth the kernel really drove.
+    pub peak_in_flight: AtomicU64,
+    /// Blocking requests being served now (workers of the blocking front ends).
+    in_flight: AtomicU64,
+}
+
+impl IoCounters {
+    /// Raises the peak to `n` requests in flight if that is a new high.
+    pub fn saw_in_flight(&self, n: u64) {
+        self.peak_in_flight.fetch_max(n, Ordering::Relaxed);
+    }
+}
+
+/// One blocking request counted in flight while this lives.
+struct Serving<'a>(&'a IoCounters);
+
+impl<'a> Serving<'a> {
+    fn start(io: &'a IoCounters) -> Self {
+        io.saw_in_flight(io.in_flight.fetch_add(1, Ordering::Relaxed) + 1);
+        Serving(io)
+    }
+}
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Logs and counts a failed request; returns its errno (`out_of_range` past the end, else EIO).
@@ -36,13 +63,19 @@ fn failed(
 
 /// A read of `buf.len()` bytes at `off`; Err is a positive errno.
 pub fn read(store: &Store, io: &IoCounters, off: u64, buf: &mut [u8]) -> Result<(), i32> {
-    let r = store.read(off, buf);
+    let r = {
+        let _serving = Serving::start(io);
+        store.read(off, buf)
+    };
     account(io, false, off, buf.len(), r)
 }
 
 /// A write of `buf` at `off`; Err is a positive errno.
 pub fn write(store: &Store, io: &IoCounters, off: u64, buf: &[u8]) -> Result<(), i32> {
-    let r = store.write(off, buf);
+    let r = {
+        let _serving = Serving::start(io);
+        store.write(off, buf)
+    };
     account(io, true, off, buf.len(), r)
 }
 

@@ -115,6 +115,12 @@ impl Collector for DeviceCollector {
             "Requests failed back to the kernel.",
             st.io_errors,
         )?;
+        one(
+            "rmem_swap_peak_in_flight",
+            g,
+            "The most requests in flight at once since start.",
+            st.peak_in_flight,
+        )?;
         let store = &st.store;
         one("rmem_swap_size_bytes", g, "Device size.", store.size)?;
         one(
@@ -236,6 +242,7 @@ mod tests {
             bytes_in: 13,
             bytes_out: 14,
             io_errors: 2,
+            peak_in_flight: 17,
             store: StoreStatus {
                 size: 1 << 30,
                 chunk_size: 1 << 24,
@@ -258,6 +265,7 @@ mod tests {
             format!("rmem_swap_reads_total{{{dev}}} 11"),
             format!("rmem_swap_written_bytes_total{{{dev}}} 14"),
             format!("rmem_swap_io_errors_total{{{dev}}} 2"),
+            format!("rmem_swap_peak_in_flight{{{dev}}} 17"),
             format!("rmem_swap_chunks_degraded{{{dev}}} 5"),
             format!("rmem_swap_chunks_lost{{{dev}}} 1"),
             format!("rmem_swap_copied_bytes_total{{{dev}}} 3145728"),

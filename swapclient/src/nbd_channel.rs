@@ -284,7 +284,9 @@ fn start(
                 len,
                 at: slot * max_request,
             })
-            .map_err(std::io::Error::other)
+            .map_err(std::io::Error::other)?;
+            io.saw_in_flight(ch.pending() as u64);
+            Ok(())
         }
         Job::Zero { cookie, off, len } => {
             // Rare (discards): done in place, in pieces of the scratch buffer.

@@ -23,6 +23,8 @@ pub struct DeviceStatus {
     /// Bytes paged out to the device (swap-out).
     pub bytes_out: u64,
     pub io_errors: u64,
+    /// The most requests in flight at once since start.
+    pub peak_in_flight: u64,
     pub store: StoreStatus,
 }
 
@@ -43,6 +45,7 @@ pub(crate) fn status(
         bytes_in: io.bytes_read.load(Ordering::Relaxed),
         bytes_out: io.bytes_written.load(Ordering::Relaxed),
         io_errors: io.errors.load(Ordering::Relaxed),
+        peak_in_flight: io.peak_in_flight.load(Ordering::Relaxed),
         store: store.status(),
     }
 }

@@ -37,6 +37,7 @@ fn device() -> DeviceStatus {
         bytes_in: 13,
         bytes_out: 14,
         io_errors: 2,
+        peak_in_flight: 17,
         store: StoreStatus {
             size: 1 << 30,
             chunk_size: 1 << 24,
