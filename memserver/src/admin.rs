@@ -39,7 +39,7 @@ pub(crate) async fn serve(listener: tokio::net::TcpListener, inner: Arc<Inner>) 
         .route("/status", get(status))
         .with_state(inner)
         .merge(posts);
-    if let Err(e) = axum::serve(listener, app).await {
+    if let Err(e) = rmem_wire::http::serve(listener, app).await {
         tracing::error!(error = %e, "admin endpoint stopped");
     }
 }

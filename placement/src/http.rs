@@ -121,7 +121,7 @@ pub async fn serve<R: Registry>(
             sweeper.sweep();
         }
     });
-    let r = axum::serve(listener, router(svc)).await;
+    let r = rmem_wire::http::serve(listener, router(svc)).await;
     sweep.abort();
     r
 }

@@ -355,7 +355,7 @@ async fn serve_device(
             );
             tracing::info!(%addr, "metrics at /metrics");
             Some(tokio::spawn(async move {
-                if let Err(e) = axum::serve(l, app).await {
+                if let Err(e) = rmem_wire::http::serve(l, app).await {
                     tracing::error!(error = %e, "metrics server stopped");
                 }
             }))

@@ -3,5 +3,8 @@
 //!
 //! - [`auth`]: mutual challenge-response with a shared secret (HMAC-SHA256), and signed one-shot
 //!   requests for admin endpoints.
+//! - [`http`]: the serve loop of every HTTP endpoint (donor admin, placement, metrics), with a
+//!   bound on connections and on the time a client may take to send its headers.
 
 pub mod auth;
+pub mod http;
