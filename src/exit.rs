@@ -2,9 +2,9 @@
 
 use std::io::ErrorKind;
 
-use rmem_memserver::protocol::FrameError;
-use rmem_memserver::ClientError;
+use rmem_swapclient::ClientError;
 use rmem_transport::Error as TError;
+use rmem_wire::protocol::FrameError;
 
 /// What the process exit status means; scripts can rely on these numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

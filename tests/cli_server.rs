@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use rmem_memserver::{Client, ClientConfig};
+use rmem_swapclient::{Client, ClientConfig};
 
 const SECRET: &str = "cli test secret, long enough";
 
@@ -263,7 +263,7 @@ fn serves_a_client_from_a_config_file_and_shuts_down_on_sigterm() {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["report"]["reclaiming"], 1, "{v}");
         match tokio::time::timeout(Duration::from_secs(5), notices.recv()).await {
-            Ok(Some(rmem_memserver::Notice::Reclaim { slabs, .. })) => assert_eq!(slabs.len(), 1),
+            Ok(Some(rmem_swapclient::Notice::Reclaim { slabs, .. })) => assert_eq!(slabs.len(), 1),
             other => panic!("expected a reclaim notice, got {other:?}"),
         }
         // The slab it did not give back is taken at the reclaim deadline (grace_secs = 1).
@@ -286,7 +286,7 @@ fn serves_a_client_from_a_config_file_and_shuts_down_on_sigterm() {
             .unwrap()
             .success());
         match tokio::time::timeout(Duration::from_secs(5), notices.recv()).await {
-            Ok(Some(rmem_memserver::Notice::Closing { reason, .. })) => {
+            Ok(Some(rmem_swapclient::Notice::Closing { reason, .. })) => {
                 assert!(reason.contains("shutting down"), "{reason}")
             }
             other => panic!("expected a closing notice, got {other:?}"),

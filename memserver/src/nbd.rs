@@ -28,7 +28,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::NbdConfig;
 use crate::conn_limit::{ConnLimit, Full};
-use crate::nbd_wire::*;
+use crate::nbd_wire::{self, *};
 
 const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
@@ -410,11 +410,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin + Send + 'static> Conn<R, W> {
 /// A reply on its way to the writer: the 16-byte header, then READ data, in one buffer.
 type Reply = Vec<u8>;
 
+/// Starts `buf` over with a reply's header.
 fn reply_header(buf: &mut Vec<u8>, error: u32, cookie: u64) {
     buf.clear();
-    buf.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-    buf.extend_from_slice(&error.to_be_bytes());
-    buf.extend_from_slice(&cookie.to_be_bytes());
+    buf.extend_from_slice(&nbd_wire::reply_header(cookie, error));
 }
 
 /// The transmission phase: this task parses requests and moves the bytes; a writer task sends
@@ -459,19 +458,23 @@ where
     });
     let mut data = Vec::new();
     let result = loop {
-        let magic = match r.read_u32().await {
-            Ok(m) => m,
+        let mut hdr = [0u8; REQUEST_HEADER];
+        match r.read_exact(&mut hdr).await {
+            Ok(_) => {}
+            // The client left (between requests, or in the middle of one it will never finish).
             Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
             Err(err) => break Err(err.into()),
-        };
-        if magic != REQUEST_MAGIC {
-            break Err(NbdError::Protocol("bad request magic".into()));
         }
-        let _flags = r.read_u16().await?;
-        let cmd = r.read_u16().await?;
-        let cookie = r.read_u64().await?;
-        let off = r.read_u64().await?;
-        let len = r.read_u32().await?;
+        let Request {
+            cmd,
+            cookie,
+            off,
+            len,
+            ..
+        } = match Request::decode(&hdr) {
+            Ok(h) => h,
+            Err(bad) => break Err(NbdError::Protocol(bad.to_string())),
+        };
         let in_range = off
             .checked_add(u64::from(len))
             .is_some_and(|end| end <= e.size);
@@ -673,13 +676,15 @@ mod tests {
         }
 
         fn read_request(cookie: u64, off: u64, len: u32) -> Vec<u8> {
-            let mut r = REQUEST_MAGIC.to_be_bytes().to_vec();
-            r.extend_from_slice(&0u16.to_be_bytes());
-            r.extend_from_slice(&CMD_READ.to_be_bytes());
-            r.extend_from_slice(&cookie.to_be_bytes());
-            r.extend_from_slice(&off.to_be_bytes());
-            r.extend_from_slice(&len.to_be_bytes());
-            r
+            Request {
+                flags: 0,
+                cmd: CMD_READ,
+                cookie,
+                off,
+                len,
+            }
+            .encode()
+            .to_vec()
         }
 
         /// Waits up to 10 s for `cond`.

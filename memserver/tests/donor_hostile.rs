@@ -7,10 +7,11 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rmem_memserver::protocol::{read_frame, write_msg, ClientMsg, ServerMsg, VERSION};
-use rmem_memserver::{ByteSize, ClientConfig, ErrorCode, ServerConfig};
+use rmem_memserver::{ByteSize, ErrorCode, ServerConfig};
+use rmem_swapclient::ClientConfig;
 use rmem_transport::exchange::{Hello, Kind};
 use rmem_transport::tcp::wire::{request_hello, ReqOp, Request, Role};
+use rmem_wire::protocol::{read_frame, write_msg, ClientMsg, ServerMsg, VERSION};
 
 mod support;
 
@@ -102,7 +103,7 @@ async fn a_reconnect_flood_costs_no_threads_descriptors_or_other_clients_time() 
     let before = threads_and_fds();
     // An authenticated session that asks for 600 data connections and makes none.
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let nonce_c = rmem_memserver::nonce();
+    let nonce_c = rmem_wire::auth::nonce();
     write_msg(
         &mut s,
         &ClientMsg::Hello {
@@ -117,7 +118,7 @@ async fn a_reconnect_flood_costs_no_threads_descriptors_or_other_clients_time() 
         ServerMsg::Challenge { nonce, .. } => nonce,
         m => panic!("{m:?}"),
     };
-    let mac = rmem_memserver::client_proof(SECRET, &nonce_s, &nonce_c, "flood");
+    let mac = rmem_wire::auth::client_proof(SECRET, &nonce_s, &nonce_c, "flood");
     write_msg(&mut s, &ClientMsg::Auth { mac }).await.unwrap();
     let m: ServerMsg = serde_json::from_slice(&read_frame(&mut s).await.unwrap()).unwrap();
     assert!(matches!(m, ServerMsg::Welcome { .. }), "{m:?}");

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rmem_memserver::{ByteSize, ClientError, Notice};
+use rmem_memserver::ByteSize;
+use rmem_swapclient::{ClientError, Notice};
 use rmem_transport::WcStatus;
 
 mod support;

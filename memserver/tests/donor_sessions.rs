@@ -5,9 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rmem_memserver::protocol::{read_frame, write_msg, ClientMsg, ServerMsg};
-use rmem_memserver::{Client, ClientConfig, ClientError, ErrorCode};
+use rmem_memserver::ErrorCode;
+use rmem_swapclient::{Client, ClientConfig, ClientError};
 use rmem_transport::WcStatus;
+use rmem_wire::protocol::{read_frame, write_msg, ClientMsg, ServerMsg};
 use tokio::io::AsyncWriteExt;
 
 mod support;

@@ -359,7 +359,7 @@ fn print_report(r: &Report, json: bool) {
 }
 
 fn alloc(a: AllocArgs) -> Result<(), Failed> {
-    use rmem_memserver::{Client, ClientConfig};
+    use rmem_swapclient::{Client, ClientConfig};
     use std::time::Instant;
     let secret = std::env::var("RMEM_SECRET")
         .unwrap_or_default()
@@ -375,7 +375,7 @@ fn alloc(a: AllocArgs) -> Result<(), Failed> {
         .build()
         .map_err(|e| Failed::new(crate::exit::Code::Failure, e))?;
     let context = format!("donor {}", a.donor);
-    let peer = |e: rmem_memserver::ClientError| crate::exit::client_failed(&context, &e);
+    let peer = |e: rmem_swapclient::ClientError| crate::exit::client_failed(&context, &e);
     let mut cc = ClientConfig::new(a.donor, secret);
     cc.connect_timeout = std::time::Duration::from_secs(a.connect_timeout);
     rt.block_on(async {

@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rmem_memserver::{ByteSize, Client, ClientConfig, Server, ServerConfig};
+use rmem_memserver::{ByteSize, Server, ServerConfig};
 use rmem_swapclient::region::PAGE;
+use rmem_swapclient::{Client, ClientConfig};
 use rmem_swapclient::{PollMode, Region, RegionConfig};
 use rmem_transport::HugePages;
 

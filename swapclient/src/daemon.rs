@@ -413,7 +413,7 @@ async fn serve_device(
         tokio::spawn(async move {
             while let Some(n) = rx.recv().await {
                 match n {
-                    rmem_memserver::Notice::Reclaim { slabs, .. } => {
+                    crate::client::Notice::Reclaim { slabs, .. } => {
                         tracing::warn!(
                             donor = i,
                             slabs = slabs.len(),
@@ -421,7 +421,7 @@ async fn serve_device(
                         );
                         store.mark_leaving(i, &slabs);
                     }
-                    rmem_memserver::Notice::Closing { reason, .. } => {
+                    crate::client::Notice::Closing { reason, .. } => {
                         store.mark_failed(i, &reason);
                     }
                 }

@@ -8,8 +8,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rmem_memserver::nbd_wire::{TF_HAS_FLAGS, TF_SEND_FLUSH, TF_SEND_TRIM};
 use rmem_transport::{Buffer, HugePages};
+use rmem_wire::nbd::{TF_HAS_FLAGS, TF_SEND_FLUSH, TF_SEND_TRIM};
 
 use crate::blockio::IoCounters;
 use crate::front::Device;

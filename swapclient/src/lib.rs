@@ -1,5 +1,8 @@
 //! `rmem-swapclient`: the borrower side of rmem.
 //!
+//! - The client of a donor ([`client`], [`Client`]): authenticate, borrow slabs, move data
+//!   one-sided over lanes or over a [`Channel`] with many requests in flight, renew leases,
+//!   hand reclaimed slabs back.
 //! - A swap device whose blocks live in slabs borrowed from donors and moved with one-sided
 //!   READ/WRITE ([`store`]), kept on several donors ([`store::Store`] replicas, rebuilt in the
 //!   background), served to the kernel by the `rmem swap` daemon ([`daemon`]) through ublk
@@ -9,6 +12,7 @@
 //!   one-sided READ, dirty pages written back on eviction, stride prefetch.
 
 pub mod blockio;
+pub mod client;
 pub mod daemon;
 pub mod front;
 pub mod kernel_nbd;
@@ -23,6 +27,7 @@ pub mod store;
 pub mod swapfile;
 pub mod written;
 
+pub use client::{Channel, Client, ClientConfig, ClientError, Notice, PostedWrite};
 pub use region::{Backing, PollMode, Region, RegionConfig, RegionError, RegionStats};
 pub use store::{
     DonorSpec, IoOp, IoReq, Store, StoreChannel, StoreConfig, StoreError, StoreStatus,

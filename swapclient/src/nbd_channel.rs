@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
-use rmem_memserver::nbd_wire::{CMD_READ, CMD_WRITE};
+use rmem_wire::nbd::{CMD_READ, CMD_WRITE};
 
 use crate::blockio::{self, IoCounters};
 use crate::nbd_serve::{next_request, reply_header, Header, SLOW};
@@ -23,20 +23,20 @@ enum Job {
     /// READ or WRITE in buffer slot `slot` (a WRITE's data already there).
     Io {
         write: bool,
-        cookie: [u8; 8],
+        cookie: u64,
         off: u64,
         len: usize,
         slot: usize,
     },
     /// TRIM or WRITE_ZEROES.
-    Zero { cookie: [u8; 8], off: u64, len: u64 },
+    Zero { cookie: u64, off: u64, len: u64 },
 }
 
 /// What the I/O thread remembers of a request in flight, by slot.
 #[derive(Clone, Copy)]
 struct Flight {
     write: bool,
-    cookie: [u8; 8],
+    cookie: u64,
     off: u64,
     len: usize,
     started: Instant,
@@ -217,10 +217,10 @@ fn run(
                         ch.buffer()
                             .read_at(slot * max_request, &mut data[..f.len])
                             .map_err(std::io::Error::other)?;
-                        send(&[&reply_header(&f.cookie, 0), &data[..f.len]])
+                        send(&[&reply_header(f.cookie, 0), &data[..f.len]])
                     }
-                    Ok(()) => send(&[&reply_header(&f.cookie, 0)]),
-                    Err(errno) => send(&[&reply_header(&f.cookie, errno as u32)]),
+                    Ok(()) => send(&[&reply_header(f.cookie, 0)]),
+                    Err(errno) => send(&[&reply_header(f.cookie, errno as u32)]),
                 };
                 let took = f.started.elapsed();
                 if took >= SLOW {
@@ -291,7 +291,7 @@ fn start(
         Job::Zero { cookie, off, len } => {
             // Rare (discards): done in place, in pieces of the scratch buffer.
             let r = blockio::zero(store, io, off, len, scratch);
-            send(&[&reply_header(&cookie, r.err().unwrap_or(0) as u32)])
+            send(&[&reply_header(cookie, r.err().unwrap_or(0) as u32)])
         }
     }
 }

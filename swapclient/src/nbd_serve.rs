@@ -12,9 +12,10 @@ use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use rmem_memserver::nbd_wire::{
-    CMD_DISC, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, EINVAL, REQUEST_MAGIC,
-    SIMPLE_REPLY_MAGIC,
+pub(crate) use rmem_wire::nbd::reply_header;
+use rmem_wire::nbd::{
+    Request, CMD_DISC, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, EINVAL,
+    REQUEST_HEADER,
 };
 
 use crate::blockio::{self, IoCounters};
@@ -50,7 +51,7 @@ impl BlockOps for StoreOps<'_> {
 /// A request handed to a worker.
 struct Job {
     cmd: u16,
-    cookie: [u8; 8],
+    cookie: u64,
     off: u64,
     len: usize,
     /// READ and WRITE: the data (a WRITE's already read from the socket).
@@ -64,15 +65,6 @@ struct Job {
 pub(crate) const SLOW: Duration = Duration::from_secs(5);
 /// A worker's stack: a request goes through the store and the transport, a few calls deep.
 const WORKER_STACK: usize = 256 << 10;
-
-/// The reply header: `error` 0 for success.
-pub(crate) fn reply_header(cookie: &[u8; 8], error: u32) -> [u8; 16] {
-    let mut r = [0u8; 16];
-    r[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
-    r[4..8].copy_from_slice(&error.to_be_bytes());
-    r[8..16].copy_from_slice(cookie);
-    r
-}
 
 /// Serves `sock` until the client disconnects (NBD_CMD_DISC or end of stream), with `workers`
 /// requests in flight at most, each up to `max_request` bytes. Every request read is answered
@@ -176,33 +168,26 @@ fn read_requests(
 /// One request's header.
 pub(crate) struct Header {
     pub(crate) cmd: u16,
-    pub(crate) cookie: [u8; 8],
+    pub(crate) cookie: u64,
     pub(crate) off: u64,
     pub(crate) len: usize,
 }
 
 /// Reads the next request header; `None` at the end of the stream.
 fn read_header(mut sock: &UnixStream) -> std::io::Result<Option<Header>> {
-    let mut hdr = [0u8; 28];
+    let mut hdr = [0u8; REQUEST_HEADER];
     match sock.read_exact(&mut hdr) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e),
     }
-    let magic = u32::from_be_bytes(hdr[0..4].try_into().expect("4 bytes"));
-    if magic != REQUEST_MAGIC {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "bad NBD request magic",
-        ));
-    }
-    let mut cookie = [0u8; 8];
-    cookie.copy_from_slice(&hdr[8..16]);
+    let r = Request::decode(&hdr)
+        .map_err(|bad| std::io::Error::new(std::io::ErrorKind::InvalidData, bad))?;
     Ok(Some(Header {
-        cmd: u16::from_be_bytes(hdr[6..8].try_into().expect("2 bytes")),
-        cookie,
-        off: u64::from_be_bytes(hdr[16..24].try_into().expect("8 bytes")),
-        len: u32::from_be_bytes(hdr[24..28].try_into().expect("4 bytes")) as usize,
+        cmd: r.cmd,
+        cookie: r.cookie,
+        off: r.off,
+        len: r.len as usize,
     }))
 }
 
@@ -223,12 +208,12 @@ pub(crate) fn next_request(
                     format!("an NBD write of {} bytes (at most {max_request})", h.len),
                 ));
             }
-            CMD_READ if h.len > max_request => send(&[&reply_header(&h.cookie, EINVAL)])?,
+            CMD_READ if h.len > max_request => send(&[&reply_header(h.cookie, EINVAL)])?,
             CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES => return Ok(Some(h)),
             // Every write reached the donors' memory before it was acknowledged.
-            CMD_FLUSH => send(&[&reply_header(&h.cookie, 0)])?,
+            CMD_FLUSH => send(&[&reply_header(h.cookie, 0)])?,
             CMD_DISC => return Ok(None),
-            _ => send(&[&reply_header(&h.cookie, EINVAL)])?,
+            _ => send(&[&reply_header(h.cookie, EINVAL)])?,
         }
     }
     Ok(None)
@@ -249,9 +234,9 @@ fn work(
         _ => Err(EINVAL as i32),
     };
     let sent = match (result, job.cmd, job.buf.as_ref()) {
-        (Ok(()), CMD_READ, Some(b)) => send(&[&reply_header(&job.cookie, 0), &b[..len]]),
-        (Ok(()), ..) => send(&[&reply_header(&job.cookie, 0)]),
-        (Err(errno), ..) => send(&[&reply_header(&job.cookie, errno as u32)]),
+        (Ok(()), CMD_READ, Some(b)) => send(&[&reply_header(job.cookie, 0), &b[..len]]),
+        (Ok(()), ..) => send(&[&reply_header(job.cookie, 0)]),
+        (Err(errno), ..) => send(&[&reply_header(job.cookie, errno as u32)]),
     };
     let took = job.started.elapsed();
     if took >= SLOW {
@@ -269,6 +254,7 @@ fn work(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rmem_wire::nbd::Reply;
     use std::sync::{Condvar, Mutex};
     use std::time::Duration;
 
@@ -320,25 +306,21 @@ mod tests {
     }
 
     fn request(cmd: u16, cookie: u64, off: u64, len: u32) -> [u8; 28] {
-        let mut h = [0u8; 28];
-        h[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        h[6..8].copy_from_slice(&cmd.to_be_bytes());
-        h[8..16].copy_from_slice(&cookie.to_be_bytes());
-        h[16..24].copy_from_slice(&off.to_be_bytes());
-        h[24..28].copy_from_slice(&len.to_be_bytes());
-        h
+        Request {
+            flags: 0,
+            cmd,
+            cookie,
+            off,
+            len,
+        }
+        .encode()
     }
 
     /// A reply: (cookie, error, data for a successful READ of `read_len`).
     fn reply(c: &mut UnixStream, read_len: impl Fn(u64) -> usize) -> (u64, u32, Vec<u8>) {
         let mut h = [0u8; 16];
         c.read_exact(&mut h).unwrap();
-        assert_eq!(
-            u32::from_be_bytes(h[0..4].try_into().unwrap()),
-            SIMPLE_REPLY_MAGIC
-        );
-        let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
-        let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+        let Reply { error: err, cookie } = Reply::decode(&h).expect("a simple reply");
         let mut data = vec![0u8; if err == 0 { read_len(cookie) } else { 0 }];
         c.read_exact(&mut data).unwrap();
         (cookie, err, data)

@@ -314,11 +314,9 @@ mod nbd {
     //! The NBD server on a store channel, driven over a socket pair as the kernel drives it.
 
     use super::*;
-    use rmem_memserver::nbd_wire::{
-        CMD_DISC, CMD_READ, CMD_TRIM, CMD_WRITE, EINVAL, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
-    };
     use rmem_swapclient::blockio::IoCounters;
     use rmem_swapclient::nbd_channel;
+    use rmem_wire::nbd::{Reply, Request, CMD_DISC, CMD_READ, CMD_TRIM, CMD_WRITE, EINVAL};
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
 
@@ -326,25 +324,21 @@ mod nbd {
     const SLOTS: usize = 16;
 
     fn request(cmd: u16, cookie: u64, off: u64, len: u32) -> [u8; 28] {
-        let mut h = [0u8; 28];
-        h[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        h[6..8].copy_from_slice(&cmd.to_be_bytes());
-        h[8..16].copy_from_slice(&cookie.to_be_bytes());
-        h[16..24].copy_from_slice(&off.to_be_bytes());
-        h[24..28].copy_from_slice(&len.to_be_bytes());
-        h
+        Request {
+            flags: 0,
+            cmd,
+            cookie,
+            off,
+            len,
+        }
+        .encode()
     }
 
     /// A reply: (cookie, error, data of `read_len(cookie)` bytes when it succeeded).
     fn reply(c: &mut UnixStream, read_len: impl Fn(u64) -> usize) -> (u64, u32, Vec<u8>) {
         let mut h = [0u8; 16];
         c.read_exact(&mut h).unwrap();
-        assert_eq!(
-            u32::from_be_bytes(h[0..4].try_into().unwrap()),
-            SIMPLE_REPLY_MAGIC
-        );
-        let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
-        let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+        let Reply { error: err, cookie } = Reply::decode(&h).expect("a simple reply");
         let mut data = vec![0u8; if err == 0 { read_len(cookie) } else { 0 }];
         c.read_exact(&mut data).unwrap();
         (cookie, err, data)

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rmem_memserver::{Client, ClientConfig};
 use rmem_swapclient::region::PAGE;
+use rmem_swapclient::{Client, ClientConfig};
 use rmem_swapclient::{PollMode, Region, RegionConfig, RegionError};
 
 // The donor's own test support: an in-process donor on loopback.

@@ -296,7 +296,7 @@ async fn reclaimed_slabs_are_moved_before_the_deadline() {
     assert_eq!(r.reclaiming, on_a);
     let (i, rx) = notices.iter_mut().find(|(i, _)| *i == 0).unwrap();
     let deadline = match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
-        Ok(Some(rmem_memserver::Notice::Reclaim { slabs, deadline })) => {
+        Ok(Some(rmem_swapclient::Notice::Reclaim { slabs, deadline })) => {
             store.mark_leaving(*i, &slabs);
             deadline
         }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use rmem_memserver::nbd_wire::{CMD_READ, REQUEST_MAGIC};
-use rmem_memserver::protocol::{read_frame, write_msg, ClientMsg, ServerMsg, VERSION};
+use rmem_wire::nbd::{Request, CMD_READ};
+use rmem_wire::protocol::{read_frame, write_msg, ClientMsg, ServerMsg, VERSION};
 
 /// What the attackers did, for the report.
 #[derive(Default)]
@@ -146,7 +146,7 @@ pub fn start(control: SocketAddr, data: SocketAddr, nbd: SocketAddr, secret: &[u
                 let Ok(mut s) = tokio::net::TcpStream::connect(control).await else {
                     return;
                 };
-                let nonce_c = rmem_memserver::nonce();
+                let nonce_c = rmem_wire::auth::nonce();
                 let hello = ClientMsg::Hello {
                     version: VERSION,
                     client: "flood".into(),
@@ -160,7 +160,7 @@ pub fn start(control: SocketAddr, data: SocketAddr, nbd: SocketAddr, secret: &[u
                 else {
                     return;
                 };
-                let mac = rmem_memserver::client_proof(&secret, &nonce, &nonce_c, "flood");
+                let mac = rmem_wire::auth::client_proof(&secret, &nonce, &nonce_c, "flood");
                 if write_msg(&mut s, &ClientMsg::Auth { mac }).await.is_err()
                     || read_frame(&mut s).await.is_err()
                 {
@@ -219,14 +219,14 @@ fn nbd_flood(addr: SocketAddr, tally: &Tally) -> std::io::Result<TcpStream> {
     let size = u64::from_be_bytes(export[..8].try_into().unwrap());
     let len = (32u64 << 20).min(size) as u32;
     for cookie in 0..64u64 {
-        let mut r = Vec::with_capacity(28);
-        r.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        r.extend_from_slice(&0u16.to_be_bytes());
-        r.extend_from_slice(&CMD_READ.to_be_bytes());
-        r.extend_from_slice(&cookie.to_be_bytes());
-        r.extend_from_slice(&0u64.to_be_bytes());
-        r.extend_from_slice(&len.to_be_bytes());
-        s.write_all(&r)?;
+        let r = Request {
+            flags: 0,
+            cmd: CMD_READ,
+            cookie,
+            off: 0,
+            len,
+        };
+        s.write_all(&r.encode())?;
         tally.nbd_reads_queued.fetch_add(1, Ordering::Relaxed);
     }
     Ok(s)

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use rmem_memserver::{Client, ClientConfig};
+use rmem_swapclient::{Client, ClientConfig};
 
 const SECRET: &str = "soak test secret, long enough";
 

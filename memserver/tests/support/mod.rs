@@ -4,7 +4,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use rmem_memserver::{ByteSize, Client, ClientConfig, Control, Server, ServerConfig};
+use rmem_memserver::{ByteSize, Control, Server, ServerConfig};
+use rmem_swapclient::{Client, ClientConfig};
 use rmem_transport::HugePages;
 
 pub mod exposition;

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rmem_memserver::{Channel, ClientError};
+use crate::client::{Channel, ClientError};
 use rmem_transport::{Buffer, Completion, HugePages, Mr, RemoteBuf};
 use userfaultfd::{Event, FaultKind, ReadWrite, Uffd};
 

@@ -33,7 +33,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use rmem_memserver::{Client, ClientError, SlabGrant};
+use crate::client::{Client, ClientError};
+use rmem_wire::protocol::SlabGrant;
 mod handler;
 mod raw;
 
@@ -143,7 +144,7 @@ pub struct Backing {
     slab_size: u64,
     /// A data queue pair of the handler's own: faults READ straight into the page the
     /// kernel then copies in (one copy), instead of through the client's bounce buffer.
-    channel: Option<rmem_memserver::Channel>,
+    channel: Option<crate::client::Channel>,
 }
 
 impl Backing {
@@ -159,7 +160,7 @@ impl Backing {
 
     /// Gives the fault handler a channel of its own (see [`Backing`]); without one, faults
     /// read through the client's lanes.
-    pub async fn with_channel(mut self) -> Result<Backing, rmem_memserver::ClientError> {
+    pub async fn with_channel(mut self) -> Result<Backing, crate::client::ClientError> {
         self.channel = Some(self.client.open_channel().await?);
         Ok(self)
     }

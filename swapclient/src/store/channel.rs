@@ -12,8 +12,8 @@
 
 use std::sync::atomic::Ordering;
 
+use crate::client::{Channel, ClientError};
 use arrayvec::ArrayVec;
-use rmem_memserver::{Channel, ClientError};
 use rmem_transport::{Buffer, Completion, Mr, RemoteBuf};
 
 use super::{lock, Store, StoreError, REPLICA_SLOTS};

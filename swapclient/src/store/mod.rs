@@ -12,8 +12,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use rmem_memserver::{Client, ClientConfig, ClientError, Notice, SlabGrant};
+use crate::client::{Client, ClientConfig, ClientError, Notice};
 use rmem_transport::Provider;
+use rmem_wire::protocol::SlabGrant;
 use serde::Serialize;
 
 use arrayvec::ArrayVec;
@@ -261,7 +262,7 @@ impl Store {
             let want = plan.iter().flatten().filter(|&&x| x == i).count();
             let mut left = want;
             while left > 0 {
-                let k = left.min(rmem_memserver::protocol::MAX_SLABS_PER_REQUEST as usize);
+                let k = left.min(rmem_wire::protocol::MAX_SLABS_PER_REQUEST as usize);
                 let got = d
                     .client
                     .alloc(k as u32)
@@ -586,7 +587,7 @@ impl Store {
                         .collect::<Vec<_>>()
                 })
                 .collect();
-            for part in mine.chunks(rmem_memserver::protocol::MAX_SLABS_PER_REQUEST as usize) {
+            for part in mine.chunks(rmem_wire::protocol::MAX_SLABS_PER_REQUEST as usize) {
                 if let Err(e) = d.client.free(part).await {
                     tracing::warn!(donor = %d.spec.addr, error = %e, "could not give slabs back");
                 }

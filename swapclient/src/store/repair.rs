@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::MutexGuard;
 use std::time::Duration;
 
-use rmem_memserver::SlabGrant;
+use rmem_wire::protocol::SlabGrant;
 
 use super::{lock, Replica, Store};
 

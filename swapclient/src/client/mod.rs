@@ -5,8 +5,8 @@
 //! queues the donor's notices ([`Notice`]), which [`Client::notices`] hands out.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), rmem_memserver::ClientError> {
-//! use rmem_memserver::{Client, ClientConfig};
+//! # async fn demo() -> Result<(), rmem_swapclient::ClientError> {
+//! use rmem_swapclient::{Client, ClientConfig};
 //! let c = Client::connect(ClientConfig::new("10.0.0.2:7470".parse().unwrap(), b"the shared secret".to_vec())).await?;
 //! let slabs = c.alloc(2).await?;
 //! c.write(&slabs[0], 0, b"hello")?;
@@ -32,8 +32,8 @@ mod lanes;
 use lanes::{connect_data, DataPath};
 pub use lanes::{Channel, PostedWrite};
 
-use crate::auth;
-use crate::protocol::{
+use rmem_wire::auth;
+use rmem_wire::protocol::{
     decode, read_frame, write_msg, ClientMsg, DonorStats, ErrorCode, FrameError, ServerMsg,
     SlabGrant, MAX_LANES, VERSION,
 };

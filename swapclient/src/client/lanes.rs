@@ -13,7 +13,7 @@ use rmem_transport::{
 };
 
 use super::{lock, Client, ClientConfig, ClientError};
-use crate::protocol::SlabGrant;
+use rmem_wire::protocol::SlabGrant;
 
 /// Completions a lane's queue holds: a [`Channel`] keeps at most this many requests in flight.
 const CQ_DEPTH: usize = 256;
@@ -229,13 +229,13 @@ pub struct Channel {
 
 impl Client {
     /// Opens a channel: a new data queue pair to the donor (a lane of the session beyond the
-    /// client's own; a session has [`MAX_LANES`](crate::protocol::MAX_LANES) at most).
+    /// client's own; a session has [`MAX_LANES`](rmem_wire::protocol::MAX_LANES) at most).
     pub async fn open_channel(&self) -> Result<Channel, ClientError> {
         let lane = self.next_lane.fetch_add(1, Ordering::Relaxed);
-        if lane >= usize::from(crate::protocol::MAX_LANES) {
+        if lane >= usize::from(rmem_wire::protocol::MAX_LANES) {
             return Err(ClientError::Protocol(format!(
                 "a session has {} data queue pairs at most (lanes and channels together)",
-                crate::protocol::MAX_LANES
+                rmem_wire::protocol::MAX_LANES
             )));
         }
         Ok(Channel {

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use rmem_memserver::protocol::{decode, ClientMsg, ServerMsg};
+use rmem_wire::protocol::{decode, ClientMsg, ServerMsg};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(m) = decode::<ClientMsg>(data) {
