@@ -5,18 +5,17 @@
 //!
 //! The failure rules are [`Store::read`]'s and [`Store::write`]'s: a read tries the chunk's
 //! complete replicas in turn and fails only when none answers; a write goes to every replica at
-//! once and succeeds when one complete copy took it, dropping the copies that missed it. A
-//! chunk's lock is held to take a snapshot of its replicas and to apply a write's outcome,
-//! never across a remote operation; a rebuild copying a piece of the chunk waits until the
-//! requests in flight on it are done, and new ones wait for the piece (see `Store::quiesce`).
+//! once and succeeds when one complete copy took it, dropping the copies that missed it. Each
+//! piece starts and ends as `piece.rs` says, as the blocking path's do.
 
 use std::sync::atomic::Ordering;
 
 use crate::client::{Channel, ClientError};
 use arrayvec::ArrayVec;
-use rmem_transport::{Buffer, Completion, Mr, RemoteBuf};
+use rmem_transport::{Buffer, Completion, Mr};
 
-use super::{lock, Store, StoreError, REPLICA_SLOTS};
+use super::piece::Targets;
+use super::{Store, StoreError};
 
 /// What a request does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,15 +35,6 @@ pub struct IoReq {
     pub at: usize,
 }
 
-/// A replica as a piece saw it when it was sent.
-#[derive(Debug, Clone, Copy)]
-struct Target {
-    donor: usize,
-    slab: u32,
-    remote: RemoteBuf,
-    filling: bool,
-}
-
 /// The part of a request inside one chunk.
 #[derive(Debug, Clone)]
 struct Piece {
@@ -52,7 +42,7 @@ struct Piece {
     within: u64,
     at: usize,
     len: usize,
-    targets: ArrayVec<Target, REPLICA_SLOTS>,
+    targets: Targets,
     /// Read: the target being read. Write: WRITEs not yet reaped.
     cursor: usize,
     /// Write: complete copies that took it, and the targets that missed it (by index).
@@ -226,41 +216,29 @@ impl StoreChannel<'_> {
     /// Takes the chunk's replicas for a piece (waiting out a rebuild's copy of it, while
     /// reaping this channel's own completions) and sends it.
     fn start_piece(&mut self, slot: usize, p: usize) -> Result<(), StoreError> {
-        let (op, chunk) = {
+        let (op, chunk, part) = {
             let s = self.slots[slot].as_ref().expect("live slot");
-            (s.req.op, s.pieces[p].chunk)
+            let piece = &s.pieces[p];
+            (
+                s.req.op,
+                piece.chunk,
+                piece.within..piece.within + piece.len as u64,
+            )
         };
-        let store = self.store;
-        loop {
-            let reps = lock(&store.chunks[chunk]);
-            if store.copying[chunk].load(Ordering::Acquire) {
-                drop(reps);
-                // The copy waits for this channel's requests on the chunk: let them finish.
-                self.progress(false)?;
-                std::thread::yield_now();
-                continue;
+        let targets = loop {
+            match self
+                .store
+                .try_start_piece(chunk, op == IoOp::Write, part.clone())
+            {
+                Some(t) => break t,
+                None => {
+                    // The copy waits for this channel's requests on the chunk: let them finish.
+                    self.progress(false)?;
+                    std::thread::yield_now();
+                }
             }
-            let piece = &mut self.slots[slot].as_mut().expect("live slot").pieces[p];
-            if op == IoOp::Write {
-                // Before any copy takes it: a rebuild must copy this part, whichever fail.
-                store
-                    .written
-                    .mark(chunk, piece.within..piece.within + piece.len as u64);
-            }
-            piece.targets = reps
-                .iter()
-                .filter(|r| op == IoOp::Write || !r.filling)
-                .take(REPLICA_SLOTS)
-                .map(|r| Target {
-                    donor: r.donor,
-                    slab: r.grant.slab,
-                    remote: r.grant.remote,
-                    filling: r.filling,
-                })
-                .collect();
-            store.inflight[chunk].fetch_add(1, Ordering::AcqRel);
-            break;
-        }
+        };
+        self.slots[slot].as_mut().expect("live slot").pieces[p].targets = targets;
         match op {
             IoOp::Read => self.send_read(slot, p),
             IoOp::Write => self.send_writes(slot, p),
@@ -399,7 +377,7 @@ impl StoreChannel<'_> {
             IoOp::Write => {
                 if ok {
                     donor.bytes_written.fetch_add(len, Ordering::Relaxed);
-                    if !piece.targets[k].filling {
+                    if piece.targets[k].complete {
                         piece.ok += 1;
                     }
                 } else {
@@ -416,8 +394,7 @@ impl StoreChannel<'_> {
     fn end_read(&mut self, slot: usize, p: usize, ok: bool) {
         if !ok {
             let chunk = self.slots[slot].as_ref().expect("live slot").pieces[p].chunk;
-            // A replica still filling cannot serve: the chunk has no copy left to rebuild.
-            lock(&self.store.chunks[chunk]).retain(|r| !r.filling);
+            self.store.read_lost(chunk);
         }
         self.end_piece(slot, p, !ok);
     }
@@ -425,21 +402,9 @@ impl StoreChannel<'_> {
     /// Applies a write's outcome to the chunk, as [`Store::write`] does.
     fn end_write(&mut self, slot: usize, p: usize) {
         let piece = &self.slots[slot].as_ref().expect("live slot").pieces[p];
-        let mut reps = lock(&self.store.chunks[piece.chunk]);
-        let missed = |r: &super::Replica| {
-            piece.targets.iter().enumerate().any(|(k, t)| {
-                piece.missed & (1 << k) != 0 && t.donor == r.donor && t.slab == r.grant.slab
-            })
-        };
-        let lost = piece.ok == 0;
-        if lost {
-            // No copy took it: the write fails as a whole, the copies keep what they had.
-            reps.retain(|r| !r.filling);
-        } else {
-            // A replica that missed a write another copy took is stale: never read again.
-            reps.retain(|r| !missed(r));
-        }
-        drop(reps);
+        let lost = self
+            .store
+            .settle_write(piece.chunk, &piece.targets, piece.ok, piece.missed);
         self.end_piece(slot, p, lost);
     }
 
@@ -453,7 +418,7 @@ impl StoreChannel<'_> {
                 end: s.req.off + (piece.at - s.req.at + piece.len) as u64,
             });
         }
-        self.store.inflight[piece.chunk].fetch_sub(1, Ordering::AcqRel);
+        self.store.end_piece(piece.chunk);
         s.left -= 1;
         self.finish_if_done(slot);
     }

@@ -6,6 +6,11 @@
 //! marked failed at once and its replicas dropped; the rebuilder ([`Store::repair`]) copies each
 //! chunk left short of replicas to another donor. A chunk with no replica left fails its I/O
 //! with an error: never stale or zeroed data.
+//!
+//! No chunk lock is held across a remote operation (`piece.rs`): requests to one chunk overlap.
+//! Swap never has two writes to one block in flight at once (a slot is written once per
+//! page-out) and `Region` writes a page back from one thread, so replicas cannot take two
+//! writes of one block in different orders.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -22,6 +27,7 @@ use arrayvec::ArrayVec;
 use crate::written::WrittenMap;
 
 mod channel;
+mod piece;
 mod repair;
 
 pub use channel::{IoOp, IoReq, StoreChannel};
@@ -118,10 +124,25 @@ struct Donor {
 struct Replica {
     donor: usize,
     grant: SlabGrant,
-    /// The donor asked this slab back: copy it elsewhere, then free it.
-    leaving: bool,
+    state: ReplicaState,
+}
+
+/// Where a replica stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReplicaState {
     /// Being rebuilt: writes go to it (so no write is missed), reads not yet.
-    filling: bool,
+    Filling,
+    /// A complete copy.
+    Complete,
+    /// Complete, but its donor asked the slab back: copied elsewhere, then freed.
+    Leaving,
+}
+
+impl ReplicaState {
+    /// Holds every write acknowledged so far: may serve reads and be copied from.
+    fn readable(self) -> bool {
+        self != ReplicaState::Filling
+    }
 }
 
 /// What `rmem swap status` shows of one donor.
@@ -161,10 +182,10 @@ pub struct Store {
     replicas: usize,
     donors: Vec<Donor>,
     chunks: Vec<Mutex<Vec<Replica>>>,
-    /// Per chunk: pieces of channel requests in flight ([`StoreChannel`]); a rebuild copies a
+    /// Per chunk: pieces of requests in flight (see `piece.rs`); a rebuild copies a
     /// piece of the chunk only when none is.
     inflight: Vec<AtomicU32>,
-    /// Per chunk: a rebuild is copying a piece of it; channel requests wait to start.
+    /// Per chunk: a rebuild is copying a piece of it; requests wait to start.
     copying: Vec<AtomicBool>,
     /// What was ever written: a rebuild copies only that.
     written: WrittenMap,
@@ -284,8 +305,7 @@ impl Store {
                 reps.extend(ds.iter().map(|&d| Replica {
                     donor: d,
                     grant: granted[d].pop().expect("allocated per plan"),
-                    leaving: false,
-                    filling: false,
+                    state: ReplicaState::Complete,
                 }));
                 Mutex::new(reps)
             })
@@ -356,31 +376,32 @@ impl Store {
     /// Reads into `out` from the first healthy replica of each chunk.
     pub fn read(&self, off: u64, out: &mut [u8]) -> Result<(), StoreError> {
         for (c, within, r) in self.pieces(off, out.len() as u64)? {
-            let mut reps = lock(&self.chunks[c]);
-            let mut done = false;
+            let len = r.len() as u64;
+            let targets = self.start_piece(c, false, within..within + len);
             // The first complete replica on a healthy donor. A failed read leaves the copy in
             // place (a read changes nothing): repair drops it once another copy is safe, and
             // while it is the last one its donor may come back.
-            for rep in reps.iter().filter(|r| !r.filling) {
-                let d = &self.donors[rep.donor];
+            let done = targets.iter().any(|t| {
+                let d = &self.donors[t.donor];
                 if !d.healthy.load(Ordering::Acquire) {
-                    continue;
+                    return false;
                 }
-                match d
-                    .client
-                    .read_remote(rep.grant.remote, within, &mut out[r.clone()])
-                {
+                match d.client.read_remote(t.remote, within, &mut out[r.clone()]) {
                     Ok(()) => {
-                        d.bytes_read.fetch_add(r.len() as u64, Ordering::Relaxed);
-                        done = true;
-                        break;
+                        d.bytes_read.fetch_add(len, Ordering::Relaxed);
+                        true
                     }
-                    Err(e) => self.fail(rep.donor, &e),
+                    Err(e) => {
+                        self.fail(t.donor, &e);
+                        false
+                    }
                 }
-            }
+            });
             if !done {
-                // A replica still filling cannot serve: the chunk has no copy left to rebuild.
-                reps.retain(|r| !r.filling);
+                self.read_lost(c);
+            }
+            self.end_piece(c);
+            if !done {
                 return Err(StoreError::Lost {
                     off: off + r.start as u64,
                     end: off + r.end as u64,
@@ -393,41 +414,32 @@ impl Store {
     /// Writes `data` to every healthy replica of each chunk.
     pub fn write(&self, off: u64, data: &[u8]) -> Result<(), StoreError> {
         for (c, within, r) in self.pieces(off, data.len() as u64)? {
-            let mut reps = lock(&self.chunks[c]);
-            // Before any copy takes it: a rebuild must copy this part, whichever copies fail.
-            self.written.mark(c, within..within + r.len() as u64);
+            let len = r.len() as u64;
+            let targets = self.start_piece(c, true, within..within + len);
             let mut ok = 0;
-            // Replicas that missed this write, by index (a chunk has at most 2 x MAX_REPLICAS + 1).
+            // Targets that missed this write, by index.
             let mut missed = 0u64;
-            let results = self.write_replicas(&reps, within, &data[r.clone()]);
-            for (k, (rep, res)) in reps.iter().zip(results).enumerate() {
-                let d = &self.donors[rep.donor];
+            let results = self.write_replicas(&targets, within, &data[r.clone()]);
+            for (k, (t, res)) in targets.iter().zip(results).enumerate() {
+                let d = &self.donors[t.donor];
                 match res {
                     Ok(()) => {
-                        d.bytes_written.fetch_add(r.len() as u64, Ordering::Relaxed);
-                        if !rep.filling {
+                        d.bytes_written.fetch_add(len, Ordering::Relaxed);
+                        if t.complete {
                             ok += 1;
                         }
                     }
                     Err(e) => {
                         if d.healthy.load(Ordering::Acquire) {
-                            self.fail(rep.donor, &e);
+                            self.fail(t.donor, &e);
                         }
                         missed |= 1 << k;
                     }
                 }
             }
-            if ok > 0 {
-                // A replica that missed a write another copy took is stale: never read again.
-                let mut k = 0;
-                reps.retain(|_| {
-                    k += 1;
-                    missed & (1 << (k - 1)) == 0
-                });
-            } else {
-                // No copy took it: the write fails as a whole (the kernel sees EIO and never
-                // reads it back), and the copies keep what they had for their donors' return.
-                reps.retain(|r| !r.filling);
+            let lost = self.settle_write(c, &targets, ok, missed);
+            self.end_piece(c);
+            if lost {
                 return Err(StoreError::Lost {
                     off: off + r.start as u64,
                     end: off + r.end as u64,
@@ -443,7 +455,7 @@ impl Store {
     /// One at a time when a piece exceeds what one request carries or two replicas share a
     /// donor. A donor marked failed takes nothing. Nothing here touches the heap: the I/O path
     /// runs when memory is short.
-    fn write_replicas(&self, reps: &[Replica], within: u64, piece: &[u8]) -> Outcomes {
+    fn write_replicas(&self, reps: &piece::Targets, within: u64, piece: &[u8]) -> Outcomes {
         let mut out: ArrayVec<Option<Result<(), ClientError>>, REPLICA_SLOTS> = ArrayVec::new();
         let mut order: ArrayVec<usize, REPLICA_SLOTS> = ArrayVec::new();
         for (k, rep) in reps.iter().enumerate().take(REPLICA_SLOTS) {
@@ -464,11 +476,11 @@ impl Store {
         if !postable || !distinct {
             for k in order {
                 let rep = &reps[k];
-                out[k] = Some(self.donors[rep.donor].client.write_remote(
-                    rep.grant.remote,
-                    within,
-                    piece,
-                ));
+                out[k] = Some(
+                    self.donors[rep.donor]
+                        .client
+                        .write_remote(rep.remote, within, piece),
+                );
             }
         } else {
             let mut posted: ArrayVec<_, REPLICA_SLOTS> = ArrayVec::new();
@@ -476,7 +488,7 @@ impl Store {
                 let rep = &reps[k];
                 match self.donors[rep.donor]
                     .client
-                    .post_write(rep.grant.remote, within, piece)
+                    .post_write(rep.remote, within, piece)
                 {
                     Ok(p) => posted.push((k, p)),
                     Err(e) => out[k] = Some(Err(e)),
@@ -504,12 +516,15 @@ impl Store {
     }
 
     /// Records the donor's reclaim notice: those replicas are copied elsewhere by `repair`.
+    /// A copy still filling there is given up at once (its rebuild frees the slab and tries
+    /// another donor).
     pub fn mark_leaving(&self, donor: usize, slabs: &[SlabGrant]) {
+        let asked = |r: &Replica| r.donor == donor && slabs.iter().any(|s| s.slab == r.grant.slab);
         for c in &self.chunks {
-            for rep in lock(c).iter_mut() {
-                if rep.donor == donor && slabs.iter().any(|s| s.slab == rep.grant.slab) {
-                    rep.leaving = true;
-                }
+            let mut reps = lock(c);
+            reps.retain(|r| !(asked(r) && r.state == ReplicaState::Filling));
+            for r in reps.iter_mut().filter(|r| asked(r)) {
+                r.state = ReplicaState::Leaving;
             }
         }
     }
@@ -537,7 +552,8 @@ impl Store {
             let live = lock(c)
                 .iter()
                 .filter(|r| {
-                    !r.leaving && !r.filling && self.donors[r.donor].healthy.load(Ordering::Acquire)
+                    r.state == ReplicaState::Complete
+                        && self.donors[r.donor].healthy.load(Ordering::Acquire)
                 })
                 .count();
             if live == 0 {

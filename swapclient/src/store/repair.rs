@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rmem_wire::protocol::SlabGrant;
 
-use super::{lock, Replica, Store};
+use super::{lock, Replica, ReplicaState, Store};
 
 impl Store {
     /// One repair pass: every chunk short of live replicas (or holding a leaving one) gets a
@@ -27,21 +27,21 @@ impl Store {
                 let mut reps = lock(&self.chunks[c]);
                 let healthy = |r: &Replica| self.donors[r.donor].healthy.load(Ordering::Acquire);
                 // The last copies stay, though unreachable: their donors may come back.
-                if reps.iter().any(|r| !r.filling && healthy(r)) {
+                if reps.iter().any(|r| r.state.readable() && healthy(r)) {
                     reps.retain(healthy);
                 }
                 let live = reps
                     .iter()
-                    .filter(|r| !r.leaving && !r.filling && healthy(r))
+                    .filter(|r| r.state == ReplicaState::Complete && healthy(r))
                     .count();
                 let leaving = reps
                     .iter()
-                    .filter(|r| r.leaving && healthy(r))
+                    .filter(|r| r.state == ReplicaState::Leaving && healthy(r))
                     .copied()
                     .collect();
                 let used = reps
                     .iter()
-                    .filter(|r| !r.leaving && healthy(r))
+                    .filter(|r| r.state != ReplicaState::Leaving && healthy(r))
                     .map(|r| self.donors[r.donor].spec.domain.clone())
                     .collect();
                 (live, leaving, used)
@@ -122,8 +122,7 @@ impl Store {
         lock(&self.chunks[c]).push(Replica {
             donor: to,
             grant,
-            leaving: false,
-            filling: true,
+            state: ReplicaState::Filling,
         });
         let dst = &self.donors[to];
         // Only the parts ever written: the rest is zeros on both copies. A write marks its part
@@ -133,7 +132,7 @@ impl Store {
             let (off, n) = (run.start, (run.end - run.start) as usize);
             next = run.end;
             let Some(mut held) = self.quiesce(c) else {
-                // Channel requests on the chunk did not finish: leave it to the next pass.
+                // Requests on the chunk did not finish: leave it to the next pass.
                 lock(&self.chunks[c]).retain(|r| !ours(r));
                 return false;
             };
@@ -143,10 +142,9 @@ impl Store {
                 return false;
             }
             let mut copied = false;
-            while let Some(k) = reps
-                .iter()
-                .position(|r| !r.filling && self.donors[r.donor].healthy.load(Ordering::Acquire))
-            {
+            while let Some(k) = reps.iter().position(|r| {
+                r.state.readable() && self.donors[r.donor].healthy.load(Ordering::Acquire)
+            }) {
                 let from = reps[k];
                 let src = &self.donors[from.donor];
                 if let Err(e) = src
@@ -175,7 +173,7 @@ impl Store {
         reps.retain(|r| self.donors[r.donor].healthy.load(Ordering::Acquire));
         match reps.iter_mut().find(|r| ours(r)) {
             Some(r) => {
-                r.filling = false;
+                r.state = ReplicaState::Complete;
                 true
             }
             None => false,
@@ -211,7 +209,7 @@ impl Store {
     }
 }
 
-/// A chunk held for a rebuild's piece: its lock, with no channel request in flight on it and
+/// A chunk held for a rebuild's piece: its lock, with no request in flight on it and
 /// none starting until this is dropped.
 pub(super) struct Quiet<'a> {
     pub(super) reps: MutexGuard<'a, Vec<Replica>>,
@@ -224,11 +222,11 @@ impl Drop for Quiet<'_> {
     }
 }
 
-/// How long a rebuild waits for channel requests on a chunk to finish.
+/// How long a rebuild waits for requests on a chunk to finish.
 const QUIESCE_WAIT: Duration = Duration::from_secs(30);
 
 impl Store {
-    /// Stops new channel requests on chunk `c`, waits for those in flight, and takes the
+    /// Stops new requests on chunk `c`, waits for those in flight, and takes the
     /// chunk's lock; `None` when they did not finish within [`QUIESCE_WAIT`].
     pub(super) fn quiesce(&self, c: usize) -> Option<Quiet<'_>> {
         let flag = &self.copying[c];
