@@ -17,6 +17,11 @@ if ((${#tools[@]})); then
   sudo=""; [[ $(id -u) -ne 0 ]] && sudo=sudo
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${tools[@]}" >/dev/null
+  # A newer qemu-utils (a backport) conflicts with Debian 12's QEMU and is removed by the line
+  # above; Debian 12's own qemu-utils goes back in so qemu-io, qemu-img and qemu-nbd are there.
+  if ! command -v qemu-io >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq qemu-utils >/dev/null
+  fi
 fi
 cargo test --workspace --locked
 # Shaped links between network namespaces (placement's probe and link map): needs root.
