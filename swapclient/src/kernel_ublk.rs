@@ -5,6 +5,11 @@
 //!
 //! The device lives on a control thread that runs libublk's target loop; [`Started::stop`]
 //! stops it (`kill_dev`, the deadlock-free way), waits for the queue threads and deletes it.
+//!
+//! Each queue thread serves its requests through a [`StoreChannel`](crate::store::StoreChannel)
+//! when started on a tokio runtime (the daemon): all of a queue's requests are in flight to
+//! the donors at once (`ublk_channel`). Without a runtime, or when a channel cannot be opened,
+//! a queue serves one request at a time with the store's blocking operations.
 
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -18,9 +23,12 @@ use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
 use libublk::sys;
 use libublk::{BufDesc, UblkFlags, UblkIORes};
 
+use rmem_transport::{Buffer, HugePages};
+
 use crate::blockio::{self, IoCounters};
 use crate::front::Device;
 use crate::store::Store;
+use crate::ublk_channel;
 
 /// The driver's control node; present once `ublk_drv` is loaded.
 pub const CONTROL: &str = "/dev/ublk-control";
@@ -57,8 +65,9 @@ fn driver(what: &'static str) -> impl FnOnce(libublk::UblkError) -> UblkFailure 
 pub struct UblkConfig {
     /// Hardware queues, each served by its own thread.
     pub queues: u16,
-    /// Requests in flight per queue. Each queue thread serves one at a time (the store's
-    /// operations complete in place), so depth only buffers a burst.
+    /// Requests in flight per queue: all of them at the donors at once when the queue serves
+    /// through a store channel (each tag has a `MAX_REQUEST` slot of registered memory),
+    /// otherwise one at a time with the rest waiting.
     pub depth: u16,
 }
 
@@ -114,11 +123,13 @@ pub fn start(
     // This thread may end up with the last handle on the device, whose drop deletes it.
     ensure_ctrl_ring()?;
     let size = store.size();
+    // Channels (a data queue pair to every donor per queue) are opened on the daemon's runtime.
+    let runtime = tokio::runtime::Handle::try_current().ok();
     let (tx, rx) = mpsc::channel::<Event>();
     let thread = std::thread::Builder::new()
         .name("ublk-ctrl".into())
         .spawn(move || {
-            control_thread(store, io, cfg, size, tx);
+            control_thread(store, io, runtime, cfg, size, tx);
             on_exit();
         })
         .map_err(|e| UblkFailure::Driver {
@@ -159,6 +170,7 @@ pub fn start(
 fn control_thread(
     store: Arc<Store>,
     io: Arc<IoCounters>,
+    runtime: Option<tokio::runtime::Handle>,
     cfg: UblkConfig,
     size: u64,
     tx: mpsc::Sender<Event>,
@@ -197,7 +209,7 @@ fn control_thread(
             };
             Ok(())
         },
-        move |qid: u16, dev: &UblkDev| serve_queue(qid, dev, &store, &io),
+        move |qid: u16, dev: &UblkDev| serve_queue(qid, dev, &store, &io, runtime.as_ref()),
         move |c: &UblkCtrl| {
             let _ = running.send(Event::Running(c.dev_info().dev_id, c.get_bdev_path()));
         },
@@ -215,9 +227,27 @@ fn control_thread(
     }
 }
 
-/// One queue thread: buffers allocated once per tag, every request served in place.
-fn serve_queue(qid: u16, dev: &UblkDev, store: &Store, io: &IoCounters) {
+/// One queue thread: buffers allocated once per tag; requests served through a store channel
+/// when one opens, otherwise one at a time in place.
+fn serve_queue(
+    qid: u16,
+    dev: &UblkDev,
+    store: &Store,
+    io: &IoCounters,
+    runtime: Option<&tokio::runtime::Handle>,
+) {
     let bufs = Rc::new(dev.alloc_queue_io_bufs());
+    let depth = bufs.len();
+    let channel = runtime.and_then(|rt| {
+        let buf = Buffer::alloc(depth * MAX_REQUEST as usize, HugePages::Never)
+            .map_err(|e| tracing::warn!(qid, error = %e, "ublk: no channel buffer"))
+            .ok()?;
+        rt.block_on(store.open_channel(buf, depth))
+            .map_err(|e| {
+                tracing::warn!(qid, error = %e, "ublk: no store channel: serving one at a time")
+            })
+            .ok()
+    });
     let mut scratch = vec![0u8; MAX_REQUEST as usize];
     let queue = match UblkQueue::new(qid, dev) {
         Ok(q) => q,
@@ -233,6 +263,10 @@ fn serve_queue(qid: u16, dev: &UblkDev, store: &Store, io: &IoCounters) {
             return;
         }
     };
+    if let Some(ch) = channel {
+        ublk_channel::serve(&queue, &bufs, ch, store, io, MAX_REQUEST as usize);
+        return;
+    }
     let b = bufs.clone();
     queue.wait_and_handle_io(move |q: &UblkQueue, tag: u16, _: &UblkIOCtx| {
         let Some(iobuf) = b.get(tag as usize) else {

@@ -25,6 +25,7 @@ pub mod reserve;
 pub mod status;
 pub mod store;
 pub mod swapfile;
+mod ublk_channel;
 pub mod written;
 
 pub use client::{Channel, Client, ClientConfig, ClientError, Notice, PostedWrite};

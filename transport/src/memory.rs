@@ -237,6 +237,12 @@ impl Buffer {
         self.0.is_huge()
     }
 
+    /// The first byte, for callers that hand the memory to other raw interfaces (a ublk
+    /// request's data address). Valid while any clone of this buffer lives.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.0.ptr()
+    }
+
     /// Zeroes `[offset, offset + len)` (memory about to change hands). Whole pages go back to
     /// the kernel (`MADV_DONTNEED`: they read as zeros and cost no memory until touched again);
     /// partial pages are cleared in place. Callers make sure no registration covering the range
