@@ -152,7 +152,7 @@ pub fn run(opts: SwapOptions, ready: impl FnOnce(&Ready)) -> Result<(), SwapErro
         swapfile::format(&store, "rmem-swap")?;
     }
     let io = Arc::new(IoCounters::default());
-    let (front, kernel_done) = match attach(&opts, &store, &io) {
+    let (front, kernel_done) = match attach(&opts, &store, &io, rt.handle()) {
         Ok(f) => f,
         Err(e) => {
             rt.block_on(store.release());
@@ -249,10 +249,12 @@ fn raise_min_free(want: reserve::MinFree) -> Option<reserve::Raised> {
 type KernelDone = tokio::sync::oneshot::Receiver<()>;
 
 /// Creates the block device on the chosen (or best available) driver.
+/// Its I/O threads open their store channels on `rt`.
 fn attach(
     opts: &SwapOptions,
     store: &Arc<Store>,
     io: &Arc<IoCounters>,
+    rt: &tokio::runtime::Handle,
 ) -> Result<(Device, KernelDone), SwapError> {
     let ublk = match opts.backend {
         Backend::Ublk => true,
@@ -272,7 +274,8 @@ fn attach(
     };
     if ublk {
         let (on_exit, gone) = notifier();
-        match kernel_ublk::start(store.clone(), io.clone(), UblkConfig::default(), on_exit) {
+        let cfg = UblkConfig::default();
+        match kernel_ublk::start(store.clone(), io.clone(), cfg, Some(rt.clone()), on_exit) {
             Ok(d) => return Ok((d, gone)),
             Err(e) if opts.backend == Backend::Auto => {
                 tracing::warn!(error = %e, "ublk failed; using NBD");
@@ -286,6 +289,7 @@ fn attach(
         store.clone(),
         io.clone(),
         opts.nbd_timeout,
+        Some(rt.clone()),
         on_exit,
     )?;
     Ok((d, gone))

@@ -67,13 +67,15 @@ pub enum NbdError {
 }
 
 /// Attaches `path` (or the first free `/dev/nbdN`) as a device of `store.size()` bytes and
-/// serves it: one thread answers the kernel's requests, one sits in the kernel until the device
-/// is disconnected, then runs `on_exit`.
+/// serves it: one thread answers the kernel's requests (through a store channel opened on
+/// `runtime`, with blocking workers without one), one sits in the kernel until the device is
+/// disconnected, then runs `on_exit`.
 pub fn start(
     path: Option<&Path>,
     store: Arc<Store>,
     io: Arc<IoCounters>,
     timeout_secs: u64,
+    runtime: Option<tokio::runtime::Handle>,
     on_exit: impl FnOnce() + Send + 'static,
 ) -> Result<Device, NbdError> {
     let dev = match path {
@@ -94,8 +96,6 @@ pub fn start(
             }
         }
     }
-    // The channel (a data queue pair to every donor) is opened on the daemon's runtime.
-    let runtime = tokio::runtime::Handle::try_current().ok();
     let server = std::thread::Builder::new()
         .name("nbd-serve".into())
         .spawn(move || {
@@ -112,7 +112,10 @@ pub fn start(
                     .ok()
             });
             let r = match channel {
-                Some(ch) => nbd_channel::serve(sock, ch, &store, &io, QUEUE_DEPTH, MAX_REQUEST),
+                Some(ch) => {
+                    tracing::info!(depth = QUEUE_DEPTH, "NBD served through a store channel");
+                    nbd_channel::serve(sock, ch, &store, &io, QUEUE_DEPTH, MAX_REQUEST)
+                }
                 None => serve(sock, &ops, WORKERS, MAX_REQUEST),
             };
             if let Err(e) = r {

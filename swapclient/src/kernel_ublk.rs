@@ -7,9 +7,10 @@
 //! stops it (`kill_dev`, the deadlock-free way), waits for the queue threads and deletes it.
 //!
 //! Each queue thread serves its requests through a [`StoreChannel`](crate::store::StoreChannel)
-//! when started on a tokio runtime (the daemon): all of a queue's requests are in flight to
-//! the donors at once (`ublk_channel`). Without a runtime, or when a channel cannot be opened,
-//! a queue serves one request at a time with the store's blocking operations.
+//! opened on the tokio runtime it is given (the daemon's): all of a queue's requests are in
+//! flight to the donors at once (`ublk_channel`). Without a runtime, or when a channel cannot
+//! be opened (said in a warning), a queue serves one request at a time with the store's
+//! blocking operations.
 
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -109,12 +110,14 @@ fn ensure_ctrl_ring() -> Result<(), UblkFailure> {
     .map_err(driver("control ring"))
 }
 
-/// Creates and starts `/dev/ublkbN` of `store.size()` bytes; `on_exit` runs when the device
-/// has gone (stopped here or deleted from outside).
+/// Creates and starts `/dev/ublkbN` of `store.size()` bytes, its queues served through store
+/// channels opened on `runtime` (one request at a time per queue without one); `on_exit` runs
+/// when the device has gone (stopped here or deleted from outside).
 pub fn start(
     store: Arc<Store>,
     io: Arc<IoCounters>,
     cfg: UblkConfig,
+    runtime: Option<tokio::runtime::Handle>,
     on_exit: impl FnOnce() + Send + 'static,
 ) -> Result<Device, UblkFailure> {
     if !available() {
@@ -123,8 +126,6 @@ pub fn start(
     // This thread may end up with the last handle on the device, whose drop deletes it.
     ensure_ctrl_ring()?;
     let size = store.size();
-    // Channels (a data queue pair to every donor per queue) are opened on the daemon's runtime.
-    let runtime = tokio::runtime::Handle::try_current().ok();
     let (tx, rx) = mpsc::channel::<Event>();
     let thread = std::thread::Builder::new()
         .name("ublk-ctrl".into())
@@ -264,8 +265,12 @@ fn serve_queue(
         }
     };
     if let Some(ch) = channel {
+        tracing::info!(qid, depth, "ublk queue served through a store channel");
         ublk_channel::serve(&queue, &bufs, ch, store, io, MAX_REQUEST as usize);
         return;
+    }
+    if runtime.is_none() {
+        tracing::info!(qid, "ublk queue served one request at a time (no runtime)");
     }
     let b = bufs.clone();
     queue.wait_and_handle_io(move |q: &UblkQueue, tag: u16, _: &UblkIOCtx| {
