@@ -9,10 +9,12 @@
 //! libublk fetched it with, and a first WRITE's data is copied once from there.
 //!
 //! The queue thread waits for the kernel's requests only when nothing is in flight; otherwise
-//! it takes what the ring holds without waiting and then waits for a completion, as the NBD
-//! loop does (`nbd_channel`).
+//! it takes what the ring holds without waiting and then waits for a completion for a short
+//! while ([`PEEK_FIRST`], doubling to [`PEEK_MOST`] while nothing happens), so requests that
+//! arrive while the donors are slow still go out at once instead of queueing behind the
+//! first answer.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use libublk::helpers::IoBuf;
 use libublk::io::{UblkIOCtx, UblkQueue};
@@ -22,6 +24,11 @@ use crate::blockio::{self, IoCounters};
 use crate::kernel_ublk::serve_request;
 use crate::nbd_serve::SLOW;
 use crate::store::{IoOp, IoReq, Store, StoreChannel, StoreError};
+
+/// The first wait for a completion while requests are in flight and none is new.
+const PEEK_FIRST: Duration = Duration::from_micros(50);
+/// The longest: a stalled donor costs the queue thread a wake-up this often.
+const PEEK_MOST: Duration = Duration::from_millis(2);
 
 /// What the queue remembers of a request in flight, by tag.
 #[derive(Clone, Copy)]
@@ -59,6 +66,7 @@ pub(crate) fn serve(
         done: Vec::with_capacity(depth),
     };
     let mut arrived: Vec<u16> = Vec::with_capacity(depth);
+    let mut peek = PEEK_FIRST;
     loop {
         arrived.clear();
         let wait = usize::from(queue.active == 0);
@@ -82,17 +90,29 @@ pub(crate) fn serve(
             // Requests still at the donors are answered first (their commits are submitted by
             // the next turn, which then sees the queue down for good).
             while queue.active > 0 {
-                queue.reap(&mut ch, io, true);
+                queue.reap(&mut ch, io, None);
             }
             continue;
         }
         for &tag in &arrived {
             queue.start(&mut ch, store, io, tag);
         }
-        if queue.active > 0 {
-            // Waits for a completion only when the kernel had nothing new for us.
-            queue.reap(&mut ch, io, arrived.is_empty());
+        if queue.active == 0 {
+            continue;
         }
+        // Waits for a completion only when the kernel had nothing new for us, and then only
+        // briefly: the ring is looked at again soon either way.
+        let wait = if arrived.is_empty() {
+            peek
+        } else {
+            Duration::ZERO
+        };
+        let finished = queue.reap(&mut ch, io, Some(wait));
+        peek = if finished > 0 || !arrived.is_empty() {
+            PEEK_FIRST
+        } else {
+            (peek * 2).min(PEEK_MOST)
+        };
     }
 }
 
@@ -160,12 +180,23 @@ impl Queue<'_> {
         self.commit(tag, res);
     }
 
-    /// Commits the requests the channel has finished (with `block`, at least one). A failed
-    /// channel fails everything in flight, so no request is held forever.
-    fn reap(&mut self, ch: &mut StoreChannel<'_>, io: &IoCounters, block: bool) {
+    /// Commits the requests the channel has finished, waiting up to `wait` for one when none
+    /// is (`None`: until one is); returns how many. A failed channel fails everything in
+    /// flight, so no request is held forever.
+    fn reap(
+        &mut self,
+        ch: &mut StoreChannel<'_>,
+        io: &IoCounters,
+        wait: Option<Duration>,
+    ) -> usize {
         let mut done = std::mem::take(&mut self.done);
         done.clear();
-        if let Err(e) = ch.reap(&mut done, block) {
+        let r = match wait {
+            Some(most) => ch.reap_upto(&mut done, most),
+            None => ch.reap(&mut done, true),
+        };
+        let before = self.active;
+        if let Err(e) = r {
             tracing::error!(error = %e, "ublk: the store channel failed");
             for t in 0..self.flights.len() {
                 if self.flights[t].is_some() {
@@ -178,6 +209,7 @@ impl Queue<'_> {
             self.finish(io, tag as u16, r);
         }
         self.done = done;
+        before - self.active
     }
 
     /// A channel request is over: account for it and commit it.

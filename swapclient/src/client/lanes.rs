@@ -327,10 +327,21 @@ impl Channel {
     /// Waits for at least one completion (bounded by the client's operation timeout: the
     /// queue pair fails its requests by then on a dead donor); `Timeout` when none came.
     pub fn wait(&mut self, out: &mut [Completion]) -> Result<usize, ClientError> {
+        let wait = self.d.op_wait;
+        self.wait_upto(out, wait)
+    }
+
+    /// [`Channel::wait`] for at most `most` (never past the operation timeout), for a thread
+    /// that has other work to look at meanwhile; `Timeout` when none came.
+    pub fn wait_upto(
+        &mut self,
+        out: &mut [Completion],
+        most: Duration,
+    ) -> Result<usize, ClientError> {
         if self.in_flight == 0 {
             return Ok(0);
         }
-        let wait = self.d.op_wait;
+        let wait = most.min(self.d.op_wait);
         let n = self.d.cq.wait(out, Some(wait)).map_err(|e| match e {
             rmem_transport::Error::Timeout(t) => ClientError::Timeout(t),
             e => e.into(),

@@ -9,6 +9,7 @@
 //! piece starts and ends as `piece.rs` says, as the blocking path's do.
 
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use crate::client::{Channel, ClientError};
 use arrayvec::ArrayVec;
@@ -82,6 +83,15 @@ pub struct StoreChannel<'s> {
     /// Requests finished and not yet handed out.
     done: Vec<(u64, Result<(), StoreError>)>,
     comps: Vec<Completion>,
+}
+
+/// How long [`StoreChannel::advance`] waits when no completion is ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    No,
+    /// Up to the operation timeout.
+    Op,
+    Upto(Duration),
 }
 
 impl Store {
@@ -213,6 +223,25 @@ impl StoreChannel<'_> {
         Ok(())
     }
 
+    /// Finished requests, waiting at most `most` for one when none is ready: for a thread
+    /// that also watches for new requests (a ublk queue's ring) and must not sleep through
+    /// them while its donors are slow.
+    pub fn reap_upto(
+        &mut self,
+        out: &mut Vec<(u64, Result<(), StoreError>)>,
+        most: Duration,
+    ) -> Result<(), StoreError> {
+        if self.done.is_empty() {
+            self.advance(if self.in_flight() > 0 {
+                Wait::Upto(most)
+            } else {
+                Wait::No
+            })?;
+        }
+        out.append(&mut self.done);
+        Ok(())
+    }
+
     /// Takes the chunk's replicas for a piece (waiting out a rebuild's copy of it, while
     /// reaping this channel's own completions) and sends it.
     fn start_piece(&mut self, slot: usize, p: usize) -> Result<(), StoreError> {
@@ -300,6 +329,12 @@ impl StoreChannel<'_> {
 
     /// Reaps completions (waiting for one with `block`) and moves their requests on.
     fn progress(&mut self, block: bool) -> Result<(), StoreError> {
+        self.advance(if block { Wait::Op } else { Wait::No })
+    }
+
+    /// Reaps completions, waiting for one as `wait` says when none is ready, and moves their
+    /// requests on.
+    fn advance(&mut self, wait: Wait) -> Result<(), StoreError> {
         let mut any = false;
         for d in 0..self.chans.len() {
             loop {
@@ -320,7 +355,7 @@ impl StoreChannel<'_> {
                 }
             }
         }
-        if any || !block {
+        if any || wait == Wait::No {
             return Ok(());
         }
         // Nothing ready: wait on a donor with requests in flight. Its queue pair fails them
@@ -328,7 +363,11 @@ impl StoreChannel<'_> {
         let Some(d) = (0..self.chans.len()).find(|&d| self.chans[d].0.in_flight() > 0) else {
             return Ok(());
         };
-        let n = match self.chans[d].0.wait(&mut self.comps) {
+        let waited = match wait {
+            Wait::Upto(most) => self.chans[d].0.wait_upto(&mut self.comps, most),
+            _ => self.chans[d].0.wait(&mut self.comps),
+        };
+        let n = match waited {
             Ok(n) => n,
             Err(ClientError::Timeout(_)) => 0,
             Err(e) => {
