@@ -121,6 +121,28 @@ swap_up() {
   wait_for -p "$_su_pid" "rmem swap up $*: its device in /proc/swaps" "$_su_secs" rmem_swap_on
 }
 
+# dev_up LOG SECONDS ARGS...: `rmem swap up --no-swapon ARGS...` in the background (output in
+# LOG, pid in /tmp/swapd.pid): a block device only. Returns once it is there, with its path in
+# $dev and its kind (ublk or nbd) in $backend; 1 when the daemon exits first or SECONDS pass.
+dev_up() {
+  _du_log=$1 _du_secs=$2
+  shift 2
+  rmem swap up --no-swapon "$@" > "$_du_log" 2>&1 &
+  _du_pid=$!
+  echo "$_du_pid" > /tmp/swapd.pid
+  wait_for -p "$_du_pid" "rmem swap up --no-swapon $*: its device" "$_du_secs" dev_ready
+}
+dev_ready() {
+  _dr=$(rmem swap status --json 2> /dev/null) || return 1
+  dev=$(echo "$_dr" | sed -n 's/.*"device":"\([^"]*\)".*/\1/p')
+  # shellcheck disable=SC2034 # the caller's
+  backend=$(echo "$_dr" | sed -n 's/.*"backend":"\([^"]*\)".*/\1/p')
+  [ -b "$dev" ]
+}
+
+# peak_in_flight: the most requests the running rmem device has had in flight at once.
+peak_in_flight() { rmem swap status --json | sed -n 's/.*"peak_in_flight":\([0-9]*\).*/\1/p'; }
+
 # swap_down: `rmem swap down`, checked, and the daemon waited for.
 swap_down() {
   rmem swap down > /dev/null || fail "rmem swap down" 86

@@ -3,7 +3,9 @@
 # times: over tcp, over verbs on rxe0, and with two replicas while a donor is killed mid-run.
 # Each time `rmem memcheck` fills checksummed memory worth 2.5x its cgroup's limit (the memory
 # the workload may keep resident), so pages go out to the donors and come back, and every page
-# is verified. Fails on any bad page, on too little swap traffic, or on a lost chunk.
+# is verified. Fails on any bad page, on too little swap traffic, or on a lost chunk. First, the
+# device alone: with the donor stopped, 32 processes writing with O_DIRECT must put the queue's
+# full depth in flight at once; then the bytes read back must match.
 # The device is ublk where the guest kernel has ublk_drv (6.12), NBD elsewhere (6.1); the
 # run checks that `rmem swap up` picked the one it should. `run.sh swap quick` leaves out the
 # random pass over tcp (the slowest part under TCG).
@@ -29,6 +31,46 @@ down() { swap_down; stop_donors; }
 
 # work ARGS...: memcheck in the limited cgroup; fails the test on a bad page.
 work() { limited rmem memcheck "$@" || fail "memcheck $*" 84; }
+
+echo "== 0: the device alone (no swap), tcp: a full queue in flight, 32 writers and 32 readers, O_DIRECT"
+# The donor is stopped (SIGSTOP) while 32 dd processes, one request in flight each, start
+# writing: none can complete, so a whole queue must reach the donor's socket together (16: a
+# ublk queue's tags; NBD's 32 shared among its connections, one per vCPU). Then it runs on,
+# every writer completes, and every byte read back by 32 readers must be the byte written.
+donor a 7470 tcp || fail "donor a" 81
+dev_up /tmp/swap.log 30 --size 192M --donor "$IP:7470" --op-timeout 60 || fail "rmem device did not come up" 81
+full=16
+dd if=/dev/urandom of=/tmp/pattern bs=1M count=32 2> /dev/null
+# The kernel scans a new disk for partitions, holding every open of it meanwhile: one read
+# (its open waits for the scan) so none of the writers below is held there instead.
+dd if="$dev" of=/dev/null bs=4k count=1 iflag=direct 2> /dev/null || fail "first read of $dev" 84
+kill -STOP "$(cat /tmp/a.pid)"
+# (A bare `wait` would wait for the donor and the device's daemon too: the dd's pids only.)
+i=0 ddp=""
+while [ $i -lt 32 ]; do
+  dd if=/tmp/pattern of="$dev" bs=4k skip=$((i * 256)) seek=$((i * 256)) count=256 \
+    oflag=direct conv=notrunc 2> /dev/null &
+  ddp="$ddp $!" i=$((i + 1))
+done
+full_queue() { [ "$(peak_in_flight)" -ge "$full" ]; }
+wait_for "$full requests in flight at once (donor stopped)" 30 full_queue ||
+  { kill -CONT "$(cat /tmp/a.pid)"; fail "peak in flight $(peak_in_flight), not $full" 88; }
+kill -CONT "$(cat /tmp/a.pid)"
+for p in $ddp; do wait "$p" || fail "a writer failed" 84; done
+i=0 ddp=""
+while [ $i -lt 32 ]; do
+  dd if="$dev" of=/tmp/back.$i bs=4k skip=$((i * 256)) count=256 iflag=direct 2> /dev/null &
+  ddp="$ddp $!" i=$((i + 1))
+done
+for p in $ddp; do wait "$p" || fail "a reader failed" 84; done
+i=0
+while [ $i -lt 32 ]; do cat /tmp/back.$i; i=$((i + 1)); done > /tmp/back
+cmp /tmp/pattern /tmp/back || fail "data read back differs from data written" 84
+echo "== $backend device $dev: $full requests in flight at once; 32 MiB written and read back" \
+  "by 32 processes, equal"
+rm -f /tmp/pattern /tmp/back /tmp/back.*
+swap_down
+stop_donors
 
 echo "== 1: tcp, one replica"
 donor a 7470 tcp || fail "donor a" 81
