@@ -23,6 +23,13 @@
 #                                                       rmem swap (tcp, verbs), zram and a swap file on
 #                                                       ext4 on a virtio disk, one table (arguments
 #                                                       shrink the workload for a quick check)
+#   soft-roce/vm/run.sh fio-compare [runtime=S]         a benchmark, not a test: fio (4 KiB random at
+#                                                       iodepth 16, 1 MiB sequential) on the rmem device
+#                                                       (tcp, verbs), a ublk null target (rublk, 6.12
+#                                                       only), the kernel NBD client to nbdkit's memory
+#                                                       plugin and the virtio disk, one table; run it with
+#                                                       RMEM_VM_KERNEL=backports for ublk (see
+#                                                       guest-fio-compare.sh)
 #   RMEM_VM_KERNEL=backports soft-roce/vm/run.sh migrate-2vm
 #                                                       `rmem migrate` over verbs between two VMs, no
 #                                                       QEMU inside: a moves a running writer's 32 MiB
@@ -46,12 +53,12 @@
 # "default" is the newest installed 6.1 kernel, bookworm's, even when a newer one is installed;
 # "backports" is bookworm-backports' 6.12 kernel, which has ublk_drv: run.sh adds that suite to
 # apt's sources and installs the versioned linux-image-6.12...-amd64 package when missing; or an
-# exact version from /lib/modules), RMEM_VM_TIMEOUT (seconds, default 1500; swap-compare 5400,
+# exact version from /lib/modules), RMEM_VM_TIMEOUT (seconds, default 1500; swap-compare 5400, fio-compare 2400,
 # swap-2vm 2700, migrate-2vm 600), RMEM_VM_BOOT_TIMEOUT (seconds to a VM's first sign of life, default 120; a
 # boot takes 3-6 s), RMEM_VM_SILENT_BOOTS (a test hook: the boots it lists by number get no
 # kernel and stay silent; see check-boot-watch.sh), RMEM_VM_LOG (console log file; two-vm,
 # swap-2vm and migrate-2vm add .a and .b), RMEM_VM_GUEST (two-vm: another guest script), RMEM_VM_BORROWER_MEM
-# (swap-2vm: VM b's RAM, default 384M), RMEM_VM_DISK_DIR (swap-compare: where the virtio disk's
+# (swap-2vm: VM b's RAM, default 384M), RMEM_VM_DISK_DIR (swap-compare, fio-compare: where the virtio disk's
 # file lives, default /var/tmp), CARGO_TARGET_DIR.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -59,7 +66,7 @@ repo=$(cd "$here/../.." && pwd)
 
 mode=conformance
 case "${1:-}" in
-  conformance|perf|two-vm|swap-2vm|migrate-2vm|nbd-swap|swap|swap-compare) mode=$1; shift ;;
+  conformance|perf|two-vm|swap-2vm|migrate-2vm|nbd-swap|swap|swap-compare|fio-compare) mode=$1; shift ;;
   script) mode=script; shift; guest_script=$(realpath "${1:?script needs a FILE}"); shift ;;
   -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
 esac
@@ -67,6 +74,8 @@ esac
 # under TCG they take far longer than the tests.
 case $mode in
   swap-compare) timeout_s=${RMEM_VM_TIMEOUT:-5400} ;;
+  # Five devices, five fio jobs each: about 10 minutes under TCG.
+  fio-compare) timeout_s=${RMEM_VM_TIMEOUT:-2400} ;;
   # Three memchecks of twice a 384 MiB guest's RAM: 1,000-1,500 s under TCG on a 2-core host.
   swap-2vm) timeout_s=${RMEM_VM_TIMEOUT:-2700} ;;
   # Two boots and two migrations of 32 MiB: about 2 minutes under TCG.
@@ -78,6 +87,7 @@ pkgs=(qemu-system-x86 linux-image-amd64 busybox-static kmod cpio xz-utils rdma-c
       ibverbs-providers ibverbs-utils iproute2 perftest qperf nbd-client)
 # migrate-2vm builds migrate/guest's writer (migrate/guest/build.sh).
 [[ $mode == migrate-2vm ]] && pkgs+=(gcc libc6-dev)
+[[ $mode == fio-compare ]] && pkgs+=(fio nbdkit)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then
@@ -184,6 +194,7 @@ case $mode in
   nbd-swap) guest_script=$here/guest-nbd-swap.sh ;;
   swap) guest_script=$here/guest-swap.sh ;;
   swap-compare) guest_script=$here/guest-swap-compare.sh ;;
+  fio-compare) guest_script=$here/guest-fio-compare.sh ;;
   two-vm) guest_script=${RMEM_VM_GUEST:-$here/guest-two-vm.sh} ;;
   swap-2vm) guest_script=$here/guest-swap-2vm.sh ;;
   migrate-2vm) guest_script=$here/guest-migrate-2vm.sh ;;
@@ -193,6 +204,21 @@ if [[ $mode == swap-compare ]]; then
   # zram, and ext4 on a virtio disk for a swap file (crc32c_generic: ext4's checksums).
   initramfs_args+=(-m zram -m virtio_blk -m crc32c_generic -m ext4)
   programs+=("$(command -v mkfs.ext4)")
+fi
+if [[ $mode == fio-compare ]]; then
+  initramfs_args+=(-m virtio_blk -L /usr/lib/x86_64-linux-gnu/nbdkit/plugins/nbdkit-memory-plugin.so)
+  programs+=("$(command -v fio)" "$(command -v nbdkit)")
+  # rublk (crates.io) serves the ublk null target, the ublk path's floor: installed once into
+  # RMEM_RUBLK_ROOT (default /var/tmp/rmem-rublk), left out where it does not build.
+  rublk_root=${RMEM_RUBLK_ROOT:-/var/tmp/rmem-rublk}
+  if [[ ! -x $rublk_root/bin/rublk ]]; then
+    echo "== installing rublk into $rublk_root (cargo install)"
+    cargo install --quiet --root "$rublk_root" rublk ||
+      echo "== NOTE: rublk did not build: the table has no ublk null row"
+  fi
+  [[ -x $rublk_root/bin/rublk ]] && programs+=("$rublk_root/bin/rublk")
+fi
+if [[ $mode == swap-compare || $mode == fio-compare ]]; then
   # The disk is a sparse raw file opened with cache=none (O_DIRECT): the guest's swap I/O then
   # reaches the host's disk instead of being served from the host's page cache, which would make
   # the "disk" a second RAM. Files on tmpfs (a common /tmp) cannot be opened with O_DIRECT, so
@@ -209,6 +235,7 @@ if [[ $mode == swap-compare ]]; then
     echo "== NOTE: $disk_dir has no O_DIRECT: the virtio disk runs with cache=writeback (host page cache)"
   fi
   vm_args+=(-drive "file=$disk,format=raw,if=virtio,cache=$cache,aio=threads")
+  initramfs_args+=(-e "DISK_CACHE=$cache")
 fi
 echo "== building the initramfs (kernel $kver)"
 "$here/build-initramfs.sh" -k "$kver" -o "$work/initramfs.cpio.gz" -g "$guest_script" -t \
