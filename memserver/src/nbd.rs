@@ -676,15 +676,7 @@ mod tests {
         }
 
         fn read_request(cookie: u64, off: u64, len: u32) -> Vec<u8> {
-            Request {
-                flags: 0,
-                cmd: CMD_READ,
-                cookie,
-                off,
-                len,
-            }
-            .encode()
-            .to_vec()
+            Request::new(CMD_READ, cookie, off, len).encode().to_vec()
         }
 
         /// Waits up to 10 s for `cond`.

@@ -3,6 +3,7 @@
 //! allocates.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::store::{Store, StoreError};
 
@@ -115,4 +116,29 @@ pub fn zero(
     store
         .zero(off, len, scratch)
         .map_err(|e| failed(io, "trim", off, len as usize, &e, libc::ENOSPC))
+}
+
+/// A request answered after this long is logged: the kernel drops the whole device once one
+/// waits past its timeout, and the log says what the daemon was doing on the way there.
+pub(crate) const SLOW: Duration = Duration::from_secs(5);
+
+/// Logs a request of `front` (ublk, NBD) that took [`SLOW`] or longer since `started`.
+pub(crate) fn warn_if_slow(
+    front: &'static str,
+    write: bool,
+    off: u64,
+    len: usize,
+    started: Instant,
+) {
+    let took = started.elapsed();
+    if took >= SLOW {
+        tracing::warn!(
+            front,
+            write,
+            off,
+            len,
+            secs = took.as_secs_f64(),
+            "slow request"
+        );
+    }
 }

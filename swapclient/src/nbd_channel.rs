@@ -15,7 +15,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use rmem_wire::nbd::{CMD_READ, CMD_WRITE};
 
 use crate::blockio::{self, IoCounters};
-use crate::nbd_serve::{next_request, reply_header, Header, SLOW};
+use crate::nbd_serve::{next_request, reply_header, Header};
 use crate::store::{IoOp, IoReq, Store, StoreChannel};
 
 /// A request handed from the reader to the I/O thread.
@@ -222,16 +222,7 @@ fn run(
                     Ok(()) => send(&[&reply_header(f.cookie, 0)]),
                     Err(errno) => send(&[&reply_header(f.cookie, errno as u32)]),
                 };
-                let took = f.started.elapsed();
-                if took >= SLOW {
-                    tracing::warn!(
-                        write = f.write,
-                        off = f.off,
-                        len = f.len,
-                        secs = took.as_secs_f64(),
-                        "slow NBD request"
-                    );
-                }
+                blockio::warn_if_slow("nbd", f.write, f.off, f.len, f.started);
                 let _ = free.send(slot);
                 sent?;
             }

@@ -10,7 +10,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 pub(crate) use rmem_wire::nbd::reply_header;
 use rmem_wire::nbd::{
@@ -56,13 +56,10 @@ struct Job {
     len: usize,
     /// READ and WRITE: the data (a WRITE's already read from the socket).
     buf: Option<Vec<u8>>,
-    /// When its header arrived: a slow request is logged (see [`SLOW`]).
+    /// When its header arrived: a slow request is logged (see [`blockio::SLOW`]).
     started: Instant,
 }
 
-/// A request answered after this long is logged: the kernel drops the whole device once one
-/// waits past its timeout, and the log says what the daemon was doing on the way there.
-pub(crate) const SLOW: Duration = Duration::from_secs(5);
 /// A worker's stack: a request goes through the store and the transport, a few calls deep.
 const WORKER_STACK: usize = 256 << 10;
 
@@ -238,16 +235,7 @@ fn work(
         (Ok(()), ..) => send(&[&reply_header(job.cookie, 0)]),
         (Err(errno), ..) => send(&[&reply_header(job.cookie, errno as u32)]),
     };
-    let took = job.started.elapsed();
-    if took >= SLOW {
-        tracing::warn!(
-            cmd = job.cmd,
-            off,
-            len,
-            secs = took.as_secs_f64(),
-            "slow NBD request"
-        );
-    }
+    blockio::warn_if_slow("nbd", job.cmd == CMD_WRITE, off, len, job.started);
     sent
 }
 
@@ -306,14 +294,7 @@ mod tests {
     }
 
     fn request(cmd: u16, cookie: u64, off: u64, len: u32) -> [u8; 28] {
-        Request {
-            flags: 0,
-            cmd,
-            cookie,
-            off,
-            len,
-        }
-        .encode()
+        Request::new(cmd, cookie, off, len).encode()
     }
 
     /// A reply: (cookie, error, data for a successful READ of `read_len`).

@@ -22,7 +22,6 @@ use libublk::{sys, BufDesc, UblkIORes, UblkUringData};
 
 use crate::blockio::{self, IoCounters};
 use crate::kernel_ublk::serve_request;
-use crate::nbd_serve::SLOW;
 use crate::store::{IoOp, IoReq, Store, StoreChannel, StoreError};
 
 /// The first wait for a completion while requests are in flight and none is new.
@@ -222,16 +221,7 @@ impl Queue<'_> {
             return;
         };
         self.active -= 1;
-        let took = f.started.elapsed();
-        if took >= SLOW {
-            tracing::warn!(
-                write = f.write,
-                off = f.off,
-                len = f.len,
-                secs = took.as_secs_f64(),
-                "slow ublk request"
-            );
-        }
+        blockio::warn_if_slow("ublk", f.write, f.off, f.len, f.started);
         let res = match blockio::account(io, f.write, f.off, f.len, r) {
             Ok(()) => f.len as i32,
             Err(errno) => -errno,

@@ -324,14 +324,7 @@ mod nbd {
     const SLOTS: usize = 16;
 
     fn request(cmd: u16, cookie: u64, off: u64, len: u32) -> [u8; 28] {
-        Request {
-            flags: 0,
-            cmd,
-            cookie,
-            off,
-            len,
-        }
-        .encode()
+        Request::new(cmd, cookie, off, len).encode()
     }
 
     /// A reply: (cookie, error, data of `read_len(cookie)` bytes when it succeeded).

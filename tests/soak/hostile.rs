@@ -219,14 +219,7 @@ fn nbd_flood(addr: SocketAddr, tally: &Tally) -> std::io::Result<TcpStream> {
     let size = u64::from_be_bytes(export[..8].try_into().unwrap());
     let len = (32u64 << 20).min(size) as u32;
     for cookie in 0..64u64 {
-        let r = Request {
-            flags: 0,
-            cmd: CMD_READ,
-            cookie,
-            off: 0,
-            len,
-        };
-        s.write_all(&r.encode())?;
+        s.write_all(&Request::new(CMD_READ, cookie, 0, len).encode())?;
         tally.nbd_reads_queued.fetch_add(1, Ordering::Relaxed);
     }
     Ok(s)

@@ -46,6 +46,17 @@ pub struct Request {
 pub struct BadMagic(pub u32);
 
 impl Request {
+    /// A request with no flags: what a client sends for `cmd` on `len` bytes at `off`.
+    pub fn new(cmd: u16, cookie: u64, off: u64, len: u32) -> Request {
+        Request {
+            flags: 0,
+            cmd,
+            cookie,
+            off,
+            len,
+        }
+    }
+
     /// Parses a header as it came off the wire.
     pub fn decode(h: &[u8; REQUEST_HEADER]) -> Result<Request, BadMagic> {
         let be2 = |at: usize| u16::from_be_bytes([h[at], h[at + 1]]);
@@ -126,14 +137,7 @@ mod tests {
 
     #[test]
     fn a_header_without_the_magic_is_refused() {
-        let mut h = Request {
-            flags: 0,
-            cmd: CMD_READ,
-            cookie: 1,
-            off: 0,
-            len: 4096,
-        }
-        .encode();
+        let mut h = Request::new(CMD_READ, 1, 0, 4096).encode();
         h[0] ^= 1;
         assert_eq!(Request::decode(&h), Err(BadMagic(0x2460_9513)));
     }
