@@ -213,8 +213,12 @@ impl Initiator {
                     stalled_since = None;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    // A full socket is back-pressure, not a dead peer, while the peer still
+                    // answers earlier requests: only a stall with no answer either times out.
                     let since = *stalled_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() > q.caps.op_timeout {
+                    if since.elapsed() > q.caps.op_timeout
+                        && self.since_progress() > q.caps.op_timeout
+                    {
                         return Err(std::io::ErrorKind::TimedOut.into());
                     }
                     self.progress(q);
