@@ -249,6 +249,52 @@ async fn one_thread_keeps_64_requests_in_flight_and_they_complete_out_of_order()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_requests_stay_within_the_bytes_in_flight_and_all_complete() {
+    let a = donor(16, MIB).await;
+    let store = Store::create(&config(16 * MIB, 1, &[&a])).await.unwrap();
+    let s = store.clone();
+    blocking(move || {
+        let len = 512 << 10;
+        let n = 16;
+        let buf = Buffer::alloc(n * len, HugePages::Never).unwrap();
+        for i in 0..n {
+            buf.write_at(i * len, &vec![i as u8 + 1; len]).unwrap();
+        }
+        let rt = tokio::runtime::Handle::current();
+        let mut ch = rt.block_on(s.open_channel(buf.clone(), n)).unwrap();
+        let mut done = Vec::new();
+        let mut most = 0;
+        for i in 0..n {
+            let req = IoReq {
+                tag: i as u64,
+                op: IoOp::Write,
+                off: (i * len) as u64,
+                len,
+                at: i * len,
+            };
+            // Nothing is reaped here: only the budget makes a submit wait for completions.
+            ch.submit(req).unwrap();
+            most = most.max(ch.in_flight());
+        }
+        while done.len() < n {
+            ch.reap(&mut done, true).unwrap();
+        }
+        let budget = rmem_swapclient::StoreChannel::BYTES_IN_FLIGHT / len;
+        assert_eq!(most, budget, "requests of {len} bytes in flight at once");
+        assert!(done.iter().all(|(_, r)| r.is_ok()), "{done:?}");
+        for i in 0..n {
+            let mut back = vec![0u8; len];
+            s.read((i * len) as u64, &mut back).unwrap();
+            assert!(
+                back.iter().all(|&b| b == i as u8 + 1),
+                "request {i} reads back wrong"
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_donor_dying_under_a_full_channel_fails_no_request_and_loses_nothing() {
     let (a, b, c) = three_donors(MIB, 16).await;
     let store = Store::create(&config(8 * MIB, 2, &[&a, &b, &c]))

@@ -80,6 +80,8 @@ pub struct StoreChannel<'s> {
     chans: Vec<(Channel, Mr)>,
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
+    /// Bytes of the requests in flight (see [`StoreChannel::BYTES_IN_FLIGHT`]).
+    bytes: usize,
     /// Requests finished and not yet handed out.
     done: Vec<(u64, Result<(), StoreError>)>,
     comps: Vec<Completion>,
@@ -121,6 +123,7 @@ impl Store {
             chans,
             slots: (0..depth).map(|_| None).collect(),
             free: (0..depth).rev().collect(),
+            bytes: 0,
             done: Vec::with_capacity(depth),
             comps: vec![Completion::default(); 32],
         })
@@ -128,6 +131,13 @@ impl Store {
 }
 
 impl StoreChannel<'_> {
+    /// Most bytes in flight at once (a request larger than this goes alone). Every byte on its
+    /// way to a donor sits in socket buffers (tcp) or is pinned until its completion, and a
+    /// host swapping is short of memory: a 384 MiB guest keeping 8 MiB of writes in flight
+    /// stalled its swap. 2 MiB still keeps 512 pages in flight, far beyond a link's
+    /// bandwidth-delay product.
+    pub const BYTES_IN_FLIGHT: usize = 2 << 20;
+
     /// The buffer requests read into and write from.
     pub fn buffer(&self) -> &Buffer {
         &self.buf
@@ -148,7 +158,9 @@ impl StoreChannel<'_> {
     /// [`StoreChannel::reap`]). A request that cannot start (out of range, outside the buffer)
     /// completes at once with its error.
     pub fn submit(&mut self, req: IoReq) -> Result<(), StoreError> {
-        while self.free.is_empty() {
+        while self.free.is_empty()
+            || (self.in_flight() > 0 && self.bytes + req.len > Self::BYTES_IN_FLIGHT)
+        {
             self.progress(true)?;
         }
         let in_buf = req
@@ -179,6 +191,7 @@ impl StoreChannel<'_> {
                 }
             };
         let slot = self.free.pop().unwrap_or_default();
+        self.bytes += req.len;
         let mut s = Slot {
             req,
             pieces: Vec::with_capacity(pieces.len()),
@@ -468,6 +481,7 @@ impl StoreChannel<'_> {
             return;
         }
         if let Some(s) = self.slots[slot].take() {
+            self.bytes -= s.req.len;
             self.done.push((s.req.tag, s.err.map_or(Ok(()), Err)));
             self.free.push(slot);
         }
