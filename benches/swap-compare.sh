@@ -12,15 +12,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 svg_out=""
 if [[ "${1:-}" == "--svg" ]]; then svg_out=${2:?--svg needs a file}; shift 2; fi
-log=$(mktemp)
-trap 'rm -f "$log" "$log.table" "$log.bars"' EXIT
-rc=0
-RMEM_VM_LOG=$log soft-roce/vm/run.sh swap-compare "$@" || rc=$?
-echo
-tr -d '\r' < "$log" | grep '^== swap backends' || true
-tr -d '\r' < "$log" | sed -n '/^=== BEGIN swap-compare table/,/^=== END swap-compare table/p' | sed '1d;$d' | tee "$log.table"
-if [[ -n $svg_out && -s $log.table ]]; then
-  python3 - "$log.table" "$log.bars" <<'PY'
+# shellcheck source=benches/vm-table.sh
+. benches/vm-table.sh
+table=""
+trap 'rm -f "$table" "$table.bars"' EXIT
+vm_table swap-compare '^== swap backends' "$@"
+if [[ -n $svg_out && -s $table ]]; then
+  python3 - "$table" "$table.bars" <<'PY'
 import json, sys
 rows = [[c.strip() for c in l.strip().strip("|").split("|")] for l in open(sys.argv[1]) if l.startswith("|")]
 head, body = rows[0], [r for r in rows[2:] if len(r) == len(rows[0])]
@@ -32,6 +30,6 @@ groups = [dict(measure=head[i].rsplit(" ", 1)[0], unit=head[i].rsplit(" ", 1)[1]
 json.dump(dict(title="Swap backends in one VM (TCG): rmem swap vs zram and a swap file", groups=groups),
           open(sys.argv[2], "w"))
 PY
-  target/release/rmem perf plot --bars "$log.bars" --out "$svg_out"
+  target/release/rmem perf plot --bars "$table.bars" --out "$svg_out"
 fi
-exit "$rc"
+exit "$vm_rc"
