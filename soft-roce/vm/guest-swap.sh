@@ -4,8 +4,8 @@
 # Each time `rmem memcheck` fills checksummed memory worth 2.5x its cgroup's limit (the memory
 # the workload may keep resident), so pages go out to the donors and come back, and every page
 # is verified. Fails on any bad page, on too little swap traffic, or on a lost chunk. First, the
-# device alone: with the donor stopped, 32 processes writing with O_DIRECT must put the queue's
-# full depth in flight at once; then the bytes read back must match.
+# device alone: with the donor stopped, 32 processes writing with O_DIRECT must put a whole
+# queue in flight at once; then the bytes read back must match.
 # The device is ublk where the guest kernel has ublk_drv (6.12), NBD elsewhere (6.1); the
 # run checks that `rmem swap up` picked the one it should. `run.sh swap quick` leaves out the
 # random pass over tcp (the slowest part under TCG).
@@ -34,12 +34,12 @@ work() { limited rmem memcheck "$@" || fail "memcheck $*" 84; }
 
 echo "== 0: the device alone (no swap), tcp: a full queue in flight, 32 writers and 32 readers, O_DIRECT"
 # The donor is stopped (SIGSTOP) while 32 dd processes, one request in flight each, start
-# writing: none can complete, so a whole queue must reach the donor's socket together (16: a
-# ublk queue's tags; NBD's 32 shared among its connections, one per vCPU). Then it runs on,
-# every writer completes, and every byte read back by 32 readers must be the byte written.
+# writing: none can complete, so a whole queue must be in flight together (ublk: a queue's 16
+# tags, all at the donor; NBD: a connection's 8 workers). Then it runs on, every writer
+# completes, and every byte read back by 32 readers must be the byte written.
 donor a 7470 tcp || fail "donor a" 81
 dev_up /tmp/swap.log 30 --size 192M --donor "$IP:7470" --op-timeout 60 || fail "rmem device did not come up" 81
-full=16
+full=16; [ "$backend" = nbd ] && full=8
 dd if=/dev/urandom of=/tmp/pattern bs=1M count=32 2> /dev/null
 # The kernel scans a new disk for partitions, holding every open of it meanwhile: one read
 # (its open waits for the scan) so none of the writers below is held there instead.
