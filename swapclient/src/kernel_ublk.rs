@@ -26,10 +26,11 @@ use libublk::{BufDesc, UblkFlags, UblkIORes};
 
 use rmem_transport::{Buffer, HugePages};
 
-use crate::blockio::{self, IoCounters};
+use crate::blockio::IoCounters;
 use crate::front::Device;
 use crate::store::Store;
 use crate::ublk_channel;
+use crate::ublk_serve::serve_request;
 
 /// The driver's control node; present once `ublk_drv` is loaded.
 pub const CONTROL: &str = "/dev/ublk-control";
@@ -289,38 +290,6 @@ fn serve_queue(
             tracing::error!(qid, tag, error = %e, "ublk: completing a request failed");
         }
     });
-}
-
-/// Serves the request `iod` with its tag's buffer `buf`; returns what the driver expects:
-/// bytes done (read and write), 0 (flush, discard), or a negative errno.
-pub fn serve_request(
-    store: &Store,
-    io: &IoCounters,
-    iod: &sys::ublksrv_io_desc,
-    buf: &mut [u8],
-    scratch: &mut [u8],
-) -> i32 {
-    let op = iod.op_flags & 0xff;
-    let off = iod.start_sector.saturating_mul(512);
-    let len = iod.nr_sectors as usize * 512;
-    let data = |buf: &mut [u8]| -> Option<usize> { (len <= buf.len()).then_some(len) };
-    let r = match op {
-        sys::UBLK_IO_OP_READ => match data(buf) {
-            Some(n) => blockio::read(store, io, off, &mut buf[..n]).map(|()| n as i32),
-            None => Err(libc::EINVAL),
-        },
-        sys::UBLK_IO_OP_WRITE => match data(buf) {
-            Some(n) => blockio::write(store, io, off, &buf[..n]).map(|()| n as i32),
-            None => Err(libc::EINVAL),
-        },
-        // Every write reached the donors' memory before it completed.
-        sys::UBLK_IO_OP_FLUSH => Ok(0),
-        sys::UBLK_IO_OP_DISCARD | sys::UBLK_IO_OP_WRITE_ZEROES => {
-            blockio::zero(store, io, off, len as u64, scratch).map(|()| 0)
-        }
-        _ => Err(libc::EOPNOTSUPP),
-    };
-    r.unwrap_or_else(|errno| -errno)
 }
 
 impl Started {

@@ -26,6 +26,7 @@ pub mod status;
 pub mod store;
 pub mod swapfile;
 mod ublk_channel;
+pub mod ublk_serve;
 pub mod written;
 
 pub use client::{Channel, Client, ClientConfig, ClientError, Notice, PostedWrite};

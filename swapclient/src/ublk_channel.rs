@@ -21,8 +21,8 @@ use libublk::io::{UblkIOCtx, UblkQueue};
 use libublk::{sys, BufDesc, UblkIORes, UblkUringData};
 
 use crate::blockio::{self, IoCounters};
-use crate::kernel_ublk::serve_request;
 use crate::store::{IoOp, IoReq, Store, StoreChannel, StoreError};
+use crate::ublk_serve::serve_request;
 
 /// The first wait for a completion while requests are in flight and none is new.
 const PEEK_FIRST: Duration = Duration::from_micros(50);

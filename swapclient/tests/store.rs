@@ -392,7 +392,7 @@ async fn ublk_requests_read_write_discard_and_fail_cleanly() {
         UBLK_IO_OP_WRITE_ZEROES,
     };
     use rmem_swapclient::blockio::IoCounters;
-    use rmem_swapclient::kernel_ublk::serve_request;
+    use rmem_swapclient::ublk_serve::serve_request;
     use std::sync::atomic::Ordering::Relaxed;
 
     let a = donor(8).await;
