@@ -154,6 +154,10 @@ pub enum Msg {
     Started { status: String },
     /// Either side: the migration is abandoned.
     Abort { why: String },
+    /// Destination: the migration is abandoned and its QEMU is gone without ever having run
+    /// the guest (loading the device state failed, say): the source may resume it, even after
+    /// it let the device state go.
+    NotStarted { why: String },
 }
 
 impl Msg {
@@ -236,6 +240,8 @@ pub enum MigrateError {
     Pull(#[source] crate::postcopy::PullError),
     #[error("aborted by the other side: {0}")]
     Aborted(String),
+    #[error("the destination did not start the guest: {0}")]
+    NotStarted(String),
     #[error("cancelled")]
     Cancelled,
     #[error("{what}")]

@@ -90,6 +90,14 @@ impl Control {
         }
     }
 
+    /// The QEMU monitor, when a QEMU is what this drives.
+    pub fn qmp(&mut self) -> Option<&mut Qmp> {
+        match self {
+            Control::Qemu(q) => Some(q),
+            _ => None,
+        }
+    }
+
     /// Runs a QMP command, or what it means for a process or a file.
     pub fn execute(&mut self, command: &str, args: Option<Value>) -> Result<Value, MigrateError> {
         match self {

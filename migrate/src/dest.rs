@@ -28,6 +28,7 @@ use crate::mover::Mover;
 use crate::pages::{PageSet, PAGE};
 use crate::pipe::{Pipe, PipeError, PipeMemory};
 use crate::postcopy::{self, PullError, Pulled, Puller};
+use crate::qmp::QmpError;
 use crate::prefault::Prefault;
 use crate::ram::GuestRam;
 use crate::relay::Relay;
@@ -132,15 +133,44 @@ impl Receiver {
             }
         }
         if let Err(e) = &result {
-            if !matches!(e, MigrateError::Aborted(_)) {
-                let _ = pipe.send_msg(&Msg::Abort { why: e.detail() }.encode());
-            }
-            if !started {
+            // Before the source's start the guest must not run here: QEMU quits. If it never
+            // ran the guest (no RESUME up to its last word), the source may take it back even
+            // though it let the device state go: this QEMU would have started the guest the
+            // moment it had loaded it.
+            let never_ran = !started && {
                 tracing::warn!(error = %e, "migration abandoned: the destination QEMU quits");
-                let _ = self.qmp.execute("quit", None);
+                self.quit_qemu()
+            };
+            if !matches!(e, MigrateError::Aborted(_)) {
+                let why = e.detail();
+                let m = if never_ran {
+                    Msg::NotStarted { why }
+                } else {
+                    Msg::Abort { why }
+                };
+                let _ = pipe.send_msg(&m.encode());
             }
         }
         result
+    }
+
+    /// Tells QEMU to quit and reads its monitor to the end; true when QEMU is gone and said
+    /// nothing of a RESUME on the way: the guest never ran here.
+    fn quit_qemu(&mut self) -> bool {
+        let reply = self.opts.timeouts.reply;
+        let Some(q) = self.qmp.qmp() else {
+            let _ = self.qmp.execute("quit", None);
+            return false;
+        };
+        match q.execute("quit", None) {
+            Ok(_) | Err(QmpError::Closed) => {}
+            Err(_) => return false,
+        }
+        q.read_to_close(reply)
+            && !q
+                .take_events()
+                .iter()
+                .any(|e| e.get("event").and_then(Value::as_str) == Some("RESUME"))
     }
 
     /// Accepts connections until one authenticates; returns its pipe and plan.
@@ -482,14 +512,32 @@ impl Receiver {
                             return Err(MigrateError::Pull(e));
                         }
                     }
-                    let s = self.qmp.status()?;
-                    if s != "inmigrate" && pages_done {
-                        break s;
-                    }
+                    // Post-copy: until the needed pages are named nobody serves a fault, and
+                    // QEMU's main loop may be loading the device state and waiting on one:
+                    // a QMP query now would wait for it too. The names come before the
+                    // device state, so nothing can have loaded yet.
                     if t0.elapsed() > total {
                         return Err(MigrateError::Qemu(format!(
                             "the device state did not load within {total:?}"
                         )));
+                    }
+                    if handoff.is_some() && zero_rx.is_some() {
+                        continue;
+                    }
+                    let s = match self.qmp.status() {
+                        // QEMU exits when it cannot load an incoming migration.
+                        Err(MigrateError::Qmp(QmpError::Closed)) => {
+                            return Err(MigrateError::Qemu(
+                                "the destination QEMU exited while loading the device state \
+                                 (its log says why: a device or setting the source has and \
+                                 it lacks, say)"
+                                    .into(),
+                            ))
+                        }
+                        s => s?,
+                    };
+                    if s != "inmigrate" && pages_done {
+                        break s;
                     }
                 };
                 let mig = self.qmp.execute("query-migrate", None)?;

@@ -6,16 +6,23 @@
 //!     | stop            |    `--switch--> PostCopy --all sent--> Done
 //!     v                 v                    |
 //!   StopAndCopy <----stop                    | abort / peer lost
-//!     |                                      v
-//!     `--all sent--> Done                  Failed   (destination stopped; never runs on
-//!                                                    missing pages)
+//!     |     \                                v
+//!     |      `--device state--> Handover --> Failed   (destination stopped; never runs on
+//!     |                            |  abort / lost    missing pages; or it may run: the
+//!     `--all sent--> Done <--------'                  source stays paused either way)
+//!                          all sent
 //!   Setup, PreCopy, StopAndCopy --abort / peer lost--> Aborted   (the source runs on, or
 //!                                                                 stays paused, memory intact)
+//!   any of those and Handover, PostCopy --not started--> Aborted (the destination's QEMU is
+//!                                                         gone and never ran the guest)
 //! ```
 //!
 //! Before switchover the source still owns the guest, so any failure is an abort that leaves it
 //! as it was. After switchover (post-copy) the destination runs and the source only serves
-//! pages: losing either side fails the migration, and the destination must stop.
+//! pages: losing either side fails the migration, and the destination must stop. A stopped
+//! copy hands over when QEMU's device state leaves for a destination that starts the guest
+//! as soon as it has loaded it: from then the source cannot know the guest is not running
+//! there, so it stays paused whatever happens (as QEMU's own migration does).
 
 /// Where a migration is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +33,9 @@ pub enum Phase {
     PreCopy { round: u32 },
     /// The source is stopped; the last dirty pages and the device state go.
     StopAndCopy,
+    /// Every page is there and the device state is on its way: the destination may run at
+    /// any moment.
+    Handover,
     /// The destination runs; its faults are served first, a background pass sends the rest.
     PostCopy,
     /// The destination has every page and has said so.
@@ -47,12 +57,17 @@ pub enum Event {
     Stop,
     /// The destination takes over with pages missing (post-copy or hybrid).
     SwitchToPostCopy,
+    /// A stopped copy sends the device state to a destination that runs once it is loaded.
+    DeviceState,
     /// The destination has acknowledged every page.
     AllSent,
     /// The operator cancelled, or a check failed.
     Abort,
     /// The peer, or the connection to it, is gone.
     PeerLost,
+    /// The destination's QEMU is gone and never ran the guest: whatever was handed over,
+    /// the source still owns it.
+    NotStarted,
 }
 
 impl Phase {
@@ -62,6 +77,7 @@ impl Phase {
             Phase::Setup => "setup",
             Phase::PreCopy { .. } => "precopy",
             Phase::StopAndCopy => "stop-and-copy",
+            Phase::Handover => "handover",
             Phase::PostCopy => "postcopy",
             Phase::Done => "done",
             Phase::Aborted => "aborted",
@@ -76,7 +92,10 @@ impl Phase {
 
     /// The guest runs on the destination (or will, once the last pages are there).
     pub fn switched_over(self) -> bool {
-        matches!(self, Phase::PostCopy | Phase::Done | Phase::Failed)
+        matches!(
+            self,
+            Phase::Handover | Phase::PostCopy | Phase::Done | Phase::Failed
+        )
     }
 }
 
@@ -91,9 +110,11 @@ pub fn next(from: Phase, event: Event) -> Option<Phase> {
         (PreCopy { round }, RoundDone) => PreCopy {
             round: round.checked_add(1)?,
         },
-        (StopAndCopy | PostCopy, AllSent) => Done,
+        (StopAndCopy, DeviceState) => Handover,
+        (StopAndCopy | Handover | PostCopy, AllSent) => Done,
         (Setup | PreCopy { .. } | StopAndCopy, Abort | PeerLost) => Aborted,
-        (PostCopy, Abort | PeerLost) => Failed,
+        (Handover | PostCopy, Abort | PeerLost) => Failed,
+        (Setup | PreCopy { .. } | StopAndCopy | Handover | PostCopy, NotStarted) => Aborted,
         _ => return None,
     })
 }
@@ -138,23 +159,26 @@ impl Phases {
 mod tests {
     use super::*;
 
-    const PHASES: [Phase; 7] = [
+    const PHASES: [Phase; 8] = [
         Phase::Setup,
         Phase::PreCopy { round: 3 },
         Phase::StopAndCopy,
+        Phase::Handover,
         Phase::PostCopy,
         Phase::Done,
         Phase::Aborted,
         Phase::Failed,
     ];
-    const EVENTS: [Event; 7] = [
+    const EVENTS: [Event; 9] = [
         Event::Start,
         Event::RoundDone,
         Event::Stop,
         Event::SwitchToPostCopy,
+        Event::DeviceState,
         Event::AllSent,
         Event::Abort,
         Event::PeerLost,
+        Event::NotStarted,
     ];
 
     #[test]
@@ -168,6 +192,16 @@ mod tests {
             p.now()
         };
         assert_eq!(run(&[Stop, AllSent]), Phase::Done, "stop-copy");
+        assert_eq!(
+            run(&[Stop, DeviceState, AllSent]),
+            Phase::Done,
+            "stop-copy, QEMU"
+        );
+        assert_eq!(
+            run(&[Start, RoundDone, Stop, DeviceState, AllSent]),
+            Phase::Done,
+            "pre-copy, QEMU"
+        );
         assert_eq!(
             run(&[Start, RoundDone, Stop, AllSent]),
             Phase::Done,
@@ -228,7 +262,8 @@ mod tests {
             .flat_map(|f| EVENTS.iter().filter(move |e| next(*f, **e).is_some()))
             .count();
         // Setup: start, stop, switch, abort, lost; PreCopy: round, stop, switch, abort, lost;
-        // StopAndCopy: all sent, abort, lost; PostCopy: all sent, abort, lost.
-        assert_eq!(legal, 16);
+        // StopAndCopy: handover, all sent, abort, lost; Handover: all sent, abort, lost;
+        // PostCopy: all sent, abort, lost; and from each of these five, not started.
+        assert_eq!(legal, 25);
     }
 }

@@ -52,6 +52,8 @@ pub struct Qmp {
     next_id: u64,
     events: Vec<Value>,
     timeout: Duration,
+    /// A line begun but not ended when a read timed out (see [`Qmp::wait_event`]).
+    partial: String,
 }
 
 impl Qmp {
@@ -74,6 +76,7 @@ impl Qmp {
             next_id: 1,
             events: Vec::new(),
             timeout,
+            partial: String::new(),
         };
         let greeting = match q.read_message() {
             Ok(v) => v,
@@ -148,18 +151,84 @@ impl Qmp {
         std::mem::take(&mut self.events)
     }
 
+    /// Waits up to `timeout` for an event `wanted` accepts (one received earlier counts) and
+    /// takes it out; `None` when none came. Other events are kept. QEMU emits events as they
+    /// happen, so this sees a state change at once where polling a query would not.
+    pub fn wait_event(
+        &mut self,
+        wanted: impl Fn(&Value) -> bool,
+        timeout: Duration,
+    ) -> Result<Option<Value>, QmpError> {
+        if let Some(i) = self.events.iter().position(&wanted) {
+            return Ok(Some(self.events.remove(i)));
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            // A zero read timeout would mean "block forever".
+            self.set_read_timeout(left.max(Duration::from_micros(100)))?;
+            let m = self.read_message();
+            self.set_read_timeout(self.timeout)?;
+            match m {
+                Ok(m) if m.get("event").is_some() => {
+                    if wanted(&m) {
+                        return Ok(Some(m));
+                    }
+                    self.events.push(m);
+                }
+                Ok(m) => return Err(QmpError::Malformed(format!("a reply to no command: {m}"))),
+                Err(QmpError::Timeout(_)) => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Reads what QEMU still says until it closes the monitor (after `quit`, say), keeping
+    /// the events; false if it has not closed within `timeout`.
+    pub fn read_to_close(&mut self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() || self.set_read_timeout(left).is_err() {
+                return false;
+            }
+            match self.read_message() {
+                Ok(m) if m.get("event").is_some() => self.events.push(m),
+                Ok(_) => {}
+                Err(QmpError::Closed) => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    fn set_read_timeout(&self, t: Duration) -> Result<(), QmpError> {
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(t))
+            .map_err(QmpError::Io)
+    }
+
     fn read_message(&mut self) -> Result<Value, QmpError> {
-        let mut line = String::new();
-        // Bounded: a peer that is not QEMU may send anything, for as long as it likes.
-        match std::io::Read::take(&mut self.reader, MAX_LINE).read_line(&mut line) {
+        // Bounded: a peer that is not QEMU may send anything, for as long as it likes. A read
+        // that times out keeps what it got of a line for the next one.
+        let limit = MAX_LINE.saturating_sub(self.partial.len() as u64);
+        let r = std::io::Read::take(&mut self.reader, limit).read_line(&mut self.partial);
+        if let Err(e) = r {
+            return Err(self.io(e));
+        }
+        let line = std::mem::take(&mut self.partial);
+        match r {
             Ok(0) => Err(QmpError::Closed),
-            Ok(_) if !line.ends_with('\n') => Err(QmpError::Malformed(format!(
-                "a line of {} bytes or more",
-                line.len()
-            ))),
-            Ok(_) => serde_json::from_str(&line)
+            _ if !line.ends_with('\n') && line.len() as u64 >= MAX_LINE => Err(
+                QmpError::Malformed(format!("a line of {} bytes or more", line.len())),
+            ),
+            // The end of the stream in the middle of a line.
+            _ if !line.ends_with('\n') => Err(QmpError::Closed),
+            _ => serde_json::from_str(&line)
                 .map_err(|e| QmpError::Malformed(format!("{e}: {}", line.trim_end()))),
-            Err(e) => Err(self.io(e)),
         }
     }
 

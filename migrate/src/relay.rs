@@ -14,6 +14,9 @@ use std::time::Duration;
 
 use crate::pipe::{Pipe, PipeError, Stream, PAYLOAD};
 
+/// Send buffer asked for on the destination's QEMU socket.
+const SOCKET_BUFFER: usize = 4 << 20;
+
 /// How often blocked relay threads look at whether the relay is closing.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -85,7 +88,17 @@ impl Relay {
             while !closing.load(Ordering::Acquire) {
                 match pipe.accept_stream(TICK) {
                     Ok(stream) => match UnixStream::connect(&socket) {
-                        Ok(conn) => pump(conn, stream, &closing, &bytes, &lost),
+                        Ok(conn) => {
+                            // Room for all of a device state at once (a few hundred KB): QEMU
+                            // then loads it in one go instead of waking for each piece while
+                            // the guest is paused. The kernel caps it at wmem_max.
+                            if let Err(e) =
+                                socket2::SockRef::from(&conn).set_send_buffer_size(SOCKET_BUFFER)
+                            {
+                                tracing::debug!(error = %e, "relay: socket buffer size");
+                            }
+                            pump(conn, stream, &closing, &bytes, &lost)
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, socket = %socket.display(),
                                 "cannot reach QEMU's incoming socket");

@@ -179,6 +179,23 @@ fn status(g: &Guest) -> String {
         .to_string()
 }
 
+/// The source QEMU's migration capabilities are back as they were before rmem (all off in
+/// these guests): a later migration must not inherit them, above all not
+/// pause-before-switchover, which would hold it at the switch-over.
+fn settings_put_back(g: &Guest) {
+    let mut q = Qmp::connect(g.qmp_path(), Duration::from_secs(10)).unwrap();
+    let caps = q.execute("query-migrate-capabilities", None).unwrap();
+    for name in ["pause-before-switchover", "events", "x-ignore-shared"] {
+        let on = caps
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["capability"] == name)
+            .map(|c| c["state"] == true);
+        assert_eq!(on, Some(false), "{name} left on: {caps}");
+    }
+}
+
 /// The guest goes on, on the destination, past where it left the source, with no bad page.
 fn runs_on(dst: &mut Guest, last_on_source: Tick) {
     let t = dst.wait_ticks(12, TICKS);
@@ -289,6 +306,7 @@ fn precopy_with_the_preload_library_tracks_written_pages_exactly() {
     assert_eq!(dst.status, "running");
     let last = *p.src.ticks().last().unwrap();
     runs_on(&mut p.dst, last);
+    settings_put_back(&p.src);
 }
 
 #[test]
@@ -313,7 +331,7 @@ fn postcopy_resumes_at_once_and_pulls_every_page() {
     runs_on(&mut p.dst, last);
     // The source paused for good, its RAM intact; the destination's now differs only where
     // the guest wrote since.
-    assert_eq!(status(&p.src), "postmigrate");
+    assert_eq!(status(&p.src), "postmigrate");    settings_put_back(&p.src);
 }
 
 #[test]
@@ -624,4 +642,37 @@ fn dedup_fills_pages_from_a_guest_already_on_the_destination() {
     let last = *p.src.ticks().last().unwrap();
     runs_on(&mut p.dst, last);
     let _ = std::fs::remove_file(&donor_ram);
+}
+
+/// The destination QEMU cannot load the device state (the source has a device it lacks) and
+/// exits. QEMU's own migration already stopped the guest and let the device state go, but the
+/// destination never ran it and says so: the source takes it back, running and intact, in
+/// the stopped copy and in post-copy alike.
+#[test]
+fn a_device_state_the_destination_cannot_load_leaves_the_source_running() {
+    let _one = serial();
+    let rng = |o: GuestOpts| GuestOpts {
+        extra: vec!["-device".into(), "virtio-rng-pci".into()],
+        ..o
+    };
+    for (name, mode, preload) in [
+        ("ds-sc", Mode::StopCopy, false),
+        ("ds-post", Mode::Postcopy, true),
+    ] {
+        let mut p = pair_with(name, rng, 128, preload);
+        let (src, dst) = migrate(&p, |o| o, mode);
+        let e = src.expect_err("a migration whose device state cannot load");
+        assert!(matches!(e, MigrateError::NotStarted(_)), "{mode:?}: {e}");
+        assert!(e.to_string().contains("did not start"), "{e}");
+        let d = dst.expect_err("the destination failed");
+        assert!(d.to_string().contains("exited while loading"), "{mode:?}: {d}");
+        assert!(e.to_string().contains("exited while loading"), "{mode:?}: {e}");
+        assert!(
+            p.dst.wait_exit(Duration::from_secs(30)),
+            "{mode:?}: the destination QEMU still runs"
+        );
+        still_running(&mut p.src);
+        assert!(p.src.ticks().iter().all(|t| t.bad == 0), "{mode:?}");
+        settings_put_back(&p.src);
+    }
 }

@@ -93,3 +93,79 @@ fn no_socket_says_which() {
         .unwrap();
     assert!(e.to_string().contains("/nonexistent/qmp.sock"), "{e}");
 }
+
+/// A fake monitor: greets, answers `qmp_capabilities`, then runs `script` on the connection.
+fn fake_monitor(
+    name: &str,
+    script: impl FnOnce(&mut std::os::unix::net::UnixStream) + Send + 'static,
+) -> (std::path::PathBuf, std::thread::JoinHandle<()>) {
+    use std::io::{BufRead, BufReader};
+    let path = sock(name);
+    let l = UnixListener::bind(&path).unwrap();
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.write_all(
+            b"{\"QMP\": {\"version\": {\"qemu\": {\"major\": 7, \"minor\": 2, \"micro\": 0}}}}\n",
+        )
+        .unwrap();
+        let mut line = String::new();
+        BufReader::new(s.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.contains("qmp_capabilities"), "{line}");
+        s.write_all(b"{\"return\": {}, \"id\": 1}\n").unwrap();
+        script(&mut s);
+    });
+    (path, t)
+}
+
+#[test]
+fn wait_event_sees_an_event_split_across_reads_and_keeps_the_others() {
+    let (path, peer) = fake_monitor("events", |s| {
+        s.write_all(
+            b"{\"event\": \"STOP\", \"timestamp\": {\"seconds\": 1, \"microseconds\": 2}}\n",
+        )
+        .unwrap();
+        // The wanted event arrives in two pieces, the second after the client's first wait
+        // has run out: nothing of the first piece may be lost.
+        s.write_all(b"{\"event\": \"MIGRATION\", \"data\": {\"sta")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        s.write_all(b"tus\": \"pre-switchover\"}}\n").unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    });
+    let mut q = Qmp::connect(&path, Duration::from_secs(5)).unwrap();
+    let pre = |m: &serde_json::Value| m["data"]["status"] == "pre-switchover";
+    let t = Instant::now();
+    assert_eq!(q.wait_event(pre, Duration::from_millis(100)).unwrap(), None);
+    assert!(
+        t.elapsed() < Duration::from_millis(250),
+        "{:?}",
+        t.elapsed()
+    );
+    let got = q.wait_event(pre, Duration::from_secs(5)).unwrap().unwrap();
+    assert_eq!(got["event"], "MIGRATION");
+    // The STOP that came first is still there, and a second wait does not see the taken one.
+    let stop = q
+        .wait_event(|m| m["event"] == "STOP", Duration::ZERO)
+        .unwrap()
+        .unwrap();
+    assert_eq!(stop["timestamp"]["microseconds"], 2);
+    assert_eq!(q.wait_event(pre, Duration::from_millis(50)).unwrap(), None);
+    peer.join().unwrap();
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn wait_event_reports_a_monitor_that_closes() {
+    let (path, peer) = fake_monitor("closes", |s| {
+        s.write_all(b"{\"event\": \"MIGRA").unwrap();
+    });
+    let mut q = Qmp::connect(&path, Duration::from_secs(5)).unwrap();
+    peer.join().unwrap();
+    match q.wait_event(|_| true, Duration::from_secs(5)) {
+        Err(QmpError::Closed) => {}
+        other => panic!("{other:?}"),
+    }
+    let _ = std::fs::remove_file(&path);
+}

@@ -527,7 +527,9 @@ fn failed(e: MigrateError) -> Failed {
         | MigrateError::Transport(_)
         | MigrateError::Move(_)
         | MigrateError::Pull(rmem_migrate::postcopy::PullError::Source(_)) => Code::Peer,
-        MigrateError::Aborted(_) | MigrateError::Cancelled => Code::Aborted,
+        MigrateError::Aborted(_) | MigrateError::NotStarted(_) | MigrateError::Cancelled => {
+            Code::Aborted
+        }
         MigrateError::Verify(_) => Code::Verify,
         _ => Code::Failure,
     };

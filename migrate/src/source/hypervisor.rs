@@ -31,12 +31,6 @@ pub(super) fn saved_settings(
 
 /// Puts the source back as it was before the migration.
 pub(super) fn restore(q: &mut Control, undo: &Undo) {
-    if let Some((caps, params)) = &undo.saved {
-        for (name, on) in caps {
-            let _ = set_capability(q, name, *on);
-        }
-        let _ = q.execute("migrate-set-parameters", Some(params.clone()));
-    }
     if undo.migrating {
         let _ = q.execute("migrate_cancel", None);
         // Cancelling settles asynchronously; resume only once QEMU left the migration.
@@ -50,8 +44,10 @@ pub(super) fn restore(q: &mut Control, undo: &Undo) {
             }
         }
     }
+    // After the cancel: QEMU refuses to change settings while a migration runs.
+    restore_settings(q, undo);
     if undo.was_running {
-        // Cancelling a QEMU-driven pre-copy resumes the guest by itself; `cont` on a running
+        // Cancelling a QEMU-driven migration resumes the guest by itself; `cont` on a running
         // guest is harmless.
         if let Ok(s) = q.status() {
             if s != "running" {
@@ -60,6 +56,20 @@ pub(super) fn restore(q: &mut Control, undo: &Undo) {
                 }
             }
         }
+    }
+}
+
+/// Puts QEMU's migration capabilities and parameters back as they were: a later migration
+/// (by rmem or anyone) must not inherit rmem's, above all not pause-before-switchover, which
+/// would hold it at the switch-over for a `migrate-continue` nobody sends.
+pub(super) fn restore_settings(q: &mut Control, undo: &Undo) {
+    if let Some((caps, params)) = &undo.saved {
+        for (name, on) in caps {
+            if let Err(e) = set_capability(q, name, *on) {
+                tracing::warn!(capability = %name, error = %e, "could not put a QEMU capability back");
+            }
+        }
+        let _ = q.execute("migrate-set-parameters", Some(params.clone()));
     }
 }
 
@@ -79,6 +89,80 @@ pub(super) fn pause(q: &mut Control, undo: &mut Undo) -> Result<Instant, Migrate
         undo.paused_by_us = true;
     }
     Ok(at)
+}
+
+/// QEMU sources: starts QEMU's migration (device state only) with the guest still running;
+/// QEMU sets it up, stops the guest itself and waits (pause-before-switchover) for
+/// `migrate-continue`. So QEMU's setup (its connection, thread and first pass over the small
+/// RAM blocks that are not shared) stays out of the pause. Returns the relay, when the
+/// migration started and when the guest stopped (by the timestamp of QEMU's STOP event).
+pub(super) fn migrate_to_pause(
+    q: &mut Control,
+    peer: &Peer,
+    opts: &SendOptions,
+    undo: &mut Undo,
+    cancel: &AtomicBool,
+) -> Result<(Relay, Instant, Instant), MigrateError> {
+    let (relay, started) = start_device_state(q, peer, opts, undo)?;
+    let Some(qmp) = q.qmp() else {
+        return Err(MigrateError::Protocol("no QEMU to pause the guest".into()));
+    };
+    let waiting = Instant::now();
+    let pre = |m: &Value| {
+        m.get("event").and_then(Value::as_str) == Some("MIGRATION")
+            && matches!(
+                m.pointer("/data/status").and_then(Value::as_str),
+                Some("pre-switchover" | "failed" | "cancelled")
+            )
+    };
+    loop {
+        if cancel.load(Ordering::Acquire) {
+            return Err(MigrateError::Cancelled);
+        }
+        if let Some(why) = peer.pipe.failure() {
+            return Err(PipeError::Failed(why).into());
+        }
+        // Short waits: a cancel or a lost peer is seen within one.
+        if let Some(ev) = qmp.wait_event(pre, Duration::from_millis(20))? {
+            if ev.pointer("/data/status").and_then(Value::as_str) != Some("pre-switchover") {
+                let v = qmp.execute("query-migrate", None)?;
+                let why = v
+                    .get("error-desc")
+                    .and_then(Value::as_str)
+                    .unwrap_or("no reason given");
+                return Err(MigrateError::Qemu(format!(
+                    "QEMU's migration ended before the switch-over: {why}"
+                )));
+            }
+            break;
+        }
+        if waiting.elapsed() > opts.timeouts.reply {
+            return Err(MigrateError::Qemu(format!(
+                "QEMU did not stop the guest for the switch-over within {:?}",
+                opts.timeouts.reply
+            )));
+        }
+    }
+    undo.paused_by_us = undo.was_running;
+    // A guest already paused has no STOP event: its pause began before the migration.
+    let now = Instant::now();
+    let at = qmp
+        .wait_event(
+            |m| m.get("event").and_then(Value::as_str) == Some("STOP"),
+            Duration::ZERO,
+        )?
+        .and_then(|m| event_age(&m))
+        .and_then(|age| now.checked_sub(age))
+        .unwrap_or(now);
+    Ok((relay, started, at))
+}
+
+/// How long ago QEMU emitted `event`, by the wall-clock timestamp it carries.
+fn event_age(event: &Value) -> Option<Duration> {
+    let s = event.pointer("/timestamp/seconds")?.as_u64()?;
+    let us = event.pointer("/timestamp/microseconds")?.as_u64()?;
+    let at = std::time::UNIX_EPOCH + Duration::from_secs(s) + Duration::from_micros(us);
+    std::time::SystemTime::now().duration_since(at).ok()
 }
 
 /// Waits for QEMU's side of the migration to finish, relaying meanwhile.

@@ -37,7 +37,10 @@ mod hypervisor;
 mod passes;
 mod peer;
 
-use hypervisor::{pause, restore, saved_settings, set_capability, wait_loaded, wait_migrated};
+use hypervisor::{
+    migrate_to_pause, pause, restore, restore_settings, saved_settings, set_capability,
+    wait_loaded, wait_migrated,
+};
 use passes::{collect, dedup_offer, differing, dirty_logs, map_regions, send_all, send_round};
 use peer::{connect, unexpected, Peer};
 
@@ -164,7 +167,11 @@ pub fn send(
             e,
             MigrateError::Peer(_) | MigrateError::Move(_) | MigrateError::Transport(_)
         );
-        let event = if lost { Event::PeerLost } else { Event::Abort };
+        let event = match e {
+            MigrateError::NotStarted(_) => Event::NotStarted,
+            _ if lost => Event::PeerLost,
+            _ => Event::Abort,
+        };
         // Before the switch-over the source still owns the guest: put it back. After it, the
         // source stays paused whatever happens.
         if undo.phases.take(event) == Ok(Phase::Aborted) {
@@ -205,12 +212,26 @@ fn run(
         ..Report::default()
     };
     let moves = opts.mode.moves_pages();
+    // Page modes on QEMU: QEMU's own migration stops the guest, once set up, and waits for
+    // rmem's last pass (see `migrate_to_pause`). Its destination then starts the guest as
+    // soon as it has loaded the device state, so a guest to be left paused there (--suspend)
+    // is stopped by rmem first instead, as is a process.
+    let in_qemu = moves && matches!(q, Control::Qemu(_)) && !(opts.suspend && undo.was_running);
     let mut touched = vec!["x-ignore-shared".to_string()];
     touched.extend(opts.qemu_capabilities.iter().cloned());
+    let hold = ["pause-before-switchover", "events"];
+    if in_qemu {
+        touched.extend(hold.iter().map(|c| c.to_string()));
+    }
     undo.saved = Some(saved_settings(q, &touched)?);
     set_capability(q, "x-ignore-shared", moves)?;
     for c in &opts.qemu_capabilities {
         set_capability(q, c, true)?;
+    }
+    if in_qemu {
+        for c in hold {
+            set_capability(q, c, true)?;
+        }
     }
     let mut params = json!({"downtime-limit": opts.policy.downtime_target.as_millis() as u64});
     if !moves {
@@ -363,7 +384,13 @@ fn run(
             }
             .into(),
         });
-        paused_at = Some(pause(q, undo)?);
+        paused_at = Some(if in_qemu {
+            let (relay, started, at) = migrate_to_pause(q, peer, opts, undo, cancel)?;
+            device = Some((relay, started));
+            at
+        } else {
+            pause(q, undo)?
+        });
         tracing::debug!("switch-over: source paused");
         let last_pass = Instant::now();
         if !opts.mode.postcopy() {
@@ -393,7 +420,9 @@ fn run(
             // Device state (RAM left out) travels now. Loading it may read guest RAM (some
             // devices' post-load does): a page not there yet faults and is pulled. Stop-copy
             // and pre-copy send it only after their last pass, as QEMU orders its own stream.
-            device = Some(start_device_state(q, peer, opts, undo)?);
+            if device.is_none() {
+                device = Some(start_device_state(q, peer, opts, undo)?);
+            }
             // The zero pages among them, found once the destination runs (the source is paused
             // for good: what is zero now stays zero). Scanning during the switch-over would
             // take a core from QEMU saving and loading the device state.
@@ -475,6 +504,17 @@ fn run(
         Some(d) => d,
         None => start_device_state(q, peer, opts, undo)?,
     };
+    if in_qemu {
+        // From here the destination may run at any moment: the source stays paused
+        // whatever happens next.
+        undo.take(if opts.mode.postcopy() {
+            Event::SwitchToPostCopy
+        } else {
+            Event::DeviceState
+        })?;
+        q.execute("migrate-continue", Some(json!({"state": "pre-switchover"})))?;
+        tracing::debug!("switch-over: QEMU sends the device state");
+    }
     if !moves {
         undo.take(Event::Start)?;
         if opts.qemu_capabilities.iter().any(|c| c == "postcopy-ram") {
@@ -508,7 +548,7 @@ fn run(
     report.device_state_ms = Some(device_state.elapsed().as_secs_f64() * 1e3);
     tracing::debug!("switch-over: the destination loaded the device state");
     // The switch-over: from here the source stays paused whatever happens.
-    if moves {
+    if moves && !(in_qemu && opts.mode.postcopy()) {
         undo.take(if opts.mode.postcopy() {
             Event::SwitchToPostCopy
         } else {
@@ -539,6 +579,7 @@ fn run(
     }
     // Closed after the switch-over: closing waits for its threads.
     report.stream_bytes = relay.close();
+    restore_settings(q, undo);
     if opts.mode.postcopy() {
         // The destination runs on this side's RAM until it has every page.
         progress(Progress::Phase {

@@ -39,6 +39,7 @@ impl Peer {
                 "the destination refused: {why}"
             ))),
             Msg::Abort { why } => Err(MigrateError::Aborted(why)),
+            Msg::NotStarted { why } => Err(MigrateError::NotStarted(why)),
             m => Ok(m),
         }
     }

@@ -92,6 +92,8 @@ pub struct GuestOpts {
     pub share: bool,
     /// Loads rmem's preload library into QEMU, listening on this socket.
     pub preload: Option<PathBuf>,
+    /// More QEMU arguments (a device the other side lacks, say).
+    pub extra: Vec<String>,
 }
 
 impl GuestOpts {
@@ -104,6 +106,7 @@ impl GuestOpts {
             memfd: false,
             share: true,
             preload: None,
+            extra: Vec::new(),
         }
     }
 }
@@ -242,6 +245,7 @@ impl Guest {
             .arg("-chardev")
             .arg(format!("socket,id=ser0,path={}", serial_path.display()))
             .args(["-serial", "chardev:ser0"]);
+        cmd.args(&opts.extra);
         if opts.incoming {
             cmd.args(["-incoming", "defer"]);
         }
