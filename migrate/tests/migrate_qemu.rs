@@ -331,7 +331,8 @@ fn postcopy_resumes_at_once_and_pulls_every_page() {
     runs_on(&mut p.dst, last);
     // The source paused for good, its RAM intact; the destination's now differs only where
     // the guest wrote since.
-    assert_eq!(status(&p.src), "postmigrate");    settings_put_back(&p.src);
+    assert_eq!(status(&p.src), "postmigrate");
+    settings_put_back(&p.src);
 }
 
 #[test]
@@ -665,8 +666,14 @@ fn a_device_state_the_destination_cannot_load_leaves_the_source_running() {
         assert!(matches!(e, MigrateError::NotStarted(_)), "{mode:?}: {e}");
         assert!(e.to_string().contains("did not start"), "{e}");
         let d = dst.expect_err("the destination failed");
-        assert!(d.to_string().contains("exited while loading"), "{mode:?}: {d}");
-        assert!(e.to_string().contains("exited while loading"), "{mode:?}: {e}");
+        assert!(
+            d.to_string().contains("exited while loading"),
+            "{mode:?}: {d}"
+        );
+        assert!(
+            e.to_string().contains("exited while loading"),
+            "{mode:?}: {e}"
+        );
         assert!(
             p.dst.wait_exit(Duration::from_secs(30)),
             "{mode:?}: the destination QEMU still runs"

@@ -23,6 +23,10 @@ CTL=18700
 # --- VM a: donors on demand ---
 if [ "$RMEM_ROLE" = server ]; then
   DONOR_ARGS="--size 1G --no-pressure"
+  # The donors' logs go to the console as they are written: a borrower that hangs or panics
+  # never asks for them, and they say why a donor dropped it.
+  for n in a b c; do : > "/tmp/donor-$n.log"; done
+  tail -F /tmp/donor-a.log /tmp/donor-b.log /tmp/donor-c.log > /dev/console 2>&1 &
   # start NAME PORT PROVIDER: a donor (b's `rmem swap up` finds out whether it came up).
   start() { donor "$@" || echo "== a: donor $1 did not start"; }
   # One command per connection: tcp, verbs, replicas, kill-a, done.
@@ -70,6 +74,8 @@ echo "== b: MemTotal $((mem_kib / 1024)) MiB; memcheck ${size_mib}M; swap ${swap
 # a page of the log file can be swapped out to the very device the daemon serves, and the
 # daemon's next log line would then wait for a swap-in only it can serve.
 mkdir -p /run/rmem-log && mount -t ramfs ramfs /run/rmem-log
+# Its log also goes to the console as it is written, for a run that ends in a hang or a panic.
+: > /run/rmem-log/swap.log; tail -F /run/rmem-log/swap.log > /dev/console 2>&1 &
 
 # up ARGS...: `rmem swap up` against a's donors, waiting until swap is on. VM a starts its donors
 # when asked and cannot answer when they listen: a daemon that exits because a donor does not

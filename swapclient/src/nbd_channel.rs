@@ -42,9 +42,15 @@ struct Flight {
     started: Instant,
 }
 
-/// How long the I/O thread, with requests in flight and none completed, waits for a new
-/// request before it looks at the completions again.
-const NEW_REQUEST_WAIT: Duration = Duration::from_micros(50);
+/// With requests in flight and nothing happening, the I/O thread waits in turn on its donors
+/// and on the reader for this long, doubling up to [`WAIT_MOST`] while nothing comes: a fixed
+/// 50 us wake-up on a one-CPU borrower took the CPU its own TCP stack needed to hear the
+/// donors, whose answers then came late enough to fail them (`--op-timeout 2`).
+const WAIT_FIRST: Duration = Duration::from_micros(50);
+const WAIT_MOST: Duration = Duration::from_millis(2);
+
+/// A reply that takes this long to write is reported.
+const SLOW_REPLY: Duration = Duration::from_millis(200);
 
 /// Serves `sock` until the client disconnects, through `ch`, whose buffer holds `slots`
 /// requests of `max_request` bytes. Every request read is answered before this returns.
@@ -64,9 +70,18 @@ pub fn serve(
     }
     let writer = Mutex::new(sock.try_clone()?);
     let send = |parts: &[&[u8]]| -> std::io::Result<()> {
+        let t = Instant::now();
         let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
         for p in parts {
             w.write_all(p)?;
+        }
+        // While a reply waits for the kernel to read it, the I/O thread reads no donor's
+        // answers either: say so, it can be why a donor's requests time out.
+        if t.elapsed() >= SLOW_REPLY {
+            tracing::warn!(
+                ms = t.elapsed().as_millis() as u64,
+                "nbd: a reply waited for the kernel's NBD client to read it"
+            );
         }
         Ok(())
     };
@@ -162,6 +177,7 @@ fn run(
     let mut data = vec![0u8; max_request];
     let mut scratch = vec![0u8; max_request];
     let mut reading = true;
+    let mut wait = WAIT_FIRST;
     loop {
         // New requests first; with nothing in flight, wait for one.
         let next = if ch.pending() == 0 {
@@ -185,11 +201,17 @@ fn run(
                 continue;
             }
             done.clear();
-            ch.reap(&mut done, false).map_err(std::io::Error::other)?;
-            if done.is_empty() {
-                if reading {
-                    match jobs.recv_timeout(NEW_REQUEST_WAIT) {
-                        Ok(j) => start(
+            if reading {
+                ch.reap_upto(&mut done, wait)
+                    .map_err(std::io::Error::other)?;
+            } else {
+                ch.reap(&mut done, true).map_err(std::io::Error::other)?;
+            }
+            if done.is_empty() && reading {
+                match jobs.recv_timeout(wait) {
+                    Ok(j) => {
+                        wait = WAIT_FIRST;
+                        start(
                             ch,
                             store,
                             io,
@@ -198,13 +220,13 @@ fn run(
                             &mut scratch,
                             send,
                             max_request,
-                        )?,
-                        Err(RecvTimeoutError::Timeout) => {}
-                        Err(RecvTimeoutError::Disconnected) => reading = false,
+                        )?
                     }
-                } else {
-                    ch.reap(&mut done, true).map_err(std::io::Error::other)?;
+                    Err(RecvTimeoutError::Timeout) => wait = (wait * 2).min(WAIT_MOST),
+                    Err(RecvTimeoutError::Disconnected) => reading = false,
                 }
+            } else if !done.is_empty() {
+                wait = WAIT_FIRST;
             }
             for (tag, r) in done.drain(..) {
                 let slot = tag as usize;
@@ -228,6 +250,7 @@ fn run(
             }
             continue;
         };
+        wait = WAIT_FIRST;
         start(
             ch,
             store,

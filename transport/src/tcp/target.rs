@@ -303,6 +303,14 @@ impl Target {
         if let Some((p, n)) = data {
             iov[1] = iovec(p, n);
         }
-        sock::send_all(self.fd, &mut iov, self.q.caps.op_timeout).map_err(|_| Stop::PeerGone)
+        sock::send_all(self.fd, &mut iov, self.q.caps.op_timeout).map_err(|e| {
+            // Said, not only done: a peer that stops reading loses its queue pair here, and
+            // from its side that looks like a donor that stopped answering.
+            if e.kind() == std::io::ErrorKind::TimedOut {
+                tracing::warn!(qp = self.q.num, timeout = ?self.q.caps.op_timeout,
+                    "the peer read no response for the operation timeout: dropping it");
+            }
+            Stop::PeerGone
+        })
     }
 }
