@@ -60,8 +60,9 @@ pub(crate) fn advance(iov: &mut [libc::iovec], mut n: usize) -> usize {
 }
 
 /// Reads exactly `len` bytes into `buf` for a thread that owns the socket: spins until `spin`
-/// after the last progress, then sleeps in poll(). `timeout` bounds the whole call (None: wait
-/// for ever, used between requests when an idle peer is legitimate).
+/// after the last progress, then sleeps in poll(). `timeout` bounds the wait for the next byte,
+/// from the last one (None: wait for ever, used between requests when an idle peer is
+/// legitimate).
 ///
 /// # Safety
 /// `buf..buf+len` must be valid for writes for the duration of the call.
@@ -72,9 +73,8 @@ pub(crate) unsafe fn recv_exact(
     spin: Duration,
     timeout: Option<Duration>,
 ) -> io::Result<()> {
-    let start = Instant::now();
     let mut got = 0;
-    let mut last = start;
+    let mut last = Instant::now();
     while got < len {
         // SAFETY: got < len, so the tail is inside the caller's buffer.
         match unsafe { recv_nb(fd, buf.add(got), len - got) } {
@@ -92,9 +92,11 @@ pub(crate) unsafe fn recv_exact(
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 let now = Instant::now();
+                // Measured from the last byte, not from the start: a peer still sending (a
+                // large payload over a slow or lossy link) is not a dead one.
                 let left = match timeout {
                     Some(t) => {
-                        let left = t.saturating_sub(now - start);
+                        let left = t.saturating_sub(now - last);
                         if left.is_zero() {
                             return Err(io::ErrorKind::TimedOut.into());
                         }
@@ -158,5 +160,44 @@ mod tests {
         assert_eq!(advance(&mut iov, 5), 1);
         assert_eq!(iov[1].iov_len, 3);
         assert_eq!(advance(&mut iov[1..], 3), 1);
+    }
+
+    fn recv_from(writes: Vec<(usize, Duration)>, len: usize, timeout: Duration) -> io::Result<()> {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let w = std::thread::spawn(move || {
+            for (n, pause) in writes {
+                std::thread::sleep(pause);
+                let _ = b.write_all(&vec![7u8; n]);
+            }
+            // Held open until the reader is done.
+            std::thread::sleep(Duration::from_millis(600));
+        });
+        let mut buf = vec![0u8; len];
+        // SAFETY: `buf` holds `len` bytes and outlives the call.
+        let r = unsafe {
+            recv_exact(
+                a.as_raw_fd(),
+                buf.as_mut_ptr(),
+                len,
+                Duration::ZERO,
+                Some(timeout),
+            )
+        };
+        w.join().unwrap();
+        r
+    }
+
+    #[test]
+    fn recv_exact_times_out_on_a_stall_not_on_a_slow_sender() {
+        let step = Duration::from_millis(40);
+        // 12 pieces 40 ms apart: 480 ms in all, three times the 150 ms timeout.
+        let trickle = vec![(10, step); 12];
+        assert!(recv_from(trickle, 120, Duration::from_millis(150)).is_ok());
+        // Half the frame, then nothing for 400 ms.
+        let stall = vec![(60, Duration::ZERO), (60, Duration::from_millis(400))];
+        let e = recv_from(stall, 120, Duration::from_millis(150)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
     }
 }

@@ -277,6 +277,10 @@ impl Target {
                 bump(&self.q.stats.protocol_errors, 1);
                 Stop::Protocol
             } else {
+                if e.kind() == std::io::ErrorKind::TimedOut {
+                    tracing::warn!(qp = self.q.num, timeout = ?self.q.caps.op_timeout,
+                        "a request's payload stopped arriving for the operation timeout: dropping the peer");
+                }
                 Stop::PeerGone
             }
         })
