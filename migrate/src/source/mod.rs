@@ -177,6 +177,10 @@ pub fn send(
         if undo.phases.take(event) == Ok(Phase::Aborted) {
             let _ = peer.send(&Msg::Abort { why: e.detail() });
             restore(&mut q, &undo);
+        } else {
+            // Paused for good, but QEMU's settings go back all the same: a migration the
+            // operator starts next must not stop at a pre-switchover nobody continues.
+            restore_settings(&mut q, &undo);
         }
     }
     if let Ok(r) = &mut result {
