@@ -11,18 +11,10 @@
 #   Environment: RMEM_VM_KERNEL, RMEM_VM_DISK_DIR, RMEM_RUBLK_ROOT...: see soft-roce/vm/run.sh --help
 set -euo pipefail
 cd "$(dirname "$0")/.."
-svg_out=""
-if [[ "${1:-}" == "--svg" ]]; then svg_out=${2:?--svg needs a file}; shift 2; fi
 # shellcheck source=benches/vm-table.sh
 . benches/vm-table.sh
-table=""
-trap 'rm -f "$table" "$table.bars"' EXIT
-vm_table fio-compare '^== fio on block devices' "$@"
-if [[ -n $svg_out && -s $table ]]; then
-  python3 - "$table" "$table.bars" <<'PY'
-import json, sys
-rows = [[c.strip() for c in l.strip().strip("|").split("|")] for l in open(sys.argv[1]) if l.startswith("|")]
-head, body = rows[0], [r for r in rows[2:] if len(r) == len(rows[0])]
+# The table's rows as bars for --svg (see vm_compare).
+bars_py=$(cat <<'PY'
 short = lambda n: n.split(" (")[0]
 groups = [dict(measure=head[i].replace(" IOPS", "").replace(" MiB/s", ""),
                unit="MiB/s" if "MiB/s" in head[i] else "IOPS",
@@ -30,6 +22,5 @@ groups = [dict(measure=head[i].replace(" IOPS", "").replace(" MiB/s", ""),
 json.dump(dict(title="Block devices in one VM (TCG): rmem vs ublk null, nbdkit and virtio", groups=groups),
           open(sys.argv[2], "w"))
 PY
-  target/release/rmem perf plot --bars "$table.bars" --out "$svg_out"
-fi
-exit "$vm_rc"
+)
+vm_compare fio-compare '^== fio on block devices' "$bars_py" "$@"

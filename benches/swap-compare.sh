@@ -10,18 +10,10 @@
 #   Environment: RMEM_VM_KERNEL, RMEM_VM_DISK_DIR, RMEM_VM_TIMEOUT...: see soft-roce/vm/run.sh --help
 set -euo pipefail
 cd "$(dirname "$0")/.."
-svg_out=""
-if [[ "${1:-}" == "--svg" ]]; then svg_out=${2:?--svg needs a file}; shift 2; fi
 # shellcheck source=benches/vm-table.sh
 . benches/vm-table.sh
-table=""
-trap 'rm -f "$table" "$table.bars"' EXIT
-vm_table swap-compare '^== swap backends' "$@"
-if [[ -n $svg_out && -s $table ]]; then
-  python3 - "$table" "$table.bars" <<'PY'
-import json, sys
-rows = [[c.strip() for c in l.strip().strip("|").split("|")] for l in open(sys.argv[1]) if l.startswith("|")]
-head, body = rows[0], [r for r in rows[2:] if len(r) == len(rows[0])]
+# The table's rows as bars for --svg (see vm_compare).
+bars_py=$(cat <<'PY'
 # Short names, so each fits under its bar.
 short = lambda n: (n.replace("rmem swap, ", "rmem ").replace(" (rxe0)", "")
                    .replace("swap file, ext4, virtio", "swap file"))
@@ -30,6 +22,5 @@ groups = [dict(measure=head[i].rsplit(" ", 1)[0], unit=head[i].rsplit(" ", 1)[1]
 json.dump(dict(title="Swap backends in one VM (TCG): rmem swap vs zram and a swap file", groups=groups),
           open(sys.argv[2], "w"))
 PY
-  target/release/rmem perf plot --bars "$table.bars" --out "$svg_out"
-fi
-exit "$vm_rc"
+)
+vm_compare swap-compare '^== swap backends' "$bars_py" "$@"
