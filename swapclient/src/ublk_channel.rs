@@ -60,7 +60,6 @@ pub(crate) fn serve(
         max,
         in_slot: vec![false; depth],
         flights: vec![None; depth],
-        active: 0,
         scratch: vec![0u8; max],
         done: Vec::with_capacity(depth),
     };
@@ -68,7 +67,7 @@ pub(crate) fn serve(
     let mut peek = PEEK_FIRST;
     loop {
         arrived.clear();
-        let wait = usize::from(queue.active == 0);
+        let wait = usize::from(queue.active() == 0);
         let r = q.flush_and_wake_io_tasks(
             |user_data, cqe, _| {
                 // Only commands come back on this ring (no target I/O is submitted); a result
@@ -82,13 +81,13 @@ pub(crate) fn serve(
             wait,
         );
         if r.is_err() {
-            if queue.active == 0 {
+            if queue.active() == 0 {
                 // The queue is down and no request of ours is left to answer.
                 break;
             }
             // Requests still at the donors are answered first (their commits are submitted by
             // the next turn, which then sees the queue down for good).
-            while queue.active > 0 {
+            while queue.active() > 0 {
                 queue.reap(&mut ch, io, None);
             }
             continue;
@@ -96,7 +95,7 @@ pub(crate) fn serve(
         for &tag in &arrived {
             queue.start(&mut ch, store, io, tag);
         }
-        if queue.active == 0 {
+        if queue.active() == 0 {
             continue;
         }
         // Waits for a completion only when the kernel had nothing new for us, and then only
@@ -124,8 +123,6 @@ struct Queue<'a> {
     /// Per tag: its current request's data is in its slot (every request after its first).
     in_slot: Vec<bool>,
     flights: Vec<Option<Flight>>,
-    /// Requests in flight (the `Some`s of `flights`).
-    active: usize,
     scratch: Vec<u8>,
     done: Vec<(u64, Result<(), StoreError>)>,
 }
@@ -154,7 +151,6 @@ impl Queue<'_> {
                 len,
                 started: Instant::now(),
             });
-            self.active += 1;
             let req = IoReq {
                 tag: u64::from(tag),
                 op: if write { IoOp::Write } else { IoOp::Read },
@@ -166,7 +162,6 @@ impl Queue<'_> {
                 Ok(()) => io.saw_in_flight(ch.pending() as u64),
                 Err(e) => {
                     self.flights[t] = None;
-                    self.active -= 1;
                     let errno = blockio::account(io, write, off, len, Err(e)).unwrap_err();
                     self.commit(tag, -errno);
                 }
@@ -194,39 +189,45 @@ impl Queue<'_> {
             Some(most) => ch.reap_upto(&mut done, most),
             None => ch.reap(&mut done, true),
         };
-        let before = self.active;
+        let mut finished = 0;
         if let Err(e) = r {
             tracing::error!(error = %e, "ublk: the store channel failed");
             for t in 0..self.flights.len() {
                 if self.flights[t].is_some() {
                     let err = StoreError::Config(format!("the store channel failed: {e}"));
-                    self.finish(io, t as u16, Err(err));
+                    finished += usize::from(self.finish(io, t as u16, Err(err)));
                 }
             }
         }
         for (tag, r) in done.drain(..) {
-            self.finish(io, tag as u16, r);
+            finished += usize::from(self.finish(io, tag as u16, r));
         }
         self.done = done;
-        before - self.active
+        finished
     }
 
-    /// A channel request is over: account for it and commit it.
-    fn finish(&mut self, io: &IoCounters, tag: u16, r: Result<(), StoreError>) {
+    /// Requests in flight.
+    fn active(&self) -> usize {
+        self.flights.iter().filter(|f| f.is_some()).count()
+    }
+
+    /// A channel request is over: account for it and commit it; false if `tag` had none in
+    /// flight.
+    fn finish(&mut self, io: &IoCounters, tag: u16, r: Result<(), StoreError>) -> bool {
         let Some(f) = self
             .flights
             .get_mut(usize::from(tag))
             .and_then(Option::take)
         else {
-            return;
+            return false;
         };
-        self.active -= 1;
         blockio::warn_if_slow("ublk", f.write, f.off, f.len, f.started);
         let res = match blockio::account(io, f.write, f.off, f.len, r) {
             Ok(()) => f.len as i32,
             Err(errno) => -errno,
         };
         self.commit(tag, res);
+        true
     }
 
     /// Commits `tag` with `res` and hands the driver the tag's slot for its next request (and
