@@ -125,6 +125,11 @@ async fn suite<R: Registry>(a: Arc<R>, b: Arc<R>) {
     a.register(donor("d2", "r2", 4), Duration::from_secs(2))
         .await
         .unwrap();
+    // `b` must have seen it first: absent because not yet seen is not absent because lapsed.
+    until("b sees d2", Duration::from_secs(2), || {
+        free_in(&*b, "d2") == Some(4)
+    })
+    .await;
     until("lapsed donor removed", Duration::from_secs(6), || {
         b.sweep();
         free_in(&*b, "d2").is_none()
