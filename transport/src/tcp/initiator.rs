@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use smallvec::SmallVec;
 
+use super::link_state::LinkState;
 use super::qp::{lock, QpShared};
 use super::sock::{self, iovec};
 use super::wire::{ReqOp, Request, RespKind, Response, MAX_MSG, REQUEST_LEN, RESPONSE_LEN};
@@ -177,7 +178,13 @@ impl Initiator {
         }
         if !tx.iov.is_empty() {
             if let Err(e) = self.send_requests(q, &mut tx.iov) {
-                tracing::debug!(qp = q.num, error = %e, "request send failed");
+                if e.kind() == std::io::ErrorKind::TimedOut {
+                    tracing::warn!(qp = q.num, timeout = ?q.caps.op_timeout,
+                        link = %LinkState::describe(self.out_fd()),
+                        "requests could not be sent and nothing was answered for the operation timeout");
+                } else {
+                    tracing::debug!(qp = q.num, error = %e, "request send failed");
+                }
                 q.fail(WcStatus::RetryExcErr);
             }
         }
@@ -309,7 +316,8 @@ impl Initiator {
             }
         }
         if self.outstanding() > 0 && self.since_progress() > q.caps.op_timeout {
-            tracing::debug!(qp = q.num, "response timeout");
+            tracing::warn!(qp = q.num, timeout = ?q.caps.op_timeout,
+                link = %LinkState::describe(fd), "no response for the operation timeout");
             return Err(WcStatus::RetryExcErr);
         }
         Ok(())

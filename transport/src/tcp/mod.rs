@@ -8,6 +8,7 @@
 mod cq;
 mod handshake;
 mod initiator;
+mod link_state;
 mod qp;
 mod responder;
 mod sock;

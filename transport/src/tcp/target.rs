@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use super::link_state::LinkState;
 use super::qp::QpShared;
 use super::sock::{self, iovec};
 use super::wire::{NakCode, ReqOp, Request, RespKind, Response, REQUEST_LEN};
@@ -279,6 +280,7 @@ impl Target {
             } else {
                 if e.kind() == std::io::ErrorKind::TimedOut {
                     tracing::warn!(qp = self.q.num, timeout = ?self.q.caps.op_timeout,
+                        link = %LinkState::describe(self.fd),
                         "a request's payload stopped arriving for the operation timeout: dropping the peer");
                 }
                 Stop::PeerGone
@@ -312,6 +314,7 @@ impl Target {
             // from its side that looks like a donor that stopped answering.
             if e.kind() == std::io::ErrorKind::TimedOut {
                 tracing::warn!(qp = self.q.num, timeout = ?self.q.caps.op_timeout,
+                    link = %LinkState::describe(self.fd),
                     "the peer read no response for the operation timeout: dropping it");
             }
             Stop::PeerGone
