@@ -31,7 +31,11 @@ struct Pending {
     len: u32,
     /// Local memory of the request, held until its response arrives.
     local: Segs,
+    /// When its last byte went to the socket (ns since `epoch`); `NOT_SENT` until then.
+    sent_ns: u64,
 }
+
+const NOT_SENT: u64 = u64::MAX;
 
 /// Where the READ data being received goes: (pointer, length) pieces.
 struct DataState {
@@ -116,6 +120,43 @@ impl Initiator {
         self.last_progress.store(ns, Ordering::Release);
     }
 
+    /// Stamps the batch `first..first+n` as sent now (those not answered yet).
+    fn mark_sent(&self, first: u32, n: u32) {
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        for p in lock(&self.pending).iter_mut().rev() {
+            if p.seq.wrapping_sub(first) < n {
+                p.sent_ns = now;
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// Whether the peer is late: requests outstanding and no response byte for the operation
+    /// timeout, counted from when the oldest request's last byte was sent if that is later (a
+    /// sender held up itself, descheduled or in reclaim inside sendmsg, must not find the peer
+    /// late on return). A request still being sent is the sender's stall check's business.
+    fn overdue(&self, q: &QpShared) -> bool {
+        self.waited().is_some_and(|w| w > q.caps.op_timeout)
+    }
+
+    /// How long the peer has owed an answer, by the rule of [`Self::overdue`]; None when it
+    /// owes none yet.
+    fn waited(&self) -> Option<Duration> {
+        if self.outstanding() == 0 {
+            return None;
+        }
+        let front_sent = lock(&self.pending).front()?.sent_ns;
+        if front_sent == NOT_SENT {
+            return None;
+        }
+        let since_sent = self
+            .epoch
+            .elapsed()
+            .saturating_sub(Duration::from_nanos(front_sent));
+        Some(self.since_progress().min(since_sent))
+    }
+
     fn since_progress(&self) -> Duration {
         let last = Duration::from_nanos(self.last_progress.load(Ordering::Acquire));
         self.epoch.elapsed().saturating_sub(last)
@@ -132,6 +173,7 @@ impl Initiator {
     pub(crate) fn post_send(&self, q: &QpShared, wrs: &[SendWr<'_>]) -> Result<()> {
         let mut tx = lock(&self.tx);
         let tx = &mut *tx;
+        let first_seq = tx.next_seq;
         tx.headers.clear();
         tx.headers.reserve(wrs.len());
         tx.iov.clear();
@@ -170,6 +212,7 @@ impl Initiator {
                 signaled: wr.signaled,
                 len: req.len,
                 local: wr.sgl.iter().map(HeldSge::from_sge).collect(),
+                sent_ns: NOT_SENT,
             });
             if pending.len() == 1 {
                 self.touch();
@@ -177,7 +220,11 @@ impl Initiator {
             self.outstanding.fetch_add(1, Ordering::AcqRel);
         }
         if !tx.iov.is_empty() {
-            if let Err(e) = self.send_requests(q, &mut tx.iov) {
+            let sent = self.send_requests(q, &mut tx.iov);
+            if sent.is_ok() {
+                self.mark_sent(first_seq, tx.next_seq.wrapping_sub(first_seq));
+            }
+            if let Err(e) = sent {
                 if e.kind() == std::io::ErrorKind::TimedOut {
                     tracing::warn!(qp = q.num, timeout = ?q.caps.op_timeout,
                         link = %LinkState::describe(self.out_fd()),
@@ -315,7 +362,7 @@ impl Initiator {
                 Err(_) => return Err(WcStatus::RetryExcErr),
             }
         }
-        if self.outstanding() > 0 && self.since_progress() > q.caps.op_timeout {
+        if self.overdue(q) {
             tracing::warn!(qp = q.num, timeout = ?q.caps.op_timeout,
                 link = %LinkState::describe(fd), "no response for the operation timeout");
             return Err(WcStatus::RetryExcErr);
@@ -418,7 +465,8 @@ impl Initiator {
         if self.outstanding() == 0 || q.state.is_failed() {
             return None;
         }
-        Some(q.caps.op_timeout.saturating_sub(self.since_progress()))
+        let waited = self.waited().unwrap_or_default();
+        Some(q.caps.op_timeout.saturating_sub(waited))
     }
 }
 
