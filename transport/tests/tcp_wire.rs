@@ -39,6 +39,10 @@ struct Target {
 }
 
 fn target() -> Target {
+    target_with(Duration::from_secs(4))
+}
+
+fn target_with(op_timeout: Duration) -> Target {
     let ctx = ctx();
     let pd = ctx.alloc_pd().unwrap();
     let cq = ctx.create_cq(64).unwrap();
@@ -47,7 +51,11 @@ fn target() -> Target {
     let addr = listener.local_addr();
     let accepted = std::thread::spawn(move || {
         listener
-            .accept(&QpConfig::new(&pd, &cq), b"", Some(Duration::from_secs(10)))
+            .accept(
+                &QpConfig::new(&pd, &cq).op_timeout(op_timeout),
+                b"",
+                Some(Duration::from_secs(10)),
+            )
             .ok()
             .map(|c| c.qp)
     });
@@ -421,4 +429,90 @@ fn sender_sees_success_even_if_the_receiver_closes_at_its_completion() {
         );
         receiver.join().unwrap();
     }
+}
+
+#[test]
+fn a_payload_slower_to_send_than_the_timeout_is_not_a_late_answer() {
+    // 32 MiB read by the peer 256 KiB every 10 ms (about 1.3 s): far more than the socket
+    // buffers hold, so sending it takes several times the 300 ms timeout. The peer answers the
+    // moment the last byte is in: it is not late, and the request must succeed.
+    const LEN: usize = 32 << 20;
+    let addr = fake_target(|mut p| {
+        let mut h = [0u8; REQUEST_LEN];
+        p.read_exact(&mut h).unwrap();
+        let req = Request::decode(&h).unwrap();
+        let mut left = req.len as usize;
+        let mut buf = vec![0u8; 256 << 10];
+        while left > 0 {
+            let n = left.min(buf.len());
+            p.read_exact(&mut buf[..n]).unwrap();
+            left -= n;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let resp = Response {
+            kind: RespKind::Ack,
+            nak: None,
+            len: 0,
+            seq: req.seq,
+            value: 0,
+        };
+        p.write_all(&resp.encode()).unwrap();
+        // Stay connected until the initiator is done.
+        std::thread::sleep(Duration::from_secs(3));
+    });
+    let ctx = ctx();
+    let pd = ctx.alloc_pd().unwrap();
+    let cq = ctx.create_cq(8).unwrap();
+    let qp = ctx
+        .connect(
+            addr,
+            &QpConfig::new(&pd, &cq).op_timeout(Duration::from_millis(300)),
+            b"",
+        )
+        .unwrap()
+        .qp;
+    let mr = pd.alloc_mr(LEN, Access::all_remote()).unwrap();
+    let s = [mr.sge(0, LEN).unwrap()];
+    let remote = rmem_transport::RemoteAddr { addr: 0, rkey: 1 };
+    let start = Instant::now();
+    qp.post_send(&[SendWr::write(1, &s, remote)]).unwrap();
+    let c = cq.wait_one(Some(Duration::from_secs(20))).unwrap();
+    let took = start.elapsed();
+    assert_eq!(
+        (c.wr_id, c.status),
+        (1, WcStatus::Success),
+        "after {took:?}"
+    );
+    assert!(
+        took > Duration::from_millis(600),
+        "the payload went too fast to test anything: {took:?}"
+    );
+}
+
+#[test]
+fn a_payload_that_pauses_longer_than_the_timeout_still_lands() {
+    // The target's operation timeout is 300 ms; the sender pauses 1 s in the middle of a
+    // WRITE's payload (as a borrower held up in reclaim does), then sends the rest.
+    let t = target_with(Duration::from_millis(300));
+    let (mut p, _s) = raw_connect(t.addr);
+    let qp = t.accepted.join().unwrap().unwrap();
+    let req = Request {
+        op: ReqOp::Write,
+        len: 1000,
+        seq: 0,
+        rkey: t.mr.rkey(),
+        addr: t.mr.remote().addr,
+        arg0: 0,
+        arg1: 0,
+    };
+    p.write_all(&req.encode()).unwrap();
+    p.write_all(&[7u8; 500]).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    p.write_all(&[9u8; 500]).unwrap();
+    let resp = read_response(&mut p);
+    assert_eq!((resp.kind, resp.seq, resp.nak), (RespKind::Ack, 0, None));
+    assert!(!qp.is_error());
+    let mut got = [0u8; 1000];
+    t.mr.read_at(0, &mut got).unwrap();
+    assert!(got[..500].iter().all(|&b| b == 7) && got[500..].iter().all(|&b| b == 9));
 }

@@ -3,12 +3,16 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::link_state::LinkState;
 use super::qp::QpShared;
 use super::sock::{self, iovec};
 use super::wire::{NakCode, ReqOp, Request, RespKind, Response, REQUEST_LEN};
 use crate::{Access, Completion, WcOpcode, WcStatus};
+
+/// See [`Target::payload_stall`].
+const PAYLOAD_STALL: Duration = Duration::from_secs(30);
 
 /// Why serving stopped.
 enum Stop {
@@ -255,6 +259,14 @@ impl Target {
         Ok(())
     }
 
+    /// How long a payload may stop arriving, from its last byte, before the peer is dropped.
+    /// Longer than the operation timeout: the connection's keepalive already ends a peer whose
+    /// host is gone (in about 6 s), so this bounds a live peer whose sender is held up (a
+    /// borrower in memory reclaim, say), which should finish its frame, not lose its queue pair.
+    fn payload_stall(&self) -> Duration {
+        self.q.caps.op_timeout.max(PAYLOAD_STALL)
+    }
+
     /// # Safety
     /// `ptr..ptr+len` must be valid for writes.
     unsafe fn recv_into(&mut self, ptr: *mut u8, len: usize) -> Result<(), Stop> {
@@ -265,7 +277,7 @@ impl Target {
                 ptr,
                 len,
                 self.q.caps.target_spin,
-                Some(self.q.caps.op_timeout),
+                Some(self.payload_stall()),
             )
         }
         .map_err(|e| {
@@ -279,9 +291,9 @@ impl Target {
                 Stop::Protocol
             } else {
                 if e.kind() == std::io::ErrorKind::TimedOut {
-                    tracing::warn!(qp = self.q.num, timeout = ?self.q.caps.op_timeout,
+                    tracing::warn!(qp = self.q.num, stall = ?self.payload_stall(),
                         link = %LinkState::describe(self.fd),
-                        "a request's payload stopped arriving for the operation timeout: dropping the peer");
+                        "a request's payload stopped arriving: dropping the peer");
                 }
                 Stop::PeerGone
             }
