@@ -225,6 +225,8 @@ fn complete(cq: &Cq, wait: Duration) -> Result<(), ClientError> {
 pub struct Channel {
     d: DataPath,
     in_flight: usize,
+    /// The session's lane this channel's queue pair is on.
+    lane: u8,
 }
 
 impl Client {
@@ -241,6 +243,17 @@ impl Client {
         Ok(Channel {
             d: self.open_lane(lane as u8).await?,
             in_flight: 0,
+            lane: lane as u8,
+        })
+    }
+
+    /// A new queue pair on the lane of `old`, whose queue pair failed (the donor replaces the
+    /// lane's old one). Uses no new lane, so a channel can come back any number of times.
+    pub async fn reopen_channel(&self, old: &Channel) -> Result<Channel, ClientError> {
+        Ok(Channel {
+            d: self.open_lane(old.lane).await?,
+            in_flight: 0,
+            lane: old.lane,
         })
     }
 }

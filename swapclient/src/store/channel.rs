@@ -78,6 +78,12 @@ pub struct StoreChannel<'s> {
     buf: Buffer,
     /// Per donor: its channel and the buffer registered there.
     chans: Vec<(Channel, Mr)>,
+    /// Per donor: its `revived` count when the channel's queue pair was opened.
+    opened_at: Vec<u64>,
+    /// Where a new queue pair is opened for a donor that came back, blocking the channel's
+    /// thread as `reap` does (None: opened outside a tokio runtime; such a channel skips
+    /// that donor).
+    rt: Option<tokio::runtime::Handle>,
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
     /// Bytes of the requests in flight (see [`StoreChannel::BYTES_IN_FLIGHT`]).
@@ -108,6 +114,11 @@ impl Store {
         // requests on one donor's channel.
         let depth = depth.clamp(1, Channel::DEPTH / 2);
         let mut chans = Vec::with_capacity(self.donors.len());
+        let opened_at = self
+            .donors
+            .iter()
+            .map(|d| d.revived.load(Ordering::Acquire))
+            .collect();
         for d in &self.donors {
             let wrap = |source| StoreError::Donor {
                 addr: d.spec.addr,
@@ -121,6 +132,8 @@ impl Store {
             store: self,
             buf,
             chans,
+            opened_at,
+            rt: tokio::runtime::Handle::try_current().ok(),
             slots: (0..depth).map(|_| None).collect(),
             free: (0..depth).rev().collect(),
             bytes: 0,
@@ -297,7 +310,8 @@ impl StoreChannel<'_> {
                 self.end_read(slot, p, false);
                 return;
             };
-            if store.donors[t.donor].healthy.load(Ordering::Acquire) {
+            if self.usable(t.donor) {
+                let piece = &self.slots[slot].as_ref().expect("live slot").pieces[p];
                 let (at, len, within, k) = (piece.at, piece.len, piece.within, piece.cursor);
                 let (ch, mr) = &mut self.chans[t.donor];
                 match ch.post_read(wr_id(slot, p, k), mr, at, len, t.remote, within) {
@@ -318,8 +332,7 @@ impl StoreChannel<'_> {
         let mut posted = 0;
         let mut missed = 0u64;
         for (k, t) in targets.iter().enumerate() {
-            let d = &store.donors[t.donor];
-            if !d.healthy.load(Ordering::Acquire) {
+            if !self.usable(t.donor) {
                 missed |= 1 << k;
                 continue;
             }
@@ -337,6 +350,44 @@ impl StoreChannel<'_> {
         piece.missed = missed;
         if posted == 0 {
             self.end_write(slot, p);
+        }
+    }
+
+    /// Whether donor `d` can take a request on this channel. A donor that came back since the
+    /// channel's queue pair to it was opened gets a new one (that queue pair failed with it;
+    /// posting there would only fail the donor again), once the old one has nothing in flight.
+    fn usable(&mut self, d: usize) -> bool {
+        let donor = &self.store.donors[d];
+        if !donor.healthy.load(Ordering::Acquire) {
+            return false;
+        }
+        let revived = donor.revived.load(Ordering::Acquire);
+        if self.opened_at[d] == revived {
+            return true;
+        }
+        if self.chans[d].0.in_flight() > 0 {
+            return false;
+        }
+        let Some(rt) = self.rt.clone() else {
+            return false;
+        };
+        let (client, old, buf) = (&donor.client, &self.chans[d].0, &self.buf);
+        let fresh = rt.block_on(async {
+            let ch = client.reopen_channel(old).await?;
+            let mr = ch.register(buf)?;
+            Ok::<_, ClientError>((ch, mr))
+        });
+        match fresh {
+            Ok(pair) => {
+                tracing::info!(donor = %donor.spec.addr, "a channel's queue pair to the donor reopened");
+                self.chans[d] = pair;
+                self.opened_at[d] = revived;
+                true
+            }
+            Err(e) => {
+                self.store.fail(d, &e);
+                false
+            }
         }
     }
 

@@ -115,6 +115,9 @@ struct Donor {
     spec: DonorSpec,
     client: Arc<Client>,
     healthy: AtomicBool,
+    /// Counts the times the donor came back (see `revive`): a channel opened before the last
+    /// one has a queue pair that failed with the donor and needs a new one.
+    revived: AtomicU64,
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
     errors: AtomicU64,
@@ -242,6 +245,7 @@ impl Store {
                 spec: spec.clone(),
                 client: Arc::new(client),
                 healthy: AtomicBool::new(true),
+                revived: AtomicU64::new(0),
                 bytes_read: AtomicU64::new(0),
                 bytes_written: AtomicU64::new(0),
                 errors: AtomicU64::new(0),

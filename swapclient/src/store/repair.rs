@@ -201,6 +201,8 @@ impl Store {
             }
             if d.client.reconnect().await.is_ok() {
                 tracing::info!(donor = %d.spec.addr, "donor reachable again");
+                // Before `healthy`: a channel that sees the donor healthy must see it revived.
+                d.revived.fetch_add(1, Ordering::AcqRel);
                 d.healthy.store(true, Ordering::Release);
                 any = true;
             }
