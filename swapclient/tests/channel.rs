@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rmem_memserver::ByteSize;
-use rmem_swapclient::{DonorSpec, IoOp, IoReq, Store, StoreConfig, StoreError};
-use rmem_transport::{Buffer, HugePages, Provider};
+use rmem_swapclient::{IoOp, IoReq, Store, StoreConfig, StoreError};
+use rmem_transport::{Buffer, HugePages};
 
+mod common;
 #[path = "../../memserver/tests/support/mod.rs"]
 mod support;
 
@@ -29,27 +30,8 @@ async fn donor(slabs: u64, slab_size: u64) -> TestDonor {
 }
 
 fn config(size: u64, replicas: usize, donors: &[&TestDonor]) -> StoreConfig {
-    StoreConfig {
-        size,
-        replicas,
-        donors: donors
-            .iter()
-            .enumerate()
-            .map(|(i, d)| DonorSpec {
-                addr: d.addr,
-                domain: format!("d{i}"),
-            })
-            .collect(),
-        secret: SECRET.to_vec(),
-        provider: Provider::Tcp,
-        device: None,
-        name: "channel-test".into(),
-        op_timeout: Duration::from_secs(2),
-        connect_timeout: Duration::from_secs(10),
-        lanes: 1,
-        bounce: 1 << 20,
-        plan: None,
-    }
+    let addrs: Vec<_> = donors.iter().map(|d| d.addr).collect();
+    common::store_config("channel-test", size, replicas, 1, &addrs, SECRET)
 }
 
 fn block(seed: u64) -> Vec<u8> {

@@ -3,12 +3,12 @@
 //! opened, which must be the channel's alone.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use rmem_memserver::ByteSize;
-use rmem_swapclient::{DonorSpec, IoOp, IoReq, Store, StoreConfig};
-use rmem_transport::{Buffer, HugePages, Provider};
+use rmem_swapclient::{IoOp, IoReq, Store, StoreConfig};
+use rmem_transport::{Buffer, HugePages};
 
+mod common;
 #[path = "../../memserver/tests/support/mod.rs"]
 mod support;
 
@@ -26,27 +26,8 @@ async fn donor() -> TestDonor {
 }
 
 fn config(donors: &[&TestDonor]) -> StoreConfig {
-    StoreConfig {
-        size: 4 * MIB,
-        replicas: 2,
-        donors: donors
-            .iter()
-            .enumerate()
-            .map(|(i, d)| DonorSpec {
-                addr: d.addr,
-                domain: format!("d{i}"),
-            })
-            .collect(),
-        secret: SECRET.to_vec(),
-        provider: Provider::Tcp,
-        device: None,
-        name: "channel-reopen-test".into(),
-        op_timeout: Duration::from_secs(2),
-        connect_timeout: Duration::from_secs(10),
-        lanes: 1,
-        bounce: 1 << 20,
-        plan: None,
-    }
+    let addrs: Vec<_> = donors.iter().map(|d| d.addr).collect();
+    common::store_config("channel-reopen-test", 4 * MIB, 2, 1, &addrs, SECRET)
 }
 
 /// This process's TCP sockets, by inode.

@@ -4,9 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rmem_memserver::ByteSize;
-use rmem_swapclient::{DonorSpec, Store, StoreConfig, StoreError};
-use rmem_transport::Provider;
+use rmem_swapclient::{Store, StoreConfig, StoreError};
 
+mod common;
 // The donor's own test support: an in-process donor on loopback.
 #[path = "../../memserver/tests/support/mod.rs"]
 mod support;
@@ -32,28 +32,9 @@ async fn donor_of(slabs: u64, slab_size: u64) -> TestDonor {
 }
 
 fn config(size: u64, replicas: usize, donors: &[&TestDonor]) -> StoreConfig {
-    StoreConfig {
-        size,
-        replicas,
-        donors: donors
-            .iter()
-            .enumerate()
-            .map(|(i, d)| DonorSpec {
-                addr: d.addr,
-                domain: format!("d{i}"),
-            })
-            .collect(),
-        secret: SECRET.to_vec(),
-        provider: Provider::Tcp,
-        device: None,
-        name: "store-test".into(),
-        op_timeout: Duration::from_secs(2),
-        connect_timeout: Duration::from_secs(10),
-        // Two lanes: writers from several threads take a donor's lanes at once.
-        lanes: 2,
-        bounce: 1 << 20,
-        plan: None,
-    }
+    // Two lanes: writers from several threads take a donor's lanes at once.
+    let addrs: Vec<_> = donors.iter().map(|d| d.addr).collect();
+    common::store_config("store-test", size, replicas, 2, &addrs, SECRET)
 }
 
 /// Three donors of 16 MiB and an 8 MiB store with two replicas on them.

@@ -81,6 +81,19 @@ fn raw_connect(addr: SocketAddr) -> (TcpStream, TcpStream) {
     (p, s)
 }
 
+/// A request for `len` bytes at the start of `mr` (the target's region).
+fn to_region(mr: &rmem_transport::Mr, op: ReqOp, len: u32, seq: u32) -> Request {
+    Request {
+        op,
+        len,
+        seq,
+        rkey: mr.rkey(),
+        addr: mr.remote().addr,
+        arg0: 0,
+        arg1: 0,
+    }
+}
+
 fn read_response(p: &mut TcpStream) -> Response {
     let mut b = [0u8; RESPONSE_LEN];
     p.read_exact(&mut b).unwrap();
@@ -113,15 +126,7 @@ fn garbage_hello_is_counted_and_the_listener_keeps_serving() {
     // A well-behaved peer still gets through.
     let (mut p, _s) = raw_connect(t.addr);
     let qp = t.accepted.join().unwrap().expect("accepted after garbage");
-    let req = Request {
-        op: ReqOp::Read,
-        len: 4,
-        seq: 0,
-        rkey: t.mr.rkey(),
-        addr: t.mr.remote().addr,
-        arg0: 0,
-        arg1: 0,
-    };
+    let req = to_region(&t.mr, ReqOp::Read, 4, 0);
     t.mr.write_at(0, b"live").unwrap();
     p.write_all(&req.encode()).unwrap();
     let r = read_response(&mut p);
@@ -176,15 +181,7 @@ fn out_of_sequence_request_is_a_protocol_error() {
     let t = target();
     let (mut p, _s) = raw_connect(t.addr);
     let qp = t.accepted.join().unwrap().unwrap();
-    let req = Request {
-        op: ReqOp::Read,
-        len: 8,
-        seq: 5,
-        rkey: t.mr.rkey(),
-        addr: t.mr.remote().addr,
-        arg0: 0,
-        arg1: 0,
-    };
+    let req = to_region(&t.mr, ReqOp::Read, 8, 5);
     p.write_all(&req.encode()).unwrap();
     assert_eq!(read_response(&mut p).nak, Some(NakCode::InvalidRequest));
     wait_until("the target's queue pair to fail", || qp.is_error());
@@ -196,15 +193,7 @@ fn truncated_header_and_payload_are_counted() {
         let t = target();
         let (mut p, s) = raw_connect(t.addr);
         let qp = t.accepted.join().unwrap().unwrap();
-        let req = Request {
-            op: ReqOp::Write,
-            len: 1000,
-            seq: 0,
-            rkey: t.mr.rkey(),
-            addr: t.mr.remote().addr,
-            arg0: 0,
-            arg1: 0,
-        };
+        let req = to_region(&t.mr, ReqOp::Write, 1000, 0);
         if cut == "header" {
             p.write_all(&req.encode()[..10]).unwrap();
         } else {
@@ -496,15 +485,7 @@ fn a_payload_that_pauses_longer_than_the_timeout_still_lands() {
     let t = target_with(Duration::from_millis(300));
     let (mut p, _s) = raw_connect(t.addr);
     let qp = t.accepted.join().unwrap().unwrap();
-    let req = Request {
-        op: ReqOp::Write,
-        len: 1000,
-        seq: 0,
-        rkey: t.mr.rkey(),
-        addr: t.mr.remote().addr,
-        arg0: 0,
-        arg1: 0,
-    };
+    let req = to_region(&t.mr, ReqOp::Write, 1000, 0);
     p.write_all(&req.encode()).unwrap();
     p.write_all(&[7u8; 500]).unwrap();
     std::thread::sleep(Duration::from_secs(1));
