@@ -24,7 +24,8 @@ if ((${#tools[@]})); then
   fi
 fi
 cargo test --workspace --locked
-# Shaped links between network namespaces (placement's probe and link map): needs root.
+# Shaped and silenced links between network namespaces (placement's probe and link map, a
+# queue pair outliving an outage): needs root.
 if [[ $(id -u) -eq 0 ]]; then
   cargo test --locked --test netns_links -- --ignored
 else

@@ -1,19 +1,60 @@
 //! The link map against real shaped links: two network namespaces joined by a veth pair, the
 //! sending side's HTB qdisc shaping 100 Mbit/s to one address and 200 Mbit/s to another.
 //! `rmem place probe` measures both paths (each against an `rmem perf server`), publishes the
-//! rates to a placement service, and the service ranks the faster path first.
+//! rates to a placement service, and the service ranks the faster path first. And the same pair
+//! of namespaces with the link silenced for a while (a blackhole qdisc on both ends): a queue
+//! pair outlives an outage longer than its operation timeout.
 //!
 //! Needs root (namespaces, veth, tc): `scripts/test.sh` runs it with `--ignored`; a plain
 //! `cargo test` lists it as ignored rather than passing it unrun.
 
 mod support;
 
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
+/// Two namespaces joined by a veth pair: A (10.77.0.1 on `va`) and B (10.77.0.2 and .3 on `vb`).
 struct Net {
     a: String,
     b: String,
+    va: String,
+    vb: String,
     children: Vec<Child>,
+}
+
+impl Net {
+    fn up() -> Net {
+        assert_eq!(
+            effective_uid(),
+            0,
+            "this test needs root (network namespaces, veth, tc)"
+        );
+        // Unique per test (tests run in parallel threads of one process).
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("{}{n}", std::process::id() % 100_000);
+        let net = Net {
+            a: format!("rmemA{id}"),
+            b: format!("rmemB{id}"),
+            va: format!("rva{id}"),
+            vb: format!("rvb{id}"),
+            children: Vec::new(),
+        };
+        let (a, b, va, vb) = (&net.a, &net.b, &net.va, &net.vb);
+        sh(&["ip", "netns", "add", a]);
+        sh(&["ip", "netns", "add", b]);
+        sh(&["ip", "link", "add", va, "type", "veth", "peer", "name", vb]);
+        sh(&["ip", "link", "set", va, "netns", a]);
+        sh(&["ip", "link", "set", vb, "netns", b]);
+        sh(&["ip", "-n", a, "addr", "add", "10.77.0.1/24", "dev", va]);
+        sh(&["ip", "-n", b, "addr", "add", "10.77.0.2/24", "dev", vb]);
+        sh(&["ip", "-n", b, "addr", "add", "10.77.0.3/24", "dev", vb]);
+        for (ns, dev) in [(a, va), (b, vb)] {
+            sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        }
+        net
+    }
 }
 
 impl Drop for Net {
@@ -68,33 +109,8 @@ const SECRET: &str = "netns-links-test-secret-0123456";
 #[test]
 #[ignore = "needs root for network namespaces and tc; scripts/test.sh runs it"]
 fn probed_rates_match_the_shaping_and_the_faster_path_ranks_first() {
-    assert_eq!(
-        effective_uid(),
-        0,
-        "this test needs root (network namespaces, veth, tc)"
-    );
-    let id = std::process::id() % 100_000;
-    let mut net = Net {
-        a: format!("rmemA{id}"),
-        b: format!("rmemB{id}"),
-        children: Vec::new(),
-    };
-    let (va, vb) = (format!("rva{id}"), format!("rvb{id}"));
-    let (a, b) = (net.a.clone(), net.b.clone());
-    sh(&["ip", "netns", "add", &a]);
-    sh(&["ip", "netns", "add", &b]);
-    sh(&[
-        "ip", "link", "add", &va, "type", "veth", "peer", "name", &vb,
-    ]);
-    sh(&["ip", "link", "set", &va, "netns", &a]);
-    sh(&["ip", "link", "set", &vb, "netns", &b]);
-    sh(&["ip", "-n", &a, "addr", "add", "10.77.0.1/24", "dev", &va]);
-    sh(&["ip", "-n", &b, "addr", "add", "10.77.0.2/24", "dev", &vb]);
-    sh(&["ip", "-n", &b, "addr", "add", "10.77.0.3/24", "dev", &vb]);
-    for (ns, dev) in [(&a, &va), (&b, &vb)] {
-        sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
-        sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
-    }
+    let mut net = Net::up();
+    let (a, b, va) = (net.a.clone(), net.b.clone(), net.va.clone());
     // HTB on A's egress: 100 Mbit/s to .2, 200 Mbit/s to .3.
     sh(&[
         "tc", "-n", &a, "qdisc", "add", "dev", &va, "root", "handle", "1:", "htb", "default", "30",
@@ -164,6 +180,98 @@ fn probed_rates_match_the_shaping_and_the_faster_path_ranks_first() {
         "the 200 Mbit/s path ranks first: {links}"
     );
     assert_eq!(links[1]["to"], "d2", "{links}");
+}
+
+/// A peer that stops acknowledging for longer than the operation timeout but comes back (a
+/// borrower guest stalled whole in memory reclaim) keeps its queue pair: the kernel's user
+/// timeout on rmem's connections is the 30 s stall limit, not the operation timeout. The
+/// server's operation timeout is 1 s; every packet between the namespaces is dropped for 4 s
+/// in the middle of a run; the client (30 s, so its own rule stays quiet) must finish and
+/// verify its data. With a 1 s user timeout the server ends the connection during the outage.
+#[test]
+#[ignore = "needs root for network namespaces and tc; scripts/test.sh runs it"]
+fn a_link_silent_past_the_operation_timeout_keeps_its_queue_pair() {
+    let mut net = Net::up();
+    let (a, b) = (net.a.clone(), net.b.clone());
+    let (server, _) = spawn_in(
+        &b,
+        &[
+            "perf",
+            "server",
+            "--listen",
+            "10.77.0.2:18515",
+            "--max-size",
+            "1M",
+            "--op-timeout",
+            "1",
+            "--json",
+        ],
+    );
+    net.children.push(server);
+    let mut client = Command::new("ip")
+        .args(["netns", "exec", &a, env!("CARGO_BIN_EXE_rmem")])
+        .args([
+            "perf",
+            "client",
+            "10.77.0.2:18515",
+            "--op",
+            "write",
+            "-n",
+            "300000",
+            "--warmup",
+            "0",
+            "--op-timeout",
+            "30",
+            "--verify",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        client.try_wait().unwrap().is_none(),
+        "the run ended before the outage: raise -n"
+    );
+    let devs = [(&a, &net.va), (&b, &net.vb)];
+    for (ns, dev) in devs {
+        sh(&[
+            "tc",
+            "-n",
+            ns,
+            "qdisc",
+            "add",
+            "dev",
+            dev,
+            "root",
+            "blackhole",
+        ]);
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    for (ns, dev) in devs {
+        sh(&["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"]);
+    }
+    assert!(
+        client.try_wait().unwrap().is_none(),
+        "the run ended during the outage"
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while client.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = client.kill();
+            panic!("the client did not finish within 120 s of the link coming back");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = client.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the run failed after a 4 s outage against a 1 s operation timeout: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["verified"], true, "{report}");
 }
 
 /// The effective user id (reading /proc avoids an FFI call for one number).

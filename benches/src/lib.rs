@@ -103,6 +103,10 @@ pub struct PerfConfig {
     /// migration's or a swap device's case). 0: perftest's way, one buffer reused.
     #[serde(default)]
     pub span: usize,
+    /// How long the client's queue pair waits for the server before failing its work (the
+    /// transport's `op_timeout`); None keeps the transport's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub op_timeout: Option<Duration>,
 }
 
 fn default_cq_mod() -> u32 {
@@ -198,6 +202,7 @@ pub fn serve(
     listen: SocketAddr,
     max_size: usize,
     busy_poll: bool,
+    op_timeout: Option<Duration>,
     ready: impl FnOnce(SocketAddr),
     stop: impl Fn() -> bool,
 ) -> Result<()> {
@@ -209,7 +214,7 @@ pub fn serve(
     let desc = serde_json::to_vec(&buf.remote()).expect("RemoteBuf serialises");
     let listener = ctx.listen(listen)?;
     ready(listener.local_addr());
-    let cfg = qp_config(&pd, &cq, 64, busy_poll);
+    let cfg = qp_config(&pd, &cq, 64, busy_poll, op_timeout);
     // Only the serving side spins its target thread; clients send it nothing.
     let bye = pd.alloc_mr(64, Access::LOCAL_WRITE)?;
     while !stop() {
@@ -240,10 +245,19 @@ pub fn serve(
     Ok(())
 }
 
-fn qp_config(pd: &rmem_transport::Pd, cq: &Cq, depth: u32, busy: bool) -> QpConfig {
-    let cfg = QpConfig::new(pd, cq)
+fn qp_config(
+    pd: &rmem_transport::Pd,
+    cq: &Cq,
+    depth: u32,
+    busy: bool,
+    op_timeout: Option<Duration>,
+) -> QpConfig {
+    let mut cfg = QpConfig::new(pd, cq)
         .max_send_wr(depth.max(2))
         .max_recv_wr(4);
+    if let Some(t) = op_timeout {
+        cfg = cfg.op_timeout(t);
+    }
     if busy {
         // The target thread never sleeps between requests.
         cfg.target_spin(Duration::from_secs(3600))
@@ -273,7 +287,11 @@ impl Client {
             PollMode::default()
         });
         // The client's own target thread serves nothing: never let it spin.
-        let conn = ctx.connect(server, &qp_config(&pd, &cq, cfg.tx_depth, false), b"")?;
+        let conn = ctx.connect(
+            server,
+            &qp_config(&pd, &cq, cfg.tx_depth, false, cfg.op_timeout),
+            b"",
+        )?;
         let remote: RemoteBuf =
             serde_json::from_slice(&conn.private).map_err(PerfError::BadDescriptor)?;
         let max = cfg.sizes.iter().copied().max().unwrap_or(8);
@@ -623,6 +641,7 @@ mod tests {
                 "127.0.0.1:0".parse().unwrap(),
                 1 << 20,
                 false,
+                None,
                 |a| tx.send(a).unwrap(),
                 || s2.load(Ordering::Relaxed),
             )
@@ -639,6 +658,7 @@ mod tests {
             clock: ClockKind::default(),
             cq_mod: 1,
             span: 2 << 20,
+            op_timeout: None,
         };
         match Client::connect(&ctx, addr, &cfg) {
             Err(PerfError::TooLarge { size, .. }) => assert_eq!(size, 2 << 20),

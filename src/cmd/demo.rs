@@ -215,6 +215,7 @@ fn perf_pair(
             "127.0.0.1:0".parse().expect("literal address"),
             1 << 20,
             busy,
+            None,
             |a| {
                 let _ = tx.send(a);
             },
@@ -244,6 +245,7 @@ fn latency(borrower: &Context, donor: &Context, busy: bool) -> Result<(f64, f64)
         clock: rmem_bench::ClockKind::default(),
         cq_mod: 32,
         span: 0,
+        op_timeout: None,
     };
     let r = perf_pair(borrower, donor, &cfg)?;
     let l = r.results[0].lat.as_ref().expect("latency run has latency");
@@ -262,6 +264,7 @@ fn bandwidth(borrower: &Context, donor: &Context, busy: bool) -> Result<f64, Fai
         clock: rmem_bench::ClockKind::default(),
         cq_mod: 32,
         span: 0,
+        op_timeout: None,
     };
     let r = perf_pair(borrower, donor, &cfg)?;
     Ok(r.results[0]

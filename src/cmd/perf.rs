@@ -4,6 +4,7 @@ use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use rmem_bench::{Client, PerfConfig, PerfMode, PerfOp, Report};
@@ -81,6 +82,10 @@ pub struct ServerArgs {
     /// Keep the target side spinning between requests (lowest latency, one core busy).
     #[arg(long)]
     busy_poll: bool,
+    /// Seconds a queue pair waits on a silent client before failing (the transport's
+    /// operation timeout, like perftest's --qp-timeout; default 4).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    op_timeout: Option<u64>,
     /// Print the listening address as JSON.
     #[arg(long)]
     json: bool,
@@ -120,6 +125,10 @@ pub struct RunArgs {
     /// Spin on completions instead of sleeping (lowest latency, one core busy).
     #[arg(long)]
     busy_poll: bool,
+    /// Seconds to wait on a silent server before failing the run (the transport's operation
+    /// timeout, like perftest's --qp-timeout; default 4).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    op_timeout: Option<u64>,
     /// Clock for latency: tsc (the CPU's counter, calibrated; x86_64) or os (clock_gettime).
     #[arg(long, default_value = "tsc")]
     clock: rmem_bench::ClockKind,
@@ -145,6 +154,10 @@ fn message_size(s: &str) -> Result<usize, String> {
 }
 
 impl RunArgs {
+    fn op_timeout(&self) -> Option<Duration> {
+        self.op_timeout.map(Duration::from_secs)
+    }
+
     fn config(&self) -> PerfConfig {
         let sizes = if self.all {
             PerfConfig::all_sizes(self.op)
@@ -164,6 +177,7 @@ impl RunArgs {
             clock: self.clock,
             cq_mod: self.cq_mod,
             span: self.span,
+            op_timeout: self.op_timeout(),
         }
     }
 }
@@ -207,6 +221,7 @@ fn server(a: ServerArgs) -> Result<(), Failed> {
         a.listen,
         a.max_size,
         a.busy_poll,
+        a.op_timeout.map(Duration::from_secs),
         |addr| {
             if json {
                 println!("{}", serde_json::json!({ "listening": addr.to_string() }));
@@ -298,6 +313,7 @@ fn loopback(a: LoopbackArgs) -> Result<(), Failed> {
     let cfg = a.run.config();
     let max = cfg.sizes.iter().copied().max().unwrap_or(8).max(cfg.span);
     let busy = cfg.busy_poll;
+    let op_timeout = cfg.op_timeout;
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = std::sync::mpsc::channel();
     let stop2 = stop.clone();
@@ -311,6 +327,7 @@ fn loopback(a: LoopbackArgs) -> Result<(), Failed> {
             listen,
             max,
             busy,
+            op_timeout,
             |addr| {
                 let _ = tx.send(addr);
             },

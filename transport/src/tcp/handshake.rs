@@ -17,9 +17,13 @@ use crate::{Error, Provider, Result};
 /// Half-open pairs older than this are dropped.
 const PAIR_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Sets the options every data connection needs: no Nagle delay, and keepalive plus a user
-/// timeout so a vanished host is noticed within about `op_timeout`.
-pub(super) fn tune(s: &TcpStream, op_timeout: Duration) -> Result<()> {
+/// Sets the options every data connection needs: no Nagle delay, keepalive so an idle
+/// connection to a vanished host ends in about 6 s, and a user timeout of `stall` for data the
+/// peer does not acknowledge. The user timeout is not the operation timeout: a live peer that
+/// stalls whole (a guest in memory reclaim stops acking for seconds) must keep its connection,
+/// and a silent peer already fails outstanding work after `op_timeout` by the initiator's own
+/// rule, so the kernel's limit only has to end connections nobody is waiting on.
+pub(super) fn tune(s: &TcpStream, stall: Duration) -> Result<()> {
     let e = |op| move |err| Error::os(op, err);
     s.set_nodelay(true).map_err(e("TCP_NODELAY"))?;
     s.set_read_timeout(None).map_err(e("SO_RCVTIMEO"))?;
@@ -30,7 +34,7 @@ pub(super) fn tune(s: &TcpStream, op_timeout: Duration) -> Result<()> {
         .with_interval(Duration::from_secs(1))
         .with_retries(5);
     sr.set_tcp_keepalive(&ka).map_err(e("TCP keepalive"))?;
-    sr.set_tcp_user_timeout(Some(op_timeout.max(Duration::from_millis(100))))
+    sr.set_tcp_user_timeout(Some(stall.max(Duration::from_millis(100))))
         .map_err(e("TCP_USER_TIMEOUT"))?;
     Ok(())
 }

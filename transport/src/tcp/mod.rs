@@ -82,7 +82,7 @@ impl TcpContext {
         let send_cq = downcast_cq(&spec.send_cq)?;
         let recv_cq = downcast_cq(&spec.recv_cq)?;
         for s in [&out, &inn] {
-            handshake::tune(s, spec.caps.op_timeout)?;
+            handshake::tune(s, target::stall_limit(spec.caps.op_timeout))?;
         }
         let num = self.next_qpn.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff;
         let shared = Arc::new(QpShared::new(

@@ -11,8 +11,16 @@ use super::sock::{self, iovec};
 use super::wire::{NakCode, ReqOp, Request, RespKind, Response, REQUEST_LEN};
 use crate::{Access, Completion, WcOpcode, WcStatus};
 
-/// See [`Target::payload_stall`].
-const PAYLOAD_STALL: Duration = Duration::from_secs(30);
+/// See [`stall_limit`].
+const PEER_STALL: Duration = Duration::from_secs(30);
+
+/// How long a live peer may stop sending a frame it began, or stop acknowledging our bytes,
+/// before it is dropped: the operation timeout or 30 s, whichever is longer. Keepalive already
+/// ends a peer whose host is gone (in about 6 s), so this bounds a live peer that is held up (a
+/// borrower in memory reclaim, say), which should finish, not lose its queue pair.
+pub(super) fn stall_limit(op_timeout: Duration) -> Duration {
+    op_timeout.max(PEER_STALL)
+}
 
 /// Why serving stopped.
 enum Stop {
@@ -260,11 +268,8 @@ impl Target {
     }
 
     /// How long a payload may stop arriving, from its last byte, before the peer is dropped.
-    /// Longer than the operation timeout: the connection's keepalive already ends a peer whose
-    /// host is gone (in about 6 s), so this bounds a live peer whose sender is held up (a
-    /// borrower in memory reclaim, say), which should finish its frame, not lose its queue pair.
     fn payload_stall(&self) -> Duration {
-        self.q.caps.op_timeout.max(PAYLOAD_STALL)
+        stall_limit(self.q.caps.op_timeout)
     }
 
     /// # Safety
