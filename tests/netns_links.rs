@@ -274,6 +274,63 @@ fn a_link_silent_past_the_operation_timeout_keeps_its_queue_pair() {
     assert_eq!(report["verified"], true, "{report}");
 }
 
+/// A link slower than the operation timeout allows for a request is not a dead peer: a 2 MiB
+/// WRITE over a 4 Mbit/s path takes about 4 s to arrive, against a 1 s operation timeout. The
+/// bytes sit in the client's socket, acknowledged as they arrive, so the client waits; with the
+/// timeout counted from when they entered the socket, it gave the server up.
+#[test]
+#[ignore = "needs root for network namespaces and tc; scripts/test.sh runs it"]
+fn a_link_slower_than_the_operation_timeout_is_not_a_dead_peer() {
+    let mut net = Net::up();
+    let (a, b, va) = (net.a.clone(), net.b.clone(), net.va.clone());
+    sh(&[
+        "tc", "-n", &a, "qdisc", "add", "dev", &va, "root", "tbf", "rate", "4mbit", "burst",
+        "32kbit", "latency", "400ms",
+    ]);
+    let (server, _) = spawn_in(
+        &b,
+        &[
+            "perf",
+            "server",
+            "--listen",
+            "10.77.0.2:18515",
+            "--max-size",
+            "4M",
+            "--json",
+        ],
+    );
+    net.children.push(server);
+    let start = Instant::now();
+    let report = run_in(
+        &a,
+        &[
+            "perf",
+            "client",
+            "10.77.0.2:18515",
+            "--op",
+            "write",
+            "--bw",
+            "-s",
+            "2M",
+            "-n",
+            "2",
+            "--warmup",
+            "0",
+            "--tx-depth",
+            "2",
+            "--op-timeout",
+            "1",
+            "--json",
+        ],
+    );
+    let took = start.elapsed();
+    eprintln!("4 MiB over 4 Mbit/s in {took:?}: {report}");
+    assert!(
+        took > Duration::from_secs(5),
+        "the shaping held the run to about 8 s, not {took:?}"
+    );
+}
+
 /// The effective user id (reading /proc avoids an FFI call for one number).
 fn effective_uid() -> u32 {
     std::fs::read_to_string("/proc/self/status")

@@ -33,6 +33,8 @@ struct Pending {
     local: Segs,
     /// When its last byte went to the socket (ns since `epoch`); `NOT_SENT` until then.
     sent_ns: u64,
+    /// Bytes written to the socket up to and including it (see `Initiator::written`).
+    end_pos: u64,
 }
 
 const NOT_SENT: u64 = u64::MAX;
@@ -71,6 +73,12 @@ pub(crate) struct Initiator {
     /// restart the clock without taking it.
     last_progress: AtomicU64,
     epoch: Instant,
+    /// Bytes written to the socket so far: with the bytes it still holds (`SIOCOUTQ`), where
+    /// the peer's acknowledgements have reached.
+    written: AtomicU64,
+    /// The oldest request found delivered to the peer, and when (ns since `epoch`), by
+    /// [`Self::overdue`].
+    delivered: Mutex<(u32, u64)>,
 }
 
 impl Initiator {
@@ -91,6 +99,8 @@ impl Initiator {
             outstanding: AtomicUsize::new(0),
             last_progress: AtomicU64::new(0),
             epoch: Instant::now(),
+            written: AtomicU64::new(0),
+            delivered: Mutex::new((0, NOT_SENT)),
         }
     }
 
@@ -123,9 +133,11 @@ impl Initiator {
     /// Stamps the batch `first..first+n` as sent now (those not answered yet).
     fn mark_sent(&self, first: u32, n: u32) {
         let now = self.epoch.elapsed().as_nanos() as u64;
+        let end = self.written.load(Ordering::Acquire);
         for p in lock(&self.pending).iter_mut().rev() {
             if p.seq.wrapping_sub(first) < n {
                 p.sent_ns = now;
+                p.end_pos = end;
             } else {
                 break;
             }
@@ -136,8 +148,36 @@ impl Initiator {
     /// timeout, counted from when the oldest request's last byte was sent if that is later (a
     /// sender held up itself, descheduled or in reclaim inside sendmsg, must not find the peer
     /// late on return). A request still being sent is the sender's stall check's business.
+    ///
+    /// Bytes handed to the socket are not yet the peer's: on a slow or lossy link they may sit
+    /// in our send queue for seconds. While the oldest request has not reached the peer, the
+    /// peer is late only if the link has gone quiet (see [`link_gone`]); once it has, the
+    /// peer gets the operation timeout from when that was first seen.
     fn overdue(&self, q: &QpShared) -> bool {
-        self.waited().is_some_and(|w| w > q.caps.op_timeout)
+        let t = q.caps.op_timeout;
+        if self.waited().is_none_or(|w| w <= t) {
+            return false;
+        }
+        let Some(link) = LinkState::of(self.out_fd()) else {
+            return true;
+        };
+        let Some((seq, end)) = lock(&self.pending).front().map(|p| (p.seq, p.end_pos)) else {
+            return false;
+        };
+        let acked = self
+            .written
+            .load(Ordering::Acquire)
+            .saturating_sub(u64::from(link.queued));
+        if acked < end {
+            return link_gone(&link, t);
+        }
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        let mut d = lock(&self.delivered);
+        if d.0 != seq || d.1 == NOT_SENT {
+            *d = (seq, now);
+            return false;
+        }
+        Duration::from_nanos(now.saturating_sub(d.1)) > t
     }
 
     /// How long the peer has owed an answer, by the rule of [`Self::overdue`]; None when it
@@ -213,6 +253,7 @@ impl Initiator {
                 len: req.len,
                 local: wr.sgl.iter().map(HeldSge::from_sge).collect(),
                 sent_ns: NOT_SENT,
+                end_pos: u64::MAX,
             });
             if pending.len() == 1 {
                 self.touch();
@@ -263,15 +304,19 @@ impl Initiator {
         while first < iov.len() {
             match sock::send_nb(fd, &iov[first..]) {
                 Ok(n) => {
+                    self.written.fetch_add(n as u64, Ordering::AcqRel);
                     first += sock::advance(&mut iov[first..], n);
                     stalled_since = None;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     // A full socket is back-pressure, not a dead peer, while the peer still
-                    // answers earlier requests: only a stall with no answer either times out.
+                    // answers earlier requests or the link still carries our bytes: only a
+                    // stall with no answer and a quiet link times out.
+                    let t = q.caps.op_timeout;
                     let since = *stalled_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() > q.caps.op_timeout
-                        && self.since_progress() > q.caps.op_timeout
+                    if since.elapsed() > t
+                        && self.since_progress() > t
+                        && LinkState::of(fd).is_none_or(|l| link_gone(&l, t))
                     {
                         return Err(std::io::ErrorKind::TimedOut.into());
                     }
@@ -504,4 +549,11 @@ fn request_for(wr: &SendWr<'_>, seq: u32) -> Request {
         arg0,
         arg1,
     }
+}
+
+/// Whether a link with our bytes on it has gone quiet for `t`: no acknowledgement for that
+/// long (the peer's host or the path is gone), or a closed window (the peer stopped reading).
+/// A link that keeps acknowledging, however slowly, is carrying our bytes to a live peer.
+fn link_gone(link: &LinkState, t: Duration) -> bool {
+    link.peer_window == 0 || u128::from(link.since_ack_recv_ms) >= t.as_millis()
 }
