@@ -27,7 +27,7 @@ pub enum SwapCmd {
 #[derive(Args, Debug)]
 pub struct UpArgs {
     /// TOML file with any of these settings (e.g. /etc/rmem/swap/NAME.toml, as
-    /// rmem-swap@NAME.service reads it; keys as the flags, `swapon`/`mlock` for the negated
+    /// rmem-swap@NAME.service reads it; keys as the flags, `swapon`/`mlock`/`readahead` for the negated
     /// ones, `donors` a list); flags given as well override it.
     #[arg(long, short)]
     config: Option<PathBuf>,
@@ -73,6 +73,11 @@ pub struct UpArgs {
     /// Do not lock the daemon's memory (it may then be swapped out to its own device).
     #[arg(long)]
     no_mlock: bool,
+    /// Do not read ahead. By default, once reads continue one another (a process's pages
+    /// swapped back in the order they went out), each queue READs the next 512 KiB from the
+    /// donors before the kernel asks for them, and serves those reads from memory.
+    #[arg(long)]
+    no_readahead: bool,
     /// Seconds a donor may take over one operation before it is treated as dead [default: 5
     /// with replicas, 30 with one: with no other copy to turn to, riding out a stalled link
     /// (a host short of memory drops packets) beats failing the swap; the kernel waits 60].
@@ -149,6 +154,7 @@ struct Up {
     swapon: bool,
     priority: Option<u16>,
     mlock: bool,
+    readahead: bool,
     op_timeout: Option<u64>,
     connect_timeout: u64,
     lanes: u8,
@@ -175,6 +181,7 @@ struct SwapFile {
     swapon: Option<bool>,
     priority: Option<u16>,
     mlock: Option<bool>,
+    readahead: Option<bool>,
     op_timeout: Option<u64>,
     connect_timeout: Option<u64>,
     lanes: Option<u8>,
@@ -237,6 +244,7 @@ fn resolve(a: UpArgs) -> Result<Up, Failed> {
         swapon: !a.no_swapon && f.swapon.unwrap_or(true),
         priority: a.priority.or(f.priority),
         mlock: !a.no_mlock && f.mlock.unwrap_or(true),
+        readahead: !a.no_readahead && f.readahead.unwrap_or(true),
         op_timeout: a.op_timeout.or(f.op_timeout),
         connect_timeout: a.connect_timeout.or(f.connect_timeout).unwrap_or(10).max(1),
         lanes,
@@ -297,6 +305,7 @@ fn up(args: UpArgs) -> Result<(), Failed> {
             bounce: rmem_swapclient::store::COPY_PIECE
                 .max(rmem_swapclient::kernel_nbd::MAX_REQUEST)
                 .max(rmem_swapclient::kernel_ublk::MAX_REQUEST as usize),
+            readahead: a.readahead,
         },
         backend: a.backend,
         device: a.nbd.clone(),

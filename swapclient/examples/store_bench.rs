@@ -141,6 +141,7 @@ fn main() {
         lanes,
         bounce: 1 << 20,
         plan: None,
+        readahead: true,
     };
     let store: Arc<Store> = rt.block_on(Store::create(&cfg)).expect("store");
     // Every block written once, so reads move data.

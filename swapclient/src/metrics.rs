@@ -165,6 +165,18 @@ impl Collector for DeviceCollector {
             "Bytes copied by rebuilds and moves (parts never written are not copied).",
             store.copied_bytes,
         )?;
+        one(
+            "rmem_swap_readahead_fetched_bytes",
+            c,
+            "Bytes read from donors ahead of a stream of reads.",
+            store.readahead_fetched_bytes,
+        )?;
+        one(
+            "rmem_swap_readahead_served_bytes",
+            c,
+            "Bytes of reads served from what was read ahead (no round trip to a donor).",
+            store.readahead_served_bytes,
+        )?;
         let donors: [DonorFamily; 5] = [
             (
                 "rmem_swap_donor_up",
@@ -253,6 +265,8 @@ mod tests {
                 rebuilt: 7,
                 moved: 8,
                 copied_bytes: 3 << 20,
+                readahead_fetched_bytes: 5 << 20,
+                readahead_served_bytes: 4 << 20,
                 donors: vec![
                     donor("10.0.0.2:7470", true, 0),
                     donor("10.0.0.3:7470", false, 9),
@@ -269,6 +283,7 @@ mod tests {
             format!("rmem_swap_chunks_degraded{{{dev}}} 5"),
             format!("rmem_swap_chunks_lost{{{dev}}} 1"),
             format!("rmem_swap_copied_bytes_total{{{dev}}} 3145728"),
+            format!("rmem_swap_readahead_served_bytes_total{{{dev}}} 4194304"),
             format!(r#"rmem_swap_donor_up{{{dev},donor="10.0.0.2:7470",domain="rack\"1"}} 1"#),
             format!(r#"rmem_swap_donor_up{{{dev},donor="10.0.0.3:7470",domain="rack\"1"}} 0"#),
             format!(

@@ -521,3 +521,130 @@ mod nbd {
         assert!(!store.status().donors[0].healthy);
     }
 }
+
+/// Reads `len` bytes at `off` through `ch` (its buffer's start), alone, and returns them.
+fn read_one(ch: &mut rmem_swapclient::StoreChannel<'_>, off: u64, len: usize) -> Vec<u8> {
+    ch.submit(IoReq {
+        tag: off,
+        op: IoOp::Read,
+        off,
+        len,
+        at: 0,
+    })
+    .unwrap();
+    let mut out = Vec::new();
+    while out.is_empty() {
+        ch.reap(&mut out, true).unwrap();
+    }
+    let (tag, r) = out.pop().unwrap();
+    assert_eq!(tag, off);
+    r.unwrap();
+    let mut back = vec![0u8; len];
+    ch.buffer().read_at(0, &mut back).unwrap();
+    back
+}
+
+/// `n` bytes of a pattern that differs with `seed` and with the position.
+fn pattern(seed: u64, n: usize) -> Vec<u8> {
+    (0..n / BLOCK)
+        .flat_map(|i| block(seed.wrapping_mul(1000).wrapping_add(i as u64)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_of_reads_is_served_from_read_ahead_and_reads_back_right() {
+    let a = donor(16, MIB).await;
+    let store = Store::create(&config(8 * MIB, 1, &[&a])).await.unwrap();
+    let s = store.clone();
+    blocking(move || {
+        let data = pattern(1, 4 << 20);
+        for (i, piece) in data.chunks(256 << 10).enumerate() {
+            s.write((i * piece.len()) as u64, piece).unwrap();
+        }
+        let handle = tokio::runtime::Handle::current();
+        let buf = Buffer::alloc(128 << 10, HugePages::Never).unwrap();
+        let mut ch = handle.block_on(s.open_channel(buf, 4)).unwrap();
+        // Swap-in's shape: one 32 KiB cluster at a time, each after the one before.
+        let len = 32 << 10;
+        for off in (0..data.len()).step_by(len) {
+            let back = read_one(&mut ch, off as u64, len);
+            assert!(back == data[off..off + len], "read at {off} differs");
+        }
+        let st = s.status();
+        assert!(
+            st.readahead_served_bytes >= 3 << 20,
+            "most of a 4 MiB stream comes from read-ahead: {} bytes did",
+            st.readahead_served_bytes
+        );
+        assert!(
+            st.readahead_fetched_bytes <= (4 << 20) + (512 << 10),
+            "read-ahead runs at most two windows past the stream: {} bytes",
+            st.readahead_fetched_bytes
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_written_after_it_was_read_ahead_reads_back_new() {
+    let a = donor(16, MIB).await;
+    let store = Store::create(&config(8 * MIB, 1, &[&a])).await.unwrap();
+    let s = store.clone();
+    blocking(move || {
+        let data = pattern(2, 2 << 20);
+        for (i, piece) in data.chunks(256 << 10).enumerate() {
+            s.write((i * piece.len()) as u64, piece).unwrap();
+        }
+        let handle = tokio::runtime::Handle::current();
+        let buf = Buffer::alloc(64 << 10, HugePages::Never).unwrap();
+        let mut ch = handle.block_on(s.open_channel(buf, 2)).unwrap();
+        let len = 32 << 10;
+        for off in [0, len, 2 * len] {
+            read_one(&mut ch, off as u64, len);
+        }
+        // Both windows (96 KiB to 608 KiB) land.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while s.status().readahead_fetched_bytes < 512 << 10 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "read-ahead never landed"
+            );
+            ch.reap(&mut Vec::new(), false).unwrap();
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let served = s.status().readahead_served_bytes;
+        let back = read_one(&mut ch, (3 * len) as u64, len);
+        assert!(back == data[3 * len..4 * len]);
+        assert!(
+            s.status().readahead_served_bytes > served,
+            "a window served it"
+        );
+        // Another writer (the blocking path) changes a block inside the second window...
+        let fresh = block(77);
+        s.write(400 << 10, &fresh).unwrap();
+        assert!(
+            read_one(&mut ch, 400 << 10, BLOCK) == fresh,
+            "a read-ahead window served data older than a completed write"
+        );
+        // ... and so does the channel itself, inside the first.
+        let own = block(78);
+        ch.buffer().write_at(BLOCK, &own).unwrap();
+        ch.submit(IoReq {
+            tag: 1,
+            op: IoOp::Write,
+            off: 200 << 10,
+            len: BLOCK,
+            at: BLOCK,
+        })
+        .unwrap();
+        let mut out = Vec::new();
+        while out.is_empty() {
+            ch.reap(&mut out, true).unwrap();
+        }
+        out.pop().unwrap().1.unwrap();
+        assert!(read_one(&mut ch, 200 << 10, BLOCK) == own);
+        // Untouched blocks of the windows still read as written.
+        assert!(read_one(&mut ch, 500 << 10, BLOCK) == data[500 << 10..(500 << 10) + BLOCK]);
+    })
+    .await;
+}

@@ -48,6 +48,8 @@ fn device() -> DeviceStatus {
             rebuilt: 7,
             moved: 8,
             copied_bytes: 4096,
+            readahead_fetched_bytes: 0,
+            readahead_served_bytes: 0,
             donors: vec![
                 donor("10.0.0.2:7470", "rack\"1", true, 3, 100),
                 donor("10.0.0.3:7470", "row\\2\nb", false, 4, 200),

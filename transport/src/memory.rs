@@ -318,6 +318,37 @@ impl Buffer {
         Ok(())
     }
 
+    /// Copies `len` bytes at `offset` into `dst` at `dst_offset` (another buffer, or this one
+    /// with the ranges apart), with no copy in between: a block cache serving a request from
+    /// memory it read ahead. The same rule as [`Buffer::write_at`] holds for `dst`.
+    pub fn copy_to(
+        &self,
+        offset: usize,
+        len: usize,
+        dst: &Buffer,
+        dst_offset: usize,
+    ) -> Result<()> {
+        self.check(offset, len)?;
+        dst.check(dst_offset, len)?;
+        let (src, to) = (
+            self.0.ptr() as usize + offset,
+            dst.0.ptr() as usize + dst_offset,
+        );
+        if src < to + len && to < src + len {
+            return Err(Error::InvalidArgument("overlapping copy".into()));
+        }
+        // SAFETY: both ranges are in bounds (checked) and do not overlap (checked); raw copy,
+        // no references to either memory exist.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.0.ptr().add(offset),
+                dst.0.ptr().add(dst_offset),
+                len,
+            )
+        };
+        Ok(())
+    }
+
     /// Copies bytes out.
     pub fn read_at(&self, offset: usize, out: &mut [u8]) -> Result<()> {
         self.check(offset, out.len())?;

@@ -13,9 +13,10 @@ use std::time::Duration;
 
 use crate::client::{Channel, ClientError};
 use arrayvec::ArrayVec;
-use rmem_transport::{Buffer, Completion, Mr};
+use rmem_transport::{Buffer, Completion, HugePages, Mr};
 
 use super::piece::Targets;
+use super::readahead::{Lookup, Readahead, State, Window, WINDOW};
 use super::{Store, StoreError};
 
 /// What a request does.
@@ -57,6 +58,8 @@ struct Slot {
     pieces: Vec<Piece>,
     left: usize,
     err: Option<StoreError>,
+    /// A read-ahead READ into this window of the read-ahead buffer, not a caller's request.
+    window: Option<usize>,
 }
 
 /// wr_id: slot (32 bits), piece (16), target (16).
@@ -91,6 +94,13 @@ pub struct StoreChannel<'s> {
     /// Requests finished and not yet handed out.
     done: Vec<(u64, Result<(), StoreError>)>,
     comps: Vec<Completion>,
+    /// Read-ahead (None when the store has it off), and its buffer's registration per donor.
+    ra: Option<Readahead>,
+    ra_mrs: Vec<Mr>,
+    /// Reads that waited for a window that has landed (or failed): served at the next turn.
+    retry: Vec<IoReq>,
+    /// Set while `retry` is being served, so serving it does not recurse.
+    draining: bool,
 }
 
 /// How long [`StoreChannel::advance`] waits when no completion is ready.
@@ -114,6 +124,14 @@ impl Store {
         // requests on one donor's channel.
         let depth = depth.clamp(1, Channel::DEPTH / 2);
         let mut chans = Vec::with_capacity(self.donors.len());
+        let ra = if self.readahead {
+            let b = Buffer::alloc(Readahead::buffer_len(), HugePages::Never)
+                .map_err(|e| StoreError::Config(format!("read-ahead buffer: {e}")))?;
+            Some(Readahead::new(b))
+        } else {
+            None
+        };
+        let mut ra_mrs = Vec::new();
         let opened_at = self
             .donors
             .iter()
@@ -126,19 +144,28 @@ impl Store {
             };
             let ch = d.client.open_channel().await.map_err(wrap)?;
             let mr = ch.register(&buf).map_err(wrap)?;
+            if let Some(ra) = &ra {
+                ra_mrs.push(ch.register(&ra.buf).map_err(wrap)?);
+            }
             chans.push((ch, mr));
         }
+        // Read-ahead has slots of its own: the caller's `depth` stays the caller's.
+        let slots = depth + ra.as_ref().map_or(0, |r| r.windows.len());
         Ok(StoreChannel {
             store: self,
             buf,
             chans,
             opened_at,
             rt: tokio::runtime::Handle::try_current().ok(),
-            slots: (0..depth).map(|_| None).collect(),
-            free: (0..depth).rev().collect(),
+            slots: (0..slots).map(|_| None).collect(),
+            free: (0..slots).rev().collect(),
             bytes: 0,
             done: Vec::with_capacity(depth),
             comps: vec![Completion::default(); 32],
+            ra,
+            ra_mrs,
+            retry: Vec::new(),
+            draining: false,
         })
     }
 }
@@ -156,8 +183,19 @@ impl StoreChannel<'_> {
         &self.buf
     }
 
-    /// Requests submitted and not yet finished.
+    /// Requests submitted and not yet finished (read-ahead of the channel's own not counted).
     pub fn in_flight(&self) -> usize {
+        let (fetching, waiting) = self.ra.as_ref().map_or((0, 0), |r| {
+            r.windows.iter().fold((0, 0), |(f, w), win| {
+                let busy = usize::from(matches!(win.state, State::Fetching { .. }));
+                (f + busy, w + win.waiters.len())
+            })
+        });
+        self.busy() - fetching + waiting + self.retry.len()
+    }
+
+    /// Slots in use, read-ahead's included.
+    fn busy(&self) -> usize {
         self.slots.len() - self.free.len()
     }
 
@@ -171,38 +209,158 @@ impl StoreChannel<'_> {
     /// [`StoreChannel::reap`]). A request that cannot start (out of range, outside the buffer)
     /// completes at once with its error.
     pub fn submit(&mut self, req: IoReq) -> Result<(), StoreError> {
+        if req.op == IoOp::Read && self.ra.is_some() {
+            let lookup = self
+                .ra
+                .as_mut()
+                .map_or(Lookup::Miss, |r| r.lookup(req.off, req.len));
+            if !self.serve_from_window(req, lookup) {
+                self.submit_plain(req)?;
+            }
+            self.fetch_ahead(req.off.saturating_add(req.len as u64));
+            return self.drain_retries();
+        }
+        self.submit_plain(req)?;
+        self.drain_retries()
+    }
+
+    /// Serves a read from a read-ahead window, or queues it on one being fetched; false when
+    /// no window holds it (or the one that did is stale: a write touched it since).
+    fn serve_from_window(&mut self, req: IoReq, lookup: Lookup) -> bool {
+        let Some(ra) = self.ra.as_mut() else {
+            return false;
+        };
+        match lookup {
+            Lookup::Miss => false,
+            Lookup::Wait(w) => {
+                ra.windows[w].waiters.push(req);
+                true
+            }
+            Lookup::Hit(w) => {
+                let win = &ra.windows[w];
+                let at = Window::at(w) + (req.off - win.off) as usize;
+                if self.store.generation_sum(win.off, win.len) != win.gen {
+                    ra.windows[w].state = State::Empty;
+                    return false;
+                }
+                // Out of the caller's buffer: the plain path refuses it with its error.
+                if ra.buf.copy_to(at, req.len, &self.buf, req.at).is_err() {
+                    return false;
+                }
+                self.store
+                    .ra_served
+                    .fetch_add(req.len as u64, Ordering::Relaxed);
+                self.done.push((req.tag, Ok(())));
+                true
+            }
+        }
+    }
+
+    /// Starts the READs of the windows a stream of reads ending at `end` will want next, as
+    /// far as free slots and the bytes-in-flight bound allow (read-ahead never waits).
+    fn fetch_ahead(&mut self, end: u64) {
+        loop {
+            let Some((w, off)) = self.ra.as_ref().and_then(|r| r.next_fetch(end)) else {
+                return;
+            };
+            let len = (self.store.size.saturating_sub(off)).min(WINDOW as u64) as usize;
+            if len == 0 || self.free.is_empty() || self.bytes + len > Self::BYTES_IN_FLIGHT {
+                return;
+            }
+            let gen = self.store.generation_sum(off, len);
+            let slot = *self.free.last().expect("checked above");
+            if let Some(ra) = self.ra.as_mut() {
+                ra.windows[w] = Window {
+                    state: State::Fetching { slot },
+                    off,
+                    len,
+                    gen,
+                    waiters: std::mem::take(&mut ra.windows[w].waiters),
+                };
+            }
+            let req = IoReq {
+                tag: u64::MAX,
+                op: IoOp::Read,
+                off,
+                len,
+                at: Window::at(w),
+            };
+            if self.start_slot(req, Some(w)).is_err() {
+                // A channel that cannot start a piece fails the caller's next request anyway.
+                if let Some(ra) = self.ra.as_mut() {
+                    ra.windows[w].state = State::Empty;
+                    self.retry.append(&mut ra.windows[w].waiters);
+                }
+                return;
+            }
+        }
+    }
+
+    /// Serves the reads whose window landed or failed since (once per turn: serving them may
+    /// reap completions, which may queue more).
+    fn drain_retries(&mut self) -> Result<(), StoreError> {
+        if self.draining {
+            return Ok(());
+        }
+        self.draining = true;
+        let mut r = Ok(());
+        while let Some(req) = self.retry.pop() {
+            let lookup = self
+                .ra
+                .as_ref()
+                .map_or(Lookup::Miss, |ra| ra.find(req.off, req.len));
+            // A window being fetched again for another stream is not waited on twice.
+            let lookup = match lookup {
+                Lookup::Wait(_) => Lookup::Miss,
+                l => l,
+            };
+            if !self.serve_from_window(req, lookup) {
+                if let Err(e) = self.submit_plain(req) {
+                    r = Err(e);
+                    break;
+                }
+            }
+        }
+        self.draining = false;
+        r
+    }
+
+    /// Sends a request without looking at read-ahead.
+    fn submit_plain(&mut self, req: IoReq) -> Result<(), StoreError> {
         while self.free.is_empty()
-            || (self.in_flight() > 0 && self.bytes + req.len > Self::BYTES_IN_FLIGHT)
+            || (self.busy() > 0 && self.bytes + req.len > Self::BYTES_IN_FLIGHT)
         {
             self.progress(true)?;
         }
-        let in_buf = req
-            .at
-            .checked_add(req.len)
-            .is_some_and(|e| e <= self.buf.len())
+        self.start_slot(req, None)
+    }
+
+    /// Starts `req` in a free slot (`window`: a read-ahead READ into that window).
+    fn start_slot(&mut self, req: IoReq, window: Option<usize>) -> Result<(), StoreError> {
+        let buf_len = match (window, &self.ra) {
+            (Some(_), Some(ra)) => ra.buf.len(),
+            _ => self.buf.len(),
+        };
+        let in_buf = req.at.checked_add(req.len).is_some_and(|e| e <= buf_len)
             && req.len as u64 <= self.store.chunk;
-        let pieces: Vec<(usize, u64, std::ops::Range<usize>)> =
-            match self.store.pieces(req.off, req.len as u64) {
-                Ok(p) if in_buf => p.collect(),
-                Ok(_) => {
-                    self.done.push((
-                        req.tag,
-                        Err(StoreError::Config(format!(
-                            "buffer range {}+{} outside the channel's {}-byte buffer, or longer \
-                         than a chunk ({} bytes)",
-                            req.at,
-                            req.len,
-                            self.buf.len(),
-                            self.store.chunk
-                        ))),
-                    ));
-                    return Ok(());
-                }
-                Err(e) => {
-                    self.done.push((req.tag, Err(e)));
-                    return Ok(());
-                }
-            };
+        let refused = match self.store.pieces(req.off, req.len as u64) {
+            Ok(p) if in_buf => Ok(p.collect::<Vec<_>>()),
+            Ok(_) => Err(StoreError::Config(format!(
+                "buffer range {}+{} outside the channel's {}-byte buffer, or longer than a chunk \
+                 ({} bytes)",
+                req.at, req.len, buf_len, self.store.chunk
+            ))),
+            Err(e) => Err(e),
+        };
+        let pieces = match refused {
+            Ok(p) => p,
+            // Read-ahead's own READ reports to its caller; a request finishes with the error.
+            Err(e) if window.is_some() => return Err(e),
+            Err(e) => {
+                self.done.push((req.tag, Err(e)));
+                return Ok(());
+            }
+        };
         let slot = self.free.pop().unwrap_or_default();
         self.bytes += req.len;
         let mut s = Slot {
@@ -210,6 +368,7 @@ impl StoreChannel<'_> {
             pieces: Vec::with_capacity(pieces.len()),
             left: pieces.len(),
             err: None,
+            window,
         };
         for (chunk, within, r) in pieces {
             s.pieces.push(Piece {
@@ -258,11 +417,12 @@ impl StoreChannel<'_> {
         most: Duration,
     ) -> Result<(), StoreError> {
         if self.done.is_empty() {
-            self.advance(if self.in_flight() > 0 {
+            self.advance(if self.busy() > 0 {
                 Wait::Upto(most)
             } else {
                 Wait::No
             })?;
+            self.drain_retries()?;
         }
         out.append(&mut self.done);
         Ok(())
@@ -311,9 +471,15 @@ impl StoreChannel<'_> {
                 return;
             };
             if self.usable(t.donor) {
-                let piece = &self.slots[slot].as_ref().expect("live slot").pieces[p];
+                let s = self.slots[slot].as_ref().expect("live slot");
+                let piece = &s.pieces[p];
                 let (at, len, within, k) = (piece.at, piece.len, piece.within, piece.cursor);
-                let (ch, mr) = &mut self.chans[t.donor];
+                let (ch, own) = &mut self.chans[t.donor];
+                // Read-ahead READs into its own buffer.
+                let mr = match s.window {
+                    Some(_) => &self.ra_mrs[t.donor],
+                    None => own,
+                };
                 match ch.post_read(wr_id(slot, p, k), mr, at, len, t.remote, within) {
                     Ok(()) => return,
                     Err(e) => store.fail(t.donor, &e),
@@ -372,15 +538,20 @@ impl StoreChannel<'_> {
             return false;
         };
         let (client, old, buf) = (&donor.client, &self.chans[d].0, &self.buf);
+        let ra_buf = self.ra.as_ref().map(|r| &r.buf);
         let fresh = rt.block_on(async {
             let ch = client.reopen_channel(old).await?;
             let mr = ch.register(buf)?;
-            Ok::<_, ClientError>((ch, mr))
+            let ra_mr = ra_buf.map(|b| ch.register(b)).transpose()?;
+            Ok::<_, ClientError>((ch, mr, ra_mr))
         });
         match fresh {
-            Ok(pair) => {
+            Ok((ch, mr, ra_mr)) => {
                 tracing::info!(donor = %donor.spec.addr, "a channel's queue pair to the donor reopened");
-                self.chans[d] = pair;
+                self.chans[d] = (ch, mr);
+                if let Some(m) = ra_mr {
+                    self.ra_mrs[d] = m;
+                }
                 self.opened_at[d] = revived;
                 true
             }
@@ -393,7 +564,8 @@ impl StoreChannel<'_> {
 
     /// Reaps completions (waiting for one with `block`) and moves their requests on.
     fn progress(&mut self, block: bool) -> Result<(), StoreError> {
-        self.advance(if block { Wait::Op } else { Wait::No })
+        self.advance(if block { Wait::Op } else { Wait::No })?;
+        self.drain_retries()
     }
 
     /// Reaps completions, waiting for one as `wait` says when none is ready, and moves their
@@ -505,9 +677,13 @@ impl StoreChannel<'_> {
     /// Applies a write's outcome to the chunk, as [`Store::write`] does.
     fn end_write(&mut self, slot: usize, p: usize) {
         let piece = &self.slots[slot].as_ref().expect("live slot").pieces[p];
-        let lost = self
-            .store
-            .settle_write(piece.chunk, &piece.targets, piece.ok, piece.missed);
+        let lost = self.store.settle_write(
+            piece.chunk,
+            piece.within..piece.within + piece.len as u64,
+            &piece.targets,
+            piece.ok,
+            piece.missed,
+        );
         self.end_piece(slot, p, lost);
     }
 
@@ -533,22 +709,48 @@ impl StoreChannel<'_> {
         }
         if let Some(s) = self.slots[slot].take() {
             self.bytes -= s.req.len;
-            self.done.push((s.req.tag, s.err.map_or(Ok(()), Err)));
             self.free.push(slot);
+            match s.window {
+                Some(w) => self.window_landed(w, slot, s.err.is_none()),
+                None => self.done.push((s.req.tag, s.err.map_or(Ok(()), Err))),
+            }
         }
+    }
+
+    /// A read-ahead READ from `slot` into window `w` is over: the window holds its range (or,
+    /// failed, nothing) and the reads waiting for it are served at the next turn.
+    fn window_landed(&mut self, w: usize, slot: usize, ok: bool) {
+        let Some(ra) = self.ra.as_mut() else {
+            return;
+        };
+        let win = &mut ra.windows[w];
+        if win.state != (State::Fetching { slot }) {
+            return;
+        }
+        win.state = if ok { State::Ready } else { State::Empty };
+        if ok {
+            self.store
+                .ra_fetched
+                .fetch_add(win.len as u64, Ordering::Relaxed);
+        }
+        self.retry.append(&mut win.waiters);
     }
 }
 
 impl Drop for StoreChannel<'_> {
     fn drop(&mut self) {
-        // Requests still in flight hold their chunks against a rebuild: finish them.
-        while self.in_flight() > 0 {
-            let before = self.in_flight();
+        // Requests still in flight (read-ahead's too) hold their chunks against a rebuild:
+        // finish them. Reads waiting for read-ahead are dropped with the channel.
+        self.draining = true;
+        self.retry.clear();
+        while self.busy() > 0 {
+            let before = self.busy();
             if self.progress(true).is_err() {
                 break;
             }
             self.done.clear();
-            if self.in_flight() == before && self.chans.iter().all(|c| c.0.in_flight() == 0) {
+            self.retry.clear();
+            if self.busy() == before && self.chans.iter().all(|c| c.0.in_flight() == 0) {
                 break;
             }
         }

@@ -28,6 +28,7 @@ use crate::written::WrittenMap;
 
 mod channel;
 mod piece;
+mod readahead;
 mod repair;
 
 pub use channel::{IoOp, IoReq, StoreChannel};
@@ -84,6 +85,8 @@ pub const MAX_REPLICAS: usize = 16;
 const REPLICA_SLOTS: usize = 2 * MAX_REPLICAS + 1;
 /// The most a rebuild copies under a chunk's lock at a time (I/O to the chunk waits that long).
 pub const COPY_PIECE: usize = 1 << 20;
+/// Bytes of the device per write generation (see `Store::generations`).
+const GEN_BLOCK: u64 = 64 << 10;
 /// One write's result per replica, by index.
 type Outcomes = ArrayVec<Result<(), ClientError>, REPLICA_SLOTS>;
 
@@ -109,6 +112,8 @@ pub struct StoreConfig {
     /// Donors for each chunk (indices into `donors`, one per replica) chosen by a placement
     /// service; without it the store chooses (the donor with the most free slabs first).
     pub plan: Option<Vec<Vec<usize>>>,
+    /// Channels read ahead of a stream of reads (see `readahead.rs`).
+    pub readahead: bool,
 }
 
 struct Donor {
@@ -175,6 +180,9 @@ pub struct StoreStatus {
     pub moved: u64,
     /// Bytes rebuilds and moves copied: only parts ever written cross (see [`WrittenMap`]).
     pub copied_bytes: u64,
+    /// Bytes read ahead of a stream of reads, and bytes of reads served from them.
+    pub readahead_fetched_bytes: u64,
+    pub readahead_served_bytes: u64,
     pub donors: Vec<DonorStatus>,
 }
 
@@ -197,6 +205,13 @@ pub struct Store {
     copy_buf: Mutex<Vec<u8>>,
     /// Set when the device goes down: a repair pass stops at the next chunk.
     stopping: AtomicBool,
+    readahead: bool,
+    /// Per [`GEN_BLOCK`] of the device: bumped when a write to it starts and when it ends, so
+    /// a read-ahead window knows whether what it holds is still current (`readahead.rs`).
+    generations: Vec<AtomicU32>,
+    /// Bytes channels read ahead, and bytes of requests served from what they read ahead.
+    ra_fetched: AtomicU64,
+    ra_served: AtomicU64,
     rebuilt: AtomicU64,
     moved: AtomicU64,
     copied: AtomicU64,
@@ -328,6 +343,12 @@ impl Store {
             chunks,
             copy_buf: Mutex::new(vec![0u8; COPY_PIECE.min(chunk as usize)]),
             stopping: AtomicBool::new(false),
+            readahead: cfg.readahead,
+            generations: (0..cfg.size.div_ceil(GEN_BLOCK))
+                .map(|_| AtomicU32::new(0))
+                .collect(),
+            ra_fetched: AtomicU64::new(0),
+            ra_served: AtomicU64::new(0),
             rebuilt: AtomicU64::new(0),
             moved: AtomicU64::new(0),
             copied: AtomicU64::new(0),
@@ -441,7 +462,7 @@ impl Store {
                     }
                 }
             }
-            let lost = self.settle_write(c, &targets, ok, missed);
+            let lost = self.settle_write(c, within..within + len, &targets, ok, missed);
             self.end_piece(c);
             if lost {
                 return Err(StoreError::Lost {
@@ -576,6 +597,8 @@ impl Store {
             rebuilt: self.rebuilt.load(Ordering::Relaxed),
             moved: self.moved.load(Ordering::Relaxed),
             copied_bytes: self.copied.load(Ordering::Relaxed),
+            readahead_fetched_bytes: self.ra_fetched.load(Ordering::Relaxed),
+            readahead_served_bytes: self.ra_served.load(Ordering::Relaxed),
             donors: self
                 .donors
                 .iter()

@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use arrayvec::ArrayVec;
 use rmem_transport::RemoteBuf;
 
-use super::{lock, Replica, Store, REPLICA_SLOTS};
+use super::{lock, Replica, Store, GEN_BLOCK, REPLICA_SLOTS};
 
 /// A replica as a piece saw it when it started.
 #[derive(Debug, Clone, Copy)]
@@ -51,7 +51,8 @@ impl Store {
         }
         if write {
             // Before any copy takes it: a rebuild must copy this part, whichever copies fail.
-            self.written.mark(c, part);
+            self.written.mark(c, part.clone());
+            self.bump_generations(c, part);
         }
         let targets = reps
             .iter()
@@ -79,6 +80,28 @@ impl Store {
         }
     }
 
+    /// Marks `part` of chunk `c` as changing (a write starting or ending there): read-ahead
+    /// windows over it are stale.
+    fn bump_generations(&self, c: usize, part: Range<u64>) {
+        let start = c as u64 * self.chunk + part.start;
+        let end = c as u64 * self.chunk + part.end;
+        for b in start / GEN_BLOCK..end.div_ceil(GEN_BLOCK) {
+            if let Some(g) = self.generations.get(b as usize) {
+                g.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// The sum of the write generations over `[off, off + len)`: unchanged between two looks
+    /// only if no write to the range started or ended in between (generations only grow).
+    pub(super) fn generation_sum(&self, off: u64, len: usize) -> u64 {
+        let end = off + len as u64;
+        (off / GEN_BLOCK..end.div_ceil(GEN_BLOCK))
+            .filter_map(|b| self.generations.get(b as usize))
+            .map(|g| u64::from(g.load(Ordering::SeqCst)))
+            .sum()
+    }
+
     /// A piece is over: its chunk is free for a rebuild again.
     pub(super) fn end_piece(&self, c: usize) {
         self.inflight[c].fetch_sub(1, Ordering::AcqRel);
@@ -94,7 +117,15 @@ impl Store {
     /// in `missed` (by index) did not. True when the write is lost (no complete copy took it):
     /// it fails as a whole and the copies keep what they had for their donors' return.
     /// Otherwise a replica that missed it is stale, never read again, and goes.
-    pub(super) fn settle_write(&self, c: usize, targets: &Targets, ok: usize, missed: u64) -> bool {
+    pub(super) fn settle_write(
+        &self,
+        c: usize,
+        part: Range<u64>,
+        targets: &Targets,
+        ok: usize,
+        missed: u64,
+    ) -> bool {
+        self.bump_generations(c, part);
         let mut reps = lock(&self.chunks[c]);
         if ok == 0 {
             reps.retain(|r| r.state.readable());

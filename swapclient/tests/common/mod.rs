@@ -36,5 +36,6 @@ pub fn store_config(
         lanes,
         bounce: 1 << 20,
         plan: None,
+        readahead: true,
     }
 }
