@@ -509,6 +509,11 @@ fn status(a: StatusArgs) -> Result<(), Failed> {
             st["moved"],
             st["copied_bytes"].as_u64().unwrap_or(0) >> 20
         );
+        println!(
+            "  read ahead {} MiB, {} MiB of reads served from it",
+            st["readahead_fetched_bytes"].as_u64().unwrap_or(0) >> 20,
+            st["readahead_served_bytes"].as_u64().unwrap_or(0) >> 20
+        );
         for d in st["donors"].as_array().into_iter().flatten() {
             println!(
                 "  donor {} [{}] {}  {} slabs  read {} MiB  written {} MiB  errors {}",

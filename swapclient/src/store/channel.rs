@@ -16,7 +16,7 @@ use arrayvec::ArrayVec;
 use rmem_transport::{Buffer, Completion, HugePages, Mr};
 
 use super::piece::Targets;
-use super::readahead::{Lookup, Readahead, State, Window, WINDOW};
+use super::readahead::{Lookup, Readahead, State, Window, WINDOW, WINDOWS};
 use super::{Store, StoreError};
 
 /// What a request does.
@@ -87,9 +87,11 @@ pub struct StoreChannel<'s> {
     /// thread as `reap` does (None: opened outside a tokio runtime; such a channel skips
     /// that donor).
     rt: Option<tokio::runtime::Handle>,
+    /// The caller's requests in flight at most (read-ahead's slots come on top).
+    depth: usize,
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
-    /// Bytes of the requests in flight (see [`StoreChannel::BYTES_IN_FLIGHT`]).
+    /// Bytes of the caller's requests in flight (see [`StoreChannel::BYTES_IN_FLIGHT`]).
     bytes: usize,
     /// Requests finished and not yet handed out.
     done: Vec<(u64, Result<(), StoreError>)>,
@@ -122,7 +124,7 @@ impl Store {
     ) -> Result<StoreChannel<'_>, StoreError> {
         // A request lies in two chunks at most (see `submit`), so it puts at most two work
         // requests on one donor's channel.
-        let depth = depth.clamp(1, Channel::DEPTH / 2);
+        let depth = depth.clamp(1, (Channel::DEPTH - 2 * WINDOWS) / 2);
         let mut chans = Vec::with_capacity(self.donors.len());
         let ra = if self.readahead {
             let b = Buffer::alloc(Readahead::buffer_len(), HugePages::Never)
@@ -149,7 +151,8 @@ impl Store {
             }
             chans.push((ch, mr));
         }
-        // Read-ahead has slots of its own: the caller's `depth` stays the caller's.
+        // Read-ahead has slots of its own (and its work requests room in the queues: a window
+        // may span two chunks): the caller's `depth` stays the caller's.
         let slots = depth + ra.as_ref().map_or(0, |r| r.windows.len());
         Ok(StoreChannel {
             store: self,
@@ -157,6 +160,7 @@ impl Store {
             chans,
             opened_at,
             rt: tokio::runtime::Handle::try_current().ok(),
+            depth,
             slots: (0..slots).map(|_| None).collect(),
             free: (0..slots).rev().collect(),
             bytes: 0,
@@ -185,13 +189,21 @@ impl StoreChannel<'_> {
 
     /// Requests submitted and not yet finished (read-ahead of the channel's own not counted).
     pub fn in_flight(&self) -> usize {
-        let (fetching, waiting) = self.ra.as_ref().map_or((0, 0), |r| {
-            r.windows.iter().fold((0, 0), |(f, w), win| {
-                let busy = usize::from(matches!(win.state, State::Fetching { .. }));
-                (f + busy, w + win.waiters.len())
-            })
+        let waiting = self.ra.as_ref().map_or(0, |r| {
+            r.windows.iter().map(|w| w.waiters.len()).sum::<usize>()
         });
-        self.busy() - fetching + waiting + self.retry.len()
+        self.callers_busy() + waiting + self.retry.len()
+    }
+
+    /// Slots the caller's requests hold.
+    fn callers_busy(&self) -> usize {
+        let fetching = self.ra.as_ref().map_or(0, |r| {
+            r.windows
+                .iter()
+                .filter(|w| matches!(w.state, State::Fetching { .. }))
+                .count()
+        });
+        self.busy() - fetching
     }
 
     /// Slots in use, read-ahead's included.
@@ -256,15 +268,18 @@ impl StoreChannel<'_> {
         }
     }
 
-    /// Starts the READs of the windows a stream of reads ending at `end` will want next, as
-    /// far as free slots and the bytes-in-flight bound allow (read-ahead never waits).
+    /// Starts the READs of the windows a stream of reads ending at `end` will want next, in
+    /// the slots kept for them. Read-ahead never waits, and its bytes do not count against the
+    /// caller's bound: a READ's data lands in registered memory, not in socket buffers waiting
+    /// to be sent, and two windows bound it. (Counted there, a reclaim's writes kept it out
+    /// while a swap-in streamed.)
     fn fetch_ahead(&mut self, end: u64) {
         loop {
             let Some((w, off)) = self.ra.as_ref().and_then(|r| r.next_fetch(end)) else {
                 return;
             };
             let len = (self.store.size.saturating_sub(off)).min(WINDOW as u64) as usize;
-            if len == 0 || self.free.is_empty() || self.bytes + len > Self::BYTES_IN_FLIGHT {
+            if len == 0 || self.free.is_empty() {
                 return;
             }
             let gen = self.store.generation_sum(off, len);
@@ -328,7 +343,8 @@ impl StoreChannel<'_> {
     /// Sends a request without looking at read-ahead.
     fn submit_plain(&mut self, req: IoReq) -> Result<(), StoreError> {
         while self.free.is_empty()
-            || (self.busy() > 0 && self.bytes + req.len > Self::BYTES_IN_FLIGHT)
+            || self.callers_busy() >= self.depth
+            || (self.callers_busy() > 0 && self.bytes + req.len > Self::BYTES_IN_FLIGHT)
         {
             self.progress(true)?;
         }
@@ -362,7 +378,9 @@ impl StoreChannel<'_> {
             }
         };
         let slot = self.free.pop().unwrap_or_default();
-        self.bytes += req.len;
+        if window.is_none() {
+            self.bytes += req.len;
+        }
         let mut s = Slot {
             req,
             pieces: Vec::with_capacity(pieces.len()),
@@ -708,7 +726,9 @@ impl StoreChannel<'_> {
             return;
         }
         if let Some(s) = self.slots[slot].take() {
-            self.bytes -= s.req.len;
+            if s.window.is_none() {
+                self.bytes -= s.req.len;
+            }
             self.free.push(slot);
             match s.window {
                 Some(w) => self.window_landed(w, slot, s.err.is_none()),

@@ -127,26 +127,28 @@ impl Readahead {
     }
 
     /// The next window to fetch after a read ending at `end`, as (window index, device
-    /// offset): in a stream, the range right after the furthest window (or after the read),
-    /// in a window no read needs any more. None outside a stream, or with every window busy
+    /// offset): in a stream, the range right after the furthest window that is still of use
+    /// to it (or right after the read), in a window of no use to it: empty, passed, or left
+    /// behind by an earlier stream elsewhere. None outside a stream, or with every window busy
     /// or still ahead of the reads.
     pub(super) fn next_fetch(&self, end: u64) -> Option<(usize, u64)> {
         if self.streak < STREAK {
             return None;
         }
+        let horizon = end.saturating_add((WINDOWS * WINDOW) as u64);
+        let useful = |w: &Window| w.state != State::Empty && w.end() > end && w.off < horizon;
         let ahead = self
             .windows
             .iter()
-            .filter(|w| w.state != State::Empty && w.end() > end)
+            .filter(|w| useful(w))
             .map(Window::end)
             .max()
             .unwrap_or(end);
-        // A window the reads have passed (or an empty one), not being fetched.
         let free = self.windows.iter().position(|w| {
             w.waiters.is_empty()
                 && match w.state {
                     State::Empty => true,
-                    State::Ready => w.end() <= end,
+                    State::Ready => !useful(w),
                     State::Fetching { .. } => false,
                 }
         })?;
@@ -217,5 +219,41 @@ mod tests {
         assert_eq!(r.lookup(at1 + 2048, 4096), Lookup::Hit(w1));
         assert_eq!(r.lookup(at1 + 6144, 4096), Lookup::Hit(w1));
         assert_eq!(r.next_fetch(at1 + 10240), Some((w0, at1 + WINDOW as u64)));
+    }
+
+    #[test]
+    fn windows_left_by_a_stream_elsewhere_are_reused() {
+        let mut r = ra();
+        for i in 0..3 {
+            r.lookup((64 << 20) + i * 4096, 4096);
+        }
+        let (w, off) = r.next_fetch((64 << 20) + 12288).unwrap();
+        r.windows[w] = Window {
+            state: State::Ready,
+            off,
+            len: WINDOW,
+            gen: 0,
+            waiters: Vec::new(),
+        };
+        // A new stream far below: the window ahead of the old one is of no use to it.
+        for i in 0..3 {
+            r.lookup(i * 4096, 4096);
+        }
+        let mut fetched = vec![];
+        while let Some((w, off)) = r.next_fetch(12288) {
+            fetched.push(off);
+            r.windows[w] = Window {
+                state: State::Fetching { slot: w },
+                off,
+                len: WINDOW,
+                gen: 0,
+                waiters: Vec::new(),
+            };
+        }
+        assert_eq!(
+            fetched,
+            vec![12288, 12288 + WINDOW as u64],
+            "both windows serve the new stream"
+        );
     }
 }
