@@ -284,16 +284,15 @@ fn attach(
         }
     }
     let (on_exit, gone) = notifier();
-    // NBD is served by blocking workers, not store channels: with channels the two-VM swap
-    // test (a 384 MiB borrower on one vCPU, the kernel's NBD client) lost a live donor in three
-    // runs of five, where the workers have passed it in every run on record. Until that is understood,
-    // the channel path stays for ublk (and for callers of kernel_nbd::start that pass one).
+    // Each NBD connection is served by a store channel on this runtime: all its requests in
+    // flight, replies by cookie, read-ahead (docs/swap.md says what it took for a guest that
+    // stalls whole under reclaim to keep its donors).
     let d = kernel_nbd::start(
         opts.device.as_deref(),
         store.clone(),
         io.clone(),
         opts.nbd_timeout,
-        None,
+        Some(rt.clone()),
         on_exit,
     )?;
     Ok((d, gone))

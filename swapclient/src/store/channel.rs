@@ -129,7 +129,7 @@ impl Store {
         let ra = if self.readahead {
             let b = Buffer::alloc(Readahead::buffer_len(), HugePages::Never)
                 .map_err(|e| StoreError::Config(format!("read-ahead buffer: {e}")))?;
-            Some(Readahead::new(b))
+            Some(Readahead::new(b, depth))
         } else {
             None
         };
@@ -168,7 +168,8 @@ impl Store {
             comps: vec![Completion::default(); 32],
             ra,
             ra_mrs,
-            retry: Vec::new(),
+            // Reserved: the I/O path allocates as little as it can on a host short of memory.
+            retry: Vec::with_capacity(depth),
             draining: false,
         })
     }

@@ -80,7 +80,8 @@ pub(super) enum Lookup {
 }
 
 impl Readahead {
-    pub(super) fn new(buf: Buffer) -> Readahead {
+    /// Windows on `buf`, each with room for `depth` waiting reads.
+    pub(super) fn new(buf: Buffer, depth: usize) -> Readahead {
         Readahead {
             buf,
             windows: (0..WINDOWS)
@@ -89,7 +90,7 @@ impl Readahead {
                     off: 0,
                     len: 0,
                     gen: 0,
-                    waiters: Vec::new(),
+                    waiters: Vec::with_capacity(depth),
                 })
                 .collect(),
             last_end: u64::MAX - GAP,
@@ -162,7 +163,10 @@ mod tests {
     use rmem_transport::HugePages;
 
     fn ra() -> Readahead {
-        Readahead::new(Buffer::alloc(Readahead::buffer_len(), HugePages::Never).unwrap())
+        Readahead::new(
+            Buffer::alloc(Readahead::buffer_len(), HugePages::Never).unwrap(),
+            4,
+        )
     }
 
     #[test]
