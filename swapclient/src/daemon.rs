@@ -284,15 +284,16 @@ fn attach(
         }
     }
     let (on_exit, gone) = notifier();
-    // Each NBD connection is served by a store channel on this runtime: all its requests in
-    // flight, replies by cookie, read-ahead (docs/swap.md says what it took for a guest that
-    // stalls whole under reclaim to keep its donors).
+    // NBD is served by blocking workers, not store channels (which ublk uses): on channels the
+    // two-VM swap test now keeps its donors over tcp, but its verbs phase (rxe in a one-vCPU
+    // guest, over a link that drops datagrams) stalled 9 s at a time with many requests in
+    // flight (docs/swap.md). Callers of kernel_nbd::start can still pass a runtime.
     let d = kernel_nbd::start(
         opts.device.as_deref(),
         store.clone(),
         io.clone(),
         opts.nbd_timeout,
-        Some(rt.clone()),
+        None,
         on_exit,
     )?;
     Ok((d, gone))
