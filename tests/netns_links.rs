@@ -193,21 +193,7 @@ fn probed_rates_match_the_shaping_and_the_faster_path_ranks_first() {
 fn a_link_silent_past_the_operation_timeout_keeps_its_queue_pair() {
     let mut net = Net::up();
     let (a, b) = (net.a.clone(), net.b.clone());
-    let (server, _) = spawn_in(
-        &b,
-        &[
-            "perf",
-            "server",
-            "--listen",
-            "10.77.0.2:18515",
-            "--max-size",
-            "1M",
-            "--op-timeout",
-            "1",
-            "--json",
-        ],
-    );
-    net.children.push(server);
+    perf_server(&mut net, &["--max-size", "1M", "--op-timeout", "1"]);
     let mut client = Command::new("ip")
         .args(["netns", "exec", &a, env!("CARGO_BIN_EXE_rmem")])
         .args([
@@ -282,24 +268,12 @@ fn a_link_silent_past_the_operation_timeout_keeps_its_queue_pair() {
 #[ignore = "needs root for network namespaces and tc; scripts/test.sh runs it"]
 fn a_link_slower_than_the_operation_timeout_is_not_a_dead_peer() {
     let mut net = Net::up();
-    let (a, b, va) = (net.a.clone(), net.b.clone(), net.va.clone());
+    let (a, va) = (net.a.clone(), net.va.clone());
     sh(&[
         "tc", "-n", &a, "qdisc", "add", "dev", &va, "root", "tbf", "rate", "4mbit", "burst",
         "32kbit", "latency", "400ms",
     ]);
-    let (server, _) = spawn_in(
-        &b,
-        &[
-            "perf",
-            "server",
-            "--listen",
-            "10.77.0.2:18515",
-            "--max-size",
-            "4M",
-            "--json",
-        ],
-    );
-    net.children.push(server);
+    perf_server(&mut net, &["--max-size", "4M"]);
     let start = Instant::now();
     let report = run_in(
         &a,
@@ -329,6 +303,14 @@ fn a_link_slower_than_the_operation_timeout_is_not_a_dead_peer() {
         took > Duration::from_secs(5),
         "the shaping held the run to about 8 s, not {took:?}"
     );
+}
+
+/// Starts `rmem perf server` on 10.77.0.2:18515 in namespace B, with `extra` arguments.
+fn perf_server(net: &mut Net, extra: &[&str]) {
+    let mut args = vec!["perf", "server", "--listen", "10.77.0.2:18515", "--json"];
+    args.extend_from_slice(extra);
+    let (server, _) = spawn_in(&net.b.clone(), &args);
+    net.children.push(server);
 }
 
 /// The effective user id (reading /proc avoids an FFI call for one number).

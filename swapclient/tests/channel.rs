@@ -544,6 +544,18 @@ fn read_one(ch: &mut rmem_swapclient::StoreChannel<'_>, off: u64, len: usize) ->
     back
 }
 
+/// Writes `data` at the start of the store (blocking path) and opens a channel with `depth`
+/// slots of 32 KiB.
+fn filled<'s>(s: &'s Store, data: &[u8], depth: usize) -> rmem_swapclient::StoreChannel<'s> {
+    for (i, piece) in data.chunks(256 << 10).enumerate() {
+        s.write((i * piece.len()) as u64, piece).unwrap();
+    }
+    let buf = Buffer::alloc(depth * (32 << 10), HugePages::Never).unwrap();
+    tokio::runtime::Handle::current()
+        .block_on(s.open_channel(buf, depth))
+        .unwrap()
+}
+
 /// `n` bytes of a pattern that differs with `seed` and with the position.
 fn pattern(seed: u64, n: usize) -> Vec<u8> {
     (0..n / BLOCK)
@@ -558,12 +570,7 @@ async fn a_stream_of_reads_is_served_from_read_ahead_and_reads_back_right() {
     let s = store.clone();
     blocking(move || {
         let data = pattern(1, 4 << 20);
-        for (i, piece) in data.chunks(256 << 10).enumerate() {
-            s.write((i * piece.len()) as u64, piece).unwrap();
-        }
-        let handle = tokio::runtime::Handle::current();
-        let buf = Buffer::alloc(128 << 10, HugePages::Never).unwrap();
-        let mut ch = handle.block_on(s.open_channel(buf, 4)).unwrap();
+        let mut ch = filled(&s, &data, 4);
         // Swap-in's shape: one 32 KiB cluster at a time, each after the one before.
         let len = 32 << 10;
         for off in (0..data.len()).step_by(len) {
@@ -592,12 +599,7 @@ async fn a_block_written_after_it_was_read_ahead_reads_back_new() {
     let s = store.clone();
     blocking(move || {
         let data = pattern(2, 2 << 20);
-        for (i, piece) in data.chunks(256 << 10).enumerate() {
-            s.write((i * piece.len()) as u64, piece).unwrap();
-        }
-        let handle = tokio::runtime::Handle::current();
-        let buf = Buffer::alloc(64 << 10, HugePages::Never).unwrap();
-        let mut ch = handle.block_on(s.open_channel(buf, 2)).unwrap();
+        let mut ch = filled(&s, &data, 2);
         let len = 32 << 10;
         for off in [0, len, 2 * len] {
             read_one(&mut ch, off as u64, len);

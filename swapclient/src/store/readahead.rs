@@ -162,6 +162,16 @@ mod tests {
     use super::*;
     use rmem_transport::HugePages;
 
+    fn window(state: State, off: u64) -> Window {
+        Window {
+            state,
+            off,
+            len: WINDOW,
+            gen: 0,
+            waiters: Vec::new(),
+        }
+    }
+
     fn ra() -> Readahead {
         Readahead::new(
             Buffer::alloc(Readahead::buffer_len(), HugePages::Never).unwrap(),
@@ -190,13 +200,7 @@ mod tests {
             r.lookup(i * 4096, 4096);
         }
         let (w0, at0) = r.next_fetch(12288).unwrap();
-        r.windows[w0] = Window {
-            state: State::Fetching { slot: 7 },
-            off: at0,
-            len: WINDOW,
-            gen: 0,
-            waiters: Vec::new(),
-        };
+        r.windows[w0] = window(State::Fetching { slot: 7 }, at0);
         let (w1, at1) = r.next_fetch(12288).unwrap();
         assert_ne!(w0, w1);
         assert_eq!(
@@ -204,13 +208,7 @@ mod tests {
             at0 + WINDOW as u64,
             "the second window follows the first"
         );
-        r.windows[w1] = Window {
-            state: State::Fetching { slot: 8 },
-            off: at1,
-            len: WINDOW,
-            gen: 0,
-            waiters: Vec::new(),
-        };
+        r.windows[w1] = window(State::Fetching { slot: 8 }, at1);
         assert_eq!(r.next_fetch(12288), None, "both windows busy");
         assert_eq!(r.lookup(12288, 4096), Lookup::Wait(w0));
         r.windows[w0].state = State::Ready;
@@ -232,13 +230,7 @@ mod tests {
             r.lookup((64 << 20) + i * 4096, 4096);
         }
         let (w, off) = r.next_fetch((64 << 20) + 12288).unwrap();
-        r.windows[w] = Window {
-            state: State::Ready,
-            off,
-            len: WINDOW,
-            gen: 0,
-            waiters: Vec::new(),
-        };
+        r.windows[w] = window(State::Ready, off);
         // A new stream far below: the window ahead of the old one is of no use to it.
         for i in 0..3 {
             r.lookup(i * 4096, 4096);
@@ -246,13 +238,7 @@ mod tests {
         let mut fetched = vec![];
         while let Some((w, off)) = r.next_fetch(12288) {
             fetched.push(off);
-            r.windows[w] = Window {
-                state: State::Fetching { slot: w },
-                off,
-                len: WINDOW,
-                gen: 0,
-                waiters: Vec::new(),
-            };
+            r.windows[w] = window(State::Fetching { slot: w }, off);
         }
         assert_eq!(
             fetched,
