@@ -588,6 +588,22 @@ async fn a_stream_of_reads_is_served_from_read_ahead_and_reads_back_right() {
             "read-ahead runs at most two windows past the stream: {} bytes",
             st.readahead_fetched_bytes
         );
+        // A stream of large reads has its own bytes in flight: nothing is read twice.
+        drop(ch);
+        let fetched = s.status().readahead_fetched_bytes;
+        let buf = Buffer::alloc(1 << 20, HugePages::Never).unwrap();
+        let mut ch = tokio::runtime::Handle::current()
+            .block_on(s.open_channel(buf, 1))
+            .unwrap();
+        for off in (0..data.len()).step_by(1 << 20) {
+            let back = read_one(&mut ch, off as u64, 1 << 20);
+            assert!(back == data[off..off + (1 << 20)], "read at {off} differs");
+        }
+        assert_eq!(
+            s.status().readahead_fetched_bytes,
+            fetched,
+            "1 MiB reads were read ahead"
+        );
     })
     .await;
 }

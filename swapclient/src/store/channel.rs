@@ -16,7 +16,7 @@ use arrayvec::ArrayVec;
 use rmem_transport::{Buffer, Completion, HugePages, Mr};
 
 use super::piece::Targets;
-use super::readahead::{Lookup, Readahead, State, Window, WINDOW, WINDOWS};
+use super::readahead::{Lookup, Readahead, State, Window, STREAM_READ, WINDOW, WINDOWS};
 use super::{Store, StoreError};
 
 /// What a request does.
@@ -222,7 +222,8 @@ impl StoreChannel<'_> {
     /// [`StoreChannel::reap`]). A request that cannot start (out of range, outside the buffer)
     /// completes at once with its error.
     pub fn submit(&mut self, req: IoReq) -> Result<(), StoreError> {
-        if req.op == IoOp::Read && self.ra.is_some() {
+        // Large reads carry their own bytes in flight; a window could not hold one anyway.
+        if req.op == IoOp::Read && self.ra.is_some() && req.len <= STREAM_READ {
             let lookup = self
                 .ra
                 .as_mut()

@@ -16,6 +16,10 @@ use super::IoReq;
 
 /// Bytes of one window.
 pub(super) const WINDOW: usize = 256 << 10;
+/// The largest read that counts in a stream and is looked up in the windows: swap-in's
+/// clusters are 32 KiB; a reader of larger blocks has enough in flight without read-ahead,
+/// which would only move bytes twice.
+pub(super) const STREAM_READ: usize = WINDOW / 4;
 /// Windows per channel: one being read while the reads consume another.
 pub(super) const WINDOWS: usize = 2;
 /// Reads in a row, each starting where the previous ended (or up to [`GAP`] after), before
