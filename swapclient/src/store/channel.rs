@@ -285,6 +285,8 @@ impl StoreChannel<'_> {
                 return;
             }
             let gen = self.store.generation_sum(off, len);
+            // The slot `start_slot` takes (the last free one), named before it starts: a READ
+            // that fails at once lands inside `start_slot` and must find its window waiting.
             let slot = *self.free.last().expect("checked above");
             if let Some(ra) = self.ra.as_mut() {
                 ra.windows[w] = Window {
