@@ -7,7 +7,11 @@
  * rewrites it with this round's; every COLD_EVERY rounds every cold page is checked. A page
  * with any wrong word counts once as bad, and the count is cumulative. It prints
  * "rmem-guest ready" once both sets are filled, then "tick N bad=M" (N the round, M the bad
- * pages so far) every TICK_EVERY rounds, on ttyS0. A cold page's first word is
+ * pages so far) every TICK_EVERY rounds, on ttyS0. A third, fresh set is touched for the first
+ * time while the program runs, one page every FRESH_NS by a thread of its own, and checked with
+ * the cold set: in a guest those pages come from RAM the guest never used (holes in its RAM
+ * file), so a migration that skips holes it saw before the pause loses some of them. A cold
+ * page's first word is
  * seed_of(index, 0, 1), so a test can find cold pages in the guest's RAM file by their content
  * (migrate/tests/support/guest.rs mirrors seed_of).
  *
@@ -39,6 +43,8 @@
 #define WORDS (PAGE / sizeof(uint64_t))
 #define HOT_PAGES ((8u << 20) / PAGE)
 #define COLD_PAGES ((24u << 20) / PAGE)
+#define FRESH_PAGES ((24u << 20) / PAGE)
+#define FRESH_NS 2000000L /* 2 ms: the fresh set lasts 12.6 s */
 #define ROUND_NS 100000000L /* 100 ms */
 #define COLD_EVERY 10
 #define TICK_EVERY 3
@@ -148,6 +154,23 @@ static void *heartbeat(void *arg)
 	return NULL;
 }
 
+/* Pages of the fresh set touched so far. */
+static uint64_t fresh_touched;
+
+static void *freshen(void *arg)
+{
+	uint64_t *fresh = arg;
+	struct timespec t = {0, FRESH_NS};
+	for (uint64_t i = 0; i < FRESH_PAGES; i++) {
+		fill(fresh + i * WORDS, seed_of(i, 0, 2));
+		__atomic_store_n(&fresh_touched, i + 1, __ATOMIC_RELEASE);
+		while (nanosleep(&t, &t) == EINTR)
+			;
+		t.tv_nsec = FRESH_NS;
+	}
+	return NULL;
+}
+
 /* Starts the heartbeat thread when the kernel command line asks for it. */
 static void start_heartbeat(void)
 {
@@ -183,10 +206,10 @@ static void *alloc(size_t pages)
 	return p;
 }
 
-/* Both sets in one shared mapping of PATH (created at their size). */
+/* The three sets in one shared mapping of PATH (created at their size: the fresh set a hole). */
 static uint64_t *map_file(const char *path)
 {
-	size_t len = (size_t)(HOT_PAGES + COLD_PAGES) * PAGE;
+	size_t len = (size_t)(HOT_PAGES + COLD_PAGES + FRESH_PAGES) * PAGE;
 	int fd = open(path, O_RDWR | O_CREAT, 0600);
 	if (fd < 0 || ftruncate(fd, (off_t)len) != 0)
 		return NULL;
@@ -197,7 +220,7 @@ static uint64_t *map_file(const char *path)
 
 int main(int argc, char **argv)
 {
-	uint64_t *hot, *cold;
+	uint64_t *hot, *cold, *fresh;
 	if (argc == 3 && strcmp(argv[1], "--file") == 0) {
 		out = 1;
 		hot = map_file(argv[2]);
@@ -206,6 +229,7 @@ int main(int argc, char **argv)
 			return 1;
 		}
 		cold = hot + (size_t)HOT_PAGES * WORDS;
+		fresh = cold + (size_t)COLD_PAGES * WORDS;
 	} else {
 		mkdir("/dev", 0755);
 		mkdir("/proc", 0555);
@@ -216,7 +240,8 @@ int main(int argc, char **argv)
 			out = open("/dev/console", O_WRONLY | O_NOCTTY);
 		hot = alloc(HOT_PAGES);
 		cold = alloc(COLD_PAGES);
-		if (!hot || !cold) {
+		fresh = alloc(FRESH_PAGES);
+		if (!hot || !cold || !fresh) {
 			say("rmem-guest: cannot allocate: %s\n", strerror(errno));
 			hang();
 		}
@@ -226,6 +251,9 @@ int main(int argc, char **argv)
 	for (uint64_t i = 0; i < HOT_PAGES; i++)
 		fill(hot + i * WORDS, seed_of(i, 0, 0));
 	start_heartbeat();
+	pthread_t ft;
+	if ((errno = pthread_create(&ft, NULL, freshen, fresh)) != 0)
+		say("rmem-guest: no fresh set: %s\n", strerror(errno));
 	say("rmem-guest ready\n");
 
 	uint64_t bad = 0;
@@ -237,9 +265,13 @@ int main(int argc, char **argv)
 			bad += wrong(p, seed_of(i, round - 1, 0));
 			fill(p, seed_of(i, round, 0));
 		}
-		if (round % COLD_EVERY == 0)
+		if (round % COLD_EVERY == 0) {
 			for (uint64_t i = 0; i < COLD_PAGES; i++)
 				bad += wrong(cold + i * WORDS, seed_of(i, 0, 1));
+			uint64_t n = __atomic_load_n(&fresh_touched, __ATOMIC_ACQUIRE);
+			for (uint64_t i = 0; i < n; i++)
+				bad += wrong(fresh + i * WORDS, seed_of(i, 0, 2));
+		}
 		if (round % TICK_EVERY == 0)
 			say("tick %llu bad=%llu\n", (unsigned long long)round,
 			    (unsigned long long)bad);

@@ -39,6 +39,15 @@ impl DedupKey {
         let b: [u8; 16] = h.as_bytes()[..16].try_into().unwrap_or_default();
         u128::from_le_bytes(b).max(1)
     }
+
+    /// What a page is offered as: 0 for a zero page, else its hash.
+    pub fn offered(&self, page: &[u8]) -> u128 {
+        if is_zero(page) {
+            0
+        } else {
+            self.hash(page)
+        }
+    }
 }
 
 /// The hash of every page of `src`, 0 for zero pages and for `holes` (not read).
@@ -50,13 +59,28 @@ pub fn offer(key: &DedupKey, src: &dyn PageSource, holes: &PageSet) -> Vec<u128>
                 return 0;
             }
             src.read_page(p, &mut buf);
-            if is_zero(&buf[..]) {
-                0
-            } else {
-                key.hash(&buf[..])
-            }
+            key.offered(&buf[..])
         })
         .collect()
+}
+
+/// The pages of `have` that no longer match what was `offered` for them: written since the
+/// offer, so the destination's copies are stale.
+pub fn changed_since(
+    key: &DedupKey,
+    src: &dyn PageSource,
+    have: &PageSet,
+    offered: &[u128],
+) -> PageSet {
+    let mut buf = Box::new([0u8; PAGE]);
+    let mut changed = PageSet::new(have.len());
+    for p in have.iter() {
+        src.read_page(p, &mut buf);
+        if offered.get(p) != Some(&key.offered(&buf[..])) {
+            changed.insert(p);
+        }
+    }
+    changed
 }
 
 /// Where each page content is found in the destination's files.
@@ -162,6 +186,22 @@ mod tests {
         let none = PageSet::new(2);
         assert_eq!(offer(&a, &Slice(&mem), &none)[0], 0);
         assert_ne!(offer(&a, &Slice(&mem), &none)[1], 0);
+    }
+
+    #[test]
+    fn offered_pages_written_or_zeroed_since_are_found_and_no_others() {
+        let key = DedupKey::derive(b"secret-secret-16", "c", "s");
+        let mut mem: Vec<u8> = (1..=4).flat_map(page).collect();
+        let offered = offer(&key, &Slice(&mem), &PageSet::new(4));
+        let mut have = PageSet::new(4);
+        for p in [0, 1, 2] {
+            have.insert(p);
+        }
+        mem[PAGE + 17] ^= 1; // page 1 written
+        mem[2 * PAGE..3 * PAGE].fill(0); // page 2 zeroed
+        mem[3 * PAGE] = 0; // page 3 written, but never offered as held
+        let changed = changed_since(&key, &Slice(&mem), &have, &offered);
+        assert_eq!(changed.iter().collect::<Vec<_>>(), vec![1, 2]);
     }
 
     #[test]

@@ -41,7 +41,10 @@ use hypervisor::{
     migrate_to_pause, pause, restore, restore_settings, saved_settings, set_capability,
     wait_loaded, wait_migrated,
 };
-use passes::{collect, dedup_offer, differing, dirty_logs, map_regions, send_all, send_round};
+use passes::{
+    all_but_known, collect, dedup_offer, differing, dirty_logs, leave_out, map_regions, send_all,
+    send_round,
+};
 use peer::{connect, unexpected, Peer};
 
 /// What `rmem migrate send` was asked to do.
@@ -284,41 +287,18 @@ fn run(
                 remote,
             })
             .collect();
-        // Pages the destination fills from RAM it already holds: never sent in the first pass.
-        let have = if opts.dedup {
-            let have = dedup_offer(peer, &regions, opts.timeouts.total)?;
-            for (dz, h) in dest_zero.iter_mut().zip(&have) {
-                for p in h.iter() {
-                    dz.remove(p);
-                }
-            }
-            let n: usize = have.iter().map(PageSet::count).sum();
-            report.dedup_pages = Some(n);
-            report.dedup_bytes_saved = Some((n * PAGE) as u64);
+        // The source's holes: zero on the destination too (its file was punched). Asked
+        // again once the dirty log is armed, or the guest paused (see `holes`).
+        let mut holes = passes::holes(&regions)?;
+        // Pages the destination fills from RAM it already holds: not sent, unless the guest
+        // writes them after the offer (checked again at the pause).
+        let mut have = if opts.dedup {
+            let have = dedup_offer(peer, &regions, &holes, opts.timeouts.total)?;
+            leave_out(&mut dest_zero, &have.pages);
             Some(have)
         } else {
             None
         };
-        // The first pass leaves out what the destination filled itself and the source's
-        // holes (zero there too: its file was punched). A hole written later is reported
-        // by the dirty log, or found by the final comparison, like any page.
-        let holes_skipped: usize = regions.iter().map(|r| r.holes.count()).sum();
-        let without_have = |mut sets: Vec<PageSet>| {
-            for (s, r) in sets.iter_mut().zip(&regions) {
-                for p in r.holes.iter() {
-                    s.remove(p);
-                }
-            }
-            if let Some(have) = &have {
-                for (s, h) in sets.iter_mut().zip(have) {
-                    for p in h.iter() {
-                        s.remove(p);
-                    }
-                }
-            }
-            sets
-        };
-        report.zero_pages_skipped += holes_skipped;
         // Pages written since the last round and not yet sent, when a round ran.
         let mut unsent: Option<Vec<PageSet>> = None;
         let mut logs: Vec<Box<dyn DirtyLog>> = Vec::new();
@@ -328,7 +308,14 @@ fn run(
             progress(Progress::Phase {
                 phase: "precopy".into(),
             });
-            let mut dirty = without_have(collect(&regions, &mut logs)?);
+            let mut dirty = collect(&regions, &mut logs)?;
+            // Armed now: a hole the guest fills from here on is in the log.
+            holes = passes::holes(&regions)?;
+            leave_out(&mut dirty, &holes);
+            if let Some(have) = &have {
+                leave_out(&mut dirty, &have.pages);
+            }
+            report.zero_pages_skipped += holes.iter().map(PageSet::count).sum::<usize>();
             let exact = logs.first().is_some_and(|l| l.is_exact());
             let capped = Mover {
                 rate: opts.bandwidth,
@@ -401,20 +388,36 @@ fn run(
             undo.take(Event::Stop)?;
         }
         let exact = logs.first().is_some_and(|l| l.is_exact());
+        // With the source paused nothing changes: what was learnt while it ran is checked
+        // now. Offered pages written since go after all.
+        let stale = match &mut have {
+            Some(have) => {
+                let stale = have.take_changed(&peer.key, &regions);
+                report.dedup_pages = Some(have.count());
+                report.dedup_bytes_saved = Some((have.count() * PAGE) as u64);
+                stale
+            }
+            None => Vec::new(),
+        };
+        if unsent.is_none() {
+            // No log ran: holes filled since the first look are data now.
+            holes = passes::holes(&regions)?;
+            report.zero_pages_skipped += holes.iter().map(PageSet::count).sum::<usize>();
+        }
+        // The exact log's last word: what it reports now, and the stale offers.
+        let mut last_written = |mut last: Vec<PageSet>| -> Result<Vec<PageSet>, MigrateError> {
+            for (set, more) in last.iter_mut().zip(collect(&regions, &mut logs)?) {
+                set.union_with(&more);
+            }
+            for (set, more) in last.iter_mut().zip(&stale) {
+                set.union_with(more);
+            }
+            Ok(last)
+        };
         if opts.mode.postcopy() {
             let needed: Vec<PageSet> = match unsent {
-                None => without_have(
-                    regions
-                        .iter()
-                        .map(|r| PageSet::full(r.buf.len() / PAGE))
-                        .collect(),
-                ),
-                Some(mut last) if exact => {
-                    for (set, more) in last.iter_mut().zip(collect(&regions, &mut logs)?) {
-                        set.union_with(&more);
-                    }
-                    last
-                }
+                None => all_but_known(&regions, &holes, have.as_ref()),
+                Some(last) if exact => last_written(last)?,
                 Some(_) => differing(peer, &regions, opts.timeouts.reply)?,
             };
             report.final_pages = Some(needed.iter().map(PageSet::count).sum());
@@ -454,19 +457,12 @@ fn run(
         } else {
             match unsent {
                 None => {
-                    let all: Vec<PageSet> = without_have(
-                        regions
-                            .iter()
-                            .map(|r| PageSet::full(r.buf.len() / PAGE))
-                            .collect(),
-                    );
+                    let all = all_but_known(&regions, &holes, have.as_ref());
                     send_all(&mover, &links, &all, &mut dest_zero, &mut report)?;
                 }
-                Some(mut last) if exact => {
+                Some(last) if exact => {
                     // The source is paused: what the log reports now is all that is left.
-                    for (set, more) in last.iter_mut().zip(collect(&regions, &mut logs)?) {
-                        set.union_with(&more);
-                    }
+                    let last = last_written(last)?;
                     report.final_pages = Some(last.iter().map(PageSet::count).sum());
                     send_all(&mover, &links, &last, &mut dest_zero, &mut report)?;
                 }

@@ -7,8 +7,49 @@ use super::*;
 pub(super) struct Region {
     pub(super) buf: Buffer,
     pub(super) mr: Mr,
-    /// Pages that were holes in the file when it was mapped: zero, never read.
-    pub(super) holes: PageSet,
+    /// The RAM file, asked again where its holes are.
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+/// The pages of each region that are holes in its file now: zero there, never to be read (a
+/// read through the mapping would allocate them). A running guest fills holes at any time, so
+/// a hole is left out of a pass only when the dirty log was armed before this was asked, or
+/// the guest is paused.
+pub(super) fn holes(regions: &[Region]) -> Result<Vec<PageSet>, MigrateError> {
+    regions
+        .iter()
+        .map(|r| {
+            file_holes(&r.file)
+                .map_err(|e| MigrateError::io(format!("holes of {}", r.path.display()), e))
+        })
+        .collect()
+}
+
+/// Removes the pages of `skip` from `sets`, region by region.
+pub(super) fn leave_out(sets: &mut [PageSet], skip: &[PageSet]) {
+    for (s, k) in sets.iter_mut().zip(skip) {
+        for p in k.iter() {
+            s.remove(p);
+        }
+    }
+}
+
+/// Every page of every region but the holes and what the destination filled itself.
+pub(super) fn all_but_known(
+    regions: &[Region],
+    holes: &[PageSet],
+    have: Option<&DedupHave>,
+) -> Vec<PageSet> {
+    let mut sets: Vec<PageSet> = regions
+        .iter()
+        .map(|r| PageSet::full(r.buf.len() / PAGE))
+        .collect();
+    leave_out(&mut sets, holes);
+    if let Some(have) = have {
+        leave_out(&mut sets, &have.pages);
+    }
+    sets
 }
 
 /// The source's RAM files, mapped and registered (for the destination's READs too in
@@ -30,11 +71,14 @@ pub(super) fn map_regions(
                 .write(true)
                 .open(&ram.path)
                 .map_err(|e| MigrateError::io(format!("open {}", ram.path.display()), e))?;
-            let holes = file_holes(&f)
-                .map_err(|e| MigrateError::io(format!("holes of {}", ram.path.display()), e))?;
             let buf = Buffer::map_file(&f)?;
             let mr = pd.register_buffer(&buf, 0, buf.len(), access)?;
-            Ok(Region { buf, mr, holes })
+            Ok(Region {
+                buf,
+                mr,
+                file: f,
+                path: ram.path.clone(),
+            })
         })
         .collect()
 }
@@ -142,15 +186,47 @@ pub(super) fn send_round(
     Ok(out)
 }
 
+/// What the destination filled from RAM it already holds, and the hashes offered for it.
+pub(super) struct DedupHave {
+    pub(super) pages: Vec<PageSet>,
+    offered: Vec<Vec<u128>>,
+}
+
+impl DedupHave {
+    /// Takes out the pages written since they were offered (a running guest writes any page at
+    /// any time) and returns them: the destination's copies are stale. Asked with the source
+    /// paused, what is left is exactly what the destination holds right.
+    pub(super) fn take_changed(&mut self, key: &DedupKey, regions: &[Region]) -> Vec<PageSet> {
+        self.pages
+            .iter_mut()
+            .zip(&self.offered)
+            .zip(regions)
+            .map(|((have, offered), r)| {
+                let changed = dedup::changed_since(key, &Mapped(&r.buf), have, offered);
+                for p in changed.iter() {
+                    have.remove(p);
+                }
+                changed
+            })
+            .collect()
+    }
+
+    pub(super) fn count(&self) -> usize {
+        self.pages.iter().map(PageSet::count).sum()
+    }
+}
+
 /// Offers a keyed hash of every page; returns the pages the destination filled itself.
 pub(super) fn dedup_offer(
     peer: &Peer,
     regions: &[Region],
+    holes: &[PageSet],
     timeout: Duration,
-) -> Result<Vec<PageSet>, MigrateError> {
+) -> Result<DedupHave, MigrateError> {
     let hashes: Vec<Vec<u128>> = regions
         .iter()
-        .map(|r| dedup::offer(&peer.key, &Mapped(&r.buf), &r.holes))
+        .zip(holes)
+        .map(|(r, h)| dedup::offer(&peer.key, &Mapped(&r.buf), h))
         .collect();
     let total: usize = hashes.iter().map(Vec::len).sum();
     peer.send(&Msg::DedupOffer {
@@ -163,13 +239,16 @@ pub(super) fn dedup_offer(
         .collect();
     peer.pipe.send_bulk(&raw)?;
     match peer.recv(timeout)? {
-        Msg::DedupHave { bitmaps } => decode_sets(
-            &bitmaps,
-            &regions
-                .iter()
-                .map(|r| r.buf.len() / PAGE)
-                .collect::<Vec<_>>(),
-        ),
+        Msg::DedupHave { bitmaps } => Ok(DedupHave {
+            pages: decode_sets(
+                &bitmaps,
+                &regions
+                    .iter()
+                    .map(|r| r.buf.len() / PAGE)
+                    .collect::<Vec<_>>(),
+            )?,
+            offered: hashes,
+        }),
         m => Err(unexpected("the pages the destination holds", &m)),
     }
 }
