@@ -1,10 +1,10 @@
 #!/bin/sh
 # Runs inside each VM of run.sh's migrate-2vm mode: `rmem migrate` moves a running process's
-# memory, a shared 56 MiB file on tmpfs, from VM a to VM b over the verbs provider (rxe0 in each
+# memory, a shared 40 MiB file on tmpfs, from VM a to VM b over the verbs provider (rxe0 in each
 # guest, across the socket network between the two kernels). No QEMU runs inside the VMs.
 # VM a (RMEM_ROLE=server) is the source: it runs migrate/guest's writer (`writer --file PATH`
-# rewrites an 8 MiB hot set every 100 ms, checks a 24 MiB cold set, fills a 24 MiB fresh one a
-# page every 2 ms) and `rmem migrate send --file --pid`; VM b (client) is the destination,
+# rewrites an 8 MiB hot set every 100 ms, checks a 24 MiB cold set, fills an 8 MiB fresh one a
+# page every 4 ms) and `rmem migrate send --file --pid`; VM b (client) is the destination,
 # `rmem migrate recv --file`. Two migrations:
 #   1. precopy with exact dirty pages: the writer runs under rmem's preload library and send
 #      takes its userfaultfd (--preload-socket: async write-protect and PAGEMAP_SCAN, 6.7+);
