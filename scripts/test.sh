@@ -25,11 +25,14 @@ if ((${#tools[@]})); then
 fi
 cargo test --workspace --locked
 # Shaped and silenced links between network namespaces (placement's probe and link map, a
-# queue pair outliving an outage): needs root.
+# queue pair outliving an outage), and a migrated process running as another user (as QEMU
+# runs under libvirt): both need root.
 if [[ $(id -u) -eq 0 ]]; then
   cargo test --locked --test netns_links -- --ignored
+  cargo test --locked -p rmem-migrate --test migrate_process -- --ignored
 else
-  echo "NOTE: not root: the shaped-link test (tests/netns_links.rs) was NOT run"
+  echo "NOTE: not root: the shaped-link test (tests/netns_links.rs) and the unprivileged"
+  echo "      writer's migration (migrate/tests/migrate_process.rs) were NOT run"
 fi
 # The Debian package: built (cargo-deb, lintian), installed on a clean Debian 12 root
 # (debootstrap), run, its man pages and units checked there. Needs root and the Debian mirror.

@@ -107,6 +107,30 @@ impl Qmp {
         self.version
     }
 
+    /// The user and group QEMU runs as (the monitor's peer credentials): a socket QEMU is to
+    /// connect to must be theirs. None when the kernel does not say.
+    pub fn peer_owner(&self) -> Option<(u32, u32)> {
+        use std::os::fd::AsRawFd;
+        let mut cred = libc::ucred {
+            pid: 0,
+            uid: 0,
+            gid: 0,
+        };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: getsockopt(SO_PEERCRED) writes at most `len` bytes into `cred`, a ucred we
+        // own, on a socket descriptor we hold.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.writer.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&mut cred as *mut libc::ucred).cast(),
+                &mut len,
+            )
+        };
+        (rc == 0 && cred.pid != 0).then_some((cred.uid, cred.gid))
+    }
+
     /// Runs one command and returns its `return` value.
     pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
         let id = self.next_id;

@@ -34,9 +34,30 @@ pub struct Relay {
 
 impl Relay {
     /// Source side: listens on `socket` and carries each connection QEMU makes into a new stream.
-    pub fn source(pipe: Arc<Pipe>, socket: &Path) -> std::io::Result<Relay> {
+    /// The socket is its `owner`'s (QEMU's user and group, when QEMU runs as another user than
+    /// rmem, as under libvirt) and nobody else's: whoever connects feeds the destination QEMU.
+    pub fn source(
+        pipe: Arc<Pipe>,
+        socket: &Path,
+        owner: Option<(u32, u32)>,
+    ) -> std::io::Result<Relay> {
+        use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::remove_file(socket);
         let listener = UnixListener::bind(socket)?;
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+        if let Some((uid, gid)) = owner {
+            // SAFETY: geteuid has no arguments and cannot fail.
+            if uid != unsafe { libc::geteuid() } {
+                std::os::unix::fs::chown(socket, Some(uid), Some(gid)).map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!(
+                            "QEMU runs as uid {uid}: its migration socket must be that user's                              (run rmem as root or as that user): {e}"
+                        ),
+                    )
+                })?;
+            }
+        }
         listener.set_nonblocking(true)?;
         let mut relay = Relay::new(Some(socket.to_path_buf()));
         let wake = Arc::new(Wake::new()?);

@@ -8,6 +8,12 @@ pub const UFFDIO_WAKE: u64 = 0x8010_AA02;
 pub const UFFDIO_WRITEPROTECT: u64 = 0xC018_AA06;
 pub const UFFDIO_CONTINUE: u64 = 0xC020_AA07;
 pub const UFFD_API: u64 = 0xAA;
+/// `/dev/userfaultfd`'s one ioctl (Linux 6.1+): a new userfaultfd, checked against the
+/// device's file permissions instead of CAP_SYS_PTRACE.
+pub const USERFAULTFD_IOC_NEW: u64 = 0xAA00;
+/// userfaultfd(2) flag: only faults from user mode reach the handler; allowed without
+/// CAP_SYS_PTRACE.
+pub const UFFD_USER_MODE_ONLY: i32 = 1;
 
 pub const UFFD_FEATURE_MINOR_HUGETLBFS: u64 = 1 << 9;
 pub const UFFD_FEATURE_MINOR_SHMEM: u64 = 1 << 10;

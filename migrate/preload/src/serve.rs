@@ -91,13 +91,7 @@ fn register(req: &str) -> Result<(OwnedFd, Mapping), String> {
         ),
         _ => return Err(format!("unknown operation {op:?} (wp or minor)")),
     };
-    // SAFETY: the userfaultfd syscall takes flags only and returns a new descriptor or -1.
-    let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-    if raw < 0 {
-        return Err(format!("userfaultfd: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: `raw` is a descriptor the kernel just returned to us and nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+    let fd = new_userfaultfd(mode == UFFDIO_REGISTER_MODE_WP)?;
     let mut api = UffdioApi {
         api: UFFD_API,
         features,
@@ -137,6 +131,58 @@ fn register(req: &str) -> Result<(OwnedFd, Mapping), String> {
         }
     }
     Ok((fd, m))
+}
+
+/// A new userfaultfd. QEMU may run without CAP_SYS_PTRACE (libvirt runs it as its own user,
+/// all capabilities dropped) where `vm.unprivileged_userfaultfd` is 0, the default; then
+/// `/dev/userfaultfd` is tried (its file permissions decide), and for asynchronous
+/// write-protect a user-mode-only descriptor: async write faults are resolved in the kernel
+/// and never delivered, so a write by the kernel itself (a read(2) into guest RAM) is tracked
+/// the same. Minor faults must also reach the agent from the kernel's own accesses: no such
+/// fallback for them.
+fn new_userfaultfd(write_protect: bool) -> Result<OwnedFd, String> {
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+    let syscall = |flags: i32| {
+        // SAFETY: the userfaultfd syscall takes flags only and returns a new descriptor or -1.
+        let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a descriptor the kernel just returned to us and nobody else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(raw as i32) })
+    };
+    let first = match syscall(flags) {
+        Ok(fd) => return Ok(fd),
+        Err(e) => e,
+    };
+    let device = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/userfaultfd")
+        .and_then(|dev| {
+            // SAFETY: USERFAULTFD_IOC_NEW takes the flags as its argument and returns a new
+            // descriptor or -1; `dev` is open for the call.
+            let raw = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags) };
+            if raw < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // SAFETY: `raw` is a descriptor the kernel just returned to us and nobody owns.
+            Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+        });
+    let device = match device {
+        Ok(fd) => return Ok(fd),
+        Err(e) => e,
+    };
+    if write_protect {
+        if let Ok(fd) = syscall(flags | UFFD_USER_MODE_ONLY) {
+            return Ok(fd);
+        }
+    }
+    Err(format!(
+        "userfaultfd: {first}; /dev/userfaultfd: {device}. QEMU's user may not create one: \
+         give it access to /dev/userfaultfd (visible in its mount namespace), or set \
+         vm.unprivileged_userfaultfd=1, or run it with CAP_SYS_PTRACE"
+    ))
 }
 
 fn ioctl<T>(fd: &OwnedFd, req: u64, arg: &mut T) -> std::io::Result<()> {

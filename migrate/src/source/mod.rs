@@ -614,7 +614,8 @@ fn start_device_state(
         &auth::nonce()[..8]
     ));
     let started = Instant::now();
-    let relay = Relay::source(peer.pipe.clone(), &sock)
+    let owner = q.qmp().and_then(|m| m.peer_owner());
+    let relay = Relay::source(peer.pipe.clone(), &sock, owner)
         .map_err(|e| MigrateError::io(format!("relay socket {}", sock.display()), e))?;
     q.execute(
         "migrate",
