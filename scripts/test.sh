@@ -42,6 +42,13 @@ if [[ $(id -u) -eq 0 ]]; then
 else
   echo "NOTE: not root: the package install test (scripts/package-test.sh) was NOT run"
 fi
+# docs/migrate.md's libvirt set-up, run: three modes between two libvirt domains. Needs root.
+if [[ $(id -u) -eq 0 ]]; then
+  echo "== rmem migrate between libvirt domains"
+  scripts/libvirt-test.sh
+else
+  echo "NOTE: not root: the libvirt migration test (scripts/libvirt-test.sh) was NOT run"
+fi
 if [[ "${RMEM_SKIP_VM:-0}" == 1 ]]; then
   echo "NOTE: RMEM_SKIP_VM=1: the verbs conformance suite on Soft-RoCE was NOT run"
   exit 0
