@@ -399,8 +399,9 @@ fn run(
             }
             None => Vec::new(),
         };
-        if unsent.is_none() {
-            // No log ran: holes filled since the first look are data now.
+        if unsent.is_none() && !opts.mode.postcopy() {
+            // No log ran: holes filled since the first look are data now. (Post-copy names
+            // every page and finds the holes among them after the switch-over.)
             holes = passes::holes(&regions)?;
             report.zero_pages_skipped += holes.iter().map(PageSet::count).sum::<usize>();
         }
@@ -416,7 +417,9 @@ fn run(
         };
         if opts.mode.postcopy() {
             let needed: Vec<PageSet> = match unsent {
-                None => all_but_known(&regions, &holes, have.as_ref()),
+                // Every page: the destination allocated its whole file, and the zero pages
+                // (holes included) are named once it runs, off the pause.
+                None => all_but_known(&regions, &[], have.as_ref()),
                 Some(last) if exact => last_written(last)?,
                 Some(_) => differing(peer, &regions, opts.timeouts.reply)?,
             };
@@ -434,17 +437,26 @@ fn run(
             // for good: what is zero now stays zero). Scanning during the switch-over would
             // take a core from QEMU saving and loading the device state.
             let bufs: Vec<Buffer> = regions.iter().map(|r| r.buf.clone()).collect();
+            let files: Vec<Option<std::fs::File>> =
+                regions.iter().map(|r| r.file.try_clone().ok()).collect();
             let pipe = peer.pipe.clone();
             let known_zero = dest_zero.clone();
             zero_scan = Some(Box::new(move || {
                 let bitmaps = bufs
                     .iter()
+                    .zip(&files)
                     .zip(&needed)
                     .zip(&known_zero)
-                    .map(|((b, need), dz)| {
+                    .map(|(((b, f), need), dz)| {
+                        // Holes are zero without reading them (a read would allocate them);
+                        // not knowing them only costs reads.
+                        let holes = f
+                            .as_ref()
+                            .and_then(|f| file_holes(f).ok())
+                            .unwrap_or_else(|| PageSet::new(need.len()));
                         let mut z = PageSet::new(need.len());
                         for p in need.iter().filter(|&p| dz.contains(p)) {
-                            if b.is_zero(p * PAGE, PAGE).unwrap_or(false) {
+                            if holes.contains(p) || b.is_zero(p * PAGE, PAGE).unwrap_or(false) {
                                 z.insert(p);
                             }
                         }

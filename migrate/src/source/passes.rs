@@ -8,7 +8,7 @@ pub(super) struct Region {
     pub(super) buf: Buffer,
     pub(super) mr: Mr,
     /// The RAM file, asked again where its holes are.
-    file: std::fs::File,
+    pub(super) file: std::fs::File,
     path: PathBuf,
 }
 
