@@ -92,30 +92,34 @@ pub(super) fn pause(q: &mut Control, undo: &mut Undo) -> Result<Instant, Migrate
 }
 
 /// QEMU sources: starts QEMU's migration (device state only) with the guest still running;
-/// QEMU sets it up, stops the guest itself and waits (pause-before-switchover) for
-/// `migrate-continue`. So QEMU's setup (its connection, thread and first pass over the small
-/// RAM blocks that are not shared) stays out of the pause. Returns the relay, when the
-/// migration started and when the guest stopped (by the timestamp of QEMU's STOP event).
+/// QEMU sets it up, stops the guest itself and, with `hold` (pause-before-switchover), waits
+/// for `migrate-continue`; without, it goes on with the device state at once. So QEMU's setup
+/// (its connection, thread and first pass over the small RAM blocks that are not shared)
+/// stays out of the pause. Returns once the guest stopped: the relay, when the migration
+/// started and when the guest stopped (by the timestamp of QEMU's STOP event).
 pub(super) fn migrate_to_pause(
     q: &mut Control,
     peer: &Peer,
     opts: &SendOptions,
     undo: &mut Undo,
     cancel: &AtomicBool,
+    hold: bool,
 ) -> Result<(Relay, Instant, Instant), MigrateError> {
     let (relay, started) = start_device_state(q, peer, opts, undo)?;
     let Some(qmp) = q.qmp() else {
         return Err(MigrateError::Protocol("no QEMU to pause the guest".into()));
     };
     let waiting = Instant::now();
-    let pre = |m: &Value| {
-        m.get("event").and_then(Value::as_str) == Some("MIGRATION")
-            && matches!(
-                m.pointer("/data/status").and_then(Value::as_str),
-                Some("pre-switchover" | "failed" | "cancelled")
-            )
+    let paused = if hold { "pre-switchover" } else { "stopped" };
+    let pre = |m: &Value| match m.get("event").and_then(Value::as_str) {
+        Some("MIGRATION") => matches!(
+            m.pointer("/data/status").and_then(Value::as_str),
+            Some("pre-switchover" | "failed" | "cancelled")
+        ),
+        Some("STOP") => !hold,
+        _ => false,
     };
-    loop {
+    let stop = loop {
         if cancel.load(Ordering::Acquire) {
             return Err(MigrateError::Cancelled);
         }
@@ -124,7 +128,11 @@ pub(super) fn migrate_to_pause(
         }
         // Short waits: a cancel or a lost peer is seen within one.
         if let Some(ev) = qmp.wait_event(pre, Duration::from_millis(20))? {
-            if ev.pointer("/data/status").and_then(Value::as_str) != Some("pre-switchover") {
+            let status = match ev.get("event").and_then(Value::as_str) {
+                Some("STOP") => Some("stopped"),
+                _ => ev.pointer("/data/status").and_then(Value::as_str),
+            };
+            if status != Some(paused) {
                 let v = qmp.execute("query-migrate", None)?;
                 let why = v
                     .get("error-desc")
@@ -134,7 +142,7 @@ pub(super) fn migrate_to_pause(
                     "QEMU's migration ended before the switch-over: {why}"
                 )));
             }
-            break;
+            break (!hold).then_some(ev);
         }
         if waiting.elapsed() > opts.timeouts.reply {
             return Err(MigrateError::Qemu(format!(
@@ -142,15 +150,18 @@ pub(super) fn migrate_to_pause(
                 opts.timeouts.reply
             )));
         }
-    }
+    };
     undo.paused_by_us = undo.was_running;
     // A guest already paused has no STOP event: its pause began before the migration.
     let now = Instant::now();
-    let at = qmp
-        .wait_event(
+    let stop = match stop {
+        Some(ev) => Some(ev),
+        None => qmp.wait_event(
             |m| m.get("event").and_then(Value::as_str) == Some("STOP"),
             Duration::ZERO,
-        )?
+        )?,
+    };
+    let at = stop
         .and_then(|m| event_age(&m))
         .and_then(|age| now.checked_sub(age))
         .unwrap_or(now);

@@ -43,7 +43,7 @@ use hypervisor::{
 };
 use passes::{
     all_but_known, collect, dedup_offer, differing, dirty_logs, leave_out, map_regions, send_all,
-    send_round,
+    send_round, zero_scan_of,
 };
 use peer::{connect, unexpected, Peer};
 
@@ -224,11 +224,16 @@ fn run(
     // soon as it has loaded the device state, so a guest to be left paused there (--suspend)
     // is stopped by rmem first instead, as is a process.
     let in_qemu = moves && matches!(q, Control::Qemu(_)) && !(opts.suspend && undo.was_running);
+    // Post-copy with nothing to learn at the pause (no rounds, no dedup offers to check again)
+    // names its pages before QEMU starts, and QEMU goes from stopping the guest straight on
+    // to the device state, as its own post-copy does: no hold at pre-switchover.
+    // (A paused guest has no STOP to wait for: it takes the hold.)
+    let eager = in_qemu && opts.mode == Mode::Postcopy && !opts.dedup && undo.was_running;
     let mut touched = vec!["x-ignore-shared".to_string()];
     touched.extend(opts.qemu_capabilities.iter().cloned());
     let hold = ["pause-before-switchover", "events"];
     if in_qemu {
-        touched.extend(hold.iter().map(|c| c.to_string()));
+        touched.extend(hold.map(String::from));
     }
     undo.saved = Some(saved_settings(q, &touched)?);
     set_capability(q, "x-ignore-shared", moves)?;
@@ -236,9 +241,9 @@ fn run(
         set_capability(q, c, true)?;
     }
     if in_qemu {
-        for c in hold {
-            set_capability(q, c, true)?;
-        }
+        set_capability(q, "events", true)?;
+        // Off for plain post-copy, whatever an earlier migration left: nobody continues.
+        set_capability(q, "pause-before-switchover", !eager)?;
     }
     let mut params = json!({"downtime-limit": opts.policy.downtime_target.as_millis() as u64});
     if !moves {
@@ -375,14 +380,30 @@ fn run(
             }
             .into(),
         });
+        if eager {
+            // Every page: the destination allocated its whole file, and the zero pages
+            // (holes included) are named once it runs. Before QEMU starts, so the device
+            // state finds them named.
+            let needed = all_but_known(&regions, &[], None);
+            report.final_pages = Some(needed.iter().map(PageSet::count).sum());
+            peer.send(&Msg::Needed {
+                bitmaps: encode_sets(&needed),
+            })?;
+            zero_scan = Some(zero_scan_of(&regions, needed, &dest_zero, &peer.pipe));
+            peer.send(&Msg::PagesDone)?;
+        }
         paused_at = Some(if in_qemu {
-            let (relay, started, at) = migrate_to_pause(q, peer, opts, undo, cancel)?;
+            let (relay, started, at) = migrate_to_pause(q, peer, opts, undo, cancel, !eager)?;
             device = Some((relay, started));
             at
         } else {
             pause(q, undo)?
         });
         tracing::debug!("switch-over: source paused");
+        if eager {
+            // QEMU goes on to the device state by itself: the destination may run from now.
+            undo.take(Event::SwitchToPostCopy)?;
+        }
         let last_pass = Instant::now();
         if !opts.mode.postcopy() {
             undo.take(Event::Stop)?;
@@ -415,7 +436,9 @@ fn run(
             }
             Ok(last)
         };
-        if opts.mode.postcopy() {
+        if eager {
+            // Named before the pause.
+        } else if opts.mode.postcopy() {
             let needed: Vec<PageSet> = match unsent {
                 // Every page: the destination allocated its whole file, and the zero pages
                 // (holes included) are named once it runs, off the pause.
@@ -433,39 +456,7 @@ fn run(
             if device.is_none() {
                 device = Some(start_device_state(q, peer, opts, undo)?);
             }
-            // The zero pages among them, found once the destination runs (the source is paused
-            // for good: what is zero now stays zero). Scanning during the switch-over would
-            // take a core from QEMU saving and loading the device state.
-            let bufs: Vec<Buffer> = regions.iter().map(|r| r.buf.clone()).collect();
-            let files: Vec<Option<std::fs::File>> =
-                regions.iter().map(|r| r.file.try_clone().ok()).collect();
-            let pipe = peer.pipe.clone();
-            let known_zero = dest_zero.clone();
-            zero_scan = Some(Box::new(move || {
-                let bitmaps = bufs
-                    .iter()
-                    .zip(&files)
-                    .zip(&needed)
-                    .zip(&known_zero)
-                    .map(|(((b, f), need), dz)| {
-                        // Holes are zero without reading them (a read would allocate them);
-                        // not knowing them only costs reads.
-                        let holes = f
-                            .as_ref()
-                            .and_then(|f| file_holes(f).ok())
-                            .unwrap_or_else(|| PageSet::new(need.len()));
-                        let mut z = PageSet::new(need.len());
-                        for p in need.iter().filter(|&p| dz.contains(p)) {
-                            if holes.contains(p) || b.is_zero(p * PAGE, PAGE).unwrap_or(false) {
-                                z.insert(p);
-                            }
-                        }
-                        z
-                    })
-                    .collect::<Vec<_>>();
-                let bitmaps = encode_sets(&bitmaps);
-                let _ = pipe.send_msg(&Msg::ZeroPages { bitmaps }.encode());
-            }));
+            zero_scan = Some(zero_scan_of(&regions, needed, &dest_zero, &peer.pipe));
         } else {
             match unsent {
                 None => {
@@ -509,14 +500,14 @@ fn run(
     progress(Progress::Phase {
         phase: if moves { "device-state" } else { "stream" }.into(),
     });
-    if moves {
+    if moves && !eager {
         peer.send(&Msg::PagesDone)?;
     }
     let (relay, device_state) = match device.take() {
         Some(d) => d,
         None => start_device_state(q, peer, opts, undo)?,
     };
-    if in_qemu {
+    if in_qemu && !eager {
         // From here the destination may run at any moment: the source stays paused
         // whatever happens next.
         undo.take(if opts.mode.postcopy() {

@@ -287,3 +287,45 @@ pub(super) fn differing(
         })
         .collect())
 }
+
+/// Post-copy: the scan for zero pages among the `needed` ones the destination holds as zero
+/// (`dest_zero`), to run once the destination runs (the source is paused for good: what is
+/// zero then stays zero; scanning during the switch-over would take a core from QEMU saving
+/// and loading the device state). It tells the destination, which maps those without a READ.
+pub(super) fn zero_scan_of(
+    regions: &[Region],
+    needed: Vec<PageSet>,
+    dest_zero: &[PageSet],
+    pipe: &Arc<Pipe>,
+) -> Box<dyn FnOnce() + Send> {
+    let bufs: Vec<Buffer> = regions.iter().map(|r| r.buf.clone()).collect();
+    let files: Vec<Option<std::fs::File>> =
+        regions.iter().map(|r| r.file.try_clone().ok()).collect();
+    let pipe = pipe.clone();
+    let known_zero = dest_zero.to_vec();
+    Box::new(move || {
+        let bitmaps = bufs
+            .iter()
+            .zip(&files)
+            .zip(&needed)
+            .zip(&known_zero)
+            .map(|(((b, f), need), dz)| {
+                // Holes are zero without reading them (a read would allocate them); not
+                // knowing them only costs reads.
+                let holes = f
+                    .as_ref()
+                    .and_then(|f| file_holes(f).ok())
+                    .unwrap_or_else(|| PageSet::new(need.len()));
+                let mut z = PageSet::new(need.len());
+                for p in need.iter().filter(|&p| dz.contains(p)) {
+                    if holes.contains(p) || b.is_zero(p * PAGE, PAGE).unwrap_or(false) {
+                        z.insert(p);
+                    }
+                }
+                z
+            })
+            .collect::<Vec<_>>();
+        let bitmaps = encode_sets(&bitmaps);
+        let _ = pipe.send_msg(&Msg::ZeroPages { bitmaps }.encode());
+    })
+}
