@@ -3,6 +3,7 @@
 # comes to bytes / bandwidth once RAM is big enough that setup and device state stop mattering.
 #
 #   benches/migrate-1g.sh [--size 1G] [--runs N] [--provider tcp|verbs] [--dir DIR] [--rmem PATH]
+#                         [--guest]
 #
 # --dir: where both RAM files go (default /dev/shm). A tmpfs mounted with huge=always (or
 # hugetlbfs) backs them with 2 MiB pages, as a production host would for guest RAM.
@@ -18,6 +19,12 @@
 #
 # Reports per run the total time, the stop-copy pass, the destination's allocation ahead (from
 # connection to its first page), and the ratios to bytes / bandwidth.
+#
+# --guest: a QEMU guest instead (TCG, --size of RAM, the migration tests' guest with its cold
+# set made three quarters of --size: `rmem.cold=`), booted afresh for each run, moved by `send --qmp
+# --mode stop-copy` to a destination QEMU waiting with -incoming defer, which must then check
+# its whole cold set (12 rounds) and find no bad page. The ratios use the bytes the migration
+# moved (pages with data; holes and zero pages stay behind).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -27,7 +34,8 @@ provider=tcp
 dir=/dev/shm
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
 rmem=$target_dir/release/rmem
-usage() { echo "usage: $0 [--size 1G] [--runs N] [--provider tcp|verbs] [--dir DIR] [--rmem PATH]" >&2; exit 2; }
+guest=0
+usage() { echo "usage: $0 [--size 1G] [--runs N] [--provider tcp|verbs] [--dir DIR] [--rmem PATH] [--guest]" >&2; exit 2; }
 while (($#)); do
   case $1 in
     --size) [[ ${2:-} =~ ^[1-9][0-9]*[KMG]?$ ]] || usage; size=$2; shift 2 ;;
@@ -35,6 +43,7 @@ while (($#)); do
     --provider) [[ ${2:-} =~ ^(tcp|verbs)$ ]] || usage; provider=$2; shift 2 ;;
     --dir) [[ -d ${2:-} ]] || usage; dir=$2; shift 2 ;;
     --rmem) [[ -n ${2:-} ]] || usage; rmem=$2; shift 2 ;;
+    --guest) guest=1; shift ;;
     -h|--help) usage ;;
     *) usage ;;
   esac
@@ -49,9 +58,11 @@ src=$dir/rmem-1g-src-$$
 dst=$dir/rmem-1g-dst-$$
 holder=
 recv_pid=
+qemus=()
 cleanup() {
   [[ -n $recv_pid ]] && kill "$recv_pid" 2>/dev/null || true
   [[ -n $holder ]] && kill -9 "$holder" 2>/dev/null || true
+  for q in "${qemus[@]+"${qemus[@]}"}"; do kill -9 "$q" 2>/dev/null || true; done
   rm -f "$src" "$dst"
   rm -rf "$work"
 }
@@ -61,13 +72,41 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 head -c 32 /dev/urandom | base64 > "$work/secret"
-echo "filling $size of $src" >&2
-head -c "$size" /dev/urandom > "$src"
-bytes=$(stat -c %s "$src")
-sleep 100000 &
-holder=$!
-disown "$holder"
+if ((guest)); then
+  bytes=$(numfmt --from=iec "$size")
+  mb=$((bytes >> 20))
+  img=$target_dir/tmp/rmem-guest
+  migrate/guest/build.sh "$img" >/dev/null
+else
+  echo "filling $size of $src" >&2
+  head -c "$size" /dev/urandom > "$src"
+  bytes=$(stat -c %s "$src")
+  sleep 100000 &
+  holder=$!
+  disown "$holder"
+fi
 port=$((20000 + RANDOM % 20000))
+
+# qemu NAME RAMFILE [ARGS...]: the tests' guest with --size of RAM in RAMFILE, its monitor at
+# $work/NAME.qmp, its console in $work/NAME.serial.
+qemu() {
+  local name=$1 ram=$2; shift 2
+  qemu-system-x86_64 -machine pc,accel=tcg -smp 1 -m "${mb}M" -nodefaults -no-user-config \
+    -display none -kernel "$img/vmlinuz" -initrd "$img/initramfs.cpio.gz" \
+    -append "console=ttyS0 quiet panic=-1 rmem.cold=$((mb * 3 / 4))" \
+    -object "memory-backend-file,id=pc.ram,size=${mb}M,mem-path=$ram,share=on" \
+    -machine memory-backend=pc.ram -qmp "unix:$work/$name.qmp,server=on,wait=off" \
+    -serial "file:$work/$name.serial" "$@" > /dev/null 2>&1 &
+  qemus+=($!)
+  disown $!
+}
+
+# wait_for SECONDS FILE PATTERN
+wait_for() {
+  for _ in $(seq $(($1 * 10))); do grep -q "$3" "$2" 2>/dev/null && return 0; sleep 0.1; done
+  echo "no '$3' in $2 after $1 s: $(tail -n 3 "$2" 2>/dev/null)" >&2
+  return 1
+}
 
 perf_bw() {
   "$rmem" perf loopback --provider "$provider" --op write --bw -s 256K --tx-depth 32 \
@@ -80,17 +119,44 @@ hot_before=$(perf_bw 0)
 bw_before=$(perf_bw "$bytes")
 for i in $(seq "$runs"); do
   rm -f "$dst"
-  "$rmem" migrate recv --provider "$provider" --listen "127.0.0.1:$port" --file "$dst" \
-    --secret-file "$work/secret" --json > "$work/recv.$i" 2> "$work/recv.err.$i" &
+  if ((guest)); then
+    rm -f "$src" "$work"/*.serial "$work"/*.qmp
+    echo "run $i: booting a ${mb} MiB guest and filling its RAM" >&2
+    qemu src "$src"
+    wait_for 300 "$work/src.serial" "^tick " || exit 1
+    qemu dst "$dst" -incoming defer
+    for _ in $(seq 100); do [[ -S $work/dst.qmp ]] && break; sleep 0.1; done
+    "$rmem" migrate recv --provider "$provider" --listen "127.0.0.1:$port" --qmp "$work/dst.qmp" \
+      --secret-file "$work/secret" --json > "$work/recv.$i" 2> "$work/recv.err.$i" &
+  else
+    "$rmem" migrate recv --provider "$provider" --listen "127.0.0.1:$port" --file "$dst" \
+      --secret-file "$work/secret" --json > "$work/recv.$i" 2> "$work/recv.err.$i" &
+  fi
   recv_pid=$!
   for _ in $(seq 100); do grep -q listening "$work/recv.$i" 2>/dev/null && break; sleep 0.05; done
-  kill -CONT "$holder" 2>/dev/null || true
-  "$rmem" migrate send --provider "$provider" --file "$src" --pid "$holder" \
+  if ((guest)); then
+    from=(--qmp "$work/src.qmp")
+  else
+    kill -CONT "$holder" 2>/dev/null || true
+    from=(--file "$src" --pid "$holder")
+  fi
+  "$rmem" migrate send --provider "$provider" "${from[@]}" \
     --to "127.0.0.1:$port" --mode stop-copy --secret-file "$work/secret" --json \
     > "$work/send.$i" 2> "$work/send.err.$i" || { cat "$work/send.err.$i" >&2; exit 1; }
   wait "$recv_pid" || { cat "$work/recv.err.$i" >&2; exit 1; }
   recv_pid=
-  if ! cmp -s "$src" "$dst"; then
+  if ((guest)); then
+    # Four ticks: twelve rounds, so at least one checked every cold page there.
+    for _ in $(seq 1200); do (( $(grep -c '^tick ' "$work/dst.serial") >= 4 )) && break; sleep 0.1; done
+    (( $(grep -c '^tick ' "$work/dst.serial") >= 4 )) ||
+      { echo "run $i: the guest did not tick 4 times on the destination" >&2; exit 1; }
+    if grep '^tick ' "$work/dst.serial" | grep -qv 'bad=0'; then
+      echo "run $i: the guest found bad pages on the destination" >&2
+      exit 1
+    fi
+    for q in "${qemus[@]}"; do kill -9 "$q" 2>/dev/null || true; done
+    qemus=()
+  elif ! cmp -s "$src" "$dst"; then
     echo "run $i: the destination's file differs from the source's" >&2
     exit 1
   fi
@@ -110,17 +176,23 @@ done
 bw_after=$(perf_bw "$bytes")
 hot_after=$(perf_bw 0)
 
-python3 - "$results" "$bytes" "$bw_before" "$bw_after" "$runs" "$provider" "$dir ($fs${pagesz:+, $pagesz})" "$hot_before" "$hot_after" <<'EOF'
+python3 - "$results" "$bytes" "$bw_before" "$bw_after" "$runs" "$provider" "$dir ($fs${pagesz:+, $pagesz})" "$hot_before" "$hot_after" "$guest" <<'EOF'
 import json, statistics as st, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 size, bw1, bw2, runs, provider, where = int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), sys.argv[5], sys.argv[6], sys.argv[7]
 hot1, hot2 = float(sys.argv[8]), float(sys.argv[9])
+guest = sys.argv[10] == "1"
+ram = size
+if guest:
+    # The bytes the migration moved: the guest's holes and zero pages are not sent.
+    size = st.median(r["page_bytes"] for r in rows)
 bw = (bw1 + bw2) / 2
 ideal = size / bw * 1e3
 hot = size / ((hot1 + hot2) / 2) * 1e3
 med = lambda k: st.median(r[k] for r in rows if r[k] is not None)
-print(f"## rmem migrate stop-copy of {size >> 20} MiB (file + paused process, {provider} provider on loopback, RAM files in {where}), {runs} run(s)\n")
-print(f"- transport: rmem perf loopback WRITE 256 KiB x 32 in flight, spread over {size >> 20} MiB: {bw1 / 2**20:.0f} MiB/s before, {bw2 / 2**20:.0f} after; bytes / bandwidth = {ideal:.0f} ms")
+what = f"a {ram >> 20} MiB QEMU guest (TCG), {int(size) >> 20} MiB of it data" if guest else f"{size >> 20} MiB (file + paused process"
+print(f"## rmem migrate stop-copy of {what}, {provider} provider on loopback, RAM files in {where}), {runs} run(s)\n")
+print(f"- transport: rmem perf loopback WRITE 256 KiB x 32 in flight, spread over {ram >> 20} MiB: {bw1 / 2**20:.0f} MiB/s before, {bw2 / 2**20:.0f} after; bytes / bandwidth = {ideal:.0f} ms")
 print(f"- the same into one reused buffer (perftest's way, cache-resident): {hot1 / 2**20:.0f} and {hot2 / 2**20:.0f} MiB/s; bytes / bandwidth = {hot:.0f} ms\n")
 print("| | median ms | min-max | x bytes/bandwidth (spread) | x bytes/bandwidth (reused) |\n|---|---|---|---|---|")
 for k, name in [("total_ms", "total (send's start to result)"), ("pass_ms", "stop-copy pass (pages only)"),
@@ -128,5 +200,6 @@ for k, name in [("total_ms", "total (send's start to result)"), ("pass_ms", "sto
     vals = [r[k] for r in rows if r[k] is not None]
     if vals:
         print(f"| {name} | {med(k):.0f} | {min(vals):.0f}-{max(vals):.0f} | {med(k) / ideal:.2f} | {med(k) / hot:.2f} |")
-print(f"\nEvery run: the destination file equal to the source's; {rows[0]['page_bytes'] >> 20} MiB in {rows[0]['requests']} WRITEs.")
+check = "the guest checked every page on the destination and found no bad one" if guest else "the destination file equal to the source's"
+print(f"\nEvery run: {check}; {rows[0]['page_bytes'] >> 20} MiB in {rows[0]['requests']} WRITEs.")
 EOF

@@ -16,7 +16,8 @@
  * (migrate/tests/support/guest.rs mirrors seed_of).
  *
  * With "rmem.heartbeat" on the kernel command line a second thread writes one byte to ttyS1
- * every 10 ms, for measuring how long the guest stops during a migration.
+ * every 10 ms, for measuring how long the guest stops during a migration. "rmem.cold=N" makes
+ * the cold set N MiB instead of 24 (a big guest whose RAM is mostly data, for benchmarks).
  *
  * If /init exits the kernel panics, so every failure here is reported and then waited out.
  *
@@ -31,6 +32,7 @@
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
@@ -172,17 +174,24 @@ static void *freshen(void *arg)
 	return NULL;
 }
 
+/* The kernel command line ("" when it cannot be read). */
+static const char *cmdline(void)
+{
+	static char line[1024];
+	int c = open("/proc/cmdline", O_RDONLY);
+	if (c >= 0) {
+		ssize_t n = read(c, line, sizeof line - 1);
+		line[n > 0 ? n : 0] = 0;
+		close(c);
+	}
+	return line;
+}
+
 /* Starts the heartbeat thread when the kernel command line asks for it. */
 static void start_heartbeat(void)
 {
 	static int fd;
-	char cmdline[1024] = "";
-	int c = open("/proc/cmdline", O_RDONLY);
-	if (c < 0)
-		return;
-	ssize_t n = read(c, cmdline, sizeof cmdline - 1);
-	close(c);
-	if (n <= 0 || !strstr(cmdline, "rmem.heartbeat"))
+	if (!strstr(cmdline(), "rmem.heartbeat"))
 		return;
 	fd = open_tty("ttyS1", 65);
 	pthread_t t;
@@ -222,6 +231,7 @@ static uint64_t *map_file(const char *path)
 int main(int argc, char **argv)
 {
 	uint64_t *hot, *cold, *fresh;
+	uint64_t cold_pages = COLD_PAGES;
 	if (argc == 3 && strcmp(argv[1], "--file") == 0) {
 		out = 1;
 		hot = map_file(argv[2]);
@@ -239,15 +249,18 @@ int main(int argc, char **argv)
 		out = open_tty("ttyS0", 64);
 		if (out < 0)
 			out = open("/dev/console", O_WRONLY | O_NOCTTY);
+		const char *mib = strstr(cmdline(), "rmem.cold=");
+		if (mib && strtoull(mib + 10, NULL, 10) > 0)
+			cold_pages = strtoull(mib + 10, NULL, 10) * ((1u << 20) / PAGE);
 		hot = alloc(HOT_PAGES);
-		cold = alloc(COLD_PAGES);
+		cold = alloc(cold_pages);
 		fresh = alloc(FRESH_PAGES);
 		if (!hot || !cold || !fresh) {
 			say("rmem-guest: cannot allocate: %s\n", strerror(errno));
 			hang();
 		}
 	}
-	for (uint64_t i = 0; i < COLD_PAGES; i++)
+	for (uint64_t i = 0; i < cold_pages; i++)
 		fill(cold + i * WORDS, seed_of(i, 0, 1));
 	for (uint64_t i = 0; i < HOT_PAGES; i++)
 		fill(hot + i * WORDS, seed_of(i, 0, 0));
@@ -267,7 +280,7 @@ int main(int argc, char **argv)
 			fill(p, seed_of(i, round, 0));
 		}
 		if (round % COLD_EVERY == 0) {
-			for (uint64_t i = 0; i < COLD_PAGES; i++)
+			for (uint64_t i = 0; i < cold_pages; i++)
 				bad += wrong(cold + i * WORDS, seed_of(i, 0, 1));
 			uint64_t n = __atomic_load_n(&fresh_touched, __ATOMIC_ACQUIRE);
 			for (uint64_t i = 0; i < n; i++)
