@@ -52,7 +52,8 @@ impl Relay {
                     std::io::Error::new(
                         e.kind(),
                         format!(
-                            "QEMU runs as uid {uid}: its migration socket must be that user's                              (run rmem as root or as that user): {e}"
+                            "QEMU runs as uid {uid}: its migration socket must be that user's \
+                             (run rmem as root or as that user): {e}"
                         ),
                     )
                 })?;
