@@ -285,9 +285,10 @@ fn attach(
     }
     let (on_exit, gone) = notifier();
     // NBD is served by blocking workers, not store channels (which ublk uses): on channels the
-    // two-VM swap test now keeps its donors over tcp, but its verbs phase (rxe in a one-vCPU
-    // guest, over a link that drops datagrams) stalled 9 s at a time with many requests in
-    // flight (docs/swap.md). Callers of kernel_nbd::start can still pass a runtime.
+    // two-VM swap test keeps its donors over tcp, but its verbs phase (rxe in a one-vCPU guest,
+    // over a link that drops datagrams) stalls 5-13 s at a time in some runs, about one to
+    // three of the queue pair's retransmission waits, and read-ahead fetched nothing there
+    // (docs/swap.md). Callers of kernel_nbd::start can still pass a runtime.
     let d = kernel_nbd::start(
         opts.device.as_deref(),
         store.clone(),
